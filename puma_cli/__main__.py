@@ -1,0 +1,3 @@
+from puma_cli.cli import main
+
+main()

@@ -1,0 +1,83 @@
+"""Atomic output: write to a temporary file beside the target, then rename.
+
+A command that writes several files stages them all first and renames them only
+when every one was written, so a failure leaves none of them behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from puma_cli.errors import OutputExistsError, PumaError
+
+Writer = Callable[[Path], None]
+
+
+def check_writable(paths: list[Path], overwrite: bool) -> None:
+    """Refuse early, before any work is done, when an output exists or cannot be made."""
+    seen: set[Path] = set()
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise PumaError(f"{path} is named as two outputs; give each output its own path")
+        seen.add(resolved)
+        if path.is_dir():
+            raise PumaError(f"{path} is a directory; give a file path for the output")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if not path.parent.exists():
+            raise PumaError(f"directory {path.parent} does not exist; create it first")
+
+
+def check_not_input(output: Path, inputs: list[Path]) -> None:
+    """An input is never modified: refuse an output that would replace one."""
+    for path in inputs:
+        if path.exists() and output.exists() and os.path.samefile(output, path):
+            raise PumaError(f"{output} is also an input; write the output to another path")
+
+
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(writers: Mapping[Path, Writer], overwrite: bool) -> None:
+    """Run each writer on a temporary path, then rename all of them into place.
+
+    A writer receives the temporary path and must write the whole file there.
+    """
+    check_writable(list(writers), overwrite)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, writer in writers.items():
+            with _staged(path) as tmp:
+                writer(tmp)
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                staged.append((tmp, path))
+        check_writable(list(writers), overwrite)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,267 @@
+"""Checkpoints: one safetensors file holding the weights and everything needed to reuse them.
+
+Tensors: `model.*` (the Classifier's state dict, standardisation included) and
+`rows.role` (uint8, one per row of the training file: 0 trained on, 1 validation).
+Metadata (str -> str, JSON inside): format and puma version, architecture, class and
+feature names, the training recipe, the data files (path and sha256), the metrics
+measured at training, and the provenance list of operations applied since.
+No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from puma_cli import __version__
+from puma_cli.atomic import sha256_file, write_atomically
+from puma_cli.data import Dataset, load_dataset
+from puma_cli.errors import CheckpointError, DataError
+from puma_cli.models import Architecture, Classifier
+
+FORMAT = "puma-checkpoint"
+FORMAT_VERSION = 1
+ROLE_TRAINED, ROLE_VALIDATION = 0, 1
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """Where a data file lay when the model was made, and what it held."""
+
+    path: str
+    sha256: str
+    n: int
+    label_col: str = "label"
+    id_col: str = "id"
+
+    @classmethod
+    def of(cls, dataset: Dataset, label_col: str = "label", id_col: str = "id") -> DataRecord:
+        if dataset.path is None or dataset.sha256 is None:
+            raise ValueError("a recorded dataset needs a path and a sha256")
+        return cls(str(dataset.path.resolve()), dataset.sha256, len(dataset), label_col, id_col)
+
+
+@dataclass
+class Checkpoint:
+    """A model with its record. `data` maps 'train', 'val', 'test' to DataRecords (or None)."""
+
+    model: Classifier
+    recipe: dict[str, Any]
+    data: dict[str, DataRecord | None]
+    roles: np.ndarray
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    puma_version: str = __version__
+    path: Path | None = None
+
+    @property
+    def arch(self) -> Architecture:
+        return self.model.arch
+
+    def metadata(self) -> dict[str, Any]:
+        """The record as plain JSON-able values (what `puma info --json` shows)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "puma_version": self.puma_version,
+            "architecture": self.arch.to_dict(),
+            "n_classes": self.arch.n_classes,
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "feature_names": list(self.feature_names),
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "recipe": self.recipe,
+            "data": {k: (vars(v) if v is not None else None) for k, v in self.data.items()},
+            "rows": {
+                "trained": int((self.roles == ROLE_TRAINED).sum()),
+                "validation": int((self.roles == ROLE_VALIDATION).sum()),
+            },
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint, overwrite: bool = False) -> None:
+    """Write atomically. The bytes depend only on the checkpoint's content."""
+    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in checkpoint.model.state_dict().items()}
+    state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
+    meta = checkpoint.metadata()
+    strings = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
+    blob = _canonical(save_safetensors(state, metadata=strings))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(blob)
+
+    write_atomically({Path(path): write}, overwrite)
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted key order.
+
+    safetensors writes metadata in hash-map order, which changes between runs; sorting it
+    (and padding to 8 bytes as the format asks) makes same content give the same bytes.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a puma checkpoint; every failure is a CheckpointError that says why."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a .safetensors model file")
+    raw = path.read_bytes()
+    if raw[:1] == b"\x80" or raw[:2] == b"PK":
+        raise CheckpointError(
+            f"{path} is a pickle or torch.save file; puma never unpickles files. "
+            "Give a checkpoint written by `puma train`"
+        )
+    try:
+        tensors = load_safetensors(raw)
+        meta = _read_metadata(raw)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or damaged: {exc}); "
+            "retrain it or restore it from a copy"
+        ) from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a puma checkpoint (no puma metadata); "
+            "train one with `puma train`"
+        )
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta['format_version']}, newer than this puma "
+            f"understands ({FORMAT_VERSION}); upgrade puma"
+        )
+    return _build(path, meta, tensors, device)
+
+
+def _read_metadata(raw: bytes) -> dict[str, Any]:
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    strings = header.get("__metadata__", {}) or {}
+    try:
+        return {key: json.loads(value) for key, value in strings.items()}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"metadata is not JSON ({exc})") from exc
+
+
+def _build(
+    path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device
+) -> Checkpoint:
+    try:
+        arch = Architecture.from_dict(meta["architecture"])
+        model = Classifier(arch)
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        data = {
+            role: (DataRecord(**record) if record is not None else None)
+            for role, record in meta["data"].items()
+        }
+        checkpoint = Checkpoint(
+            model=model.to(device).eval(),
+            recipe=dict(meta["recipe"]),
+            data=data,
+            roles=tensors["rows.role"].numpy().astype(np.uint8),
+            feature_names=tuple(meta["feature_names"]),
+            class_names=tuple(meta["class_names"]) if meta.get("class_names") else None,
+            metrics=dict(meta.get("metrics", {})),
+            provenance=list(meta.get("provenance", [])),
+            puma_version=str(meta.get("puma_version", "?")),
+            path=path,
+        )
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: its weights do not match its recorded architecture ({_first_line(exc)}); "
+            "the file was altered or written by another tool"
+        ) from exc
+    return checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
+    """The file recorded for `role` ('train', 'val', 'test'), found where it was recorded."""
+    record = checkpoint.data.get(role)
+    if record is None:
+        raise DataError(
+            f"{checkpoint.path} records no {_ROLE_NAMES[role]} file; give one with --data"
+        )
+    path = Path(record.path)
+    if not path.exists():
+        raise DataError(
+            f"the {_ROLE_NAMES[role]} file recorded in {checkpoint.path}, {path}, is missing; "
+            "put it back there or give the file with --data"
+        )
+    return path
+
+
+def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
+    """Load the recorded file for `role`, refusing one whose sha256 has changed."""
+    path = recorded_data_path(checkpoint, role)
+    record = checkpoint.data[role]
+    assert record is not None  # recorded_data_path raised otherwise
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise DataError(
+            f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
+            f"recorded, {digest[:12]} now); restore the original file or retrain the model"
+        )
+    return load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
+
+
+def data_status(checkpoint: Checkpoint) -> dict[str, str]:
+    """For each recorded file: 'ok', 'changed' or 'missing' (what `info` shows)."""
+    status: dict[str, str] = {}
+    for role, record in checkpoint.data.items():
+        if record is None:
+            continue
+        path = Path(record.path)
+        if not path.exists():
+            status[role] = "missing"
+        else:
+            status[role] = "ok" if sha256_file(path) == record.sha256 else "changed"
+    return status
+
+
+def check_compatible(checkpoint: Checkpoint, dataset: Dataset) -> None:
+    """Refuse data whose shape or classes the model was not made for."""
+    if dataset.input_shape != checkpoint.arch.input_shape:
+        raise DataError(
+            f"{dataset.name} has {_shape(dataset.input_shape)} features but {checkpoint.path} "
+            f"was trained on {_shape(checkpoint.arch.input_shape)}; use data with the model's "
+            f"columns ({', '.join(checkpoint.feature_names[:8])}"
+            f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
+        )
+    if len(dataset) and int(dataset.y.max()) >= checkpoint.arch.n_classes:
+        row = int(np.argmax(dataset.y >= checkpoint.arch.n_classes))
+        raise DataError(
+            f"{dataset.name}: id {dataset.ids[row]} has label {int(dataset.y[row])}, but "
+            f"{checkpoint.path} knows classes 0..{checkpoint.arch.n_classes - 1} only"
+        )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return str(shape[0]) if len(shape) == 1 else "x".join(map(str, shape))
+
+
+_ROLE_NAMES = {"train": "training", "val": "validation", "test": "test"}
+

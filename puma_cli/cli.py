@@ -1,0 +1,276 @@
+"""The `puma` command line: one short function per command: parse, one library call, render."""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from puma_cli import console, pipeline
+from puma_cli.config import load_config
+from puma_cli.devices import resolve_device
+from puma_cli.errors import PumaError
+from puma_cli.synthetic import KINDS
+from puma_cli.train import TrainRecipe
+
+app = typer.Typer(
+    name="puma",
+    help="Remove marked training points from a trained PyTorch classifier (PUMA), and prove it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+COMMANDS = ("make-data", "train", "mark", "eval", "info")
+
+
+def domain_errors(fn: F) -> F:
+    """Turn a PumaError (or an OS refusal such as a full disk) into `Error: ...` and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PumaError as exc:
+            console.error(str(exc))
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            console.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Eager: load the YAML before other options are read, so its values become defaults."""
+    if value is None:
+        return value
+    options = {p.name for p in ctx.command.params if p.name}
+    try:
+        defaults = load_config(value, ctx.command.name or "", COMMANDS, options)
+    except PumaError as exc:
+        console.error(str(exc))
+        raise typer.Exit(1) from None
+    ctx.default_map = {
+        k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in defaults.items()
+    }
+    return value
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random step.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML file of option defaults; flags win.",
+        is_eager=True,
+        callback=_apply_config,
+    ),
+]
+LabelColOpt = Annotated[str, typer.Option("--label-col", help="Name of the label column.")]
+IdColOpt = Annotated[str, typer.Option("--id-col", help="Name of the id column, if any.")]
+
+
+Kind = enum.Enum("Kind", {name: name for name in KINDS}, type=str)  # type: ignore[misc]
+
+
+class Arch(str, enum.Enum):
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+class Activation(str, enum.Enum):
+    relu = "relu"
+    sigmoid = "sigmoid"
+
+
+def _render(as_json: bool, payload: dict[str, Any], title: str) -> None:
+    if as_json:
+        console.emit_json(payload)
+    else:
+        console.table(title, [(k, v) for k, v in payload.items() if v is not None])
+
+
+@app.command("make-data")
+@domain_errors
+def make_data(
+    kind: Annotated[Kind, typer.Argument(help="radial, rectangular, moons or spiral.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="CSV (or .npz) to write.")],
+    n: Annotated[int | None, typer.Option("--n", help="Points (default: the paper's size).")] = None,
+    noise: Annotated[float | None, typer.Option("--noise", help="Cluster spread.")] = None,
+    test_frac: Annotated[
+        float, typer.Option("--test-frac", help="Also write <stem>-test.csv with this share.")
+    ] = 0.0,
+    flip_labels: Annotated[
+        float, typer.Option("--flip-labels", help="Flip this share of training labels.")
+    ] = 0.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate a synthetic dataset (the paper's radial and rectangular sets, moons, spiral)."""
+    resolve_device(device)
+    report = pipeline.make_data(
+        kind.value, output, n=n, noise=noise, seed=seed, test_frac=test_frac,
+        flip_frac=flip_labels, overwrite=overwrite,
+    )
+    _render(as_json, asdict(report), f"wrote {report.path}")
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.strip("[]() ").split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated widths like 64,32") from None
+    if not widths or min(widths) < 1:
+        raise typer.BadParameter(f"{text!r}: give positive widths like 64,32")
+    return widths
+
+
+@app.command()
+@domain_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Training data: CSV, NPZ or IDX images file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
+    arch: Annotated[Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")] = Arch.mlp,
+    hidden: Annotated[str, typer.Option("--hidden", help="Hidden widths, e.g. 64,32.")] = "64,32",
+    activation: Annotated[Activation, typer.Option("--activation")] = Activation.relu,
+    epochs: Annotated[int, typer.Option("--epochs")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="Adam's learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    val_frac: Annotated[
+        float, typer.Option("--val-frac", help="Hold out this share as validation (not trained on).")
+    ] = 0.1,
+    val: Annotated[Path | None, typer.Option("--val", help="Validation file instead.")] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="Test file to report on.")] = None,
+    label_col: LabelColOpt = "label",
+    id_col: IdColOpt = "id",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a classifier and save it as one safetensors checkpoint with its full record."""
+    recipe = TrainRecipe(
+        arch=arch.value, hidden=_hidden(hidden), activation=activation.value, epochs=epochs,
+        lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+    )
+    torch_device = resolve_device(device)
+    with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
+        report = pipeline.train(
+            data, output, recipe, val_frac=val_frac, val=val, test=test,
+            options=pipeline.DataOptions(label_col, id_col), device=torch_device,
+            overwrite=overwrite, progress=progress,
+        )
+    payload = {**asdict(report), "device": str(torch_device)}
+    _render(as_json, payload, f"trained {report.model}")
+
+
+@app.command()
+@domain_errors
+def mark(
+    data: Annotated[Path, typer.Argument(help="The training data to mark points of.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Ids file to write.")],
+    cls: Annotated[
+        int | None, typer.Option("--class", help="Mark the smallest k-means cluster of this class.")
+    ] = None,
+    clusters: Annotated[int, typer.Option("--clusters", help="k for k-means.")] = 8,
+    all_classes: Annotated[
+        bool, typer.Option("--all-classes", help="One smallest cluster per class.")
+    ] = False,
+    random: Annotated[
+        float | None, typer.Option("--random", help="Mark this share at random instead.")
+    ] = None,
+    label_col: LabelColOpt = "label",
+    id_col: IdColOpt = "id",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Mark training points for removal (the paper's k-means marking, or at random)."""
+    resolve_device(device)
+    report = pipeline.mark(
+        data, output, cls=cls, clusters=clusters, all_classes=all_classes, random_frac=random,
+        seed=seed, options=pipeline.DataOptions(label_col, id_col), overwrite=overwrite,
+    )
+    _render(as_json, asdict(report), f"marked {report.count} of {report.n} points")
+
+
+@app.command("eval")
+@domain_errors
+def eval_(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Data file to evaluate on.")] = None,
+    on: Annotated[
+        str | None,
+        typer.Option("--on", help="Or a file the checkpoint recorded: train, val or test."),
+    ] = None,
+    ids: Annotated[Path | None, typer.Option("--ids", help="Only these ids of the data.")] = None,
+    bins: Annotated[int, typer.Option("--bins", help="ECE bins.")] = 15,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Accuracy, mean loss and ECE of a model on a data file (or some ids of it)."""
+    report = pipeline.evaluate_model(
+        model, data=data, on=on, ids=ids, bins=bins, device=resolve_device(device)
+    )
+    payload = {
+        **asdict(report.evaluation),
+        "model": str(model),
+        "data": str(report.data),
+        "ids_file": str(report.ids_file) if report.ids_file else None,
+    }
+    _render(as_json, payload, f"{model} on {report.data}")
+
+
+@app.command()
+@domain_errors
+def info(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to describe.")],
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Architecture, training recipe, data files and provenance of a checkpoint."""
+    resolve_device(device)
+    meta = pipeline.describe(model)
+    if as_json:
+        console.emit_json(meta)
+        return
+    rows: list[tuple[str, Any]] = [
+        ("architecture", meta["architecture"]),
+        ("parameters", meta["n_parameters"]),
+        ("classes", meta["class_names"] or meta["n_classes"]),
+        ("recipe", meta["recipe"]),
+        ("rows", meta["rows"]),
+        ("metrics", meta["metrics"]),
+    ]
+    for role, record in meta["data"].items():
+        if record is not None:
+            status = meta["data_status"].get(role, "?")
+            rows.append((f"{role} data", f"{record['path']} ({status}, sha256 {record['sha256'][:12]})"))
+    rows.append(("provenance", meta["provenance"] or "none (as trained)"))
+    rows.append(("puma", f"{meta['puma_version']} (format {meta['format_version']})"))
+    console.table(str(model), rows)
+
+
+def main() -> None:
+    app(prog_name="puma")

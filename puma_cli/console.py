@@ -1,0 +1,82 @@
+"""The only module that imports rich: stderr console, progress bars, tables, the error line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from puma_cli.train import Progress as ProgressCallback
+
+
+def _stdout() -> Console:
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+
+def _stderr() -> Console:
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """One line: `Error: ...` on stderr, never wrapped or styled."""
+    print(f"Error: {message}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """The whole of stdout under --json: one JSON object."""
+    sys.stdout.write(json.dumps(payload, indent=None, sort_keys=False, default=str) + "\n")
+
+
+def say(message: str) -> None:
+    """A human line on stdout (never under --json)."""
+    _stdout().print(message, markup=False)
+
+
+def table(title: str, rows: list[tuple[str, Any]]) -> None:
+    view = Table(title=title, show_header=False, title_justify="left", box=None)
+    view.add_column(style="bold")
+    view.add_column()
+    for key, value in rows:
+        view.add_row(key, _fmt(value))
+    _stdout().print(view)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+@contextmanager
+def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr while training, shown only on a terminal."""
+    console = _stderr()
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None, loss=float("nan"))
+
+        def update(epoch: int, epochs: int, loss: float) -> None:
+            bar.update(task, completed=epoch, total=epochs, loss=loss)
+
+        yield update

@@ -1,0 +1,425 @@
+"""Datasets and ids files: CSV/NPZ/IDX in, `Dataset` out, and back.
+
+CSV: a header; one label column (`label` unless told), an optional id column, every
+other column a numeric feature. NPZ: arrays `X` (n, d) or (n, C, H, W), `y` (n,),
+optional `ids` (n,), `feature_names`, `class_names`; never pickled objects. IDX:
+MNIST's format, the images file with its labels file beside it.
+
+Labels are whole numbers 0..K-1, or names: a label column with no numbers at all is
+read as class names and mapped to 0..K-1 in sorted order (or through the names a
+checkpoint recorded), and the names travel with the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from puma_cli.atomic import sha256_file
+from puma_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...] | None = None
+    path: Path | None = None
+    sha256: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        """Classes the labels imply: the names, or the largest label plus one."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        return int(self.y.max()) + 1 if len(self) else 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.X.shape[1:])
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "the dataset"
+
+    def subset(self, rows: np.ndarray) -> Dataset:
+        """The rows at the given positions, keeping names and source."""
+        return replace(self, X=self.X[rows], y=self.y[rows], ids=self.ids[rows])
+
+
+def load_dataset(
+    path: Path,
+    label_col: str = "label",
+    id_col: str = "id",
+    class_names: Sequence[str] | None = None,
+) -> Dataset:
+    """Read a CSV, NPZ or IDX file; `class_names` maps named labels as a model recorded them."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a CSV, NPZ or IDX file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; expected a header line and one row per point")
+    if raw[:2] == b"PK":
+        dataset = _read_npz(path, raw, class_names)
+    elif _is_idx(raw) or path.suffix == ".gz":
+        dataset = _read_idx_pair(path)
+    else:
+        dataset = _read_csv(path, raw, label_col, id_col, class_names)
+    _check_finite(dataset, path)
+    return replace(dataset, path=path, sha256=sha256_file(path))
+
+
+# --- CSV ---------------------------------------------------------------------------------
+
+
+def _read_csv(
+    path: Path, raw: bytes, label_col: str, id_col: str, class_names: Sequence[str] | None
+) -> Dataset:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from exc
+    rows = list(csv.reader(io.StringIO(text)))
+    lines = [i + 1 for i, row in enumerate(rows) if any(cell.strip() for cell in row)]
+    rows = [rows[i - 1] for i in lines]
+    header = [name.strip() for name in rows[0]]
+    body, body_lines = rows[1:], lines[1:]
+    if not body:
+        raise DataError(f"{path} has a header but no rows")
+    if label_col not in header:
+        raise DataError(
+            f"{path} has no '{label_col}' column (columns: {', '.join(header)}); "
+            "name the label column with --label-col"
+        )
+    if len(set(header)) != len(header):
+        twice = sorted({h for h in header if header.count(h) > 1})
+        raise DataError(f"{path}: column name {twice[0]!r} appears twice; column names must differ")
+    for row, line in zip(body, body_lines, strict=True):
+        if len(row) != len(header):
+            raise DataError(
+                f"{path} line {line}: {len(row)} values, but the header has {len(header)}"
+            )
+    columns = list(zip(*body, strict=True))
+    features = [c for c in header if c not in (label_col, id_col)]
+    if not features:
+        raise DataError(f"{path} has no feature columns besides '{label_col}'")
+    X = np.stack(
+        [_numeric_column(path, name, columns[header.index(name)], body_lines) for name in features],
+        axis=1,
+    )
+    labels = [cell.strip() for cell in columns[header.index(label_col)]]
+    y, names = _parse_labels(path, labels, body_lines, class_names)
+    if id_col in header:
+        ids = _parse_ids(path, [c.strip() for c in columns[header.index(id_col)]], body_lines)
+    else:
+        ids = np.array([str(i) for i in range(len(body))])
+    return Dataset(X=X, y=y, ids=ids, feature_names=tuple(features), class_names=names)
+
+
+def _numeric_column(path: Path, name: str, cells: Sequence[str], lines: list[int]) -> np.ndarray:
+    try:
+        return np.array(cells, dtype=str).astype(np.float64)
+    except ValueError:
+        pass
+    for cell, line in zip(cells, lines, strict=True):
+        if not cell.strip():
+            raise DataError(f"{path} line {line}, column '{name}' is empty; fill or drop that row")
+        try:
+            float(cell)
+        except ValueError:
+            raise DataError(
+                f"{path} line {line}, column '{name}': {cell.strip()!r} is not a number; "
+                "features must be numeric (encode categories as numbers)"
+            ) from None
+    raise DataError(f"{path}: column '{name}' could not be read as numbers")
+
+
+def _parse_labels(
+    path: Path, cells: list[str], lines: list[int], class_names: Sequence[str] | None
+) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    numbers = [_as_number(cell) for cell in cells]
+    if all(n is None for n in numbers):
+        names = tuple(class_names) if class_names is not None else tuple(sorted(set(cells)))
+        index = {name: i for i, name in enumerate(names)}
+        for cell, line in zip(cells, lines, strict=True):
+            if cell not in index:
+                raise DataError(
+                    f"{path} line {line}: label {cell!r} is not one of the model's classes "
+                    f"({', '.join(names)})"
+                )
+        return np.array([index[c] for c in cells], dtype=np.int64), names
+    y = np.empty(len(cells), dtype=np.int64)
+    for i, (cell, number, line) in enumerate(zip(cells, numbers, lines, strict=True)):
+        if number is None:
+            if not cell:
+                raise DataError(f"{path} line {line}: the label is empty; fill or drop that row")
+            raise DataError(
+                f"{path} line {line}: label {cell!r} is not a number, but other labels are; "
+                "use class names throughout or whole numbers 0..K-1 throughout"
+            )
+        if not math.isfinite(number) or number != int(number) or number < 0:
+            raise DataError(
+                f"{path} line {line}: label {cell!r} is not a class; labels are whole numbers "
+                "0..K-1 (or class names)"
+            )
+        y[i] = int(number)
+    return y, None
+
+
+def _as_number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _parse_ids(path: Path, cells: list[str], lines: list[int]) -> np.ndarray:
+    first: dict[str, int] = {}
+    for cell, line in zip(cells, lines, strict=True):
+        if not cell:
+            raise DataError(f"{path} line {line}: the id is empty; every row needs an id")
+        if cell in first:
+            raise DataError(
+                f"{path} line {line}: id {cell!r} repeats line {first[cell]}; ids must be unique"
+            )
+        first[cell] = line
+    return np.array(cells)
+
+
+def _check_finite(dataset: Dataset, path: Path) -> None:
+    bad = ~np.isfinite(dataset.X.reshape(len(dataset), -1))
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        value = dataset.X.reshape(len(dataset), -1)[row, col]
+        where = f"id {dataset.ids[row]}"
+        name = dataset.feature_names[col] if col < len(dataset.feature_names) else f"feature {col}"
+        raise DataError(
+            f"{path}: {where}, column '{name}' is {value}; "
+            f"{int(bad.any(axis=1).sum())} row(s) hold NaN or inf: fill or drop them"
+        )
+
+
+# --- NPZ ---------------------------------------------------------------------------------
+
+
+def _read_npz(path: Path, raw: bytes, class_names: Sequence[str] | None) -> Dataset:
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except ValueError as exc:
+        raise DataError(
+            f"{path} holds pickled objects, which puma never loads; save plain numeric arrays"
+        ) from exc
+    except Exception as exc:  # zipfile/npy format errors have no common base class
+        raise DataError(f"{path} is not a readable NPZ file ({exc})") from exc
+    for key in ("X", "y"):
+        if key not in arrays:
+            raise DataError(f"{path} has no array '{key}' (arrays: {', '.join(arrays)})")
+    X, y = arrays["X"], arrays["y"]
+    if X.ndim not in (2, 4):
+        raise DataError(f"{path}: X has shape {X.shape}; expected (n, d) or (n, C, H, W)")
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise DataError(f"{path}: y has shape {y.shape}; expected ({X.shape[0]},) to match X")
+    if X.shape[0] == 0:
+        raise DataError(f"{path} holds no rows")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise DataError(f"{path}: X has dtype {X.dtype}; features must be real numbers")
+    lines = list(range(X.shape[0]))
+    if np.issubdtype(y.dtype, np.number):
+        labels = [repr(v) for v in y.tolist()]
+    else:
+        labels = [str(v) for v in y.tolist()]
+    try:
+        y_int, names = _parse_labels(path, labels, lines, class_names)
+    except DataError as exc:
+        raise DataError(str(exc).replace(" line ", " row ")) from None
+    if "class_names" in arrays and names is None:
+        names = tuple(str(v) for v in arrays["class_names"].tolist())
+    ids = (
+        _parse_ids(path, [str(v) for v in arrays["ids"].tolist()], lines)
+        if "ids" in arrays
+        else np.array([str(i) for i in range(X.shape[0])])
+    )
+    if ids.shape[0] != X.shape[0]:
+        raise DataError(f"{path}: ids has {ids.shape[0]} entries but X has {X.shape[0]} rows")
+    if "feature_names" in arrays:
+        feature_names = tuple(str(v) for v in arrays["feature_names"].tolist())
+    else:
+        feature_names = tuple(f"x{i}" for i in range(int(np.prod(X.shape[1:]))))
+    return Dataset(
+        X=X.astype(np.float64), y=y_int, ids=ids, feature_names=feature_names, class_names=names
+    )
+
+
+# --- IDX (MNIST) -------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _is_idx(raw: bytes) -> bool:
+    return len(raw) >= 4 and raw[:2] == b"\x00\x00" and raw[2] in _IDX_DTYPES
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX array (MNIST's format), gzipped or not."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path} is a damaged gzip file ({exc})") from exc
+    if not _is_idx(raw):
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: header promises {shape} ({expected} bytes) but the file holds "
+            f"{len(raw) - header}; the file is truncated or damaged"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def idx_labels_path(images: Path) -> Path:
+    """MNIST's naming: train-images-idx3-ubyte pairs with train-labels-idx1-ubyte."""
+    return images.with_name(images.name.replace("images-idx3", "labels-idx1"))
+
+
+def _read_idx_pair(path: Path) -> Dataset:
+    if "images-idx3" not in path.name:
+        raise DataError(
+            f"{path}: an IDX dataset is given by its images file, named like "
+            "'train-images-idx3-ubyte', with 'train-labels-idx1-ubyte' beside it"
+        )
+    labels_path = idx_labels_path(path)
+    if not labels_path.exists():
+        raise DataError(f"{path}: its labels file {labels_path} is missing; put it beside it")
+    images, labels = read_idx(path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{path}: images {images.shape} and labels {labels.shape} do not pair up "
+            "(expected (n, H, W) and (n,))"
+        )
+    n = images.shape[0]
+    return Dataset(
+        X=images.astype(np.float64)[:, None, :, :],
+        y=labels.astype(np.int64),
+        ids=np.array([str(i) for i in range(n)]),
+        feature_names=tuple(f"px{i}" for i in range(images.shape[1] * images.shape[2])),
+    )
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def save_dataset(path: Path, dataset: Dataset) -> None:
+    """Write CSV (`id`, features, `label`) or, for a .npz path, NPZ. Floats round-trip exactly."""
+    if Path(path).suffix == ".npz":
+        with open(path, "wb") as handle:
+            arrays: dict[str, np.ndarray] = {
+                "X": dataset.X,
+                "y": dataset.y,
+                "ids": dataset.ids.astype(str),
+                "feature_names": np.array(dataset.feature_names, dtype=str),
+            }
+            if dataset.class_names is not None:
+                arrays["class_names"] = np.array(dataset.class_names, dtype=str)
+            np.savez_compressed(handle, **arrays)
+        return
+    if dataset.X.ndim != 2:
+        raise DataError(f"{path}: image data ({dataset.X.shape}) can only be saved as .npz")
+    labels = (
+        [dataset.class_names[i] for i in dataset.y]
+        if dataset.class_names is not None
+        else [str(int(v)) for v in dataset.y]
+    )
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["id", *dataset.feature_names, "label"])
+        for ident, row, label in zip(dataset.ids, dataset.X.tolist(), labels, strict=True):
+            writer.writerow([ident, *(repr(v) for v in row), label])
+
+
+# --- ids files ---------------------------------------------------------------------------
+
+
+def read_ids(path: Path) -> list[str]:
+    """Ids in file order, each once: one per line, blank lines and `#` comments skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such ids file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a text ids file (one id per line)") from exc
+    ids: dict[str, None] = {}
+    for line in text.splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            ids.setdefault(entry, None)
+    return list(ids)
+
+
+def write_ids(path: Path, ids: Sequence[str], comment: str = "") -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for line in comment.splitlines():
+            handle.write(f"# {line}\n")
+        for ident in ids:
+            handle.write(f"{ident}\n")
+
+
+def rows_for_ids(dataset: Dataset, ids: Sequence[str], ids_path: Path | str) -> np.ndarray:
+    """Positions of the given ids in the dataset; every id must be there."""
+    position = {ident: i for i, ident in enumerate(dataset.ids.tolist())}
+    missing = [ident for ident in ids if ident not in position]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(
+            f"{ids_path}: {len(missing)} id(s) are not in {dataset.name}: {shown}{more} "
+            f"({_describe_ids(dataset)})"
+        )
+    return np.array([position[ident] for ident in ids], dtype=np.int64)
+
+
+def _describe_ids(dataset: Dataset) -> str:
+    ids = dataset.ids.tolist()
+    if ids == [str(i) for i in range(len(ids))]:
+        return f"its ids are the row numbers 0..{len(ids) - 1}"
+    return f"its ids run {ids[0]!r}, {ids[1] if len(ids) > 1 else ''!r}, ..."
+
+
+def split_rows(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified split: (kept rows, held-out rows), about `frac` of each class held out.
+
+    Every class keeps at least one row; both arrays are sorted row positions.
+    """
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for cls in np.unique(y):
+        rows = np.flatnonzero(y == cls)
+        take = min(int(round(frac * rows.size)), rows.size - 1)
+        held.append(rng.permutation(rows)[:take])
+    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    kept = np.setdiff1d(np.arange(y.shape[0]), held_out)
+    return kept, held_out

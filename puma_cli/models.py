@@ -1,0 +1,137 @@
+"""The model zoo, built from the architecture recorded in a checkpoint.
+
+Every model is a `Classifier`: feature standardisation (buffers `mean`, `std`, fitted
+on the training data and saved with the weights) followed by a network that maps the
+standardised input to logits. The influence engine differentiates the network's
+parameters only; the standardisation is fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from puma_cli.errors import CheckpointError, PumaError
+
+ACTIVATIONS = ("relu", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What it takes to rebuild a model: name, input shape, classes, and the net's arguments."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    n_classes: int
+    hidden: tuple[int, ...] = (64, 32)
+    activation: str = "relu"
+    channels: tuple[int, ...] = field(default=(16, 32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        try:
+            return cls(
+                name=str(data["name"]),
+                input_shape=tuple(int(v) for v in data["input_shape"]),
+                n_classes=int(data["n_classes"]),
+                hidden=tuple(int(v) for v in data.get("hidden", (64, 32))),
+                activation=str(data.get("activation", "relu")),
+                channels=tuple(int(v) for v in data.get("channels", (16, 32))),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the recorded architecture is malformed ({exc})") from exc
+
+
+class FlexibleFCN(nn.Module):
+    """The paper's fully connected network (Appendix A, Listing 1)."""
+
+    def __init__(self, neurons: list[int], activation: str) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(neurons, neurons[1:]))
+        self.activation: nn.Module = nn.ReLU() if activation == "relu" else nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv/pool stages and a hidden dense layer: enough for 8x8 digits or 28x28 MNIST."""
+
+    def __init__(
+        self, input_shape: tuple[int, ...], channels: tuple[int, ...], hidden: int, n_classes: int
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), hidden), nn.ReLU(),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Classifier(nn.Module):
+    """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        stat_shape = (arch.input_shape[0], 1, 1) if len(arch.input_shape) == 3 else arch.input_shape
+        self.register_buffer("mean", torch.zeros(stat_shape))
+        self.register_buffer("std", torch.ones(stat_shape))
+        self.net = build_net(arch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    def fit_standardisation(self, X: torch.Tensor) -> None:
+        """Per-feature (tabular) or per-channel (images) mean and std of the training data."""
+        dims = (0, 2, 3) if X.ndim == 4 else (0,)
+        mean = X.mean(dim=dims).reshape(self.mean.shape)
+        std = X.std(dim=dims, unbiased=False).reshape(self.std.shape)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+
+def build_net(arch: Architecture) -> nn.Module:
+    if arch.activation not in ACTIVATIONS:
+        raise PumaError(f"unknown activation {arch.activation!r}; choose relu or sigmoid")
+    if arch.name == "mlp":
+        width = 1
+        for size in arch.input_shape:
+            width *= size
+        return FlexibleFCN([width, *arch.hidden, arch.n_classes], arch.activation)
+    if arch.name == "cnn":
+        if len(arch.input_shape) != 3:
+            raise PumaError(
+                f"--arch cnn needs image data (n, C, H, W); this data has shape "
+                f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp"
+            )
+        if min(arch.input_shape[1:]) < 4:
+            raise PumaError(f"--arch cnn needs images of at least 4x4, not {arch.input_shape}")
+        hidden = arch.hidden[0] if arch.hidden else 64
+        return SmallCNN(arch.input_shape, arch.channels, hidden, arch.n_classes)
+    raise PumaError(f"unknown architecture {arch.name!r}; choose mlp or cnn")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,344 @@
+"""File-to-file operations, one per command: read inputs, call the library, write outputs.
+
+Each returns a report dataclass for the CLI to render. Outputs are checked before any
+work starts and written atomically; inputs are only read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli import checkpoint as ckpt
+from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.data import Dataset, load_dataset, read_ids, rows_for_ids, save_dataset, split_rows
+from puma_cli.data import write_ids as write_ids_file
+from puma_cli.errors import DataError, PumaError
+from puma_cli.evaluation import Evaluation, evaluate
+from puma_cli.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
+from puma_cli.synthetic import flip_labels, make_synthetic
+from puma_cli.train import Progress, TrainRecipe, train_classifier
+
+# --- make-data ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MakeDataReport:
+    path: Path
+    n: int
+    n_classes: int
+    test_path: Path | None = None
+    n_test: int = 0
+    flipped_path: Path | None = None
+    n_flipped: int = 0
+
+
+def sibling(path: Path, tag: str, suffix: str | None = None) -> Path:
+    """radial.csv, 'test' -> radial-test.csv."""
+    return path.with_name(f"{path.stem}-{tag}{suffix if suffix is not None else path.suffix}")
+
+
+def make_data(
+    kind: str,
+    output: Path,
+    *,
+    n: int | None = None,
+    noise: float | None = None,
+    seed: int = 0,
+    test_frac: float = 0.0,
+    flip_frac: float = 0.0,
+    overwrite: bool = False,
+) -> MakeDataReport:
+    """Write a synthetic set; with test_frac a stratified test file beside it; with flip_frac
+    the training labels get flipped and the flipped ids go to `<stem>-flipped.txt`."""
+    if not 0 <= test_frac < 1:
+        raise PumaError(f"--test-frac {test_frac} is out of range; give a fraction in [0, 1)")
+    test_path = sibling(output, "test") if test_frac > 0 else None
+    flipped_path = sibling(output, "flipped", ".txt") if flip_frac > 0 else None
+    outputs = [p for p in (output, test_path, flipped_path) if p is not None]
+    check_writable(outputs, overwrite)
+    full = make_synthetic(kind, n, noise, seed)
+    train, test = full, None
+    if test_frac > 0:
+        kept, held = split_rows(full.y, test_frac, seed)
+        train, test = full.subset(kept), full.subset(held)
+    flipped = np.array([], dtype=np.int64)
+    if flip_frac > 0:
+        train, flipped = flip_labels(train, flip_frac, seed)
+    writers = {output: lambda tmp: save_dataset(tmp, train)}
+    if test is not None and test_path is not None:
+        writers[test_path] = lambda tmp: save_dataset(tmp, test)
+    if flipped_path is not None:
+        note = f"ids of {output.name} whose labels puma make-data flipped (seed {seed})"
+        writers[flipped_path] = lambda tmp: write_ids_file(tmp, train.ids[flipped].tolist(), note)
+    write_atomically(writers, overwrite)
+    return MakeDataReport(
+        path=output,
+        n=len(train),
+        n_classes=full.n_classes,
+        test_path=test_path,
+        n_test=len(test) if test is not None else 0,
+        flipped_path=flipped_path,
+        n_flipped=int(flipped.size),
+    )
+
+
+# --- train -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    label_col: str = "label"
+    id_col: str = "id"
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    model: Path
+    train_accuracy: float
+    val_accuracy: float | None
+    test_accuracy: float | None
+    n_train: int
+    n_val: int
+    n_parameters: int
+    seconds: float
+
+
+def _n_classes(dataset: Dataset) -> int:
+    k = dataset.n_classes
+    missing = sorted(set(range(k)) - {int(c) for c in np.unique(dataset.y)})
+    if missing and dataset.class_names is None:
+        raise DataError(
+            f"{dataset.name}: labels run up to {k - 1} but class {missing[0]} has no rows; "
+            "labels must be 0..K-1 with every class present (renumber them)"
+        )
+    return k
+
+
+def train(
+    data: Path,
+    output: Path,
+    recipe: TrainRecipe,
+    *,
+    val_frac: float = 0.1,
+    val: Path | None = None,
+    test: Path | None = None,
+    options: DataOptions = DataOptions(),
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Train on `data` less a held-out validation split, record everything, save atomically."""
+    started = time.perf_counter()
+    recipe.validate()
+    if not 0 <= val_frac <= 0.5:
+        raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
+    check_writable([output], overwrite)
+    inputs = [p for p in (data, val, test) if p is not None]
+    check_not_input(output, inputs)
+    dataset = load_dataset(data, options.label_col, options.id_col)
+    n_classes = _n_classes(dataset)
+    roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
+    val_set: Dataset | None = None
+    if val is not None:
+        val_set = _load_for(val, dataset, options, n_classes)
+    elif val_frac > 0:
+        _, held = split_rows(dataset.y, val_frac, recipe.seed)
+        roles[held] = ckpt.ROLE_VALIDATION
+        val_set = dataset.subset(held) if held.size else None
+    test_set = _load_for(test, dataset, options, n_classes) if test is not None else None
+    trained = dataset.subset(np.flatnonzero(roles == ckpt.ROLE_TRAINED))
+    model = train_classifier(trained, recipe, n_classes, device, progress)
+    metrics: dict[str, Any] = {"train": _figures(evaluate(model, trained))}
+    if val_set is not None:
+        metrics["val"] = _figures(evaluate(model, val_set))
+    if test_set is not None:
+        metrics["test"] = _figures(evaluate(model, test_set))
+    checkpoint = ckpt.Checkpoint(
+        model=model,
+        recipe=recipe.to_dict(),
+        data={
+            "train": ckpt.DataRecord.of(dataset, options.label_col, options.id_col),
+            "val": ckpt.DataRecord.of(val_set, options.label_col, options.id_col)
+            if val is not None and val_set is not None
+            else None,
+            "test": ckpt.DataRecord.of(test_set, options.label_col, options.id_col)
+            if test_set is not None
+            else None,
+        },
+        roles=roles,
+        feature_names=dataset.feature_names,
+        class_names=dataset.class_names,
+        metrics=metrics,
+    )
+    ckpt.save_checkpoint(output, checkpoint, overwrite)
+    return TrainReport(
+        model=output,
+        train_accuracy=metrics["train"]["accuracy"],
+        val_accuracy=metrics["val"]["accuracy"] if "val" in metrics else None,
+        test_accuracy=metrics["test"]["accuracy"] if "test" in metrics else None,
+        n_train=len(trained),
+        n_val=len(val_set) if val_set is not None else 0,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
+    """A validation or test file, checked against the training data's shape and classes."""
+    other = load_dataset(path, options.label_col, options.id_col, train_set.class_names)
+    if other.input_shape != train_set.input_shape:
+        raise DataError(
+            f"{path} has feature shape {other.input_shape}, but {train_set.name} has "
+            f"{train_set.input_shape}; give files with the same columns"
+        )
+    if int(other.y.max()) >= n_classes:
+        raise DataError(
+            f"{path} has label {int(other.y.max())}, but {train_set.name} has classes "
+            f"0..{n_classes - 1} only"
+        )
+    return other
+
+
+def _figures(evaluation: Evaluation) -> dict[str, float | int]:
+    return {
+        "accuracy": round(evaluation.accuracy, 6),
+        "loss": round(evaluation.loss, 6),
+        "ece": round(evaluation.ece, 6),
+        "n": evaluation.n,
+    }
+
+
+# --- mark --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarkReport:
+    ids_file: Path
+    count: int
+    n: int
+    method: str
+
+
+def mark(
+    data: Path,
+    output: Path,
+    *,
+    cls: int | None = None,
+    clusters: int = 8,
+    all_classes: bool = False,
+    random_frac: float | None = None,
+    seed: int = 0,
+    options: DataOptions = DataOptions(),
+    overwrite: bool = False,
+) -> MarkReport:
+    """Mark by k-means cluster (one class, or every class) or at random; write the ids."""
+    chosen = [cls is not None, all_classes, random_frac is not None]
+    if sum(chosen) != 1:
+        raise PumaError("choose exactly one marking: --class Y, --all-classes or --random FRAC")
+    check_writable([output], overwrite)
+    check_not_input(output, [data])
+    dataset = load_dataset(data, options.label_col, options.id_col)
+    if random_frac is not None:
+        rows, method = random_marking(dataset, random_frac, seed), f"random {random_frac}"
+    elif all_classes:
+        rows = all_classes_marking(dataset, clusters, seed)
+        method = f"kmeans all classes, {clusters} clusters"
+    else:
+        assert cls is not None
+        rows = kmeans_marking(dataset, cls, clusters, seed)
+        method = f"kmeans class {cls}, {clusters} clusters"
+    check_marking(rows, dataset)
+    ids = dataset.ids[np.sort(rows)].tolist()
+    note = (
+        f"puma mark: {method}, seed {seed}, {len(ids)} of {len(dataset)} rows\n"
+        f"data: {data.name} sha256 {dataset.sha256}"
+    )
+    write_atomically({output: lambda tmp: write_ids_file(tmp, ids, note)}, overwrite)
+    return MarkReport(ids_file=output, count=len(ids), n=len(dataset), method=method)
+
+
+# --- eval --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    evaluation: Evaluation
+    data: Path
+    ids_file: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ROLES = ("train", "val", "test")
+
+
+def evaluate_model(
+    model: Path,
+    *,
+    data: Path | None = None,
+    on: str | None = None,
+    ids: Path | None = None,
+    bins: int = 15,
+    options: DataOptions | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalReport:
+    """Evaluate on a file, or on a file the checkpoint recorded (`on`: train, val or test)."""
+    if bins < 1:
+        raise PumaError(f"--bins {bins}: give 1 or more")
+    checkpoint = ckpt.load_checkpoint(model, device)
+    dataset = _eval_dataset(checkpoint, data, on, options)
+    ckpt.check_compatible(checkpoint, dataset)
+    if ids is not None:
+        wanted = read_ids(ids)
+        if not wanted:
+            raise DataError(f"{ids} names no ids; give at least one id")
+        dataset = dataset.subset(rows_for_ids(dataset, wanted, ids))
+    assert dataset.path is not None
+    return EvalReport(evaluate(checkpoint.model, dataset, bins), dataset.path, ids)
+
+
+def _eval_dataset(
+    checkpoint: ckpt.Checkpoint, data: Path | None, on: str | None, options: DataOptions | None
+) -> Dataset:
+    if data is not None and on is not None:
+        raise PumaError("give --data FILE or --on train|val|test, not both")
+    if data is not None:
+        train_record = checkpoint.data.get("train")
+        opts = options or (
+            DataOptions(train_record.label_col, train_record.id_col) if train_record else DataOptions()
+        )
+        return load_dataset(data, opts.label_col, opts.id_col, checkpoint.class_names)
+    role = on or ("test" if checkpoint.data.get("test") else None)
+    if role is None:
+        raise PumaError(
+            f"{checkpoint.path} records no test file; give --data FILE or --on train|val"
+        )
+    if role not in ROLES:
+        raise PumaError(f"--on {role!r}: choose train, val or test")
+    if role == "val" and checkpoint.data.get("val") is None:
+        dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+        rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_VALIDATION)
+        if rows.size == 0:
+            raise PumaError(f"{checkpoint.path} was trained without a validation split")
+        return dataset.subset(rows)
+    dataset = ckpt.load_recorded_dataset(checkpoint, role)
+    if role == "train":
+        return dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
+    return dataset
+
+
+# --- info --------------------------------------------------------------------------------
+
+
+def describe(model: Path) -> dict[str, Any]:
+    """The checkpoint's metadata, with the state of each recorded data file."""
+    checkpoint = ckpt.load_checkpoint(model)
+    info = checkpoint.metadata()
+    info["model"] = str(model)
+    info["data_status"] = ckpt.data_status(checkpoint)
+    return info
