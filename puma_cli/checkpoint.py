@@ -92,7 +92,10 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint, overwrite: bool = False) -> None:
     """Write atomically. The bytes depend only on the checkpoint's content."""
-    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in checkpoint.model.state_dict().items()}
+    state = {
+        f"model.{k}": v.detach().cpu().contiguous()
+        for k, v in checkpoint.model.state_dict().items()
+    }
     state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
     meta = checkpoint.metadata()
     strings = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
@@ -264,4 +267,3 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 _ROLE_NAMES = {"train": "training", "val": "validation", "test": "test"}
-

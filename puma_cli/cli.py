@@ -105,7 +105,9 @@ def _render(as_json: bool, payload: dict[str, Any], title: str) -> None:
 def make_data(
     kind: Annotated[Kind, typer.Argument(help="radial, rectangular, moons or spiral.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="CSV (or .npz) to write.")],
-    n: Annotated[int | None, typer.Option("--n", help="Points (default: the paper's size).")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Points (default: the paper's size).")
+    ] = None,
     noise: Annotated[float | None, typer.Option("--noise", help="Cluster spread.")] = None,
     test_frac: Annotated[
         float, typer.Option("--test-frac", help="Also write <stem>-test.csv with this share.")
@@ -122,8 +124,14 @@ def make_data(
     """Generate a synthetic dataset (the paper's radial and rectangular sets, moons, spiral)."""
     resolve_device(device)
     report = pipeline.make_data(
-        kind.value, output, n=n, noise=noise, seed=seed, test_frac=test_frac,
-        flip_frac=flip_labels, overwrite=overwrite,
+        kind.value,
+        output,
+        n=n,
+        noise=noise,
+        seed=seed,
+        test_frac=test_frac,
+        flip_frac=flip_labels,
+        overwrite=overwrite,
     )
     _render(as_json, asdict(report), f"wrote {report.path}")
 
@@ -143,7 +151,9 @@ def _hidden(text: str) -> tuple[int, ...]:
 def train(
     data: Annotated[Path, typer.Argument(help="Training data: CSV, NPZ or IDX images file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
-    arch: Annotated[Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")] = Arch.mlp,
+    arch: Annotated[
+        Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")
+    ] = Arch.mlp,
     hidden: Annotated[str, typer.Option("--hidden", help="Hidden widths, e.g. 64,32.")] = "64,32",
     activation: Annotated[Activation, typer.Option("--activation")] = Activation.relu,
     epochs: Annotated[int, typer.Option("--epochs")] = 100,
@@ -151,7 +161,8 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
     val_frac: Annotated[
-        float, typer.Option("--val-frac", help="Hold out this share as validation (not trained on).")
+        float,
+        typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
     ] = 0.1,
     val: Annotated[Path | None, typer.Option("--val", help="Validation file instead.")] = None,
     test: Annotated[Path | None, typer.Option("--test", help="Test file to report on.")] = None,
@@ -165,15 +176,28 @@ def train(
 ) -> None:
     """Train a classifier and save it as one safetensors checkpoint with its full record."""
     recipe = TrainRecipe(
-        arch=arch.value, hidden=_hidden(hidden), activation=activation.value, epochs=epochs,
-        lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+        arch=arch.value,
+        hidden=_hidden(hidden),
+        activation=activation.value,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
     )
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
         report = pipeline.train(
-            data, output, recipe, val_frac=val_frac, val=val, test=test,
-            options=pipeline.DataOptions(label_col, id_col), device=torch_device,
-            overwrite=overwrite, progress=progress,
+            data,
+            output,
+            recipe,
+            val_frac=val_frac,
+            val=val,
+            test=test,
+            options=pipeline.DataOptions(label_col, id_col),
+            device=torch_device,
+            overwrite=overwrite,
+            progress=progress,
         )
     payload = {**asdict(report), "device": str(torch_device)}
     _render(as_json, payload, f"trained {report.model}")
@@ -205,8 +229,15 @@ def mark(
     """Mark training points for removal (the paper's k-means marking, or at random)."""
     resolve_device(device)
     report = pipeline.mark(
-        data, output, cls=cls, clusters=clusters, all_classes=all_classes, random_frac=random,
-        seed=seed, options=pipeline.DataOptions(label_col, id_col), overwrite=overwrite,
+        data,
+        output,
+        cls=cls,
+        clusters=clusters,
+        all_classes=all_classes,
+        random_frac=random,
+        seed=seed,
+        options=pipeline.DataOptions(label_col, id_col),
+        overwrite=overwrite,
     )
     _render(as_json, asdict(report), f"marked {report.count} of {report.n} points")
 
@@ -266,7 +297,9 @@ def info(
     for role, record in meta["data"].items():
         if record is not None:
             status = meta["data_status"].get(role, "?")
-            rows.append((f"{role} data", f"{record['path']} ({status}, sha256 {record['sha256'][:12]})"))
+            rows.append(
+                (f"{role} data", f"{record['path']} ({status}, sha256 {record['sha256'][:12]})")
+            )
     rows.append(("provenance", meta["provenance"] or "none (as trained)"))
     rows.append(("puma", f"{meta['puma_version']} (format {meta['format_version']})"))
     console.table(str(model), rows)

@@ -16,7 +16,9 @@ import yaml
 from puma_cli.errors import ConfigError
 
 
-def load_config(path: Path, command: str, commands: Iterable[str], options: set[str]) -> dict[str, Any]:
+def load_config(
+    path: Path, command: str, commands: Iterable[str], options: set[str]
+) -> dict[str, Any]:
     """The defaults that `path` sets for `command`, whose option names are `options`."""
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
@@ -27,7 +29,9 @@ def load_config(path: Path, command: str, commands: Iterable[str], options: set[
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping of option: value, not {type(loaded).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of option: value, not {type(loaded).__name__}"
+        )
     names = set(commands)
     defaults: dict[str, Any] = {}
     for key, value in loaded.items():

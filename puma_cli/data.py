@@ -95,7 +95,9 @@ def _read_csv(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from exc
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from exc
     rows = list(csv.reader(io.StringIO(text)))
     lines = [i + 1 for i, row in enumerate(rows) if any(cell.strip() for cell in row)]
     rows = [rows[i - 1] for i in lines]
@@ -344,7 +346,7 @@ def save_dataset(path: Path, dataset: Dataset) -> None:
             }
             if dataset.class_names is not None:
                 arrays["class_names"] = np.array(dataset.class_names, dtype=str)
-            np.savez_compressed(handle, **arrays)
+            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
         return
     if dataset.X.ndim != 2:
         raise DataError(f"{path}: image data ({dataset.X.shape}) can only be saved as .npz")
@@ -418,7 +420,7 @@ def split_rows(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.nd
     held: list[np.ndarray] = []
     for cls in np.unique(y):
         rows = np.flatnonzero(y == cls)
-        take = min(int(round(frac * rows.size)), rows.size - 1)
+        take = min(round(frac * rows.size), rows.size - 1)
         held.append(rng.permutation(rows)[:take])
     held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
     kept = np.setdiff1d(np.arange(y.shape[0]), held_out)

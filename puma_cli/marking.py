@@ -47,7 +47,7 @@ def random_marking(dataset: Dataset, frac: float, seed: int = 0) -> np.ndarray:
     """A uniformly random `frac` of the rows."""
     if not 0 < frac <= 1:
         raise PumaError(f"--random {frac} is out of range; give a fraction in (0, 1)")
-    count = int(round(frac * len(dataset)))
+    count = round(frac * len(dataset))
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(len(dataset), size=count, replace=False))
 

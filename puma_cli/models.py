@@ -8,6 +8,7 @@ parameters only; the standardisation is fixed.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ class FlexibleFCN(nn.Module):
 
     def __init__(self, neurons: list[int], activation: str) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(neurons, neurons[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(neurons))
         self.activation: nn.Module = nn.ReLU() if activation == "relu" else nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,9 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), hidden), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(c2 * (h // 4) * (w // 4), hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_classes),
         )
 
@@ -91,6 +94,9 @@ class SmallCNN(nn.Module):
 
 class Classifier(nn.Module):
     """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()

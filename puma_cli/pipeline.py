@@ -310,7 +310,9 @@ def _eval_dataset(
     if data is not None:
         train_record = checkpoint.data.get("train")
         opts = options or (
-            DataOptions(train_record.label_col, train_record.id_col) if train_record else DataOptions()
+            DataOptions(train_record.label_col, train_record.id_col)
+            if train_record
+            else DataOptions()
         )
         return load_dataset(data, opts.label_col, opts.id_col, checkpoint.class_names)
     role = on or ("test" if checkpoint.data.get("test") else None)

@@ -59,7 +59,9 @@ KINDS: dict[str, SyntheticKind] = {
 }
 
 
-def make_synthetic(kind: str, n: int | None = None, noise: float | None = None, seed: int = 0) -> Dataset:
+def make_synthetic(
+    kind: str, n: int | None = None, noise: float | None = None, seed: int = 0
+) -> Dataset:
     """Generate `kind` with n points (the paper's size by default); ids are 0..n-1."""
     if kind not in KINDS:
         raise PumaError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -86,7 +88,7 @@ def flip_labels(dataset: Dataset, frac: float, seed: int) -> tuple[Dataset, np.n
     if not 0 < frac < 1:
         raise PumaError(f"--flip-labels {frac} is out of range; give a fraction between 0 and 1")
     rng = np.random.default_rng(seed)
-    count = int(round(frac * len(dataset)))
+    count = round(frac * len(dataset))
     if count == 0:
         raise PumaError(f"--flip-labels {frac} flips no point of {len(dataset)}; raise it")
     rows = np.sort(rng.choice(len(dataset), size=count, replace=False))

@@ -95,9 +95,7 @@ def train_classifier(
             optimizer.step()
             total += float(loss.detach()) * batch.numel()
         if not np.isfinite(total):
-            raise PumaError(
-                f"training diverged at epoch {epoch + 1} (loss is {total}); lower --lr"
-            )
+            raise PumaError(f"training diverged at epoch {epoch + 1} (loss is {total}); lower --lr")
         if progress is not None:
             progress(epoch + 1, recipe.epochs, total / n)
     return model.eval()

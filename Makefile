@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv and install puma into it. torch is pinned at install time so that
+# pip takes the CPU build instead of resolving a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test check clean
+
+$(BIN)/puma: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN) -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/puma
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+check: $(BIN)/puma
+	$(BIN)/ruff check puma_cli tests scripts benchmarks
+	$(BIN)/ruff format --check puma_cli tests scripts benchmarks
+	$(BIN)/mypy puma_cli
+
+test: check
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out

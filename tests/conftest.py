@@ -1,0 +1,58 @@
+"""Shared, seeded fixtures: a tiny radial set and a model trained on it (session-scoped)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from puma_cli.cli import app
+
+FAST = ["--epochs", "30", "--device", "cpu"]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def run_json(*args: str | Path) -> dict[str, Any]:
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert isinstance(payload, dict)
+    return payload
+
+
+def assert_clean_error(result: Result, fragment: str) -> None:
+    """Exit 1, exactly one `Error: ...` line on stderr naming the problem, no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """radial.csv (160 points) and radial-test.csv (40) made by the CLI."""
+    folder = tmp_path_factory.mktemp("data")
+    result = run(
+        "make-data", "radial", "-o", folder / "radial.csv", "--n", "200", "--test-frac", "0.2"
+    )
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_file(data_dir: Path) -> Path:
+    path = data_dir / "model.safetensors"
+    result = run(
+        "train", data_dir / "radial.csv", "--test", data_dir / "radial-test.csv", "-o", path, *FAST
+    )
+    assert result.exit_code == 0, result.output
+    return path

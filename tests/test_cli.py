@@ -1,0 +1,392 @@
+"""The command line, end to end through CliRunner: the happy chain and every bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, assert_clean_error, run, run_json
+from safetensors.torch import save_file
+
+COMMANDS = ["make-data", "train", "mark", "eval", "info"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    for option in ("--json", "--seed", "--device", "--config"):
+        assert option in result.stdout, (command, option)
+
+
+def test_the_chain_make_train_mark_eval_info(tmp_path: Path) -> None:
+    made = run_json("make-data", "rectangular", "-o", tmp_path / "r.csv", "--test-frac", "0.25")
+    assert made["n"] + made["n_test"] == 800 and abs(made["n_test"] - 200) <= 2
+    assert made["n_classes"] == 3
+    trained = run_json(
+        "train",
+        tmp_path / "r.csv",
+        "--test",
+        tmp_path / "r-test.csv",
+        "-o",
+        tmp_path / "m.safetensors",
+        *FAST,
+    )
+    assert set(trained) >= {"model", "train_accuracy", "test_accuracy", "seconds"}
+    assert trained["test_accuracy"] > 0.8
+    assert trained["n_train"] + trained["n_val"] == made["n"]
+    assert abs(trained["n_val"] - made["n"] / 10) <= 2
+    marked = run_json("mark", tmp_path / "r.csv", "--class", "2", "-o", tmp_path / "ids.txt")
+    assert 0 < marked["count"] < 200
+    ids = (tmp_path / "ids.txt").read_text().split("\n")
+    assert ids[0].startswith("# puma mark")
+    on_marked = run_json(
+        "eval",
+        "--model",
+        tmp_path / "m.safetensors",
+        "--data",
+        tmp_path / "r.csv",
+        "--ids",
+        tmp_path / "ids.txt",
+    )
+    assert on_marked["n"] == marked["count"]
+    assert set(on_marked) >= {"accuracy", "loss", "ece", "n"}
+    on_test = run_json("eval", "--model", tmp_path / "m.safetensors")
+    assert on_test["n"] == made["n_test"] and on_test["accuracy"] == pytest.approx(
+        trained["test_accuracy"], abs=1e-6
+    )
+    info = run_json("info", tmp_path / "m.safetensors")
+    assert info["recipe"]["epochs"] == 30 and info["recipe"]["optimizer"] == "adam"
+    assert info["data"]["train"]["sha256"] and info["data_status"] == {"train": "ok", "test": "ok"}
+    assert info["rows"] == {"trained": trained["n_train"], "validation": trained["n_val"]}
+    assert info["provenance"] == []
+
+
+def test_human_output_goes_to_stdout_without_json(model_file: Path) -> None:
+    result = run("info", model_file)
+    assert result.exit_code == 0
+    assert "recipe" in result.stdout and "provenance" in result.stdout
+
+
+def test_make_data_with_flipped_labels_writes_their_ids(tmp_path: Path) -> None:
+    out = run_json(
+        "make-data", "moons", "-o", tmp_path / "m.csv", "--n", "100", "--flip-labels", "0.1"
+    )
+    assert out["n_flipped"] == 10
+    clean = run_json("make-data", "moons", "-o", tmp_path / "c.csv", "--n", "100")
+    assert clean["n"] == 100
+    flipped = [
+        line
+        for line in (tmp_path / "m-flipped.txt").read_text().splitlines()
+        if not line.startswith("#")
+    ]
+    noisy = {
+        r.split(",")[0]: r.split(",")[-1] for r in (tmp_path / "m.csv").read_text().splitlines()[1:]
+    }
+    truth = {
+        r.split(",")[0]: r.split(",")[-1] for r in (tmp_path / "c.csv").read_text().splitlines()[1:]
+    }
+    assert len(flipped) == 10
+    assert all(noisy[i] != truth[i] for i in flipped)
+    assert sum(noisy[i] != truth[i] for i in truth) == 10
+
+
+@pytest.mark.parametrize("kind", ["radial", "rectangular", "moons", "spiral"])
+def test_make_data_is_deterministic_per_seed(tmp_path: Path, kind: str) -> None:
+    run_json("make-data", kind, "-o", tmp_path / "a.csv", "--seed", "3", "--n", "60")
+    run_json("make-data", kind, "-o", tmp_path / "b.csv", "--seed", "3", "--n", "60")
+    run_json("make-data", kind, "-o", tmp_path / "c.csv", "--seed", "4", "--n", "60")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.csv").read_bytes() != (tmp_path / "c.csv").read_bytes()
+
+
+def test_same_seed_and_data_give_the_same_checkpoint_bytes(data_dir: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        run_json(
+            "train",
+            data_dir / "radial.csv",
+            "-o",
+            tmp_path / f"{name}.safetensors",
+            "--epochs",
+            "5",
+        )
+    run_json(
+        "train",
+        data_dir / "radial.csv",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--epochs",
+        "5",
+        "--seed",
+        "1",
+    )
+    a = (tmp_path / "a.safetensors").read_bytes()
+    assert a == (tmp_path / "b.safetensors").read_bytes()
+    assert a != (tmp_path / "c.safetensors").read_bytes()
+
+
+def test_train_on_images_with_the_cnn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    X = rng.normal(size=(60, 1, 8, 8)) + y[:, None, None, None]
+    np.savez(tmp_path / "img.npz", X=X, y=y)
+    out = run_json(
+        "train",
+        tmp_path / "img.npz",
+        "--arch",
+        "cnn",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--epochs",
+        "20",
+    )
+    assert out["train_accuracy"] > 0.9
+    assert run_json("info", tmp_path / "c.safetensors")["architecture"]["name"] == "cnn"
+    assert_clean_error(
+        run(
+            "train",
+            tmp_path / "img.npz",
+            "--arch",
+            "cnn",
+            "-o",
+            tmp_path / "x.safetensors",
+            "--hidden",
+            "4",
+            "--epochs",
+            "1",
+            "--activation",
+            "sigmoid",
+            "--batch-size",
+            "0",
+        ),
+        "--batch-size 0",
+    )
+
+
+def test_named_labels_are_mapped_and_carried_by_the_model(tmp_path: Path) -> None:
+    rows = ["x,y,label"] + [f"{i % 7},{i % 3},{'spam' if i % 2 else 'ham'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "bad.csv").write_text("x,y,label\n1,1,eggs\n")
+    run_json("train", tmp_path / "t.csv", "-o", tmp_path / "m.safetensors", "--epochs", "3")
+    assert run_json("info", tmp_path / "m.safetensors")["class_names"] == ["ham", "spam"]
+    assert (
+        run_json("eval", "-m", tmp_path / "m.safetensors", "--data", tmp_path / "t.csv")["n"] == 40
+    )
+    result = run("eval", "-m", tmp_path / "m.safetensors", "--data", tmp_path / "bad.csv")
+    assert_clean_error(result, "label 'eggs' is not one of the model's classes (ham, spam)")
+
+
+def test_config_file_sets_defaults_and_flags_win(data_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "puma.yaml"
+    config.write_text("seed: 7\ntrain:\n  epochs: 2\n  hidden: [8, 4]\n  batch-size: 16\n")
+    run_json("train", data_dir / "radial.csv", "-o", tmp_path / "a.safetensors", "--config", config)
+    recipe = run_json("info", tmp_path / "a.safetensors")["recipe"]
+    assert recipe == {**recipe, "epochs": 2, "hidden": [8, 4], "batch_size": 16, "seed": 7}
+    run_json(
+        "train",
+        data_dir / "radial.csv",
+        "-o",
+        tmp_path / "b.safetensors",
+        "--config",
+        config,
+        "--epochs",
+        "3",
+    )
+    assert run_json("info", tmp_path / "b.safetensors")["recipe"]["epochs"] == 3
+
+
+def test_config_errors_are_clean(data_dir: Path, tmp_path: Path) -> None:
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("train:\n  epoch: 3\n")
+    result = run(
+        "train", data_dir / "radial.csv", "-o", tmp_path / "m.safetensors", "--config", unknown
+    )
+    assert_clean_error(result, "train has no option 'epoch'")
+    broken = tmp_path / "b.yaml"
+    broken.write_text("train: [epochs: 3\n")
+    assert_clean_error(run("info", "x", "--config", broken), "is not valid YAML")
+    assert_clean_error(run("info", "x", "--config", tmp_path / "none.yaml"), "no such config file")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run("make-data", "triangles", "-o", tmp_path / "x.csv").exit_code == 2
+    assert run("train", tmp_path / "x.csv").exit_code == 2
+    assert run("train", tmp_path / "x.csv", "-o", tmp_path / "m", "--hidden", "a,b").exit_code == 2
+
+
+# --- bad input: exit 1, one Error line, nothing written ----------------------------------
+
+BAD_CSV = {
+    "non_numeric": (
+        "x0,x1,label\n1,2,0\n3,oops,1\n",
+        "line 3, column 'x1': 'oops' is not a number",
+    ),
+    "missing_label": ("x0,x1,target\n1,2,0\n3,4,1\n", "no 'label' column"),
+    "nan": ("x0,x1,label\n1,2,0\n3,nan,1\n", "NaN or inf"),
+    "inf": ("x0,x1,label\n1,-inf,0\n3,4,1\n", "NaN or inf"),
+    "fractional_label": ("x0,x1,label\n1,2,0\n3,4,0.5\n", "label '0.5' is not a class"),
+    "gap_in_labels": ("x0,x1,label\n1,2,0\n3,4,2\n", "class 1 has no rows"),
+    "duplicate_ids": ("id,x0,x1,label\n7,1,2,0\n7,3,4,1\n", "id '7' repeats line 2"),
+    "empty": ("", "is empty"),
+    "ragged": ("x0,x1,label\n1,2,0\n3,1\n", "line 3: 2 values, but the header has 3"),
+    "one_class": ("x0,x1,label\n1,2,0\n3,4,0\n", "one class only"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CSV))
+def test_train_refuses_malformed_csv(tmp_path: Path, case: str) -> None:
+    text, message = BAD_CSV[case]
+    (tmp_path / "bad.csv").write_text(text)
+    result = run("train", tmp_path / "bad.csv", "-o", tmp_path / "m.safetensors", *FAST)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    result = run("train", tmp_path / "nope.csv", "-o", tmp_path / "m.safetensors")
+    assert_clean_error(result, "nope.csv: no such file")
+
+
+def test_ids_not_in_the_data(data_dir: Path, model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "ids.txt").write_text("0\nghost\n")
+    result = run(
+        "eval",
+        "--model",
+        model_file,
+        "--data",
+        data_dir / "radial.csv",
+        "--ids",
+        tmp_path / "ids.txt",
+    )
+    assert_clean_error(result, "1 id(s) are not in")
+    assert "'ghost'" in result.stderr
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    result = run(
+        "eval",
+        "--model",
+        model_file,
+        "--data",
+        data_dir / "radial.csv",
+        "--ids",
+        tmp_path / "empty.txt",
+    )
+    assert_clean_error(result, "names no ids")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--random", "0.001"], "selects no point"),
+        (["--random", "1.0"], "selects all 160 points"),
+        (["--all-classes", "--clusters", "1"], "selects all 160 points"),
+        (["--class", "4"], "class 4 has no rows"),
+        (["--class", "0", "--clusters", "500"], "more than the 80 rows"),
+        (["--class", "0", "--random", "0.1"], "choose exactly one marking"),
+        ([], "choose exactly one marking"),
+    ],
+)
+def test_mark_refuses_impossible_markings(
+    data_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = run("mark", data_dir / "radial.csv", "-o", tmp_path / "ids.txt", *args)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "ids.txt").exists()
+
+
+def test_truncated_checkpoint(model_file: Path, data_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    assert_clean_error(
+        run("eval", "--model", bad, "--data", data_dir / "radial.csv"), "truncated or damaged"
+    )
+    assert_clean_error(run("info", bad), "truncated or damaged")
+
+
+def test_pickle_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps({"a": 1}))
+    assert_clean_error(run("info", tmp_path / "m.pkl"), "never unpickles")
+
+
+def test_foreign_safetensors(tmp_path: Path) -> None:
+    save_file({"weight": torch.zeros(3)}, tmp_path / "hf.safetensors")
+    assert_clean_error(run("info", tmp_path / "hf.safetensors"), "not a puma checkpoint")
+
+
+def test_checkpoint_from_another_feature_count(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "wide.csv").write_text("a,b,c,label\n1,2,3,0\n4,5,6,1\n")
+    result = run("eval", "--model", model_file, "--data", tmp_path / "wide.csv")
+    assert_clean_error(result, "has 3 features but")
+    assert "trained on 2" in result.stderr
+
+
+def test_label_beyond_the_models_classes(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "k.csv").write_text("x0,x1,label\n1,2,0\n4,5,3\n")
+    assert_clean_error(run("eval", "--model", model_file, "--data", tmp_path / "k.csv"), "label 3")
+
+
+def test_changed_training_data_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(data_dir / "radial.csv", tmp_path / "d.csv")
+    run_json("train", tmp_path / "d.csv", "-o", tmp_path / "m.safetensors", "--epochs", "2")
+    assert run_json("eval", "-m", tmp_path / "m.safetensors", "--on", "train")["n"] == 144
+    with open(tmp_path / "d.csv", "a") as handle:
+        handle.write("999,0.1,0.2,1\n")
+    result = run("eval", "-m", tmp_path / "m.safetensors", "--on", "train")
+    assert_clean_error(result, "has changed since")
+    assert run_json("info", tmp_path / "m.safetensors")["data_status"]["train"] == "changed"
+    (tmp_path / "d.csv").unlink()
+    assert_clean_error(run("eval", "-m", tmp_path / "m.safetensors", "--on", "val"), "is missing")
+
+
+def test_existing_output_needs_overwrite(data_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "ids.txt"
+    target.write_text("keep me\n")
+    result = run("mark", data_dir / "radial.csv", "--class", "1", "-o", target)
+    assert_clean_error(result, "already exists; pass --overwrite")
+    assert target.read_text() == "keep me\n"
+    run_json("mark", data_dir / "radial.csv", "--class", "1", "-o", target, "--overwrite")
+    assert target.read_text().startswith("# puma mark")
+
+
+def test_make_data_refuses_before_writing_any_of_its_files(tmp_path: Path) -> None:
+    (tmp_path / "r-test.csv").write_text("mine\n")
+    result = run("make-data", "radial", "-o", tmp_path / "r.csv", "--test-frac", "0.2")
+    assert_clean_error(result, "r-test.csv already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-test.csv"]
+
+
+def test_output_may_not_replace_an_input(data_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(data_dir / "radial.csv", tmp_path / "d.csv")
+    before = (tmp_path / "d.csv").read_bytes()
+    result = run(
+        "mark", tmp_path / "d.csv", "--class", "1", "-o", tmp_path / "d.csv", "--overwrite"
+    )
+    assert_clean_error(result, "is also an input")
+    assert (tmp_path / "d.csv").read_bytes() == before
+
+
+def test_inputs_are_never_modified(data_dir: Path, model_file: Path, tmp_path: Path) -> None:
+    before = {p: p.read_bytes() for p in (data_dir / "radial.csv", model_file)}
+    run_json("eval", "--model", model_file, "--on", "train")
+    run_json("mark", data_dir / "radial.csv", "--random", "0.1", "-o", tmp_path / "ids.txt")
+    run_json("info", model_file)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_cuda_without_a_gpu_is_a_clean_error(model_file: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_clean_error(run("info", model_file, "--device", "cuda"), "no usable CUDA GPU")
+
+
+def test_json_output_is_one_object_and_nothing_else(model_file: Path) -> None:
+    result = run("eval", "--model", model_file, "--json")
+    assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert json.loads(result.stdout)["n"] == 40

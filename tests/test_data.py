@@ -1,0 +1,185 @@
+"""Reading and writing datasets and ids files, on the library."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from puma_cli.data import (
+    Dataset,
+    load_dataset,
+    read_ids,
+    rows_for_ids,
+    save_dataset,
+    split_rows,
+    write_ids,
+)
+from puma_cli.errors import DataError
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@st.composite
+def datasets(draw: st.DrawFn) -> Dataset:
+    n = draw(st.integers(1, 12))
+    d = draw(st.integers(1, 4))
+    X = draw(arrays(np.float64, (n, d), elements=finite))
+    y = draw(arrays(np.int64, (n,), elements=st.integers(0, 3)))
+    ids = np.array(
+        draw(
+            st.lists(
+                st.from_regex(r"[a-z0-9_]{1,6}", fullmatch=True),
+                min_size=n,
+                max_size=n,
+                unique=True,
+            )
+        )
+    )
+    return Dataset(X=X, y=y, ids=ids, feature_names=tuple(f"f{i}" for i in range(d)))
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(dataset=datasets(), suffix=st.sampled_from([".csv", ".npz"]))
+def test_csv_and_npz_round_trip_exactly(tmp_path: Path, dataset: Dataset, suffix: str) -> None:
+    path = tmp_path / f"d{suffix}"
+    save_dataset(path, dataset)
+    back = load_dataset(path)
+    np.testing.assert_array_equal(back.X, dataset.X)
+    np.testing.assert_array_equal(back.y, dataset.y)
+    assert back.ids.tolist() == dataset.ids.tolist()
+    assert back.feature_names == dataset.feature_names
+    assert back.sha256 is not None and len(back.sha256) == 64
+
+
+def test_csv_without_id_column_uses_row_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    data = load_dataset(path)
+    assert data.ids.tolist() == ["0", "1"]
+    assert data.X.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_string_labels_map_to_sorted_classes_and_through_recorded_names(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("x,label\n1,dog\n2,cat\n3,dog\n")
+    data = load_dataset(path)
+    assert data.class_names == ("cat", "dog")
+    assert data.y.tolist() == [1, 0, 1]
+    recorded = load_dataset(path, class_names=("dog", "cat", "emu"))
+    assert recorded.y.tolist() == [0, 1, 0]
+    with pytest.raises(DataError, match="not one of the model's classes"):
+        load_dataset(path, class_names=("cat",))
+
+
+def test_custom_label_and_id_columns(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("key,x,target\nk1,0.5,1\nk2,1.5,0\n")
+    data = load_dataset(path, label_col="target", id_col="key")
+    assert data.ids.tolist() == ["k1", "k2"]
+    assert data.y.tolist() == [1, 0]
+    assert data.feature_names == ("x",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x,label\n1,0\nabc,1\n", "line 3, column 'x': 'abc' is not a number"),
+        ("x,y\n1,0\n", "no 'label' column"),
+        ("x,label\n1,0\nnan,1\n", "NaN or inf"),
+        ("x,label\n1,0\ninf,1\n", "NaN or inf"),
+        ("x,label\n1,0\n2,1.5\n", "label '1.5' is not a class"),
+        ("x,label\n1,0\n2,-1\n", "label '-1' is not a class"),
+        ("x,label\n1,0\n2,cat\n", "not a number, but other labels are"),
+        ("id,x,label\na,1,0\na,2,1\n", "id 'a' repeats line 2"),
+        ("x,label\n1,0\n2\n", "line 3: 1 values, but the header has 2"),
+        ("x,label\n", "has a header but no rows"),
+        ("", "is empty"),
+        ("x,label\n1,0\n,1\n", "column 'x' is empty"),
+        ("label\n1\n", "no feature columns"),
+    ],
+)
+def test_malformed_csv_is_a_data_error_naming_the_place(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_dataset(path)
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.array([[1.0], [2.0]]), y=np.array([0, 1], dtype=object))
+    with pytest.raises(DataError, match="pickled objects"):
+        load_dataset(path)
+
+
+def _write_idx(path: Path, array: np.ndarray, dtype_code: int) -> None:
+    header = bytes([0, 0, dtype_code, array.ndim])
+    header += b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    path.write_bytes(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_images_pair_with_their_labels(tmp_path: Path, gz: bool) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 4, 6), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 1, 0], dtype=np.uint8)
+    img, lab = tmp_path / "t10k-images-idx3-ubyte", tmp_path / "t10k-labels-idx1-ubyte"
+    _write_idx(img, images, 0x08)
+    _write_idx(lab, labels, 0x08)
+    if gz:
+        for p in (img, lab):
+            p.with_name(p.name + ".gz").write_bytes(gzip.compress(p.read_bytes()))
+        img = img.with_name(img.name + ".gz")
+    data = load_dataset(img)
+    assert data.X.shape == (5, 1, 4, 6)
+    np.testing.assert_array_equal(data.X[:, 0], images)
+    assert data.y.tolist() == labels.tolist()
+
+
+def test_truncated_idx_is_refused(tmp_path: Path) -> None:
+    img, lab = tmp_path / "x-images-idx3-ubyte", tmp_path / "x-labels-idx1-ubyte"
+    _write_idx(img, np.zeros((3, 2, 2), dtype=np.uint8), 0x08)
+    _write_idx(lab, np.zeros(3, dtype=np.uint8), 0x08)
+    img.write_bytes(img.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(img)
+
+
+def test_ids_file_skips_comments_and_blanks_and_keeps_order(tmp_path: Path) -> None:
+    path = tmp_path / "ids.txt"
+    write_ids(path, ["7", "3"], comment="made by a test")
+    path.write_text(path.read_text() + "\n  # note\n9 # trailing\n3\n")
+    assert read_ids(path) == ["7", "3", "9"]
+
+
+def test_rows_for_unknown_ids_name_them(tmp_path: Path) -> None:
+    data = Dataset(
+        X=np.zeros((3, 1)),
+        y=np.array([0, 1, 0]),
+        ids=np.array(["0", "1", "2"]),
+        feature_names=("x",),
+        path=tmp_path / "d.csv",
+    )
+    assert rows_for_ids(data, ["2", "0"], "ids.txt").tolist() == [2, 0]
+    with pytest.raises(DataError, match=r"'x9'.*row numbers 0\.\.2"):
+        rows_for_ids(data, ["1", "x9"], "ids.txt")
+
+
+def test_split_rows_is_stratified_disjoint_and_seeded() -> None:
+    y = np.array([0] * 50 + [1] * 30)
+    kept, held = split_rows(y, 0.2, seed=3)
+    assert np.intersect1d(kept, held).size == 0
+    assert kept.size + held.size == 80
+    assert (y[held] == 0).sum() == 10 and (y[held] == 1).sum() == 6
+    again, _ = split_rows(y, 0.2, seed=3)
+    np.testing.assert_array_equal(kept, again)
