@@ -128,15 +128,17 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a .safetensors model file")
     raw = path.read_bytes()
-    if raw[:1] == b"\x80" or raw[:2] == b"PK":
-        raise CheckpointError(
-            f"{path} is a pickle or torch.save file; puma never unpickles files. "
-            "Give a checkpoint written by `puma train`"
-        )
     try:
         tensors = load_safetensors(raw)
         meta = _read_metadata(raw)
     except (SafetensorError, ValueError, OSError) as exc:
+        # A safetensors file starts with its header's length, so a pickle's signature
+        # is only telling once the file has failed to parse as safetensors.
+        if raw[:1] == b"\x80" or raw[:2] == b"PK":
+            raise CheckpointError(
+                f"{path} is a pickle or torch.save file; puma never unpickles files. "
+                "Give a checkpoint written by `puma train`"
+            ) from exc
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or damaged: {exc}); "
             "retrain it or restore it from a copy"
