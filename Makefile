@@ -18,8 +18,8 @@ demo: $(BIN)/puma
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 check: $(BIN)/puma
-	$(BIN)/ruff check puma_cli tests scripts benchmarks
-	$(BIN)/ruff format --check puma_cli tests scripts benchmarks
+	$(BIN)/ruff check puma_cli tests scripts $(wildcard benchmarks)
+	$(BIN)/ruff format --check puma_cli tests scripts $(wildcard benchmarks)
 	$(BIN)/mypy puma_cli
 
 test: check
