@@ -1,7 +1,8 @@
 """Checkpoints: one safetensors file holding the weights and everything needed to reuse them.
 
 Tensors: `model.*` (the Classifier's state dict, standardisation included) and
-`rows.role` (uint8, one per row of the training file: 0 trained on, 1 validation).
+`rows.role` (uint8, one per row of the training file: 0 trained on, 1 validation,
+2 removed). Removed rows stay removed: a later removal works on what remains.
 Metadata (str -> str, JSON inside): format and puma version, architecture, class and
 feature names, the training recipe, the data files (path and sha256), the metrics
 measured at training, and the provenance list of operations applied since.
@@ -29,7 +30,7 @@ from puma_cli.models import Architecture, Classifier
 
 FORMAT = "puma-checkpoint"
 FORMAT_VERSION = 1
-ROLE_TRAINED, ROLE_VALIDATION = 0, 1
+ROLE_TRAINED, ROLE_VALIDATION, ROLE_REMOVED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Checkpoint:
             "rows": {
                 "trained": int((self.roles == ROLE_TRAINED).sum()),
                 "validation": int((self.roles == ROLE_VALIDATION).sum()),
+                "removed": int((self.roles == ROLE_REMOVED).sum()),
             },
             "metrics": self.metrics,
             "provenance": self.provenance,

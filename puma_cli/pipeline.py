@@ -6,8 +6,10 @@ work starts and written atomically; inputs are only read.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from puma_cli.evaluation import Evaluation, evaluate
 from puma_cli.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
 from puma_cli.synthetic import flip_labels, make_synthetic
 from puma_cli.train import Progress, TrainRecipe, train_classifier
+from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
+from puma_cli.unlearn.puma import cache_path_for
 
 # --- make-data ---------------------------------------------------------------------------
 
@@ -344,3 +348,166 @@ def describe(model: Path) -> dict[str, Any]:
     info["model"] = str(model)
     info["data_status"] = ckpt.data_status(checkpoint)
     return info
+
+
+# --- remove ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoveReport:
+    method: str
+    removed: int
+    seconds: float
+    output: Path
+    eta: float | None
+    eta_scale: float | None
+    predicted_criterion_change: float | None
+    criterion_before: float
+    criterion_after: float
+    criterion_accuracy_before: float
+    criterion_accuracy_after: float
+    test_accuracy_before: float | None
+    test_accuracy_after: float | None
+    marked_loss_before: float
+    marked_loss_after: float
+    marked_accuracy_before: float
+    marked_accuracy_after: float
+    cached: bool
+    parameters: dict[str, Any]
+    warnings: list[str]
+    skipped: dict[str, int]
+
+
+def default_removed_path(model: Path) -> Path:
+    return model.with_name(f"{model.stem}.removed.safetensors")
+
+
+def remove(
+    model: Path,
+    marked: Path,
+    output: Path | None = None,
+    *,
+    method: str = "puma",
+    options: RemovalOptions | None = None,
+    criterion_data: Path | None = None,
+    use_cache: bool = True,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RemoveReport:
+    """Remove the marked ids' influence from `model`; write the result with its provenance."""
+    output = output or default_removed_path(model)
+    check_writable([output], overwrite)
+    check_not_input(output, [model, marked])
+    run = get_method(method)
+    checkpoint = ckpt.load_checkpoint(model, device)
+    dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+    ids = read_ids(marked)
+    if not ids:
+        raise DataError(f"{marked} names no ids; give at least one id to remove")
+    rows = rows_for_ids(dataset, ids, marked)
+    roles = checkpoint.roles
+    trained_marked = rows[roles[rows] == ckpt.ROLE_TRAINED]
+    val_marked = rows[roles[rows] == ckpt.ROLE_VALIDATION]
+    skipped = {"already_removed": int((roles[rows] == ckpt.ROLE_REMOVED).sum()), "validation": val_marked.size}
+    if trained_marked.size == 0:
+        raise PumaError(
+            f"none of the {len(ids)} ids in {marked} is trained on by {model} "
+            f"({skipped['already_removed']} removed earlier, {val_marked.size} validation rows); "
+            "nothing to remove"
+        )
+    remaining = int((roles == ckpt.ROLE_TRAINED).sum()) - trained_marked.size
+    if remaining == 0:
+        raise PumaError(
+            f"{marked} marks every one of the {trained_marked.size} rows {model} is trained on; "
+            "nothing would remain: mark fewer points"
+        )
+    new_roles = roles.copy()
+    new_roles[rows] = ckpt.ROLE_REMOVED
+    criterion = _criterion_set(checkpoint, dataset, new_roles, criterion_data)
+    test_set = _recorded_or_none(checkpoint, "test")
+    marked_set = dataset.subset(trained_marked)
+    options = options or RemovalOptions()
+    if use_cache and method in ("puma", "influence"):
+        options = replace(options, cache=cache_path_for(model))
+    request = RemovalRequest(
+        checkpoint, dataset, trained_marked, criterion, options, device, progress
+    )
+    before = {name: evaluate(checkpoint.model, part) for name, part in
+              (("criterion", criterion), ("marked", marked_set)) }
+    test_before = evaluate(checkpoint.model, test_set).accuracy if test_set is not None else None
+    started = time.perf_counter()
+    result = run(request)
+    seconds = time.perf_counter() - started
+    if not all(torch.isfinite(p).all() for p in result.model.parameters()):
+        raise PumaError(f"--method {method} produced NaN or inf weights; nothing was written")
+    after_c, after_m = evaluate(result.model, criterion), evaluate(result.model, marked_set)
+    test_after = evaluate(result.model, test_set).accuracy if test_set is not None else None
+    warnings = list(result.warnings)
+    if test_before is not None and test_after is not None and test_before - test_after > 0.01:
+        warnings.append(
+            f"test accuracy fell by {100 * (test_before - test_after):.1f} points "
+            f"({test_before:.4f} -> {test_after:.4f})"
+        )
+    report = RemoveReport(
+        method=result.method, removed=int(trained_marked.size), seconds=seconds, output=output,
+        eta=result.eta, eta_scale=result.parameters.get("eta_scale"),
+        predicted_criterion_change=result.predicted_criterion_change,
+        criterion_before=before["criterion"].loss, criterion_after=after_c.loss,
+        criterion_accuracy_before=before["criterion"].accuracy,
+        criterion_accuracy_after=after_c.accuracy,
+        test_accuracy_before=test_before, test_accuracy_after=test_after,
+        marked_loss_before=before["marked"].loss, marked_loss_after=after_m.loss,
+        marked_accuracy_before=before["marked"].accuracy, marked_accuracy_after=after_m.accuracy,
+        cached=result.cached, parameters=result.parameters, warnings=warnings, skipped=skipped,
+    )
+    entry = {
+        "op": "remove",
+        "method": result.method,
+        "parameters": result.parameters,
+        "removed": int(trained_marked.size),
+        "ids_count": len(ids),
+        "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 4),
+        "metrics": {
+            k: getattr(report, k)
+            for k in (
+                "predicted_criterion_change", "criterion_before", "criterion_after",
+                "criterion_accuracy_before", "criterion_accuracy_after", "test_accuracy_before",
+                "test_accuracy_after", "marked_loss_before", "marked_loss_after",
+            )
+        },
+        "warnings": warnings,
+    }
+    new = replace(
+        checkpoint, model=result.model, roles=new_roles,
+        provenance=[*checkpoint.provenance, entry],
+    )
+    ckpt.save_checkpoint(output, new, overwrite)
+    return report
+
+
+def _criterion_set(
+    checkpoint: ckpt.Checkpoint, dataset: Dataset, roles: np.ndarray, criterion_data: Path | None
+) -> Dataset:
+    """Held-out data for C: --criterion-data, else the recorded validation file or rows."""
+    if criterion_data is not None:
+        criterion = load_dataset(criterion_data, class_names=checkpoint.class_names)
+        ckpt.check_compatible(checkpoint, criterion)
+        return criterion
+    if checkpoint.data.get("val") is not None:
+        return ckpt.load_recorded_dataset(checkpoint, "val")
+    rows = np.flatnonzero(roles == ckpt.ROLE_VALIDATION)
+    if rows.size == 0:
+        raise PumaError(
+            f"{checkpoint.path} has no held-out validation data for the removal criterion; "
+            "pass --criterion-data FILE or retrain with --val-frac 0.1"
+        )
+    return dataset.subset(rows)
+
+
+def _recorded_or_none(checkpoint: ckpt.Checkpoint, role: str) -> Dataset | None:
+    if checkpoint.data.get(role) is None:
+        return None
+    return ckpt.load_recorded_dataset(checkpoint, role)

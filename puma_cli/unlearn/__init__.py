@@ -1,0 +1,95 @@
+"""Removal methods behind one signature: `method(request) -> RemovalResult`, and a registry.
+
+A request holds the model and its whole record: the training file, which of its rows
+the model was trained on, the marked rows to remove (all trained on), and the held-out
+criterion data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli.checkpoint import ROLE_TRAINED, Checkpoint
+from puma_cli.data import Dataset
+from puma_cli.errors import PumaError
+from puma_cli.models import Classifier
+
+
+@dataclass(frozen=True)
+class RemovalOptions:
+    """eta: 'auto' or a multiple of 1/N (1 = first-order exact removal of the marked points).
+
+    damping: mu as a share of the Hessian's largest eigenvalue (raised when needed).
+    upweight_sample: reweight only this many random remaining points (0: all of them).
+    lambda_cap: largest weight one remaining point may get (1 = counted twice).
+    max_accuracy_drop: the `auto` guard, in accuracy points on the criterion data.
+    """
+
+    eta: float | str = "auto"
+    damping: float = 0.01
+    solver: str = "cg"
+    upweight_sample: int = 0
+    lambda_cap: float = 1.0
+    max_accuracy_drop: float = 1.0
+    seed: int = 0
+    cache: Path | None = None
+
+
+@dataclass
+class RemovalRequest:
+    checkpoint: Checkpoint
+    dataset: Dataset
+    marked: np.ndarray
+    criterion: Dataset
+    options: RemovalOptions = field(default_factory=RemovalOptions)
+    device: torch.device | str = "cpu"
+    progress: Callable[[int, int, float], None] | None = None
+
+    @property
+    def trained_rows(self) -> np.ndarray:
+        """Positions in `dataset` of the rows the model is trained on now (marked included)."""
+        return np.flatnonzero(self.checkpoint.roles == ROLE_TRAINED)
+
+    @property
+    def remaining_rows(self) -> np.ndarray:
+        return np.setdiff1d(self.trained_rows, self.marked)
+
+
+@dataclass
+class RemovalResult:
+    """The new model and what the method knows about how it got there."""
+
+    model: Classifier
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    eta: float | None = None
+    predicted_criterion_change: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    cached: bool = False
+
+
+Method = Callable[[RemovalRequest], RemovalResult]
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    def add(method: Method) -> Method:
+        METHODS[name] = method
+        return method
+
+    return add
+
+
+def get_method(name: str) -> Method:
+    # Importing the modules fills the registry.
+    from puma_cli.unlearn import puma, retrain  # noqa: F401
+
+    if name not in METHODS:
+        raise PumaError(f"--method {name!r}: choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,240 @@
+"""PUMA (Algorithm 1) and plain influence removal.
+
+With N rows trained on, J their mean loss, H = hess J + mu I, C the loss on held-out
+data and v = H^-1 grad C (solved once, cached beside the checkpoint):
+
+  psi_i  = v . g_i                      one batched JVP for every row (Eq. 9)
+  lambda = argmin |sum_U lambda_j psi_j - sum_M psi_k|, 0 <= lambda <= cap, least norm (Eq. 10)
+  theta' = theta + eta H^-1 (sum_M g_k - sum_U lambda_j g_j)     one solve, by linearity (Eq. 11)
+
+eta is given as a multiple s of 1/N: s = 1 is first-order exact removal (the influence
+of deleting a point from a mean loss is H^-1 g / N). `influence` is the same patch with
+lambda = 0: it removes the marked points and lets the criterion drift.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from puma_cli.atomic import sha256_file
+from puma_cli.errors import PumaError
+from puma_cli.influence import InfluenceModel, largest_eigenvalue, solve
+from puma_cli.models import Classifier
+from puma_cli.unlearn import RemovalRequest, RemovalResult, register
+
+AUTO_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+INTERPOLATED_LOSS = 1e-4
+
+
+@register("puma")
+def puma(request: RemovalRequest) -> RemovalResult:
+    return _patch(request, reweight_others=True)
+
+
+@register("influence")
+def influence(request: RemovalRequest) -> RemovalResult:
+    return _patch(request, reweight_others=False)
+
+
+def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, float]:
+    """The least-norm lambda in [0, cap]^n with psi . lambda = target, or the closest reachable.
+
+    The objective is rank one, so its exact solutions are many; among them the least-norm
+    one is lambda_j = clip(t psi_j, 0, cap) for one scalar t, found by bisection. Weights
+    stay non-negative (a negative weight would silently remove other data) and spread in
+    proportion to each point's score. Returns (lambda, residual psi . lambda - target).
+    """
+    if target == 0 or not np.any(psi * np.sign(target) > 0):
+        return np.zeros_like(psi), -target
+
+    def reached(t: float) -> float:
+        return float(psi @ np.clip(t * psi, 0.0, cap))
+
+    # t has the sign of target; reached(t) moves monotonically toward target with |t|.
+    sign = np.sign(target)
+    hi = 1.0
+    while abs(reached(sign * hi)) < abs(target) and hi < 1e30:
+        if np.all(np.clip(sign * hi * psi, 0.0, cap)[psi * sign > 0] >= cap):
+            break
+        hi *= 2.0
+    lo = 0.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if abs(reached(sign * mid)) < abs(target):
+            lo = mid
+        else:
+            hi = mid
+    lam = np.clip(sign * hi * psi, 0.0, cap)
+    return lam, float(psi @ lam - target)
+
+
+@dataclass
+class _Spectrum:
+    v: torch.Tensor
+    lambda_max: float
+    damping: float
+    cached: bool
+
+
+def _cache_key(request: RemovalRequest) -> dict[str, str]:
+    assert request.checkpoint.path is not None
+    return {
+        "checkpoint_sha256": sha256_file(request.checkpoint.path),
+        "criterion_sha256": request.criterion.sha256 or "",
+        "criterion_rows": str(len(request.criterion)),
+        "solver": request.options.solver,
+        "damping": repr(request.options.damping),
+    }
+
+
+def _spectrum(request: RemovalRequest, engine: InfluenceModel, grad_c: torch.Tensor) -> _Spectrum:
+    """v = H^-1 grad C with its damping, from the cache beside the checkpoint when it fits."""
+    cache = request.options.cache
+    key = _cache_key(request) if cache is not None else {}
+    if cache is not None and cache.exists():
+        try:
+            tensors = load_file(str(cache))
+            with open(cache, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                meta = json.loads(handle.read(size)).get("__metadata__", {})
+            if all(meta.get(k) == v for k, v in key.items()) and tensors["v"].numel() == engine.n_parameters:
+                return _Spectrum(
+                    tensors["v"].to(engine.device), float(meta["lambda_max"]), float(meta["damping_used"]), True
+                )
+        except (SafetensorError, OSError, ValueError, KeyError):
+            pass  # a stale or damaged cache is rebuilt below
+    top = largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta, seed=request.options.seed)
+    solved = solve(engine, grad_c, request.options.solver, request.options.damping, top)
+    if cache is not None:
+        meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        try:
+            save_file({"v": solved.x.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+            tmp.replace(cache)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a cache that cannot be written is only a slower next run
+    return _Spectrum(solved.x, top, solved.damping, False)
+
+
+def _criterion_figures(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(X).double()
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
+
+
+def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
+    torch.set_flush_denormal(True)
+    options = request.options
+    trained = request.trained_rows
+    marked_in_trained = np.isin(trained, request.marked)
+    data = request.dataset.subset(trained)
+    engine = InfluenceModel(
+        request.checkpoint.model, data.X, data.y, float(request.checkpoint.recipe.get("weight_decay", 0.0))
+    )
+    n = engine.n
+    Xc = torch.as_tensor(request.criterion.X, dtype=torch.float64, device=engine.device)
+    yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
+    grad_c = engine.gradient_on(Xc, yc)
+    spectrum = _spectrum(request, engine, grad_c)
+    psi = engine.directional_derivatives(spectrum.v).cpu().numpy()
+    target = float(psi[marked_in_trained].sum())
+    weights = np.zeros(n)
+    weights[marked_in_trained] = 1.0
+    residual = -target
+    upweighted = 0
+    if reweight_others:
+        candidates = np.flatnonzero(~marked_in_trained)
+        if 0 < options.upweight_sample < candidates.size:
+            rng = np.random.default_rng(options.seed)
+            candidates = np.sort(rng.choice(candidates, options.upweight_sample, replace=False))
+        lam, residual = reweight(psi[candidates], target, options.lambda_cap)
+        weights[candidates] = -lam
+        upweighted = int((lam > 0).sum())
+    direction = engine.weighted_gradient(torch.as_tensor(weights, device=engine.device))
+    step = solve(engine, direction, options.solver, spectrum.damping, spectrum.lambda_max)
+    unit_change = float(grad_c.dot(step.x))  # dC per unit of eta, to first order
+    mask = torch.as_tensor(marked_in_trained, device=engine.device)
+    with torch.no_grad():
+        marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
+    scale, guard = _choose_scale(request, engine, step.x, Xc.float(), yc)
+    delta = (scale / n) * step.x
+    if not torch.isfinite(delta).all():
+        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
+    model = _as_classifier(request.checkpoint.model, engine.patched_module(delta))
+    warnings = list(guard)
+    interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
+    if interpolated:
+        warnings.append(
+            f"{interpolated} of {int(marked_in_trained.sum())} marked points are fit to a loss below "
+            f"{INTERPOLATED_LOSS:g}: their gradients are ~0, so first-order removal barely moves "
+            "the model on them and a retrained model may still differ there; "
+            "use --method retrain where that matters"
+        )
+    return RemovalResult(
+        model=model,
+        method="puma" if reweight_others else "influence",
+        parameters={
+            "eta_scale": scale,
+            "eta": scale / n,
+            "solver": options.solver,
+            "damping": spectrum.damping,
+            "lambda_max": spectrum.lambda_max,
+            "solver_iterations": step.iterations,
+            "solver_residual": step.residual,
+            "lambda_cap": options.lambda_cap if reweight_others else None,
+            "upweighted": upweighted,
+            "reweight_residual": residual if reweight_others else None,
+            "interpolated_marked": interpolated,
+        },
+        eta=scale / n,
+        predicted_criterion_change=(scale / n) * unit_change,
+        warnings=warnings,
+        cached=spectrum.cached,
+    )
+
+
+def _choose_scale(
+    request: RemovalRequest,
+    engine: InfluenceModel,
+    x: torch.Tensor,
+    Xc: torch.Tensor,
+    yc: torch.Tensor,
+) -> tuple[float, list[str]]:
+    """The eta scale: as given, or the largest of AUTO_SCALES that keeps the criterion's
+    accuracy within max_accuracy_drop points (forward passes only)."""
+    eta = request.options.eta
+    if eta != "auto":
+        scale = float(eta)
+        if not np.isfinite(scale) or scale <= 0:
+            raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
+        return scale, []
+    n = engine.n
+    _, base_accuracy = _criterion_figures(engine.patched_module(torch.zeros_like(x)), Xc, yc)
+    for scale in AUTO_SCALES:
+        _, accuracy = _criterion_figures(engine.patched_module((scale / n) * x), Xc, yc)
+        if base_accuracy - accuracy <= request.options.max_accuracy_drop / 100 + 1e-12:
+            return scale, []
+    scale = AUTO_SCALES[-1]
+    return scale, [
+        f"every eta tried lowers held-out accuracy by more than {request.options.max_accuracy_drop:g} "
+        f"points; used the smallest, {scale:g}/N"
+    ]
+
+
+def _as_classifier(template: Classifier, module: torch.nn.Module) -> Classifier:
+    assert isinstance(module, Classifier)
+    return module.to(next(template.parameters()).device).eval()
+
+
+def cache_path_for(checkpoint: Path) -> Path:
+    """m.safetensors -> m.influence.safetensors (v = H^-1 grad C and its damping)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.influence.safetensors")
