@@ -17,6 +17,7 @@ from puma_cli.devices import resolve_device
 from puma_cli.errors import PumaError
 from puma_cli.synthetic import KINDS
 from puma_cli.train import TrainRecipe
+from puma_cli.unlearn import RemovalOptions
 
 app = typer.Typer(
     name="puma",
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = ("make-data", "train", "mark", "eval", "info")
+COMMANDS = ("make-data", "train", "mark", "remove", "eval", "info")
 
 
 def domain_errors(fn: F) -> F:
@@ -240,6 +241,109 @@ def mark(
         overwrite=overwrite,
     )
     _render(as_json, asdict(report), f"marked {report.count} of {report.n} points")
+
+
+class Method(str, enum.Enum):
+    puma = "puma"
+    influence = "influence"
+    retrain = "retrain"
+
+
+class Solver(str, enum.Enum):
+    cg = "cg"
+    lissa = "lissa"
+    exact = "exact"
+
+
+def _eta(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a number (a multiple of 1/N) or auto") from None
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"{text!r}: eta must be a positive multiple of 1/N")
+    return value
+
+
+@app.command()
+@domain_errors
+def remove(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.")],
+    marked: Annotated[Path, typer.Option("--marked", help="Ids file of the points to remove.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Default: <stem>.removed.safetensors.")
+    ] = None,
+    method: Annotated[Method, typer.Option("--method")] = Method.puma,
+    eta: Annotated[
+        str,
+        typer.Option("--eta", help="Step as a multiple of 1/N (1 = first-order exact), or auto."),
+    ] = "auto",
+    damping: Annotated[
+        float, typer.Option("--damping", help="mu as a share of the Hessian's largest eigenvalue.")
+    ] = 0.01,
+    solver: Annotated[Solver, typer.Option("--solver", help="Inverse-HVP solver.")] = Solver.cg,
+    upweight_sample: Annotated[
+        int, typer.Option("--upweight-sample", help="Reweight this many random points (0: all).")
+    ] = 0,
+    lambda_cap: Annotated[
+        float, typer.Option("--lambda-cap", help="Largest weight one remaining point may get.")
+    ] = 1.0,
+    max_accuracy_drop: Annotated[
+        float, typer.Option("--max-accuracy-drop", help="--eta auto's guard, in accuracy points.")
+    ] = 1.0,
+    criterion_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--criterion-data", help="Held-out data for C (default: the validation split)."
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the H^-1 grad C cache.")
+    ] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove the marked points' influence from a model (PUMA by default) and record it."""
+    if lambda_cap <= 0:
+        raise typer.BadParameter(f"--lambda-cap {lambda_cap}: give a positive cap")
+    options = RemovalOptions(
+        eta=_eta(eta),
+        damping=damping,
+        solver=solver.value,
+        upweight_sample=upweight_sample,
+        lambda_cap=lambda_cap,
+        max_accuracy_drop=max_accuracy_drop,
+        seed=seed,
+    )
+    with console.epoch_progress(
+        "retraining", enabled=not as_json and method == Method.retrain
+    ) as progress:
+        report = pipeline.remove(
+            model,
+            marked,
+            output,
+            method=method.value,
+            options=options,
+            criterion_data=criterion_data,
+            use_cache=not no_cache,
+            device=resolve_device(device),
+            overwrite=overwrite,
+            progress=progress,
+        )
+    payload = asdict(report)
+    warnings = payload.pop("warnings")
+    if as_json:
+        console.emit_json({**payload, "warnings": warnings})
+        return
+    for warning in warnings:
+        console.warn(warning)
+    payload.pop("parameters")
+    _render(False, payload, f"removed {report.removed} points with {report.method}")
 
 
 @app.command("eval")

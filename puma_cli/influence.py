@@ -5,6 +5,10 @@ J(theta) is the mean training loss over the rows still trained on, plus the reci
 L2 term (weight_decay / 2 * |theta|^2, which Adam's weight_decay adds to the gradient);
 H is its Hessian, damped as H + mu * I with mu relative to H's largest eigenvalue
 because the scale of H varies by orders of magnitude between datasets.
+
+Derivatives use plain autograd (double backward for HVPs, forward-mode duals for
+directional derivatives): torch.func's transforms import torch._dynamo on first use,
+which costs more than a whole removal on the sample data.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call
 
 from puma_cli.errors import PumaError
 
@@ -97,15 +102,17 @@ class InfluenceModel:
         total = sum(self.losses(flat, X, y).sum() for X, y in self._chunks())
         return total / self.n + 0.5 * self.weight_decay * flat.dot(flat)  # type: ignore[operator]
 
+    def _leaf(self) -> Tensor:
+        return self.theta.detach().requires_grad_(True)
+
     def hvp(self, v: Tensor) -> Tensor:
-        """H v, the undamped Hessian of J times v (P,), by forward-over-reverse."""
+        """H v, the undamped Hessian of J times v (P,), by double backward."""
         out = torch.zeros_like(self.theta)
         for X, y in self._chunks():
-
-            def chunk_loss(flat: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
-                return self.losses(flat, X, y).sum()
-
-            out += jvp(grad(chunk_loss), (self.theta,), (v,))[1]
+            theta = self._leaf()
+            (g,) = torch.autograd.grad(self.losses(theta, X, y).sum(), theta, create_graph=True)
+            (hv,) = torch.autograd.grad(g.dot(v), theta)
+            out += hv
         return out / self.n + self.weight_decay * v
 
     def weighted_gradient(self, weights: Tensor) -> Tensor:
@@ -115,26 +122,24 @@ class InfluenceModel:
         for X, y in self._chunks():
             w = weights[start : start + y.shape[0]]
             start += int(y.shape[0])
-
-            def chunk_loss(flat: Tensor, X: Tensor = X, y: Tensor = y, w: Tensor = w) -> Tensor:
-                return (w * self.losses(flat, X, y)).sum()
-
-            out += grad(chunk_loss)(self.theta)
+            theta = self._leaf()
+            out += torch.autograd.grad((w * self.losses(theta, X, y)).sum(), theta)[0]
         return out
 
-    def directional_derivatives(self, v: Tensor, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
-        """g_i . v for every row (n,): one batched JVP along v, no per-row gradient matrix."""
+    def directional_derivatives(
+        self, v: Tensor, X: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients."""
         parts = []
-        for Xc, yc in self._chunks(X, y):
-
-            def row_losses(flat: Tensor, X: Tensor = Xc, y: Tensor = yc) -> Tensor:
-                return self.losses(flat, X, y)
-
-            parts.append(jvp(row_losses, (self.theta,), (v,))[1])
+        with torch.no_grad(), fwad.dual_level():
+            theta = fwad.make_dual(self.theta, v)
+            for Xc, yc in self._chunks(X, y):
+                parts.append(fwad.unpack_dual(self.losses(theta, Xc, yc)).tangent)
         return torch.cat(parts)
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked)."""
+        from torch.func import grad, vmap  # imports torch._dynamo: only where asked for
 
         def single(flat: Tensor, x: Tensor, target: Tensor) -> Tensor:
             return self.losses(flat, x[None], target[None])[0]
@@ -144,7 +149,8 @@ class InfluenceModel:
 
     def gradient_on(self, X: Tensor, y: Tensor) -> Tensor:
         """Gradient of the mean loss on other data (the criterion C), (P,)."""
-        return grad(lambda flat: self.losses(flat, X, y).mean())(self.theta)
+        theta = self._leaf()
+        return torch.autograd.grad(self.losses(theta, X, y).mean(), theta)[0]
 
     def patched_module(self, delta: Tensor) -> nn.Module:
         """A float32 copy of the module with theta + delta as its parameters."""
@@ -160,7 +166,9 @@ class InfluenceModel:
 # --- spectrum and solvers ----------------------------------------------------------------
 
 
-def largest_eigenvalue(hvp: Callable[[Tensor], Tensor], size: int, like: Tensor, iterations: int = 30, seed: int = 0) -> float:
+def largest_eigenvalue(
+    hvp: Callable[[Tensor], Tensor], size: int, like: Tensor, iterations: int = 30, seed: int = 0
+) -> float:
     """|lambda|_max of H by power iteration (the dominant eigenvalue is positive at a minimum)."""
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(size, generator=generator, dtype=torch.float64).to(like.device)
@@ -185,7 +193,11 @@ class NegativeCurvature(Exception):
 
 
 def conjugate_gradient(
-    hvp: Callable[[Tensor], Tensor], b: Tensor, damping: float, tol: float = 1e-4, max_iter: int = 200
+    hvp: Callable[[Tensor], Tensor],
+    b: Tensor,
+    damping: float,
+    tol: float = 1e-4,
+    max_iter: int = 200,
 ) -> tuple[Tensor, int, float]:
     """Solve (H + damping I) x = b; stops at |r| <= tol |b|. Raises NegativeCurvature."""
     x = torch.zeros_like(b)
@@ -210,7 +222,12 @@ def conjugate_gradient(
 
 
 def lissa(
-    hvp: Callable[[Tensor], Tensor], b: Tensor, damping: float, scale: float, tol: float = 1e-4, max_iter: int = 5000
+    hvp: Callable[[Tensor], Tensor],
+    b: Tensor,
+    damping: float,
+    scale: float,
+    tol: float = 1e-4,
+    max_iter: int = 5000,
 ) -> tuple[Tensor, int, float]:
     """LiSSA (Agarwal et al.), full-batch: h <- b + (I - (H + mu I)/scale) h; x = h / scale.
 
@@ -258,7 +275,11 @@ def solve(
             f"--solver exact builds a {engine.n_parameters}x{engine.n_parameters} Hessian, too "
             f"large past {EXACT_MAX_PARAMETERS} parameters; use --solver cg"
         )
-    top = lambda_max if lambda_max is not None else largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta)
+    top = (
+        lambda_max
+        if lambda_max is not None
+        else largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta)
+    )
     if top <= 0:
         raise PumaError("the Hessian of the training loss is zero; the model has nothing to remove")
     if solver == "exact":
@@ -270,7 +291,9 @@ def solve(
             if solver == "cg":
                 x, iterations, residual = conjugate_gradient(engine.hvp, b, mu, tol, max_iter)
             else:
-                x, iterations, residual = lissa(engine.hvp, b, mu, 1.5 * (top + mu), tol, max_iter * 25)
+                x, iterations, residual = lissa(
+                    engine.hvp, b, mu, 1.5 * (top + mu), tol, max_iter * 25
+                )
             if not torch.isfinite(x).all():
                 raise NegativeCurvature
             return Solve(x, share, iterations, residual)

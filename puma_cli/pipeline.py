@@ -409,7 +409,10 @@ def remove(
     roles = checkpoint.roles
     trained_marked = rows[roles[rows] == ckpt.ROLE_TRAINED]
     val_marked = rows[roles[rows] == ckpt.ROLE_VALIDATION]
-    skipped = {"already_removed": int((roles[rows] == ckpt.ROLE_REMOVED).sum()), "validation": val_marked.size}
+    skipped = {
+        "already_removed": int((roles[rows] == ckpt.ROLE_REMOVED).sum()),
+        "validation": val_marked.size,
+    }
     if trained_marked.size == 0:
         raise PumaError(
             f"none of the {len(ids)} ids in {marked} is trained on by {model} "
@@ -433,8 +436,10 @@ def remove(
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress
     )
-    before = {name: evaluate(checkpoint.model, part) for name, part in
-              (("criterion", criterion), ("marked", marked_set)) }
+    before = {
+        name: evaluate(checkpoint.model, part)
+        for name, part in (("criterion", criterion), ("marked", marked_set))
+    }
     test_before = evaluate(checkpoint.model, test_set).accuracy if test_set is not None else None
     started = time.perf_counter()
     result = run(request)
@@ -450,16 +455,27 @@ def remove(
             f"({test_before:.4f} -> {test_after:.4f})"
         )
     report = RemoveReport(
-        method=result.method, removed=int(trained_marked.size), seconds=seconds, output=output,
-        eta=result.eta, eta_scale=result.parameters.get("eta_scale"),
+        method=result.method,
+        removed=int(trained_marked.size),
+        seconds=seconds,
+        output=output,
+        eta=result.eta,
+        eta_scale=result.parameters.get("eta_scale"),
         predicted_criterion_change=result.predicted_criterion_change,
-        criterion_before=before["criterion"].loss, criterion_after=after_c.loss,
+        criterion_before=before["criterion"].loss,
+        criterion_after=after_c.loss,
         criterion_accuracy_before=before["criterion"].accuracy,
         criterion_accuracy_after=after_c.accuracy,
-        test_accuracy_before=test_before, test_accuracy_after=test_after,
-        marked_loss_before=before["marked"].loss, marked_loss_after=after_m.loss,
-        marked_accuracy_before=before["marked"].accuracy, marked_accuracy_after=after_m.accuracy,
-        cached=result.cached, parameters=result.parameters, warnings=warnings, skipped=skipped,
+        test_accuracy_before=test_before,
+        test_accuracy_after=test_after,
+        marked_loss_before=before["marked"].loss,
+        marked_loss_after=after_m.loss,
+        marked_accuracy_before=before["marked"].accuracy,
+        marked_accuracy_after=after_m.accuracy,
+        cached=result.cached,
+        parameters=result.parameters,
+        warnings=warnings,
+        skipped=skipped,
     )
     entry = {
         "op": "remove",
@@ -473,15 +489,23 @@ def remove(
         "metrics": {
             k: getattr(report, k)
             for k in (
-                "predicted_criterion_change", "criterion_before", "criterion_after",
-                "criterion_accuracy_before", "criterion_accuracy_after", "test_accuracy_before",
-                "test_accuracy_after", "marked_loss_before", "marked_loss_after",
+                "predicted_criterion_change",
+                "criterion_before",
+                "criterion_after",
+                "criterion_accuracy_before",
+                "criterion_accuracy_after",
+                "test_accuracy_before",
+                "test_accuracy_after",
+                "marked_loss_before",
+                "marked_loss_after",
             )
         },
         "warnings": warnings,
     }
     new = replace(
-        checkpoint, model=result.model, roles=new_roles,
+        checkpoint,
+        model=result.model,
+        roles=new_roles,
         provenance=[*checkpoint.provenance, entry],
     )
     ckpt.save_checkpoint(output, new, overwrite)

@@ -29,6 +29,8 @@ class RemovalOptions:
     upweight_sample: reweight only this many random remaining points (0: all of them).
     lambda_cap: largest weight one remaining point may get (1 = counted twice).
     max_accuracy_drop: the `auto` guard, in accuracy points on the criterion data.
+    fit_tolerance: the `auto` guard on the remaining points' training loss and the
+        held-out loss, as a relative rise.
     """
 
     eta: float | str = "auto"
@@ -37,6 +39,7 @@ class RemovalOptions:
     upweight_sample: int = 0
     lambda_cap: float = 1.0
     max_accuracy_drop: float = 1.0
+    fit_tolerance: float = 0.1
     seed: int = 0
     cache: Path | None = None
 

@@ -31,7 +31,7 @@ from puma_cli.influence import InfluenceModel, largest_eigenvalue, solve
 from puma_cli.models import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
-AUTO_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 INTERPOLATED_LOSS = 1e-4
 
 
@@ -106,13 +106,21 @@ def _spectrum(request: RemovalRequest, engine: InfluenceModel, grad_c: torch.Ten
             with open(cache, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 meta = json.loads(handle.read(size)).get("__metadata__", {})
-            if all(meta.get(k) == v for k, v in key.items()) and tensors["v"].numel() == engine.n_parameters:
+            if (
+                all(meta.get(k) == v for k, v in key.items())
+                and tensors["v"].numel() == engine.n_parameters
+            ):
                 return _Spectrum(
-                    tensors["v"].to(engine.device), float(meta["lambda_max"]), float(meta["damping_used"]), True
+                    tensors["v"].to(engine.device),
+                    float(meta["lambda_max"]),
+                    float(meta["damping_used"]),
+                    True,
                 )
         except (SafetensorError, OSError, ValueError, KeyError):
             pass  # a stale or damaged cache is rebuilt below
-    top = largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta, seed=request.options.seed)
+    top = largest_eigenvalue(
+        engine.hvp, engine.n_parameters, engine.theta, seed=request.options.seed
+    )
     solved = solve(engine, grad_c, request.options.solver, request.options.damping, top)
     if cache is not None:
         meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
@@ -125,7 +133,9 @@ def _spectrum(request: RemovalRequest, engine: InfluenceModel, grad_c: torch.Ten
     return _Spectrum(solved.x, top, solved.damping, False)
 
 
-def _criterion_figures(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _criterion_figures(
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
     with torch.no_grad():
         logits = model(X).double()
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
@@ -138,7 +148,10 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     marked_in_trained = np.isin(trained, request.marked)
     data = request.dataset.subset(trained)
     engine = InfluenceModel(
-        request.checkpoint.model, data.X, data.y, float(request.checkpoint.recipe.get("weight_decay", 0.0))
+        request.checkpoint.model,
+        data.X,
+        data.y,
+        float(request.checkpoint.recipe.get("weight_decay", 0.0)),
     )
     n = engine.n
     Xc = torch.as_tensor(request.criterion.X, dtype=torch.float64, device=engine.device)
@@ -165,7 +178,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
     with torch.no_grad():
         marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
-    scale, guard = _choose_scale(request, engine, step.x, Xc.float(), yc)
+    scale, guard = _choose_scale(request, engine, step.x, mask, Xc.float(), yc)
     delta = (scale / n) * step.x
     if not torch.isfinite(delta).all():
         raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
@@ -206,11 +219,19 @@ def _choose_scale(
     request: RemovalRequest,
     engine: InfluenceModel,
     x: torch.Tensor,
+    marked: torch.Tensor,
     Xc: torch.Tensor,
     yc: torch.Tensor,
 ) -> tuple[float, list[str]]:
-    """The eta scale: as given, or the largest of AUTO_SCALES that keeps the criterion's
-    accuracy within max_accuracy_drop points (forward passes only)."""
+    """The eta scale: as given, or a guarded line search (forward passes only).
+
+    Damping shrinks the step along flat directions, and first-order removal understates
+    what leaving a cluster out does, so s = 1 removes too little. `auto` doubles s from 1
+    while (a) the remaining points' training loss rises by at most `fit_tolerance`
+    (relative): they must stay learned; (b) held-out accuracy drops by at most
+    `max_accuracy_drop` points; (c) held-out loss rises by at most `fit_tolerance`.
+    It takes the last s that passed; if s = 1 fails, it halves s instead.
+    """
     eta = request.options.eta
     if eta != "auto":
         scale = float(eta)
@@ -218,15 +239,42 @@ def _choose_scale(
             raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
         return scale, []
     n = engine.n
-    _, base_accuracy = _criterion_figures(engine.patched_module(torch.zeros_like(x)), Xc, yc)
-    for scale in AUTO_SCALES:
-        _, accuracy = _criterion_figures(engine.patched_module((scale / n) * x), Xc, yc)
-        if base_accuracy - accuracy <= request.options.max_accuracy_drop / 100 + 1e-12:
+    keep = ~marked
+    tolerance = request.options.fit_tolerance
+    max_drop = request.options.max_accuracy_drop / 100 + 1e-12
+
+    def figures(scale: float) -> tuple[float, float, float]:
+        delta = (scale / n) * x
+        with torch.no_grad():
+            fit = float(engine.losses(engine.theta + delta, engine.X[keep], engine.y[keep]).mean())
+        loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc)
+        return fit, loss, accuracy
+
+    fit0, loss0, accuracy0 = figures(0.0)
+
+    def passes(scale: float) -> bool:
+        fit, loss, accuracy = figures(scale)
+        return (
+            fit <= fit0 * (1 + tolerance) + 1e-9
+            and loss <= loss0 * (1 + tolerance) + 1e-9
+            and accuracy0 - accuracy <= max_drop
+        )
+
+    if passes(AUTO_SCALES[0]):
+        chosen = AUTO_SCALES[0]
+        for scale in AUTO_SCALES[1:]:
+            if not passes(scale):
+                break
+            chosen = scale
+        return chosen, []
+    scale = AUTO_SCALES[0]
+    for _ in range(6):
+        scale /= 2
+        if passes(scale):
             return scale, []
-    scale = AUTO_SCALES[-1]
     return scale, [
-        f"every eta tried lowers held-out accuracy by more than {request.options.max_accuracy_drop:g} "
-        f"points; used the smallest, {scale:g}/N"
+        f"every eta tried degrades the remaining points' fit or held-out performance past the "
+        f"guard; used {scale:g}/N: check the model and the marking, or set --eta"
     ]
 
 

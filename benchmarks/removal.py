@@ -1,0 +1,229 @@
+"""Removal benchmark: original / retrain / puma / influence on every sample dataset.
+
+For each dataset, marking (k-means one cluster per class, random 5 %, random 20 %) and
+seed: train the original, then remove the marked points with each method and compare
+with retraining from scratch on what remains (the reference). Reported: test accuracy,
+marked accuracy and loss, KL(retrain || method) on test and marked points, the KL
+between two retrains with different seeds (the noise floor), and wall time as a ratio
+to retraining's, measured in the same run (cold: no cache; cached: a second request).
+
+    python benchmarks/removal.py                       # everything, ~15 min on 2 cores
+    python benchmarks/removal.py --datasets radial --seeds 1 --out /tmp/r.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli import pipeline
+from puma_cli.checkpoint import load_checkpoint
+from puma_cli.data import Dataset, load_dataset, write_ids
+from puma_cli.evaluation import evaluate, predict_logits
+from puma_cli.marking import all_classes_marking, random_marking
+from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.unlearn import RemovalOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "sample_data"
+DATASETS = {
+    "radial": ("radial", ".csv", "mlp"),
+    "rectangular": ("rectangular", ".csv", "mlp"),
+    "breast-cancer": ("breast-cancer", ".csv", "mlp"),
+    "breast-cancer-diagnostic": ("breast-cancer-diagnostic", ".csv", "mlp"),
+    "german-credit": ("german-credit", ".csv", "mlp"),
+    "digits": ("digits", ".npz", "cnn"),
+}
+MARKINGS = ("kmeans", "random5", "random20")
+
+
+def kl(p_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over points of KL(p_ref || softmax(logits))."""
+    log_q = torch.log_softmax(logits.double(), dim=1)
+    log_p = torch.log(p_ref.clamp_min(1e-300))
+    return float((p_ref * (log_p - log_q)).sum(dim=1).mean())
+
+
+def marked_ids(train: Dataset, marking: str, seed: int) -> list[str]:
+    if marking == "kmeans":
+        rows = all_classes_marking(train, clusters=8, seed=seed)
+    else:
+        rows = random_marking(train, {"random5": 0.05, "random20": 0.2}[marking], seed)
+    return train.ids[rows].tolist()
+
+
+def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]) -> list[dict[str, Any]]:
+    stem, suffix, arch = DATASETS[name]
+    train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
+    model = work / f"{name}-{marking}-{seed}.safetensors"
+    recipe = TrainRecipe(arch=arch, seed=seed)
+    original_train = pipeline.train(train_path, model, recipe, test=test_path, overwrite=True)
+    checkpoint = load_checkpoint(model)
+    train = load_dataset(train_path)
+    test = load_dataset(test_path)
+    ids = marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)), marking, seed)
+    ids_file = work / "marked.txt"
+    write_ids(ids_file, ids)
+    marked = train.subset(pipeline.rows_for_ids(train, ids, ids_file))
+
+    def figures(label: str, net: torch.nn.Module, seconds: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"dataset": name, "marking": marking, "seed": seed, "method": label,
+                "test_accuracy": evaluate(net, test).accuracy,
+                "marked_accuracy": evaluate(net, marked).accuracy,
+                "marked_loss": evaluate(net, marked).loss,
+                "test_loss": evaluate(net, test).loss,
+                "seconds": seconds, "n_marked": len(ids), **extra}
+
+    rows = [figures("original", checkpoint.model, None, {"train_seconds": original_train.seconds})]
+    out = work / "out.safetensors"
+    ref = pipeline.remove(model, ids_file, out, method="retrain", overwrite=True)
+    retrained = load_checkpoint(out).model
+    rows.append(figures("retrain", retrained, ref.seconds, {}))
+    # The noise floor: the same retraining with another seed.
+    remaining = train.subset(np.flatnonzero(load_checkpoint(out).roles == 0))
+    other = train_classifier(remaining, replace(recipe, seed=seed + 1000), checkpoint.arch.n_classes)
+    rows.append(figures("retrain (other seed)", other, None, {}))
+    runs: list[tuple[str, str, RemovalOptions, bool]] = [
+        ("puma (cold)", "puma", RemovalOptions(), True),
+        ("puma", "puma", RemovalOptions(), True),
+        ("influence", "influence", RemovalOptions(), True),
+    ]
+    for scale in scales:
+        runs.append((f"puma eta={scale:g}", "puma", RemovalOptions(eta=scale), True))
+        runs.append((f"influence eta={scale:g}", "influence", RemovalOptions(eta=scale), True))
+    cache = model.with_name(f"{model.stem}.influence.safetensors")
+    cache.unlink(missing_ok=True)
+    for label, method, options, use_cache in runs:
+        report = pipeline.remove(model, ids_file, out, method=method, options=options,
+                                 use_cache=use_cache, overwrite=True)
+        net = load_checkpoint(out).model
+        rows.append(figures(label, net, report.seconds, {
+            "eta_scale": report.eta_scale, "cached": report.cached,
+            "criterion_before": report.criterion_before, "criterion_after": report.criterion_after,
+            "warnings": report.warnings}))
+    p_test = torch.softmax(predict_logits(retrained, test.X).double(), dim=1)
+    p_marked = torch.softmax(predict_logits(retrained, marked.X).double(), dim=1)
+    nets = {"original": checkpoint.model, "retrain (other seed)": other}
+    for row in rows:
+        net = nets.get(row["method"])
+        if row["method"] == "retrain":
+            row["kl_test"] = row["kl_marked"] = 0.0
+            continue
+        if net is None:
+            pipeline.remove(model, ids_file, out, method="puma" if row["method"].startswith("puma") else "influence",
+                            options=RemovalOptions(eta=row["eta_scale"]), overwrite=True)
+            net = load_checkpoint(out).model
+        row["kl_test"] = kl(p_test, predict_logits(net, test.X))
+        row["kl_marked"] = kl(p_marked, predict_logits(net, marked.X))
+    retrain_seconds = ref.seconds
+    for row in rows:
+        row["time_ratio"] = row["seconds"] / retrain_seconds if row["seconds"] is not None else None
+    return rows
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    order: list[tuple[str, str, str]] = []
+    for row in rows:
+        key = (row["dataset"], row["marking"], row["method"])
+        if key not in groups:
+            order.append(key)
+        groups[key].append(row)
+    lines = [
+        "| dataset | marking | method | test acc | marked acc | marked loss | KL test | KL marked | time / retrain | eta scale |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in order:
+        g = groups[key]
+        ratio = [r["time_ratio"] for r in g if r["time_ratio"] is not None]
+        scale = [r["eta_scale"] for r in g if r.get("eta_scale") is not None]
+        lines.append(
+            f"| {key[0]} | {key[1]} (n={g[0]['n_marked']}) | {key[2]} | "
+            f"{100 * mean([r['test_accuracy'] for r in g]):.2f} | "
+            f"{100 * mean([r['marked_accuracy'] for r in g]):.1f} | "
+            f"{mean([r['marked_loss'] for r in g]):.4f} | {mean([r['kl_test'] for r in g]):.5f} | "
+            f"{mean([r['kl_marked'] for r in g]):.5f} | "
+            f"{f'{mean(ratio):.3f}' if ratio else '-'} | {f'{mean(scale):g}' if scale else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]]) -> str:
+    """The issue's targets, each with its measured figure."""
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["dataset"], r["marking"], r["seed"])].append(r)
+    out = []
+    worst_cold = max((r["time_ratio"] for r in rows if r["method"] == "puma (cold)"), default=float("nan"))
+    cached = [r["seconds"] for r in rows if r["method"] == "puma" and r.get("cached")]
+    out.append(f"- cold removal / retraining, worst case over all runs: {worst_cold:.3f} (target <= 0.4)")
+    out.append(f"- cached second request, worst case: {max(cached, default=float('nan')):.3f} s (target <= 0.3 s)")
+    drops = []
+    for key, g in by.items():
+        orig = next(r for r in g if r["method"] == "original")["test_accuracy"]
+        puma = next(r for r in g if r["method"] == "puma")["test_accuracy"]
+        drops.append((100 * (orig - puma), key))
+    worst = max(drops)
+    out.append(f"- largest test-accuracy drop with default puma: {worst[0]:.2f} points ({worst[1][0]}, {worst[1][1]}, seed {worst[1][2]}) (target <= 1)")
+    for dataset in sorted({k[0] for k in by}):
+        ratios = []
+        for key, g in by.items():
+            if key[0] != dataset or key[1] != "kmeans":
+                continue
+            get = {r["method"]: r for r in g}
+            o = get["original"]["kl_test"] + get["original"]["kl_marked"]
+            p = get["puma"]["kl_test"] + get["puma"]["kl_marked"]
+            ratios.append(o / p if p > 0 else float("inf"))
+        if ratios:
+            out.append(f"- {dataset}, k-means: KL(original)/KL(puma), test + marked, mean over seeds: {mean(ratios):.2f} (target >= 4)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--markings", nargs="*", default=list(MARKINGS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--scales", nargs="*", type=float, default=[])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "removal.md")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets:
+            for marking in args.markings:
+                for seed in range(args.seeds):
+                    rows.extend(run_case(name, marking, seed, Path(tmp), args.scales))
+                    print(f"{name} {marking} seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    text = (
+        f"# Removal benchmark\n\n`python benchmarks/removal.py {' '.join(__import__('sys').argv[1:])}`"
+        f" — {args.seeds} seed(s), {time.perf_counter() - started:.0f} s on "
+        f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.\n\n"
+        "Means over seeds. KL is KL(retrain || method), averaged over points; the "
+        "'retrain (other seed)' row is the noise floor. Times are in-process, as a ratio to "
+        "the retraining measured in the same run.\n\n## Targets\n\n"
+        + targets(rows) + "\n\n## Results\n\n" + summarise(rows) + "\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
