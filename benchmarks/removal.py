@@ -62,7 +62,9 @@ def marked_ids(train: Dataset, marking: str, seed: int) -> list[str]:
     return train.ids[rows].tolist()
 
 
-def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]) -> list[dict[str, Any]]:
+def run_case(
+    name: str, marking: str, seed: int, work: Path, scales: list[float]
+) -> list[dict[str, Any]]:
     stem, suffix, arch = DATASETS[name]
     train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
     model = work / f"{name}-{marking}-{seed}.safetensors"
@@ -76,13 +78,22 @@ def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]
     write_ids(ids_file, ids)
     marked = train.subset(pipeline.rows_for_ids(train, ids, ids_file))
 
-    def figures(label: str, net: torch.nn.Module, seconds: float | None, extra: dict[str, Any]) -> dict[str, Any]:
-        return {"dataset": name, "marking": marking, "seed": seed, "method": label,
-                "test_accuracy": evaluate(net, test).accuracy,
-                "marked_accuracy": evaluate(net, marked).accuracy,
-                "marked_loss": evaluate(net, marked).loss,
-                "test_loss": evaluate(net, test).loss,
-                "seconds": seconds, "n_marked": len(ids), **extra}
+    def figures(
+        label: str, net: torch.nn.Module, seconds: float | None, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "dataset": name,
+            "marking": marking,
+            "seed": seed,
+            "method": label,
+            "test_accuracy": evaluate(net, test).accuracy,
+            "marked_accuracy": evaluate(net, marked).accuracy,
+            "marked_loss": evaluate(net, marked).loss,
+            "test_loss": evaluate(net, test).loss,
+            "seconds": seconds,
+            "n_marked": len(ids),
+            **extra,
+        }
 
     rows = [figures("original", checkpoint.model, None, {"train_seconds": original_train.seconds})]
     out = work / "out.safetensors"
@@ -91,7 +102,9 @@ def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]
     rows.append(figures("retrain", retrained, ref.seconds, {}))
     # The noise floor: the same retraining with another seed.
     remaining = train.subset(np.flatnonzero(load_checkpoint(out).roles == 0))
-    other = train_classifier(remaining, replace(recipe, seed=seed + 1000), checkpoint.arch.n_classes)
+    other = train_classifier(
+        remaining, replace(recipe, seed=seed + 1000), checkpoint.arch.n_classes
+    )
     rows.append(figures("retrain (other seed)", other, None, {}))
     runs: list[tuple[str, str, RemovalOptions, bool]] = [
         ("puma (cold)", "puma", RemovalOptions(), True),
@@ -104,13 +117,30 @@ def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]
     cache = model.with_name(f"{model.stem}.influence.safetensors")
     cache.unlink(missing_ok=True)
     for label, method, options, use_cache in runs:
-        report = pipeline.remove(model, ids_file, out, method=method, options=options,
-                                 use_cache=use_cache, overwrite=True)
+        report = pipeline.remove(
+            model,
+            ids_file,
+            out,
+            method=method,
+            options=options,
+            use_cache=use_cache,
+            overwrite=True,
+        )
         net = load_checkpoint(out).model
-        rows.append(figures(label, net, report.seconds, {
-            "eta_scale": report.eta_scale, "cached": report.cached,
-            "criterion_before": report.criterion_before, "criterion_after": report.criterion_after,
-            "warnings": report.warnings}))
+        rows.append(
+            figures(
+                label,
+                net,
+                report.seconds,
+                {
+                    "eta_scale": report.eta_scale,
+                    "cached": report.cached,
+                    "criterion_before": report.criterion_before,
+                    "criterion_after": report.criterion_after,
+                    "warnings": report.warnings,
+                },
+            )
+        )
     p_test = torch.softmax(predict_logits(retrained, test.X).double(), dim=1)
     p_marked = torch.softmax(predict_logits(retrained, marked.X).double(), dim=1)
     nets = {"original": checkpoint.model, "retrain (other seed)": other}
@@ -120,8 +150,14 @@ def run_case(name: str, marking: str, seed: int, work: Path, scales: list[float]
             row["kl_test"] = row["kl_marked"] = 0.0
             continue
         if net is None:
-            pipeline.remove(model, ids_file, out, method="puma" if row["method"].startswith("puma") else "influence",
-                            options=RemovalOptions(eta=row["eta_scale"]), overwrite=True)
+            pipeline.remove(
+                model,
+                ids_file,
+                out,
+                method="puma" if row["method"].startswith("puma") else "influence",
+                options=RemovalOptions(eta=row["eta_scale"]),
+                overwrite=True,
+            )
             net = load_checkpoint(out).model
         row["kl_test"] = kl(p_test, predict_logits(net, test.X))
         row["kl_marked"] = kl(p_marked, predict_logits(net, marked.X))
@@ -168,17 +204,25 @@ def targets(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         by[(r["dataset"], r["marking"], r["seed"])].append(r)
     out = []
-    worst_cold = max((r["time_ratio"] for r in rows if r["method"] == "puma (cold)"), default=float("nan"))
+    worst_cold = max(
+        (r["time_ratio"] for r in rows if r["method"] == "puma (cold)"), default=float("nan")
+    )
     cached = [r["seconds"] for r in rows if r["method"] == "puma" and r.get("cached")]
-    out.append(f"- cold removal / retraining, worst case over all runs: {worst_cold:.3f} (target <= 0.4)")
-    out.append(f"- cached second request, worst case: {max(cached, default=float('nan')):.3f} s (target <= 0.3 s)")
+    out.append(
+        f"- cold removal / retraining, worst case over all runs: {worst_cold:.3f} (target <= 0.4)"
+    )
+    out.append(
+        f"- cached second request, worst case: {max(cached, default=float('nan')):.3f} s (target <= 0.3 s)"
+    )
     drops = []
     for key, g in by.items():
         orig = next(r for r in g if r["method"] == "original")["test_accuracy"]
         puma = next(r for r in g if r["method"] == "puma")["test_accuracy"]
         drops.append((100 * (orig - puma), key))
     worst = max(drops)
-    out.append(f"- largest test-accuracy drop with default puma: {worst[0]:.2f} points ({worst[1][0]}, {worst[1][1]}, seed {worst[1][2]}) (target <= 1)")
+    out.append(
+        f"- largest test-accuracy drop with default puma: {worst[0]:.2f} points ({worst[1][0]}, {worst[1][1]}, seed {worst[1][2]}) (target <= 1)"
+    )
     for dataset in sorted({k[0] for k in by}):
         ratios = []
         for key, g in by.items():
@@ -189,12 +233,16 @@ def targets(rows: list[dict[str, Any]]) -> str:
             p = get["puma"]["kl_test"] + get["puma"]["kl_marked"]
             ratios.append(o / p if p > 0 else float("inf"))
         if ratios:
-            out.append(f"- {dataset}, k-means: KL(original)/KL(puma), test + marked, mean over seeds: {mean(ratios):.2f} (target >= 4)")
+            out.append(
+                f"- {dataset}, k-means: KL(original)/KL(puma), test + marked, mean over seeds: {mean(ratios):.2f} (target >= 4)"
+            )
     return "\n".join(out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     parser.add_argument("--markings", nargs="*", default=list(MARKINGS))
     parser.add_argument("--seeds", type=int, default=3)
@@ -209,7 +257,10 @@ def main() -> None:
             for marking in args.markings:
                 for seed in range(args.seeds):
                     rows.extend(run_case(name, marking, seed, Path(tmp), args.scales))
-                    print(f"{name} {marking} seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+                    print(
+                        f"{name} {marking} seed {seed} done ({time.perf_counter() - started:.0f} s)",
+                        flush=True,
+                    )
     text = (
         f"# Removal benchmark\n\n`python benchmarks/removal.py {' '.join(__import__('sys').argv[1:])}`"
         f" — {args.seeds} seed(s), {time.perf_counter() - started:.0f} s on "
@@ -217,7 +268,10 @@ def main() -> None:
         "Means over seeds. KL is KL(retrain || method), averaged over points; the "
         "'retrain (other seed)' row is the noise floor. Times are in-process, as a ratio to "
         "the retraining measured in the same run.\n\n## Targets\n\n"
-        + targets(rows) + "\n\n## Results\n\n" + summarise(rows) + "\n"
+        + targets(rows)
+        + "\n\n## Results\n\n"
+        + summarise(rows)
+        + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

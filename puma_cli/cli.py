@@ -138,11 +138,13 @@ def make_data(
 
 
 def _hidden(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("none", "", "[]"):
+        return ()  # no hidden layer: multinomial logistic regression
     try:
         widths = tuple(int(part) for part in text.strip("[]() ").split(",") if part.strip())
     except ValueError:
         raise typer.BadParameter(f"{text!r}: give comma-separated widths like 64,32") from None
-    if not widths or min(widths) < 1:
+    if min(widths, default=0) < 1:
         raise typer.BadParameter(f"{text!r}: give positive widths like 64,32")
     return widths
 
@@ -155,7 +157,10 @@ def train(
     arch: Annotated[
         Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")
     ] = Arch.mlp,
-    hidden: Annotated[str, typer.Option("--hidden", help="Hidden widths, e.g. 64,32.")] = "64,32",
+    hidden: Annotated[
+        str,
+        typer.Option("--hidden", help="Hidden widths, e.g. 64,32; none for logistic regression."),
+    ] = "64,32",
     activation: Annotated[Activation, typer.Option("--activation")] = Activation.relu,
     epochs: Annotated[int, typer.Option("--epochs")] = 100,
     lr: Annotated[float, typer.Option("--lr", help="Adam's learning rate.")] = 1e-3,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +43,12 @@ class Solve:
 
 
 class InfluenceModel:
-    """A float64 functional view of a classifier and the data its loss J is taken over.
+    """A functional view of a classifier and the data its loss J is taken over.
 
     X: (n, *input_shape), y: (n,). Rows are processed in chunks of `chunk_size`.
+    Derivatives are taken in `dtype` (float64 by default; float32 makes convolutions
+    several times faster on a CPU); every vector going in or out of the public methods
+    is float64, so the solvers' sums and dot products stay in float64.
     """
 
     def __init__(
@@ -55,16 +58,18 @@ class InfluenceModel:
         y: np.ndarray | Tensor,
         weight_decay: float = 0.0,
         chunk_size: int = 2048,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         device = next(model.parameters()).device
-        self.module = copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
+        self.dtype = dtype
+        self.module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
         named = dict(self.module.named_parameters())
         self.names = list(named)
         self.shapes = [p.shape for p in named.values()]
         self.sizes = [p.numel() for p in named.values()]
         self.theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
-        self.X = torch.as_tensor(X, dtype=torch.float64, device=device)
+        self.X = torch.as_tensor(X, dtype=dtype, device=device)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         self.weight_decay = float(weight_decay)
         self.chunk_size = chunk_size
@@ -91,7 +96,9 @@ class InfluenceModel:
         logits = functional_call(self.module, (self.params(flat), self.buffers), (X,))
         return F.cross_entropy(logits, y, reduction="none")
 
-    def _chunks(self, X: Tensor | None = None, y: Tensor | None = None):  # type: ignore[no-untyped-def]
+    def _chunks(
+        self, X: Tensor | None = None, y: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         X = self.X if X is None else X
         y = self.y if y is None else y
         for start in range(0, int(y.shape[0]), self.chunk_size):
@@ -100,30 +107,31 @@ class InfluenceModel:
     def objective(self, flat: Tensor) -> Tensor:
         """J(theta): mean loss over the rows plus weight_decay / 2 * |theta|^2."""
         total = sum(self.losses(flat, X, y).sum() for X, y in self._chunks())
-        return total / self.n + 0.5 * self.weight_decay * flat.dot(flat)  # type: ignore[operator]
+        return total / self.n + 0.5 * self.weight_decay * flat.dot(flat)
 
     def _leaf(self) -> Tensor:
         return self.theta.detach().requires_grad_(True)
 
     def hvp(self, v: Tensor) -> Tensor:
         """H v, the undamped Hessian of J times v (P,), by double backward."""
-        out = torch.zeros_like(self.theta)
+        out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
+        v_in = v.to(self.dtype)
         for X, y in self._chunks():
             theta = self._leaf()
             (g,) = torch.autograd.grad(self.losses(theta, X, y).sum(), theta, create_graph=True)
-            (hv,) = torch.autograd.grad(g.dot(v), theta)
-            out += hv
+            (hv,) = torch.autograd.grad(g.dot(v_in), theta)
+            out += hv.double()
         return out / self.n + self.weight_decay * v
 
     def weighted_gradient(self, weights: Tensor) -> Tensor:
         """sum_i w_i grad L_i (P,) over the rows: one backward pass, no per-row gradients."""
-        out = torch.zeros_like(self.theta)
+        out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         start = 0
         for X, y in self._chunks():
-            w = weights[start : start + y.shape[0]]
+            w = weights[start : start + y.shape[0]].to(self.dtype)
             start += int(y.shape[0])
             theta = self._leaf()
-            out += torch.autograd.grad((w * self.losses(theta, X, y)).sum(), theta)[0]
+            out += torch.autograd.grad((w * self.losses(theta, X, y)).sum(), theta)[0].double()
         return out
 
     def directional_derivatives(
@@ -132,10 +140,10 @@ class InfluenceModel:
         """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients."""
         parts = []
         with torch.no_grad(), fwad.dual_level():
-            theta = fwad.make_dual(self.theta, v)
+            theta = fwad.make_dual(self.theta, v.to(self.dtype))
             for Xc, yc in self._chunks(X, y):
-                parts.append(fwad.unpack_dual(self.losses(theta, Xc, yc)).tangent)
-        return torch.cat(parts)
+                parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)
+        return torch.cat(parts).double()
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked)."""
@@ -145,20 +153,21 @@ class InfluenceModel:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        return torch.cat([per_row(self.theta, Xc, yc) for Xc, yc in self._chunks(X, y)])
+        parts = [per_row(self.theta, Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
+        return torch.cat(parts).double()
 
     def gradient_on(self, X: Tensor, y: Tensor) -> Tensor:
         """Gradient of the mean loss on other data (the criterion C), (P,)."""
         theta = self._leaf()
-        return torch.autograd.grad(self.losses(theta, X, y).mean(), theta)[0]
+        loss = self.losses(theta, X.to(self.dtype), y).mean()
+        return torch.autograd.grad(loss, theta)[0].double()
 
     def patched_module(self, delta: Tensor) -> nn.Module:
         """A float32 copy of the module with theta + delta as its parameters."""
-        module = copy.deepcopy(self.module)
+        module = copy.deepcopy(self.module).double()
         with torch.no_grad():
-            for p, part in zip(
-                module.parameters(), torch.split(self.theta + delta, self.sizes), strict=True
-            ):
+            theta = self.theta.double() + delta
+            for p, part in zip(module.parameters(), torch.split(theta, self.sizes), strict=True):
                 p.copy_(part.view(p.shape))
         return module.float()
 
@@ -235,10 +244,13 @@ def lissa(
     """
     h = b.clone()
     b_norm = float(b.norm()) or 1.0
-    for iteration in range(1, max_iter + 1):
+    iteration = 0
+    while iteration < max_iter:
+        iteration += 1
         Ah = hvp(h) + damping * h
         new = b + h - Ah / scale
-        if not torch.isfinite(new).all():
+        # A negative eigenvalue of H + mu I makes the recursion grow without bound.
+        if not torch.isfinite(new).all() or float(new.norm()) > 1e8 * b_norm:
             raise NegativeCurvature
         step = float((new - h).norm())
         h = new
@@ -246,6 +258,8 @@ def lissa(
             break
     x = h / scale
     residual = float((hvp(x) + damping * x - b).norm()) / b_norm
+    if residual > 1e-2:
+        raise NegativeCurvature  # not converged: more damping makes it converge faster
     return x, iteration, residual
 
 

@@ -49,8 +49,10 @@ class TrainRecipe:
             raise PumaError(f"--weight-decay {self.weight_decay} is negative; give 0 or more")
         if self.activation not in ACTIVATIONS:
             raise PumaError(f"--activation {self.activation!r}: choose relu or sigmoid")
-        if not self.hidden or min(self.hidden) < 1:
-            raise PumaError("--hidden needs one or more positive widths, like 64,32")
+        if self.hidden and min(self.hidden) < 1:
+            raise PumaError("--hidden needs positive widths, like 64,32 (or none)")
+        if self.arch == "cnn" and not self.hidden:
+            raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
 
 
 def architecture_for(recipe: TrainRecipe, dataset: Dataset, n_classes: int) -> Architecture:

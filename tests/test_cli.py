@@ -63,7 +63,11 @@ def test_the_chain_make_train_mark_eval_info(tmp_path: Path) -> None:
     info = run_json("info", tmp_path / "m.safetensors")
     assert info["recipe"]["epochs"] == 30 and info["recipe"]["optimizer"] == "adam"
     assert info["data"]["train"]["sha256"] and info["data_status"] == {"train": "ok", "test": "ok"}
-    assert info["rows"] == {"trained": trained["n_train"], "validation": trained["n_val"], "removed": 0}
+    assert info["rows"] == {
+        "trained": trained["n_train"],
+        "validation": trained["n_val"],
+        "removed": 0,
+    }
     assert info["provenance"] == []
 
 

@@ -31,6 +31,7 @@ class RemovalOptions:
     max_accuracy_drop: the `auto` guard, in accuracy points on the criterion data.
     fit_tolerance: the `auto` guard on the remaining points' training loss and the
         held-out loss, as a relative rise.
+    precision: the dtype of derivatives: float64, float32, or auto (float32 for a CNN).
     """
 
     eta: float | str = "auto"
@@ -40,6 +41,7 @@ class RemovalOptions:
     lambda_cap: float = 1.0
     max_accuracy_drop: float = 1.0
     fit_tolerance: float = 0.1
+    precision: str = "auto"
     seed: int = 0
     cache: Path | None = None
 

@@ -1,0 +1,262 @@
+"""`puma remove` through the command line: methods, chaining, cache, and every refusal."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, assert_clean_error, run, run_json
+
+KEYS = {
+    "method",
+    "removed",
+    "seconds",
+    "output",
+    "eta",
+    "predicted_criterion_change",
+    "criterion_before",
+    "criterion_after",
+}
+
+
+@pytest.fixture()
+def workspace(data_dir: Path, model_file: Path, tmp_path: Path) -> Path:
+    """A copy of the model (so caches and outputs land in tmp_path) and a k-means marking."""
+    shutil.copy(model_file, tmp_path / "m.safetensors")
+    run_json("mark", data_dir / "radial.csv", "--class", "1", "-o", tmp_path / "ids.txt")
+    return tmp_path
+
+
+@pytest.mark.parametrize("method", ["puma", "influence", "retrain"])
+def test_each_method_removes_and_records_provenance(workspace: Path, method: str) -> None:
+    out = run_json(
+        "remove",
+        "--model",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "--method",
+        method,
+        "--device",
+        "cpu",
+    )
+    assert set(out) >= KEYS
+    assert out["method"] == method and out["removed"] > 0
+    written = workspace / "m.removed.safetensors"
+    assert Path(out["output"]) == written and written.exists()
+    info = run_json("info", written)
+    entry = info["provenance"][-1]
+    assert entry["op"] == "remove" and entry["method"] == method
+    assert entry["removed"] == out["removed"] and len(entry["ids_sha256"]) == 64
+    ids = [i for i in (workspace / "ids.txt").read_text().split() if not i.startswith("#")]
+    assert not any(f'"{i}"' in str(entry) for i in ids[:3])  # never the raw ids
+    assert info["rows"]["removed"] == out["removed"] + out["skipped"]["validation"]
+    if method != "retrain":
+        assert out["marked_loss_after"] > out["marked_loss_before"]
+        assert np.isfinite(out["predicted_criterion_change"])
+
+
+def test_puma_holds_the_criterion_better_than_influence(workspace: Path) -> None:
+    common = [
+        "--model",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "--eta",
+        "4",
+    ]
+    puma = run_json("remove", *common, "-o", workspace / "p.safetensors")
+    influence = run_json(
+        "remove", *common, "--method", "influence", "-o", workspace / "i.safetensors"
+    )
+    # PUMA's reweighting cancels the first-order change of C (up to the solver's tolerance).
+    assert abs(influence["predicted_criterion_change"]) > 100 * abs(
+        puma["predicted_criterion_change"]
+    )
+    assert puma["parameters"]["upweighted"] > 0 and influence["parameters"]["upweighted"] == 0
+
+
+def test_second_request_uses_the_cache_and_no_cache_writes_none(workspace: Path) -> None:
+    first = run_json(
+        "remove",
+        "-m",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "-o",
+        workspace / "a.safetensors",
+    )
+    assert not first["cached"] and (workspace / "m.influence.safetensors").exists()
+    second = run_json(
+        "remove",
+        "-m",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "-o",
+        workspace / "b.safetensors",
+    )
+    assert second["cached"]
+    a, b = (run_json("eval", "-m", workspace / f"{x}.safetensors", "--on", "test") for x in "ab")
+    assert a == {**b, "model": a["model"]}
+    (workspace / "m.influence.safetensors").write_bytes(b"garbage")  # damaged: rebuilt, not fatal
+    third = run_json(
+        "remove",
+        "-m",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "-o",
+        workspace / "c.safetensors",
+        "--no-cache",
+    )
+    assert not third["cached"]
+    assert (workspace / "m.influence.safetensors").read_bytes() == b"garbage"
+
+
+def test_a_second_removal_works_on_what_remains(workspace: Path, data_dir: Path) -> None:
+    first = run_json("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt")
+    result = run(
+        "remove", "-m", workspace / "m.removed.safetensors", "--marked", workspace / "ids.txt"
+    )
+    assert_clean_error(result, "removed earlier")
+    run_json("mark", data_dir / "radial.csv", "--class", "0", "-o", workspace / "more.txt")
+    second = run_json(
+        "remove", "-m", workspace / "m.removed.safetensors", "--marked", workspace / "more.txt"
+    )
+    info = run_json("info", second["output"])
+    assert [p["method"] for p in info["provenance"]] == ["puma", "puma"]
+    assert info["rows"]["removed"] >= first["removed"] + second["removed"]
+
+
+@pytest.mark.parametrize("solver", ["exact", "lissa"])
+def test_other_solvers_agree_with_cg(workspace: Path, solver: str) -> None:
+    common = [
+        "-m",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "--eta",
+        "1",
+        "--no-cache",
+        "--method",
+        "influence",
+    ]
+    cg = run_json("remove", *common, "-o", workspace / "cg.safetensors")
+    other = run_json("remove", *common, "--solver", solver, "-o", workspace / "o.safetensors")
+    assert other["parameters"]["solver"] == solver
+    change_cg, change = cg["predicted_criterion_change"], other["predicted_criterion_change"]
+    assert change == pytest.approx(change_cg, rel=0.05, abs=1e-7)
+
+
+def test_total_marking_is_refused(data_dir: Path, workspace: Path) -> None:
+    ids = [line.split(",")[0] for line in (data_dir / "radial.csv").read_text().splitlines()[1:]]
+    (workspace / "all.txt").write_text("\n".join(ids) + "\n")
+    result = run("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "all.txt")
+    assert_clean_error(result, "marks every one of the")
+    assert not (workspace / "m.removed.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("ghost\n", "1 id(s) are not in"), ("# none\n", "names no ids")],
+)
+def test_bad_ids_files(workspace: Path, content: str, message: str) -> None:
+    (workspace / "bad.txt").write_text(content)
+    result = run("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "bad.txt")
+    assert_clean_error(result, message)
+    assert not (workspace / "m.removed.safetensors").exists()
+
+
+def test_no_held_out_data_is_a_clear_error(data_dir: Path, workspace: Path) -> None:
+    run_json(
+        "train",
+        data_dir / "radial.csv",
+        "-o",
+        workspace / "nv.safetensors",
+        "--val-frac",
+        "0",
+        *FAST,
+    )
+    result = run("remove", "-m", workspace / "nv.safetensors", "--marked", workspace / "ids.txt")
+    assert_clean_error(result, "pass --criterion-data FILE")
+    out = run_json(
+        "remove",
+        "-m",
+        workspace / "nv.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "--criterion-data",
+        data_dir / "radial-test.csv",
+    )
+    assert out["removed"] > 0
+
+
+def test_changed_training_data_is_refused(data_dir: Path, workspace: Path) -> None:
+    shutil.copy(data_dir / "radial.csv", workspace / "d.csv")
+    run_json("train", workspace / "d.csv", "-o", workspace / "d.safetensors", *FAST)
+    with open(workspace / "d.csv", "a") as handle:
+        handle.write("1000,0.5,0.5,1\n")
+    result = run("remove", "-m", workspace / "d.safetensors", "--marked", workspace / "ids.txt")
+    assert_clean_error(result, "has changed since")
+
+
+def test_existing_output_and_bad_model(workspace: Path) -> None:
+    (workspace / "m.removed.safetensors").write_text("keep")
+    result = run("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt")
+    assert_clean_error(result, "already exists")
+    assert (workspace / "m.removed.safetensors").read_text() == "keep"
+    (workspace / "cut.safetensors").write_bytes((workspace / "m.safetensors").read_bytes()[:100])
+    assert_clean_error(
+        run("remove", "-m", workspace / "cut.safetensors", "--marked", workspace / "ids.txt"),
+        "truncated or damaged",
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--eta", "-1"],
+        ["--eta", "fast"],
+        ["--method", "magic"],
+        ["--solver", "newton"],
+        ["--lambda-cap", "0"],
+    ],
+)
+def test_usage_errors_exit_2(workspace: Path, args: list[str]) -> None:
+    result = run(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt", *args
+    )
+    assert result.exit_code == 2, result.output
+
+
+def test_a_patch_with_nan_is_never_written(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from puma_cli.influence import Solve
+    from puma_cli.unlearn import puma as puma_module
+
+    real = puma_module.solve
+
+    def poisoned(engine, b, *args, **kwargs):  # type: ignore[no-untyped-def]
+        solved = real(engine, b, *args, **kwargs)
+        return Solve(torch.full_like(solved.x, float("nan")), solved.damping, 1, 0.0)
+
+    monkeypatch.setattr(puma_module, "solve", poisoned)
+    result = run(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt", "--no-cache"
+    )
+    assert_clean_error(result, "NaN")
+    assert not (workspace / "m.removed.safetensors").exists()
+
+
+def test_inputs_are_untouched_by_remove(workspace: Path, data_dir: Path) -> None:
+    before = {
+        p: p.read_bytes()
+        for p in (workspace / "m.safetensors", workspace / "ids.txt", data_dir / "radial.csv")
+    }
+    run_json("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt")
+    assert {p: p.read_bytes() for p in before} == before
