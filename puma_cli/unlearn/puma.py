@@ -200,8 +200,8 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     if interpolated:
         warnings.append(
             f"{interpolated} of {int(marked_in_trained.sum())} marked points are fit to a loss "
-            f"below {INTERPOLATED_LOSS:g}: their gradients are ~0, so first-order removal barely moves "
-            "the model on them and a retrained model may still differ there; "
+            f"below {INTERPOLATED_LOSS:g}: their gradients are ~0, so first-order removal "
+            "barely moves the model on them and a retrained model may still differ there; "
             "use --method retrain where that matters"
         )
     return RemovalResult(
