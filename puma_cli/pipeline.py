@@ -403,29 +403,8 @@ def remove(
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")
     ids = read_ids(marked)
-    if not ids:
-        raise DataError(f"{marked} names no ids; give at least one id to remove")
-    rows = rows_for_ids(dataset, ids, marked)
-    roles = checkpoint.roles
-    trained_marked = rows[roles[rows] == ckpt.ROLE_TRAINED]
-    val_marked = rows[roles[rows] == ckpt.ROLE_VALIDATION]
-    skipped = {
-        "already_removed": int((roles[rows] == ckpt.ROLE_REMOVED).sum()),
-        "validation": val_marked.size,
-    }
-    if trained_marked.size == 0:
-        raise PumaError(
-            f"none of the {len(ids)} ids in {marked} is trained on by {model} "
-            f"({skipped['already_removed']} removed earlier, {val_marked.size} validation rows); "
-            "nothing to remove"
-        )
-    remaining = int((roles == ckpt.ROLE_TRAINED).sum()) - trained_marked.size
-    if remaining == 0:
-        raise PumaError(
-            f"{marked} marks every one of the {trained_marked.size} rows {model} is trained on; "
-            "nothing would remain: mark fewer points"
-        )
-    new_roles = roles.copy()
+    rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
+    new_roles = checkpoint.roles.copy()
     new_roles[rows] = ckpt.ROLE_REMOVED
     criterion = _criterion_set(checkpoint, dataset, new_roles, criterion_data)
     test_set = _recorded_or_none(checkpoint, "test")
@@ -436,10 +415,10 @@ def remove(
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress
     )
-    before = {
-        name: evaluate(checkpoint.model, part)
-        for name, part in (("criterion", criterion), ("marked", marked_set))
-    }
+    before_c, before_m = (
+        evaluate(checkpoint.model, criterion),
+        evaluate(checkpoint.model, marked_set),
+    )
     test_before = evaluate(checkpoint.model, test_set).accuracy if test_set is not None else None
     started = time.perf_counter()
     result = run(request)
@@ -462,46 +441,22 @@ def remove(
         eta=result.eta,
         eta_scale=result.parameters.get("eta_scale"),
         predicted_criterion_change=result.predicted_criterion_change,
-        criterion_before=before["criterion"].loss,
+        criterion_before=before_c.loss,
         criterion_after=after_c.loss,
-        criterion_accuracy_before=before["criterion"].accuracy,
+        criterion_accuracy_before=before_c.accuracy,
         criterion_accuracy_after=after_c.accuracy,
         test_accuracy_before=test_before,
         test_accuracy_after=test_after,
-        marked_loss_before=before["marked"].loss,
+        marked_loss_before=before_m.loss,
         marked_loss_after=after_m.loss,
-        marked_accuracy_before=before["marked"].accuracy,
+        marked_accuracy_before=before_m.accuracy,
         marked_accuracy_after=after_m.accuracy,
         cached=result.cached,
         parameters=result.parameters,
         warnings=warnings,
         skipped=skipped,
     )
-    entry = {
-        "op": "remove",
-        "method": result.method,
-        "parameters": result.parameters,
-        "removed": int(trained_marked.size),
-        "ids_count": len(ids),
-        "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 4),
-        "metrics": {
-            k: getattr(report, k)
-            for k in (
-                "predicted_criterion_change",
-                "criterion_before",
-                "criterion_after",
-                "criterion_accuracy_before",
-                "criterion_accuracy_after",
-                "test_accuracy_before",
-                "test_accuracy_after",
-                "marked_loss_before",
-                "marked_loss_after",
-            )
-        },
-        "warnings": warnings,
-    }
+    entry = _provenance_entry(report, ids)
     new = replace(
         checkpoint,
         model=result.model,
@@ -510,6 +465,65 @@ def remove(
     )
     ckpt.save_checkpoint(output, new, overwrite)
     return report
+
+
+def _marked_rows(
+    checkpoint: ckpt.Checkpoint, dataset: Dataset, ids: list[str], marked: Path
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(all marked rows, those trained on now, counts of the others by why they are skipped).
+
+    Marked validation rows are dropped from the criterion too; rows removed earlier stay so.
+    """
+    if not ids:
+        raise DataError(f"{marked} names no ids; give at least one id to remove")
+    rows = rows_for_ids(dataset, ids, marked)
+    roles = checkpoint.roles[rows]
+    trained = rows[roles == ckpt.ROLE_TRAINED]
+    skipped = {
+        "already_removed": int((roles == ckpt.ROLE_REMOVED).sum()),
+        "validation": int((roles == ckpt.ROLE_VALIDATION).sum()),
+    }
+    if trained.size == 0:
+        raise PumaError(
+            f"none of the {len(ids)} ids in {marked} is trained on by {checkpoint.path} "
+            f"({skipped['already_removed']} removed earlier, {skipped['validation']} validation "
+            "rows); nothing to remove"
+        )
+    if int((checkpoint.roles == ckpt.ROLE_TRAINED).sum()) == trained.size:
+        raise PumaError(
+            f"{marked} marks every one of the {trained.size} rows {checkpoint.path} is trained "
+            "on; nothing would remain: mark fewer points"
+        )
+    return rows, trained, skipped
+
+
+_RECORDED_METRICS = (
+    "predicted_criterion_change",
+    "criterion_before",
+    "criterion_after",
+    "criterion_accuracy_before",
+    "criterion_accuracy_after",
+    "test_accuracy_before",
+    "test_accuracy_after",
+    "marked_loss_before",
+    "marked_loss_after",
+)
+
+
+def _provenance_entry(report: RemoveReport, ids: list[str]) -> dict[str, Any]:
+    """What the checkpoint keeps of a removal: never the ids, only their count and sha256."""
+    return {
+        "op": "remove",
+        "method": report.method,
+        "parameters": report.parameters,
+        "removed": report.removed,
+        "ids_count": len(ids),
+        "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(report.seconds, 4),
+        "metrics": {key: getattr(report, key) for key in _RECORDED_METRICS},
+        "warnings": report.warnings,
+    }
 
 
 def _criterion_set(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on shipped data, every step reading and writing files:
-# make-data -> train -> mark -> eval (remove and attack join as they land).
+# make-data -> train -> mark -> remove -> eval (attack joins when it lands).
 set -euo pipefail
 out=demo-out
 mkdir -p "$out"
@@ -10,12 +10,18 @@ step puma make-data radial -o "$out/radial.csv" --test-frac 0.2 --seed 0 --overw
 step puma train "$out/radial.csv" --test "$out/radial-test.csv" -o "$out/radial.safetensors" --overwrite
 step puma mark "$out/radial.csv" --class 1 --clusters 8 -o "$out/marked.txt" --overwrite
 step puma eval --model "$out/radial.safetensors" --data "$out/radial.csv" --ids "$out/marked.txt"
-step puma eval --model "$out/radial.safetensors"
+step puma remove --model "$out/radial.safetensors" --marked "$out/marked.txt" --overwrite
+step puma remove --model "$out/radial.safetensors" --marked "$out/marked.txt" --method retrain \
+    -o "$out/radial.retrained.safetensors" --overwrite
+step puma eval --model "$out/radial.removed.safetensors" --data "$out/radial.csv" --ids "$out/marked.txt"
+step puma eval --model "$out/radial.retrained.safetensors" --data "$out/radial.csv" --ids "$out/marked.txt"
+step puma eval --model "$out/radial.removed.safetensors"
 
 step puma train sample_data/german-credit-train.csv --test sample_data/german-credit-test.csv \
     -o "$out/german.safetensors" --overwrite
 step puma mark sample_data/german-credit-train.csv --all-classes -o "$out/german-marked.txt" --overwrite
 step puma eval --model "$out/german.safetensors" --data sample_data/german-credit-train.csv \
     --ids "$out/german-marked.txt" --json
-step puma info "$out/german.safetensors"
+step puma remove --model "$out/german.safetensors" --marked "$out/german-marked.txt" --overwrite
+step puma info "$out/german.removed.safetensors"
 printf '\nDemo outputs are in %s/\n' "$out"

@@ -394,3 +394,14 @@ def test_json_output_is_one_object_and_nothing_else(model_file: Path) -> None:
     assert result.exit_code == 0
     assert len(result.stdout.strip().splitlines()) == 1
     assert json.loads(result.stdout)["n"] == 40
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "puma_cli", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert "make-data" in result.stdout and "remove" in result.stdout

@@ -260,3 +260,39 @@ def test_inputs_are_untouched_by_remove(workspace: Path, data_dir: Path) -> None
     }
     run_json("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt")
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_upweight_sample_limits_the_reweighted_points(workspace: Path) -> None:
+    out = run_json(
+        "remove",
+        "-m",
+        workspace / "m.safetensors",
+        "--marked",
+        workspace / "ids.txt",
+        "--upweight-sample",
+        "10",
+        "--eta",
+        "1",
+    )
+    assert 0 < out["parameters"]["upweighted"] <= 10
+
+
+def test_a_validation_file_recorded_at_training_is_the_criterion(
+    data_dir: Path, workspace: Path
+) -> None:
+    run_json("make-data", "radial", "-o", workspace / "v.csv", "--n", "60", "--seed", "9")
+    run_json(
+        "train",
+        data_dir / "radial.csv",
+        "--val",
+        workspace / "v.csv",
+        "-o",
+        workspace / "mv.safetensors",
+        *FAST,
+    )
+    info = run_json("info", workspace / "mv.safetensors")
+    assert info["data"]["val"]["n"] == 60 and info["rows"]["validation"] == 0
+    assert run_json("eval", "-m", workspace / "mv.safetensors", "--on", "val")["n"] == 60
+    out = run_json("remove", "-m", workspace / "mv.safetensors", "--marked", workspace / "ids.txt")
+    assert out["skipped"]["validation"] == 0
+    assert out["criterion_before"] == pytest.approx(info["metrics"]["val"]["loss"], abs=1e-5)

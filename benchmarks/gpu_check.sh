@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The --device cuda paths on a machine with an NVIDIA GPU: the test suite, then the
+# main chain on the GPU, with removal timed against retraining in the same run.
+# Usage: bash benchmarks/gpu_check.sh OUTDIR   (needs torch with CUDA, typer, rich, ...)
+set -uo pipefail
+out=${1:-gpu-check-out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+puma() { python3 -m puma_cli "$@"; }
+python3 -c "import torch, typer, sklearn, safetensors; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)"
+python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
+set -e
+puma make-data radial -o "$out/r.csv" --test-frac 0.2 --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r.safetensors" --device cuda --json
+puma mark "$out/r.csv" --class 1 -o "$out/ids.txt" --json
+for method in puma influence retrain; do
+  puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method "$method" -o "$out/r-$method.safetensors" --device cuda --json
+done
+puma eval -m "$out/r-puma.safetensors" --device cuda --json
+puma eval -m "$out/r-puma.safetensors" --device cpu --json
+puma train sample_data/digits-train.npz --arch cnn --test sample_data/digits-test.npz -o "$out/d.safetensors" --device cuda --json
+puma mark sample_data/digits-train.npz --all-classes -o "$out/d-ids.txt" --json
+for method in puma puma retrain; do
+  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --method "$method" -o "$out/d-$method.safetensors" --device cuda --json --overwrite
+done
