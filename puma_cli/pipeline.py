@@ -18,6 +18,7 @@ import torch
 
 from puma_cli import checkpoint as ckpt
 from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.criterion import cache_path_for
 from puma_cli.data import Dataset, load_dataset, read_ids, rows_for_ids, save_dataset, split_rows
 from puma_cli.data import write_ids as write_ids_file
 from puma_cli.errors import DataError, PumaError
@@ -26,7 +27,6 @@ from puma_cli.marking import all_classes_marking, check_marking, kmeans_marking,
 from puma_cli.synthetic import flip_labels, make_synthetic
 from puma_cli.train import Progress, TrainRecipe, train_classifier
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
-from puma_cli.unlearn.puma import cache_path_for
 
 # --- make-data ---------------------------------------------------------------------------
 

@@ -14,19 +14,13 @@ lambda = 0: it removes the marked points and lets the criterion drift.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from puma_cli.atomic import sha256_file
+from puma_cli.criterion import SolverSettings, criterion_direction, training_engine
 from puma_cli.errors import PumaError
-from puma_cli.influence import InfluenceModel, largest_eigenvalue, solve
+from puma_cli.influence import InfluenceModel, solve
 from puma_cli.models import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
@@ -76,74 +70,6 @@ def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, fl
     return lam, float(psi @ lam - target)
 
 
-@dataclass
-class _Spectrum:
-    v: torch.Tensor
-    lambda_max: float
-    damping: float
-    cached: bool
-
-
-def _cache_key(request: RemovalRequest) -> dict[str, str]:
-    assert request.checkpoint.path is not None
-    return {
-        "checkpoint_sha256": sha256_file(request.checkpoint.path),
-        "criterion_sha256": request.criterion.sha256 or "",
-        "criterion_rows": str(len(request.criterion)),
-        "solver": request.options.solver,
-        "damping": repr(request.options.damping),
-        "precision": request.options.precision,
-    }
-
-
-def _spectrum(request: RemovalRequest, engine: InfluenceModel, grad_c: torch.Tensor) -> _Spectrum:
-    """v = H^-1 grad C with its damping, from the cache beside the checkpoint when it fits."""
-    cache = request.options.cache
-    key = _cache_key(request) if cache is not None else {}
-    if cache is not None and cache.exists():
-        try:
-            tensors = load_file(str(cache))
-            with open(cache, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                meta = json.loads(handle.read(size)).get("__metadata__", {})
-            if (
-                all(meta.get(k) == v for k, v in key.items())
-                and tensors["v"].numel() == engine.n_parameters
-            ):
-                return _Spectrum(
-                    tensors["v"].to(engine.device),
-                    float(meta["lambda_max"]),
-                    float(meta["damping_used"]),
-                    True,
-                )
-        except (SafetensorError, OSError, ValueError, KeyError):
-            pass  # a stale or damaged cache is rebuilt below
-    top = largest_eigenvalue(
-        engine.hvp, engine.n_parameters, engine.theta, seed=request.options.seed
-    )
-    solved = solve(engine, grad_c, request.options.solver, request.options.damping, top)
-    if cache is not None:
-        meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        try:
-            save_file({"v": solved.x.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-            tmp.replace(cache)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a cache that cannot be written is only a slower next run
-    return _Spectrum(solved.x, top, solved.damping, False)
-
-
-def _precision(request: RemovalRequest) -> torch.dtype:
-    """float64 unless asked otherwise; `auto` takes float32 for convolutional nets, whose
-    float64 convolutions are several times slower on a CPU."""
-    precision = request.options.precision
-    if precision == "auto":
-        precision = "float32" if request.checkpoint.arch.name == "cnn" else "float64"
-    if precision not in ("float32", "float64"):
-        raise PumaError(f"--precision {precision!r}: choose auto, float32 or float64")
-    return torch.float32 if precision == "float32" else torch.float64
-
-
 def _criterion_figures(
     model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor
 ) -> tuple[float, float]:
@@ -153,23 +79,18 @@ def _criterion_figures(
 
 
 def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
-    torch.set_flush_denormal(True)
     options = request.options
     trained = request.trained_rows
     marked_in_trained = np.isin(trained, request.marked)
-    data = request.dataset.subset(trained)
-    engine = InfluenceModel(
-        request.checkpoint.model,
-        data.X,
-        data.y,
-        float(request.checkpoint.recipe.get("weight_decay", 0.0)),
-        dtype=_precision(request),
-    )
+    engine = training_engine(request.checkpoint, request.dataset, trained, options.precision)
     n = engine.n
     Xc = torch.as_tensor(request.criterion.X, dtype=torch.float64, device=engine.device)
     yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
-    grad_c = engine.gradient_on(Xc, yc)
-    spectrum = _spectrum(request, engine, grad_c)
+    settings = SolverSettings(options.solver, options.damping, options.precision, options.seed)
+    spectrum = criterion_direction(
+        engine, request.checkpoint, request.criterion, settings, options.cache
+    )
+    grad_c = spectrum.grad_c
     psi = engine.directional_derivatives(spectrum.v).cpu().numpy()
     target = float(psi[marked_in_trained].sum())
     weights = np.zeros(n)
@@ -295,8 +216,3 @@ def _choose_scale(
 def _as_classifier(template: Classifier, module: torch.nn.Module) -> Classifier:
     assert isinstance(module, Classifier)
     return module.to(next(template.parameters()).device).eval()
-
-
-def cache_path_for(checkpoint: Path) -> Path:
-    """m.safetensors -> m.influence.safetensors (v = H^-1 grad C and its damping)."""
-    return checkpoint.with_name(f"{checkpoint.stem}.influence.safetensors")
