@@ -11,8 +11,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from puma_cli import console, pipeline
+from puma_cli import console, pipeline, pipeline_labels
 from puma_cli.config import load_config
+from puma_cli.criterion import SolverSettings
 from puma_cli.devices import resolve_device
 from puma_cli.errors import PumaError
 from puma_cli.synthetic import KINDS
@@ -28,7 +29,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = ("make-data", "train", "mark", "remove", "eval", "info")
+COMMANDS = ("make-data", "train", "mark", "remove", "debug-labels", "eval", "info")
 
 
 def domain_errors(fn: F) -> F:
@@ -349,6 +350,80 @@ def remove(
         console.warn(warning)
     payload.pop("parameters")
     _render(False, payload, f"removed {report.removed} points with {report.method}")
+
+
+class Score(str, enum.Enum):
+    puma = "puma"
+    ntk = "ntk"
+    self_influence = "self-influence"
+
+
+@app.command("debug-labels")
+@domain_errors
+def debug_labels(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint whose data to review.")],
+    k: Annotated[int, typer.Option("-k", help="Suspects to list (0: every row).")] = 50,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="CSV of the ranked suspects.")
+    ] = None,
+    score: Annotated[
+        Score, typer.Option("--score", help="puma, ntk or self-influence.")
+    ] = Score.puma,
+    truth: Annotated[
+        Path | None, typer.Option("--truth", help="Ids known to be mislabelled: report recall.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG: flipped labels found vs data reviewed.")
+    ] = None,
+    confidence_filter: Annotated[
+        bool,
+        typer.Option(
+            "--confidence-filter/--no-confidence-filter",
+            help="Move near-boundary points behind the others (Algorithm 2).",
+        ),
+    ] = True,
+    agreeing: Annotated[
+        bool,
+        typer.Option(
+            "--agreeing-criterion/--full-criterion",
+            help="Take C over the criterion points whose label the model predicts (robust "
+            "to noise there), or over all of them.",
+        ),
+    ] = True,
+    damping: Annotated[float, typer.Option("--damping")] = 0.01,
+    solver: Annotated[Solver, typer.Option("--solver")] = Solver.cg,
+    criterion_data: Annotated[Path | None, typer.Option("--criterion-data")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Rank training points by how much they hurt held-out loss: mislabel suspects first."""
+    report = pipeline_labels.debug_labels(
+        model,
+        k=k,
+        output=output,
+        score=score.value,
+        truth=truth,
+        plot=plot,
+        confidence_filter=confidence_filter,
+        settings=SolverSettings(solver.value, damping, "auto", seed),
+        criterion_data=criterion_data,
+        use_cache=not no_cache,
+        agreeing_criterion=agreeing,
+        device=resolve_device(device),
+        overwrite=overwrite,
+    )
+    payload = asdict(report)
+    if as_json:
+        console.emit_json(payload)
+        return
+    shown = ", ".join(report.suspects[:10]) + (" ..." if len(report.suspects) > 10 else "")
+    payload["suspects"] = f"{len(report.suspects)} of {report.n}: {shown}"
+    payload.update(payload.pop("truth"))
+    _render(False, payload, f"label review of {model} ({report.score})")
 
 
 @app.command("eval")

@@ -406,7 +406,7 @@ def remove(
     rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
     new_roles = checkpoint.roles.copy()
     new_roles[rows] = ckpt.ROLE_REMOVED
-    criterion = _criterion_set(checkpoint, dataset, new_roles, criterion_data)
+    criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data)
     test_set = _recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
     options = options or RemovalOptions()
@@ -526,7 +526,7 @@ def _provenance_entry(report: RemoveReport, ids: list[str]) -> dict[str, Any]:
     }
 
 
-def _criterion_set(
+def criterion_set(
     checkpoint: ckpt.Checkpoint, dataset: Dataset, roles: np.ndarray, criterion_data: Path | None
 ) -> Dataset:
     """Held-out data for C: --criterion-data, else the recorded validation file or rows."""

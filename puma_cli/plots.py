@@ -1,0 +1,46 @@
+"""matplotlib figures, imported lazily (matplotlib is the optional `plots` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from puma_cli.errors import PumaError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PumaError(
+            "--plot needs matplotlib: pip install 'puma-cli[plots]' (or matplotlib)"
+        ) from exc
+    return plt
+
+
+def save_found_curve(
+    path: Path, fractions: np.ndarray, curves: dict[str, np.ndarray], base_rate: float
+) -> None:
+    """Share of flipped labels found against share of data reviewed (the paper's Figure 4)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 4))
+    for name, found in curves.items():
+        axes.plot(100 * fractions, 100 * found, label=name)
+    axes.plot(
+        100 * fractions,
+        100 * np.minimum(fractions / max(base_rate, 1e-12), 1),
+        "k:",
+        label="perfect",
+    )
+    axes.plot(100 * fractions, 100 * fractions, "k--", alpha=0.4, label="random")
+    axes.set_xlabel("data reviewed (%)")
+    axes.set_ylabel("flipped labels found (%)")
+    axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)
