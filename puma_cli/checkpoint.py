@@ -92,16 +92,22 @@ class Checkpoint:
         }
 
 
-def save_checkpoint(path: Path, checkpoint: Checkpoint, overwrite: bool = False) -> None:
-    """Write atomically. The bytes depend only on the checkpoint's content."""
+def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
+    """The safetensors file's bytes, which depend only on the checkpoint's content."""
     state = {
         f"model.{k}": v.detach().cpu().contiguous()
         for k, v in checkpoint.model.state_dict().items()
     }
     state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
-    meta = checkpoint.metadata()
-    strings = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
-    blob = _canonical(save_safetensors(state, metadata=strings))
+    strings = {
+        key: json.dumps(value, sort_keys=True) for key, value in checkpoint.metadata().items()
+    }
+    return _canonical(save_safetensors(state, metadata=strings))
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint, overwrite: bool = False) -> None:
+    """Write atomically."""
+    blob = checkpoint_bytes(checkpoint)
 
     def write(tmp: Path) -> None:
         tmp.write_bytes(blob)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from puma_cli import console, pipeline, pipeline_labels
+from puma_cli import console, pipeline, pipeline_calibrate, pipeline_labels
 from puma_cli.config import load_config
 from puma_cli.criterion import SolverSettings
 from puma_cli.devices import resolve_device
@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = ("make-data", "train", "mark", "remove", "debug-labels", "eval", "info")
+COMMANDS = ("make-data", "train", "mark", "remove", "debug-labels", "calibrate", "eval", "info")
 
 
 def domain_errors(fn: F) -> F:
@@ -424,6 +424,51 @@ def debug_labels(
     payload["suspects"] = f"{len(report.suspects)} of {report.n}: {shown}"
     payload.update(payload.pop("truth"))
     _render(False, payload, f"label review of {model} ({report.score})")
+
+
+@app.command()
+@domain_errors
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to recalibrate.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Default: <stem>.calibrated.safetensors.")
+    ] = None,
+    bins: Annotated[int, typer.Option("--bins", help="ECE bins.")] = 15,
+    k: Annotated[
+        int | None, typer.Option("-k", help="Rows Algorithm 3 looks at (default: 10 %).")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option("--max-accuracy-drop", help="In accuracy points; else nothing is written."),
+    ] = 0.5,
+    lambda_cap: Annotated[float, typer.Option("--lambda-cap")] = 1.0,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG: reliability diagrams before and after.")
+    ] = None,
+    damping: Annotated[float, typer.Option("--damping")] = 0.01,
+    solver: Annotated[Solver, typer.Option("--solver")] = Solver.cg,
+    criterion_data: Annotated[Path | None, typer.Option("--criterion-data")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Lower a model's calibration error with a PUMA patch (Algorithm 3), keeping accuracy."""
+    report = pipeline_calibrate.calibrate(
+        model,
+        output,
+        bins=bins,
+        k=k,
+        max_accuracy_drop=max_accuracy_drop,
+        lambda_cap=lambda_cap,
+        plot=plot,
+        settings=SolverSettings(solver.value, damping, "auto", seed),
+        criterion_data=criterion_data,
+        device=resolve_device(device),
+        overwrite=overwrite,
+    )
+    _render(as_json, asdict(report), f"calibrated {model} -> {report.output}")
 
 
 @app.command("eval")

@@ -91,10 +91,13 @@ class InfluenceModel:
             )
         }
 
+    def logits(self, flat: Tensor, X: Tensor) -> Tensor:
+        """(n, K) logits at parameters `flat`."""
+        return functional_call(self.module, (self.params(flat), self.buffers), (X,))
+
     def losses(self, flat: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """Per-row cross-entropy (n,) at parameters `flat` (no L2 term)."""
-        logits = functional_call(self.module, (self.params(flat), self.buffers), (X,))
-        return F.cross_entropy(logits, y, reduction="none")
+        return F.cross_entropy(self.logits(flat, X), y, reduction="none")
 
     def _chunks(
         self, X: Tensor | None = None, y: Tensor | None = None
@@ -156,11 +159,15 @@ class InfluenceModel:
         parts = [per_row(self.theta, Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
         return torch.cat(parts).double()
 
-    def gradient_on(self, X: Tensor, y: Tensor) -> Tensor:
-        """Gradient of the mean loss on other data (the criterion C), (P,)."""
+    def gradient_on(
+        self, X: Tensor, y: Tensor, criterion: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """Gradient (P,) of a criterion on other data: criterion(logits, y) -> scalar,
+        the mean cross-entropy unless given."""
         theta = self._leaf()
-        loss = self.losses(theta, X.to(self.dtype), y).mean()
-        return torch.autograd.grad(loss, theta)[0].double()
+        logits = self.logits(theta, X.to(self.dtype))
+        value = criterion(logits, y) if criterion is not None else F.cross_entropy(logits, y)
+        return torch.autograd.grad(value, theta)[0].double()
 
     def patched_module(self, delta: Tensor) -> nn.Module:
         """A float32 copy of the module with theta + delta as its parameters."""

@@ -44,3 +44,43 @@ def save_found_curve(
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
     plt.close(figure)
+
+
+def save_reliability(
+    path: Path, probs: list[np.ndarray], labels: np.ndarray, bins: int, titles: tuple[str, ...]
+) -> None:
+    """Reliability diagrams side by side (the paper's Figure 10): accuracy per confidence bin."""
+    from puma_cli.calibration import expected_calibration_error, reliability_bins
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(probs), figsize=(4 * len(probs), 4), sharey=True)
+    for ax, p, title in zip(np.atleast_1d(axes), probs, titles, strict=True):
+        rel = reliability_bins(p, labels, bins)
+        width = 1.0 / bins
+        filled = rel.count > 0
+        ax.bar(
+            rel.edges[:-1][filled],
+            rel.accuracy[filled],
+            width=width,
+            align="edge",
+            edgecolor="black",
+            label="accuracy",
+        )
+        ax.bar(
+            rel.edges[:-1][filled],
+            (rel.confidence - rel.accuracy)[filled],
+            bottom=rel.accuracy[filled],
+            width=width,
+            align="edge",
+            color="red",
+            alpha=0.3,
+            label="gap",
+        )
+        ax.plot([0, 1], [0, 1], "k--")
+        ax.set_title(f"{title}: ECE {expected_calibration_error(p, labels, bins):.4f}")
+        ax.set_xlabel("confidence")
+        ax.legend(loc="upper left")
+    np.atleast_1d(axes)[0].set_ylabel("accuracy")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)

@@ -56,3 +56,36 @@ def model_file(data_dir: Path) -> Path:
     )
     assert result.exit_code == 0, result.output
     return path
+
+
+@pytest.fixture(scope="session")
+def noisy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """moons with 10 % of the training labels flipped, and a model trained on them."""
+    folder = tmp_path_factory.mktemp("noisy")
+    for args in (
+        [
+            "make-data",
+            "moons",
+            "-o",
+            folder / "d.csv",
+            "--n",
+            "500",
+            "--flip-labels",
+            "0.1",
+            "--seed",
+            "2",
+        ],
+        [
+            "train",
+            folder / "d.csv",
+            "-o",
+            folder / "m.safetensors",
+            "--epochs",
+            "60",
+            "--device",
+            "cpu",
+        ],
+    ):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+    return folder

@@ -12,35 +12,6 @@ from conftest import assert_clean_error, run, run_json
 from puma_cli.debugging import found_curve, rank_labels
 
 
-@pytest.fixture(scope="module")
-def noisy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """moons with 10 % of the training labels flipped, and a model trained on them."""
-    folder = tmp_path_factory.mktemp("noisy")
-    run_json(
-        "make-data",
-        "moons",
-        "-o",
-        folder / "d.csv",
-        "--n",
-        "500",
-        "--flip-labels",
-        "0.1",
-        "--seed",
-        "2",
-    )
-    run_json(
-        "train",
-        folder / "d.csv",
-        "-o",
-        folder / "m.safetensors",
-        "--epochs",
-        "60",
-        "--device",
-        "cpu",
-    )
-    return folder
-
-
 @pytest.mark.parametrize("score", ["puma", "ntk", "self-influence"])
 def test_planted_flips_are_enriched_at_the_top(noisy: Path, score: str) -> None:
     out = run_json(

@@ -1,0 +1,223 @@
+"""`calibrate` from files: Algorithm 3's categories, then a PUMA patch that lowers ECE.
+
+C_ece is a differentiable surrogate of ECE on the held-out data (calibration.soft_ece).
+psi_ece = v_ece . g_i ranks the training rows by how much their removal would lower it;
+Algorithm 3 splits the k lowest into over-confident, over-uncertain and other-noise.
+The patch removes over-confident and other-noise rows and upweights over-uncertain ones,
+with weights chosen on the cross-entropy criterion so that held-out loss, and with it
+accuracy, stays put to first order while ECE falls. The step size is the one among a few
+that gives the lowest binned ECE on the held-out data without costing accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from puma_cli import checkpoint as ckpt
+from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.calibration import calibration_categories, expected_calibration_error, soft_ece
+from puma_cli.criterion import SolverSettings, cache_path_for, criterion_direction, training_engine
+from puma_cli.data import Dataset
+from puma_cli.errors import PumaError
+from puma_cli.evaluation import predict_logits
+from puma_cli.influence import solve
+from puma_cli.models import Classifier
+from puma_cli.pipeline import criterion_set
+from puma_cli.unlearn.puma import reweight
+
+SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+@dataclass(frozen=True)
+class CalibrateReport:
+    output: Path
+    ece_before: float
+    ece_after: float
+    accuracy_before: float
+    accuracy_after: float
+    test_ece_before: float | None
+    test_ece_after: float | None
+    test_accuracy_before: float | None
+    test_accuracy_after: float | None
+    over_confident: int
+    over_uncertain: int
+    other_noise: int
+    eta_scale: float
+    predicted_ece_change: float
+    seconds: float
+    plot: Path | None
+
+
+def default_calibrated_path(model: Path) -> Path:
+    return model.with_name(f"{model.stem}.calibrated.safetensors")
+
+
+def _figures(model: torch.nn.Module, data: Dataset, bins: int) -> tuple[float, float]:
+    probs = torch.softmax(predict_logits(model, data.X).double(), 1).numpy()
+    ece = expected_calibration_error(probs, data.y, bins)
+    return ece, float((probs.argmax(1) == data.y).mean())
+
+
+def calibrate(
+    model: Path,
+    output: Path | None = None,
+    *,
+    bins: int = 15,
+    k: int | None = None,
+    max_accuracy_drop: float = 0.5,
+    lambda_cap: float = 1.0,
+    plot: Path | None = None,
+    settings: SolverSettings | None = None,
+    criterion_data: Path | None = None,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+) -> CalibrateReport:
+    """Patch `model` toward a lower held-out ECE; refuse if accuracy would fall too far."""
+    if bins < 1:
+        raise PumaError(f"--bins {bins}: give 1 or more")
+    output = output or default_calibrated_path(model)
+    outputs = [p for p in (output, plot) if p is not None]
+    check_writable(outputs, overwrite)
+    for path in outputs:
+        check_not_input(path, [model])
+    checkpoint = ckpt.load_checkpoint(model, device)
+    dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+    criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
+    test = ckpt.load_recorded_dataset(checkpoint, "test") if checkpoint.data.get("test") else None
+    settings = settings or SolverSettings()
+    started = time.perf_counter()
+    rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
+    engine = training_engine(checkpoint, dataset, rows, settings.precision)
+    ce = criterion_direction(engine, checkpoint, criterion, settings, cache_path_for(model))
+    Xc = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
+    yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
+    grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
+    v_ece = solve(engine, grad_ece, settings.solver, ce.damping, ce.lambda_max).x
+    psi_ece = engine.directional_derivatives(v_ece).cpu().numpy()
+    psi_ce = engine.directional_derivatives(ce.v).cpu().numpy()
+    probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
+    own = probs[np.arange(rows.size), dataset.y[rows]]
+    k = k if k is not None else max(1, rows.size // 10)
+    if not 0 < k <= rows.size:
+        raise PumaError(f"-k {k}: give a count between 1 and {rows.size}")
+    over_confident, over_uncertain, noise = calibration_categories(psi_ece, own, k)
+    marked = np.concatenate([over_confident, noise]).astype(np.int64)
+    if marked.size == 0:
+        raise PumaError(
+            "no training point is both harmful to calibration and not over-uncertain; "
+            "nothing to patch (nothing was written)"
+        )
+    weights = np.zeros(rows.size)
+    weights[marked] = 1.0
+    if over_uncertain.size:
+        lam, _ = reweight(psi_ce[over_uncertain], float(psi_ce[marked].sum()), lambda_cap)
+        weights[over_uncertain] = -lam
+    step = solve(
+        engine,
+        engine.weighted_gradient(torch.as_tensor(weights, device=engine.device)),
+        settings.solver,
+        ce.damping,
+        ce.lambda_max,
+    ).x
+    ece_before, accuracy_before = _figures(checkpoint.model, criterion, bins)
+    best: tuple[float, float, float, Classifier] | None = None
+    for scale in SCALES:
+        candidate = engine.patched_module((scale / rows.size) * step)
+        assert isinstance(candidate, Classifier)
+        ece, accuracy = _figures(candidate.eval(), criterion, bins)
+        if accuracy_before - accuracy > max_accuracy_drop / 100 + 1e-12:
+            continue
+        if best is None or ece < best[1]:
+            best = (scale, ece, accuracy, candidate)
+    if best is None or best[1] >= ece_before:
+        raise PumaError(
+            f"no step lowers held-out ECE ({ece_before:.4f}) without costing more than "
+            f"{max_accuracy_drop:g} accuracy points; nothing was written"
+        )
+    scale, ece_after, accuracy_after, patched = best
+    patched = patched.to(next(checkpoint.model.parameters()).device).eval()
+    if not all(torch.isfinite(p).all() for p in patched.parameters()):
+        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
+    test_before = _figures(checkpoint.model, test, bins) if test is not None else None
+    test_after = _figures(patched, test, bins) if test is not None else None
+    if (
+        test_before
+        and test_after
+        and test_before[1] - test_after[1] > max_accuracy_drop / 100 + 1e-12
+    ):
+        raise PumaError(
+            f"the patch lowers test accuracy by {100 * (test_before[1] - test_after[1]):.2f} "
+            f"points, more than --max-accuracy-drop {max_accuracy_drop:g}; nothing was written"
+        )
+    seconds = time.perf_counter() - started
+    report = CalibrateReport(
+        output=output,
+        ece_before=ece_before,
+        ece_after=ece_after,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+        test_ece_before=test_before[0] if test_before else None,
+        test_ece_after=test_after[0] if test_after else None,
+        test_accuracy_before=test_before[1] if test_before else None,
+        test_accuracy_after=test_after[1] if test_after else None,
+        over_confident=int(over_confident.size),
+        over_uncertain=int(over_uncertain.size),
+        other_noise=int(noise.size),
+        eta_scale=scale,
+        predicted_ece_change=float(grad_ece.dot(step)) * scale / rows.size,
+        seconds=seconds,
+        plot=plot,
+    )
+    entry = {
+        "op": "calibrate",
+        "method": "puma",
+        "parameters": {
+            "bins": bins,
+            "k": k,
+            "eta_scale": scale,
+            "lambda_cap": lambda_cap,
+            "surrogate": "soft-binned ECE",
+            "damping": ce.damping,
+        },
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 4),
+        "metrics": {
+            key: getattr(report, key)
+            for key in (
+                "ece_before",
+                "ece_after",
+                "accuracy_before",
+                "accuracy_after",
+                "test_ece_before",
+                "test_ece_after",
+                "test_accuracy_before",
+                "test_accuracy_after",
+                "over_confident",
+                "over_uncertain",
+                "other_noise",
+            )
+        },
+    }
+    new = replace(checkpoint, model=patched, provenance=[*checkpoint.provenance, entry])
+    blob = ckpt.checkpoint_bytes(new)
+    writers = {output: lambda tmp: tmp.write_bytes(blob)}
+    if plot is not None:
+        shown = test if test is not None else criterion
+        writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
+    write_atomically(writers, overwrite)
+    return report
+
+
+def _plot(
+    path: Path, before: torch.nn.Module, after: torch.nn.Module, data: Dataset, bins: int
+) -> None:
+    from puma_cli.plots import save_reliability
+
+    probs = [torch.softmax(predict_logits(m, data.X).double(), 1).numpy() for m in (before, after)]
+    save_reliability(path, probs, data.y, bins, ("before", "after"))
