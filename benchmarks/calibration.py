@@ -81,7 +81,6 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
         "val": predict_logits(checkpoint.model, val.X),
         "test": predict_logits(checkpoint.model, test.X),
     }
-    labels = {"val": val.y, "test": test.y}
     rows = []
 
     def row(
