@@ -23,3 +23,8 @@ puma mark sample_data/digits-train.npz --all-classes -o "$out/d-ids.txt" --json
 for method in puma puma retrain; do
   puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --method "$method" -o "$out/d-$method.safetensors" --device cuda --json --overwrite
 done
+puma make-data moons -o "$out/noisy.csv" --n 500 --flip-labels 0.1 --seed 2
+puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --device cuda --json
+puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --json
+puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --score self-influence --json
+puma calibrate -m "$out/noisy.safetensors" --device cuda --json

@@ -62,7 +62,6 @@ def training_engine(
     checkpoint: Checkpoint, dataset: Dataset, rows: np.ndarray, precision: str
 ) -> InfluenceModel:
     """The engine over the given rows of the training file, with the recipe's weight decay."""
-    torch.set_flush_denormal(True)
     data = dataset.subset(rows)
     return InfluenceModel(
         checkpoint.model,

@@ -26,7 +26,7 @@ from puma_cli.criterion import SolverSettings, cache_path_for, criterion_directi
 from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.evaluation import predict_logits
-from puma_cli.influence import solve
+from puma_cli.influence import flush_denormals, solve
 from puma_cli.models import Classifier
 from puma_cli.pipeline import criterion_set
 from puma_cli.unlearn.puma import reweight
@@ -64,6 +64,7 @@ def _figures(model: torch.nn.Module, data: Dataset, bins: int) -> tuple[float, f
     return ece, float((probs.argmax(1) == data.y).mean())
 
 
+@flush_denormals()
 def calibrate(
     model: Path,
     output: Path | None = None,

@@ -17,6 +17,7 @@ from puma_cli.data import Dataset, read_ids, rows_for_ids
 from puma_cli.debugging import LabelRanking, found_curve, rank_labels, suspicion_scores
 from puma_cli.errors import DataError, PumaError
 from puma_cli.evaluation import predict_logits
+from puma_cli.influence import flush_denormals
 from puma_cli.pipeline import criterion_set
 
 FRACTIONS = np.round(np.arange(1, 101) / 100, 2)
@@ -34,6 +35,7 @@ class DebugReport:
     truth: dict[str, float] = field(default_factory=dict)
 
 
+@flush_denormals()
 def debug_labels(
     model: Path,
     *,

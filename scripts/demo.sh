@@ -24,4 +24,11 @@ step puma eval --model "$out/german.safetensors" --data sample_data/german-credi
     --ids "$out/german-marked.txt" --json
 step puma remove --model "$out/german.safetensors" --marked "$out/german-marked.txt" --overwrite
 step puma info "$out/german.removed.safetensors"
+
+# The same engine on mislabelled data: 10 % of the labels flipped, then found and recalibrated.
+step puma make-data moons -o "$out/noisy.csv" --n 500 --flip-labels 0.1 --seed 2 --overwrite
+step puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --overwrite
+step puma debug-labels --model "$out/noisy.safetensors" -k 20 -o "$out/suspects.csv" \
+    --truth "$out/noisy-flipped.txt" --plot "$out/found.png" --overwrite
+step puma calibrate --model "$out/noisy.safetensors" --plot "$out/reliability.png" --overwrite
 printf '\nDemo outputs are in %s/\n' "$out"

@@ -173,3 +173,12 @@ def test_removal_on_a_convex_model_lands_near_the_retrained_one(
     if method == "puma":
         assert result.parameters["upweighted"] > 0
         assert abs(result.predicted_criterion_change or 0.0) < 1e-6
+
+
+def test_flush_denormals_is_scoped() -> None:
+    from puma_cli.influence import _flushing, flush_denormals
+
+    before = _flushing()
+    with flush_denormals():
+        assert _flushing()
+    assert _flushing() == before

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from puma_cli.criterion import SolverSettings, criterion_direction, training_engine
 from puma_cli.errors import PumaError
-from puma_cli.influence import InfluenceModel, solve
+from puma_cli.influence import InfluenceModel, flush_denormals, solve
 from puma_cli.models import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
@@ -78,6 +78,7 @@ def _criterion_figures(
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
+@flush_denormals()
 def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     options = request.options
     trained = request.trained_rows
