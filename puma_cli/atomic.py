@@ -41,6 +41,15 @@ def check_not_input(output: Path, inputs: list[Path]) -> None:
             raise PumaError(f"{output} is also an input; write the output to another path")
 
 
+def check_outputs(outputs: list[Path | None], inputs: list[Path | None], overwrite: bool) -> None:
+    """Before any work: every output (None: not asked for) may be written and is no input."""
+    wanted = [path for path in outputs if path is not None]
+    check_writable(wanted, overwrite)
+    given = [path for path in inputs if path is not None]
+    for path in wanted:
+        check_not_input(path, given)
+
+
 @contextmanager
 def _staged(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -261,6 +261,19 @@ class Solver(str, enum.Enum):
     exact = "exact"
 
 
+DampingOpt = Annotated[
+    float, typer.Option("--damping", help="mu as a share of the Hessian's largest eigenvalue.")
+]
+SolverOpt = Annotated[Solver, typer.Option("--solver", help="Inverse-HVP solver.")]
+CriterionDataOpt = Annotated[
+    Path | None,
+    typer.Option("--criterion-data", help="Held-out data for C (default: the validation split)."),
+]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the H^-1 grad C cache.")
+]
+
+
 def _eta(text: str) -> float | str:
     if text == "auto":
         return text
@@ -286,10 +299,8 @@ def remove(
         str,
         typer.Option("--eta", help="Step as a multiple of 1/N (1 = first-order exact), or auto."),
     ] = "auto",
-    damping: Annotated[
-        float, typer.Option("--damping", help="mu as a share of the Hessian's largest eigenvalue.")
-    ] = 0.01,
-    solver: Annotated[Solver, typer.Option("--solver", help="Inverse-HVP solver.")] = Solver.cg,
+    damping: DampingOpt = 0.01,
+    solver: SolverOpt = Solver.cg,
     upweight_sample: Annotated[
         int, typer.Option("--upweight-sample", help="Reweight this many random points (0: all).")
     ] = 0,
@@ -299,15 +310,8 @@ def remove(
     max_accuracy_drop: Annotated[
         float, typer.Option("--max-accuracy-drop", help="--eta auto's guard, in accuracy points.")
     ] = 1.0,
-    criterion_data: Annotated[
-        Path | None,
-        typer.Option(
-            "--criterion-data", help="Held-out data for C (default: the validation split)."
-        ),
-    ] = None,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Neither read nor write the H^-1 grad C cache.")
-    ] = False,
+    criterion_data: CriterionDataOpt = None,
+    no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -390,10 +394,10 @@ def debug_labels(
             "to noise there), or over all of them.",
         ),
     ] = True,
-    damping: Annotated[float, typer.Option("--damping")] = 0.01,
-    solver: Annotated[Solver, typer.Option("--solver")] = Solver.cg,
-    criterion_data: Annotated[Path | None, typer.Option("--criterion-data")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache")] = False,
+    damping: DampingOpt = 0.01,
+    solver: SolverOpt = Solver.cg,
+    criterion_data: CriterionDataOpt = None,
+    no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -445,9 +449,9 @@ def calibrate(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG: reliability diagrams before and after.")
     ] = None,
-    damping: Annotated[float, typer.Option("--damping")] = 0.01,
-    solver: Annotated[Solver, typer.Option("--solver")] = Solver.cg,
-    criterion_data: Annotated[Path | None, typer.Option("--criterion-data")] = None,
+    damping: DampingOpt = 0.01,
+    solver: SolverOpt = Solver.cg,
+    criterion_data: CriterionDataOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,

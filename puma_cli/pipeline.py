@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from puma_cli import checkpoint as ckpt
-from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.atomic import check_outputs, check_writable, write_atomically
 from puma_cli.criterion import cache_path_for
 from puma_cli.data import Dataset, load_dataset, read_ids, rows_for_ids, save_dataset, split_rows
 from puma_cli.data import write_ids as write_ids_file
@@ -142,9 +142,7 @@ def train(
     recipe.validate()
     if not 0 <= val_frac <= 0.5:
         raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
-    check_writable([output], overwrite)
-    inputs = [p for p in (data, val, test) if p is not None]
-    check_not_input(output, inputs)
+    check_outputs([output], [data, val, test], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
     n_classes = _n_classes(dataset)
     roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
@@ -245,8 +243,7 @@ def mark(
     chosen = [cls is not None, all_classes, random_frac is not None]
     if sum(chosen) != 1:
         raise PumaError("choose exactly one marking: --class Y, --all-classes or --random FRAC")
-    check_writable([output], overwrite)
-    check_not_input(output, [data])
+    check_outputs([output], [data], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
     if random_frac is not None:
         rows, method = random_marking(dataset, random_frac, seed), f"random {random_frac}"
@@ -397,8 +394,7 @@ def remove(
 ) -> RemoveReport:
     """Remove the marked ids' influence from `model`; write the result with its provenance."""
     output = output or default_removed_path(model)
-    check_writable([output], overwrite)
-    check_not_input(output, [model, marked])
+    check_outputs([output], [model, marked], overwrite)
     run = get_method(method)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from puma_cli import checkpoint as ckpt
-from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.atomic import check_outputs, write_atomically
 from puma_cli.calibration import calibration_categories, expected_calibration_error, soft_ece
 from puma_cli.criterion import SolverSettings, cache_path_for, criterion_direction, training_engine
 from puma_cli.data import Dataset
@@ -83,10 +83,7 @@ def calibrate(
     if bins < 1:
         raise PumaError(f"--bins {bins}: give 1 or more")
     output = output or default_calibrated_path(model)
-    outputs = [p for p in (output, plot) if p is not None]
-    check_writable(outputs, overwrite)
-    for path in outputs:
-        check_not_input(path, [model])
+    check_outputs([output, plot], [model], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)

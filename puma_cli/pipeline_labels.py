@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from puma_cli import checkpoint as ckpt
-from puma_cli.atomic import check_not_input, check_writable, write_atomically
+from puma_cli.atomic import check_outputs, write_atomically
 from puma_cli.criterion import SolverSettings, cache_path_for, criterion_direction, training_engine
 from puma_cli.data import Dataset, read_ids, rows_for_ids
 from puma_cli.debugging import LabelRanking, found_curve, rank_labels, suspicion_scores
@@ -57,10 +57,7 @@ def debug_labels(
         raise PumaError(f"-k {k}: give 0 (every row) or a positive count")
     if plot is not None and truth is None:
         raise PumaError("--plot draws the found-vs-reviewed curve, which needs --truth IDS")
-    outputs = [p for p in (output, plot) if p is not None]
-    check_writable(outputs, overwrite)
-    for path in outputs:
-        check_not_input(path, [model])
+    check_outputs([output, plot], [model], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
