@@ -535,7 +535,7 @@ def criterion_set(
     rows = np.flatnonzero(roles == ckpt.ROLE_VALIDATION)
     if rows.size == 0:
         raise PumaError(
-            f"{checkpoint.path} has no held-out validation data for the removal criterion; "
+            f"{checkpoint.path} has no held-out validation data for the criterion C; "
             "pass --criterion-data FILE or retrain with --val-frac 0.1"
         )
     return dataset.subset(rows)

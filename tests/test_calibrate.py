@@ -91,3 +91,22 @@ def test_calibrate_bad_input(noisy: Path, tmp_path: Path) -> None:
     assert_clean_error(
         run("calibrate", "-m", model, "-o", tmp_path / "x.safetensors"), "already exists"
     )
+
+
+def test_no_held_out_data_is_a_clear_error_for_debug_and_calibrate(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    run_json(
+        "train",
+        data_dir / "radial.csv",
+        "-o",
+        tmp_path / "nv.safetensors",
+        "--val-frac",
+        "0",
+        "--epochs",
+        "5",
+    )
+    for command in ("debug-labels", "calibrate"):
+        assert_clean_error(
+            run(command, "-m", tmp_path / "nv.safetensors"), "pass --criterion-data FILE"
+        )
