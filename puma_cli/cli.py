@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from puma_cli import console, pipeline, pipeline_calibrate, pipeline_labels
+from puma_cli import console, pipeline, pipeline_attack, pipeline_calibrate, pipeline_labels
 from puma_cli.config import load_config
 from puma_cli.criterion import SolverSettings
 from puma_cli.devices import resolve_device
@@ -29,7 +29,17 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = ("make-data", "train", "mark", "remove", "debug-labels", "calibrate", "eval", "info")
+COMMANDS = (
+    "make-data",
+    "train",
+    "mark",
+    "remove",
+    "attack",
+    "debug-labels",
+    "calibrate",
+    "eval",
+    "info",
+)
 
 
 def domain_errors(fn: F) -> F:
@@ -354,6 +364,50 @@ def remove(
         console.warn(warning)
     payload.pop("parameters")
     _render(False, payload, f"removed {report.removed} points with {report.method}")
+
+
+class Attack(str, enum.Enum):
+    loss = "loss"
+
+
+@app.command()
+@domain_errors
+def attack(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to attack.")],
+    targets: Annotated[Path, typer.Option("--targets", help="Ids of the training file to test.")],
+    method: Annotated[
+        Attack, typer.Option("--attack", help="loss (shokri and lira are planned).")
+    ] = Attack.loss,
+    nonmembers: Annotated[
+        Path | None, typer.Option("--nonmembers", help="Non-member data (default: the test file).")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.")
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Membership inference on the targets: did the removal work?"""
+    report = pipeline_attack.attack(
+        model,
+        targets,
+        method=method.value,
+        nonmembers=nonmembers,
+        plot=plot,
+        device=resolve_device(device),
+        overwrite=overwrite,
+    )
+    payload = asdict(report)
+    payload["tpr_at_0.1pct_fpr"] = payload.pop("tpr_at_01pct_fpr")
+    if as_json:
+        console.emit_json(payload)
+        return
+    for note in payload.pop("notes"):
+        console.warn(note)
+    _render(False, payload, f"{report.attack} attack on {model}")
 
 
 class Score(str, enum.Enum):

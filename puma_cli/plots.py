@@ -84,3 +84,20 @@ def save_reliability(
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
     plt.close(figure)
+
+
+def save_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float, name: str) -> None:
+    """The attack's ROC curve on log-log axes, where low-FPR behaviour shows."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    floor = 1e-4
+    axes.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=f"{name} (AUC {auc:.3f})")
+    axes.plot([floor, 1], [floor, 1], "k--", alpha=0.5, label="chance")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on shipped data, every step reading and writing files:
-# make-data -> train -> mark -> remove -> eval (attack joins when it lands).
+# make-data -> train -> mark -> remove -> eval -> attack, then debug-labels and calibrate.
 set -euo pipefail
 out=demo-out
 mkdir -p "$out"
@@ -16,6 +16,9 @@ step puma remove --model "$out/radial.safetensors" --marked "$out/marked.txt" --
 step puma eval --model "$out/radial.removed.safetensors" --data "$out/radial.csv" --ids "$out/marked.txt"
 step puma eval --model "$out/radial.retrained.safetensors" --data "$out/radial.csv" --ids "$out/marked.txt"
 step puma eval --model "$out/radial.removed.safetensors"
+for model in radial radial.removed radial.retrained; do
+  step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --json
+done
 
 step puma train sample_data/german-credit-train.csv --test sample_data/german-credit-test.csv \
     -o "$out/german.safetensors" --overwrite
