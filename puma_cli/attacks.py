@@ -7,7 +7,11 @@ decision threshold, the share of targets called members (the paper's Table 2 fig
 next to the same share among the non-members, so that noise is not read as proof.
 
 `loss` (Yeom et al. 2018): a point is a member when its loss is below the model's mean
-loss on the rows it is trained on.
+loss on the rows it is trained on. `lira` / `lira-online` (Carlini et al. 2022): shadow
+models of the same recipe on random halves of the data pool give, per point, the spread
+of a model's logit-scaled confidence when the point is out of (and in) training; the
+attacked model's confidence is scored against it. A point is called a member when the
+offline score (the OUT CDF) is at least 0.9, or the online log likelihood ratio above 0.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.evaluation import predict_logits
 
-ATTACKS = ("loss",)
+ATTACKS = ("loss", "lira", "lira-online")
 
 
 @dataclass(frozen=True)
@@ -80,29 +84,91 @@ def loss_attack(
     if len(targets) == 0 or len(nonmembers) == 0:
         raise PumaError("an attack needs at least one target and one non-member")
     threshold = float(per_point_loss(model, trained).mean())
-    target_loss, other_loss = per_point_loss(model, targets), per_point_loss(model, nonmembers)
-    fpr, tpr = roc_curve(-target_loss, -other_loss)
-    notes = []
-    if min(len(targets), len(nonmembers)) < 30:
-        notes.append(
-            f"only {len(targets)} targets and {len(nonmembers)} non-members: AUC and rates carry "
-            "a wide margin of error at this size"
-        )
-    low_fpr = [t for t in (0.01, 0.001) if len(nonmembers) * t < 1]
-    if low_fpr:
-        notes.append(
-            f"{len(nonmembers)} non-members cannot resolve an FPR of "
-            f"{' or '.join(f'{100 * t:g} %' for t in low_fpr)}: reported as null"
-        )
+    members, others = -per_point_loss(model, targets), -per_point_loss(model, nonmembers)
+    # A member is a point whose loss is below the threshold: a score at or above -threshold.
+    return score_report("loss", members, others, np.nextafter(-threshold, np.inf))
+
+
+# --- LiRA (Carlini et al. 2022) ------------------------------------------------------------
+
+
+def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """phi = log p_y - log(1 - p_y), computed stably as z_y - logsumexp(z_others)."""
+    logits = logits.double()
+    true = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return (true - torch.logsumexp(others, dim=1)).numpy()
+
+
+@dataclass(frozen=True)
+class ShadowSet:
+    """inclusion (S, n) bool: point j in shadow s's training set; phi (S, n) each shadow's
+    logit-scaled confidence on each point of the pool."""
+
+    inclusion: np.ndarray
+    phi: np.ndarray
+
+
+def lira_scores(shadows: ShadowSet, phi: np.ndarray, online: bool) -> np.ndarray:
+    """Membership scores for the pool's points given the attacked model's phi (n,).
+
+    With the few shadows a CLI can afford, per-point variances are too noisy, so the
+    variance is pooled over all points (LiRA's fixed-variance variant); the means are
+    per point. offline: P(phi_out <= phi), the OUT Gaussian's CDF. online: the log
+    likelihood ratio of the IN against the OUT Gaussian.
+    """
+    from scipy.stats import norm
+
+    inside = shadows.inclusion
+    out_count = (~inside).sum(axis=0)
+    if (out_count == 0).any() or (online and (inside.sum(axis=0) == 0).any()):
+        raise PumaError("some points have no shadow model on one side; raise --shadows")
+    mu_out = np.where(~inside, shadows.phi, 0).sum(axis=0) / out_count
+    sd_out = float(
+        np.sqrt(np.where(~inside, (shadows.phi - mu_out) ** 2, 0).sum() / out_count.sum())
+    )
+    sd_out = max(sd_out, 1e-6)
+    if not online:
+        return norm.cdf((phi - mu_out) / sd_out)
+    in_count = inside.sum(axis=0)
+    mu_in = np.where(inside, shadows.phi, 0).sum(axis=0) / in_count
+    sd_in = max(
+        float(np.sqrt(np.where(inside, (shadows.phi - mu_in) ** 2, 0).sum() / in_count.sum())), 1e-6
+    )
+    return norm.logpdf(phi, mu_in, sd_in) - norm.logpdf(phi, mu_out, sd_out)
+
+
+def score_report(
+    name: str, members: np.ndarray, nonmembers: np.ndarray, threshold: float
+) -> AttackReport:
+    """An AttackReport from membership scores (higher = member) and a decision threshold."""
+    fpr, tpr = roc_curve(members, nonmembers)
+    notes = _size_notes(members.size, nonmembers.size)
     return AttackReport(
-        attack="loss",
-        n_targets=len(targets),
-        n_nonmembers=len(nonmembers),
-        auc=auc_score(-target_loss, -other_loss),
-        tpr_at_1pct_fpr=tpr_at_fpr(fpr, tpr, len(nonmembers), 0.01),
-        tpr_at_01pct_fpr=tpr_at_fpr(fpr, tpr, len(nonmembers), 0.001),
-        member_rate=float((target_loss < threshold).mean()),
-        nonmember_rate=float((other_loss < threshold).mean()),
+        attack=name,
+        n_targets=int(members.size),
+        n_nonmembers=int(nonmembers.size),
+        auc=auc_score(members, nonmembers),
+        tpr_at_1pct_fpr=tpr_at_fpr(fpr, tpr, nonmembers.size, 0.01),
+        tpr_at_01pct_fpr=tpr_at_fpr(fpr, tpr, nonmembers.size, 0.001),
+        member_rate=float((members >= threshold).mean()),
+        nonmember_rate=float((nonmembers >= threshold).mean()),
         threshold=threshold,
         notes=notes,
     )
+
+
+def _size_notes(n_targets: int, n_nonmembers: int) -> list[str]:
+    notes = []
+    if min(n_targets, n_nonmembers) < 30:
+        notes.append(
+            f"only {n_targets} targets and {n_nonmembers} non-members: AUC and rates carry "
+            "a wide margin of error at this size"
+        )
+    low_fpr = [t for t in (0.01, 0.001) if n_nonmembers * t < 1]
+    if low_fpr:
+        notes.append(
+            f"{n_nonmembers} non-members cannot resolve an FPR of "
+            f"{' or '.join(f'{100 * t:g} %' for t in low_fpr)}: reported as null"
+        )
+    return notes

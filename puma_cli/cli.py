@@ -368,6 +368,8 @@ def remove(
 
 class Attack(str, enum.Enum):
     loss = "loss"
+    lira = "lira"
+    lira_online = "lira-online"
 
 
 @app.command()
@@ -376,11 +378,14 @@ def attack(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to attack.")],
     targets: Annotated[Path, typer.Option("--targets", help="Ids of the training file to test.")],
     method: Annotated[
-        Attack, typer.Option("--attack", help="loss (shokri and lira are planned).")
+        Attack, typer.Option("--attack", help="loss, lira or lira-online (shokri is planned).")
     ] = Attack.loss,
     nonmembers: Annotated[
         Path | None, typer.Option("--nonmembers", help="Non-member data (default: the test file).")
     ] = None,
+    shadows: Annotated[
+        int, typer.Option("--shadows", help="LiRA's shadow models (cached beside the model).")
+    ] = 16,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.")
     ] = None,
@@ -391,15 +396,19 @@ def attack(
     config: ConfigOpt = None,
 ) -> None:
     """Membership inference on the targets: did the removal work?"""
-    report = pipeline_attack.attack(
-        model,
-        targets,
-        method=method.value,
-        nonmembers=nonmembers,
-        plot=plot,
-        device=resolve_device(device),
-        overwrite=overwrite,
-    )
+    with console.epoch_progress("shadow models", enabled=not as_json) as progress:
+        report = pipeline_attack.attack(
+            model,
+            targets,
+            method=method.value,
+            nonmembers=nonmembers,
+            shadows=shadows,
+            plot=plot,
+            seed=seed,
+            device=resolve_device(device),
+            overwrite=overwrite,
+            progress=progress,
+        )
     payload = asdict(report)
     payload["tpr_at_0.1pct_fpr"] = payload.pop("tpr_at_01pct_fpr")
     if as_json:

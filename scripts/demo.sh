@@ -18,6 +18,8 @@ step puma eval --model "$out/radial.retrained.safetensors" --data "$out/radial.c
 step puma eval --model "$out/radial.removed.safetensors"
 for model in radial radial.removed radial.retrained; do
   step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --json
+  step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --attack lira \
+      --shadows 8 --json   # the shadows are trained once, cached in demo-out/, and shared
 done
 
 step puma train sample_data/german-credit-train.csv --test sample_data/german-credit-test.csv \

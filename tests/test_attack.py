@@ -3,6 +3,7 @@ finds nothing between two sets of non-members (a check that can fail)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.attacks import auc_score, loss_attack, roc_curve, tpr_at_fpr
+from puma_cli.attacks import ShadowSet, auc_score, lira_scores, loss_attack, roc_curve, tpr_at_fpr
 from puma_cli.data import Dataset
 from puma_cli.train import TrainRecipe, train_classifier
 
@@ -94,7 +95,87 @@ def test_attack_through_the_cli(model_file: Path, data_dir: Path, tmp_path: Path
     )
     assert (
         run(
-            "attack", "-m", model_file, "--targets", tmp_path / "ids.txt", "--attack", "lira"
+            "attack", "-m", model_file, "--targets", tmp_path / "ids.txt", "--attack", "shokri"
         ).exit_code
         == 2
+    )
+
+
+def _shadow_world(seed: int) -> tuple[ShadowSet, np.ndarray, np.ndarray]:
+    """A pool of 400 points, 16 shadows each holding half of them; a point's phi is about
+    2 when a model trained on it, 0 when not. Points 0..199 are members of the attacked model."""
+    rng = np.random.default_rng(seed)
+    inclusion = np.argsort(rng.random((16, 400)), axis=0) < 8
+    offset = rng.normal(0, 0.5, 400)  # per-point difficulty, which LiRA's per-point means absorb
+    phi = offset + 2.0 * inclusion + rng.normal(0, 0.5, (16, 400))
+    member = np.arange(400) < 200
+    attacked = offset + 2.0 * member + rng.normal(0, 0.5, 400)
+    return ShadowSet(inclusion, phi), attacked, member
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_lira_separates_members_and_not_two_non_member_sets(online: bool) -> None:
+    shadows, phi, member = _shadow_world(0)
+    scores = lira_scores(shadows, phi, online)
+    assert auc_score(scores[member], scores[~member]) > 0.95
+    outsiders = scores[~member]
+    assert 0.4 < auc_score(outsiders[:100], outsiders[100:]) < 0.6
+
+
+def test_lira_through_the_cli_shares_shadows_along_a_removal_chain(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    shutil.copy(model_file, tmp_path / "m.safetensors")
+    run_json("mark", data_dir / "radial.csv", "--class", "1", "-o", tmp_path / "ids.txt")
+    run_json(
+        "remove",
+        "-m",
+        tmp_path / "m.safetensors",
+        "--marked",
+        tmp_path / "ids.txt",
+        "--method",
+        "retrain",
+    )
+    for attack in ("lira", "lira-online"):
+        out = run_json(
+            "attack",
+            "-m",
+            tmp_path / "m.safetensors",
+            "--targets",
+            tmp_path / "ids.txt",
+            "--attack",
+            attack,
+            "--shadows",
+            "4",
+        )
+        assert out["attack"] == attack and 0 <= out["auc"] <= 1
+    caches = sorted(tmp_path.glob("puma-shadows-*.safetensors"))
+    assert len(caches) == 1
+    stamp = caches[0].stat().st_mtime_ns
+    run_json(
+        "attack",
+        "-m",
+        tmp_path / "m.removed.safetensors",
+        "--targets",
+        tmp_path / "ids.txt",
+        "--attack",
+        "lira",
+        "--shadows",
+        "4",
+    )
+    assert sorted(tmp_path.glob("puma-shadows-*.safetensors")) == caches
+    assert caches[0].stat().st_mtime_ns == stamp  # reused, not retrained
+    assert_clean_error(
+        run(
+            "attack",
+            "-m",
+            tmp_path / "m.safetensors",
+            "--targets",
+            tmp_path / "ids.txt",
+            "--attack",
+            "lira",
+            "--shadows",
+            "1",
+        ),
+        "at least 2 shadow models",
     )
