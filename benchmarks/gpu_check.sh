@@ -28,3 +28,6 @@ puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --device cud
 puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --json
 puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --score self-influence --json
 puma calibrate -m "$out/noisy.safetensors" --device cuda --json
+puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --device cuda --json
+puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --attack lira --shadows 8 --device cuda --json
+puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack lira-online --shadows 8 --device cuda --json
