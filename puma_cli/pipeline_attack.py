@@ -30,8 +30,8 @@ from puma_cli.attacks import (
     roc_curve,
     score_report,
 )
-from puma_cli.data import DataError, Dataset, load_dataset, read_ids, rows_for_ids
-from puma_cli.errors import PumaError
+from puma_cli.data import Dataset, load_dataset, read_ids, rows_for_ids
+from puma_cli.errors import DataError, PumaError
 from puma_cli.evaluation import predict_logits
 from puma_cli.train import TrainRecipe, train_classifier
 
@@ -65,8 +65,9 @@ def attack(
     if method == "loss":
         trained = dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
         report = loss_attack(checkpoint.model, dataset.subset(target_rows), other, trained)
-        members = -per_point_loss(checkpoint.model, dataset.subset(target_rows))
-        outsiders = -per_point_loss(checkpoint.model, other)
+        if plot is not None:  # the scores again, for the curve only
+            members = -per_point_loss(checkpoint.model, dataset.subset(target_rows))
+            outsiders = -per_point_loss(checkpoint.model, other)
     else:
         if shadows < 2:
             raise PumaError(f"--shadows {shadows}: LiRA needs at least 2 shadow models")
