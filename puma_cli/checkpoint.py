@@ -241,6 +241,20 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
     return load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
 
 
+def load_recorded_or_none(checkpoint: Checkpoint, role: str) -> Dataset | None:
+    """The recorded file for `role`, sha256-checked, or None when none was recorded."""
+    if checkpoint.data.get(role) is None:
+        return None
+    return load_recorded_dataset(checkpoint, role)
+
+
+def load_compatible(checkpoint: Checkpoint, path: Path) -> Dataset:
+    """A file the user names for this model, labels mapped through its classes, shape checked."""
+    dataset = load_dataset(path, class_names=checkpoint.class_names)
+    check_compatible(checkpoint, dataset)
+    return dataset
+
+
 def data_status(checkpoint: Checkpoint) -> dict[str, str]:
     """For each recorded file: 'ok', 'changed' or 'missing' (what `info` shows)."""
     status: dict[str, str] = {}

@@ -403,7 +403,7 @@ def remove(
     new_roles = checkpoint.roles.copy()
     new_roles[rows] = ckpt.ROLE_REMOVED
     criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data)
-    test_set = _recorded_or_none(checkpoint, "test")
+    test_set = ckpt.load_recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
     options = options or RemovalOptions()
     if use_cache and method in ("puma", "influence"):
@@ -527,9 +527,7 @@ def criterion_set(
 ) -> Dataset:
     """Held-out data for C: --criterion-data, else the recorded validation file or rows."""
     if criterion_data is not None:
-        criterion = load_dataset(criterion_data, class_names=checkpoint.class_names)
-        ckpt.check_compatible(checkpoint, criterion)
-        return criterion
+        return ckpt.load_compatible(checkpoint, criterion_data)
     if checkpoint.data.get("val") is not None:
         return ckpt.load_recorded_dataset(checkpoint, "val")
     rows = np.flatnonzero(roles == ckpt.ROLE_VALIDATION)
@@ -539,9 +537,3 @@ def criterion_set(
             "pass --criterion-data FILE or retrain with --val-frac 0.1"
         )
     return dataset.subset(rows)
-
-
-def _recorded_or_none(checkpoint: ckpt.Checkpoint, role: str) -> Dataset | None:
-    if checkpoint.data.get(role) is None:
-        return None
-    return ckpt.load_recorded_dataset(checkpoint, role)

@@ -30,7 +30,7 @@ from puma_cli.attacks import (
     roc_curve,
     score_report,
 )
-from puma_cli.data import Dataset, load_dataset, read_ids, rows_for_ids
+from puma_cli.data import Dataset, read_ids, rows_for_ids
 from puma_cli.errors import DataError, PumaError
 from puma_cli.evaluation import predict_logits
 from puma_cli.train import TrainRecipe, train_classifier
@@ -93,11 +93,10 @@ def attack(
 
 def _nonmembers(checkpoint: ckpt.Checkpoint, model: Path, nonmembers: Path | None) -> Dataset:
     if nonmembers is not None:
-        other = load_dataset(nonmembers, class_names=checkpoint.class_names)
-        ckpt.check_compatible(checkpoint, other)
-        return other
-    if checkpoint.data.get("test") is not None:
-        return ckpt.load_recorded_dataset(checkpoint, "test")
+        return ckpt.load_compatible(checkpoint, nonmembers)
+    test = ckpt.load_recorded_or_none(checkpoint, "test")
+    if test is not None:
+        return test
     raise PumaError(f"{model} records no test file; give non-members with --nonmembers FILE")
 
 

@@ -87,7 +87,7 @@ def calibrate(
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
-    test = ckpt.load_recorded_dataset(checkpoint, "test") if checkpoint.data.get("test") else None
+    test = ckpt.load_recorded_or_none(checkpoint, "test")
     settings = settings or SolverSettings()
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
