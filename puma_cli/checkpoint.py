@@ -1,11 +1,13 @@
 """Checkpoints: one safetensors file holding the weights and everything needed to reuse them.
 
-Tensors: `model.*` (the Classifier's state dict, standardisation included) and
-`rows.role` (uint8, one per row of the training file: 0 trained on, 1 validation,
-2 removed). Removed rows stay removed: a later removal works on what remains.
+Tensors: `model.*` (the model's state dict, standardisation included), `rows.role`
+(uint8, one per row of the training file: 0 trained on, 1 validation, 2 removed), and
+any `extra` tensors a method keeps with the model (SISA's shard plan, `sisa.*`).
+Removed rows stay removed: a later removal works on what remains.
 Metadata (str -> str, JSON inside): format and puma version, architecture, class and
-feature names, the training recipe, the data files (path and sha256), the metrics
-measured at training, and the provenance list of operations applied since.
+feature names, the training recipe, the data files (path and sha256), sidecar files
+(Amnesiac's recorded updates: path and sha256), the metrics measured at training, and
+the provenance list of operations applied since.
 No pickle is ever loaded.
 """
 
@@ -25,8 +27,8 @@ from safetensors.torch import save as save_safetensors
 from puma_cli import __version__
 from puma_cli.atomic import sha256_file, write_atomically
 from puma_cli.data import Dataset, load_dataset
-from puma_cli.errors import CheckpointError, DataError
-from puma_cli.models import Architecture, Classifier
+from puma_cli.errors import CheckpointError, DataError, PumaError
+from puma_cli.models import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ class DataRecord:
 class Checkpoint:
     """A model with its record. `data` maps 'train', 'val', 'test' to DataRecords (or None)."""
 
-    model: Classifier
+    model: Model
     recipe: dict[str, Any]
     data: dict[str, DataRecord | None]
     roles: np.ndarray
@@ -62,6 +64,8 @@ class Checkpoint:
     class_names: tuple[str, ...] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    sidecars: dict[str, DataRecord] = field(default_factory=dict)
     puma_version: str = __version__
     path: Path | None = None
 
@@ -89,6 +93,7 @@ class Checkpoint:
             },
             "metrics": self.metrics,
             "provenance": self.provenance,
+            "sidecars": {k: vars(v) for k, v in self.sidecars.items()},
         }
 
 
@@ -99,6 +104,8 @@ def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
         for k, v in checkpoint.model.state_dict().items()
     }
     state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
+    for name, tensor in checkpoint.extra.items():
+        state[name] = tensor.detach().cpu().contiguous()
     strings = {
         key: json.dumps(value, sort_keys=True) for key, value in checkpoint.metadata().items()
     }
@@ -179,7 +186,7 @@ def _build(
 ) -> Checkpoint:
     try:
         arch = Architecture.from_dict(meta["architecture"])
-        model = Classifier(arch)
+        model = build_model(arch)
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         data = {
@@ -195,6 +202,8 @@ def _build(
             class_names=tuple(meta["class_names"]) if meta.get("class_names") else None,
             metrics=dict(meta.get("metrics", {})),
             provenance=list(meta.get("provenance", [])),
+            extra={k: v for k, v in tensors.items() if k.split(".")[0] not in ("model", "rows")},
+            sidecars={k: DataRecord(**v) for k, v in meta.get("sidecars", {}).items()},
             puma_version=str(meta.get("puma_version", "?")),
             path=path,
         )
@@ -253,6 +262,43 @@ def load_compatible(checkpoint: Checkpoint, path: Path) -> Dataset:
     dataset = load_dataset(path, class_names=checkpoint.class_names)
     check_compatible(checkpoint, dataset)
     return dataset
+
+
+def load_sidecar(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a recorded sidecar file, refused when missing or changed."""
+    record = checkpoint.sidecars[name]
+    path = Path(record.path)
+    if not path.exists():
+        raise DataError(
+            f"the {name} file recorded in {checkpoint.path}, {path}, is missing; put it back "
+            "there (it is written beside the model at training)"
+        )
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise DataError(
+            f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
+            f"recorded, {digest[:12]} now); restore it or retrain the model"
+        )
+    try:
+        return load_safetensors(path.read_bytes())
+    except SafetensorError as exc:
+        raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file of plain tensors, byte-for-byte the same for the same content."""
+    return _canonical(save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def single_model(checkpoint: Checkpoint, what: str) -> Classifier:
+    """The checkpoint's model when it is one network; a SISA ensemble is refused for `what`."""
+    if isinstance(checkpoint.model, Classifier):
+        return checkpoint.model
+    raise PumaError(
+        f"{what} needs a single model, but {checkpoint.path} is a SISA ensemble of "
+        f"{checkpoint.arch.shards} shards: remove points with --method sisa (it retrains only "
+        "the shards that held them) or --method retrain, or train without --shards"
+    )
 
 
 def data_status(checkpoint: Checkpoint) -> dict[str, str]:

@@ -183,6 +183,27 @@ def train(
     ] = 0.1,
     val: Annotated[Path | None, typer.Option("--val", help="Validation file instead.")] = None,
     test: Annotated[Path | None, typer.Option("--test", help="Test file to report on.")] = None,
+    shards: Annotated[
+        int, typer.Option("--shards", help="SISA: train this many disjoint shard models.")
+    ] = 1,
+    slices: Annotated[
+        int, typer.Option("--slices", help="SISA: slices per shard (keeps a state per slice).")
+    ] = 1,
+    record_updates: Annotated[
+        bool,
+        typer.Option(
+            "--record-updates",
+            help="Amnesiac: keep every step's update in <stem>.updates.safetensors.",
+        ),
+    ] = False,
+    group_ids: Annotated[
+        Path | None,
+        typer.Option(
+            "--group-ids",
+            help="Ids to train in as few batches (--record-updates) or shards (--shards) "
+            "as they fit: the ordered scenario.",
+        ),
+    ] = None,
     label_col: LabelColOpt = "label",
     id_col: IdColOpt = "id",
     seed: SeedOpt = 0,
@@ -201,6 +222,8 @@ def train(
         batch_size=batch_size,
         weight_decay=weight_decay,
         seed=seed,
+        shards=shards,
+        slices=slices,
     )
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
@@ -211,6 +234,8 @@ def train(
             val_frac=val_frac,
             val=val,
             test=test,
+            group=group_ids,
+            record_updates=record_updates,
             options=pipeline.DataOptions(label_col, id_col),
             device=torch_device,
             overwrite=overwrite,
@@ -263,6 +288,9 @@ class Method(str, enum.Enum):
     puma = "puma"
     influence = "influence"
     retrain = "retrain"
+    sisa = "sisa"
+    amnesiac = "amnesiac"
+    ssd = "ssd"
 
 
 class Solver(str, enum.Enum):
@@ -320,6 +348,12 @@ def remove(
     max_accuracy_drop: Annotated[
         float, typer.Option("--max-accuracy-drop", help="--eta auto's guard, in accuracy points.")
     ] = 1.0,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="ssd: select parameters with I_forget > alpha I_D.")
+    ] = 10.0,
+    lambda_: Annotated[
+        float, typer.Option("--lambda", help="ssd: dampening constant, beta = lambda I_D / I_f.")
+    ] = 1.0,
     criterion_data: CriterionDataOpt = None,
     no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
@@ -328,9 +362,16 @@ def remove(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Remove the marked points' influence from a model (PUMA by default) and record it."""
+    """Remove the marked points' influence from a model and record it.
+
+    puma (default) and influence patch the weights; retrain reruns the recipe; sisa
+    retrains the affected shards of a `train --shards` ensemble; amnesiac subtracts the
+    updates `train --record-updates` kept; ssd dampens parameters (Foster et al.).
+    """
     if lambda_cap <= 0:
         raise typer.BadParameter(f"--lambda-cap {lambda_cap}: give a positive cap")
+    if not alpha > 0 or not lambda_ > 0:
+        raise typer.BadParameter(f"--alpha {alpha} / --lambda {lambda_}: give positive values")
     options = RemovalOptions(
         eta=_eta(eta),
         damping=damping,
@@ -338,10 +379,12 @@ def remove(
         upweight_sample=upweight_sample,
         lambda_cap=lambda_cap,
         max_accuracy_drop=max_accuracy_drop,
+        ssd_alpha=alpha,
+        ssd_lambda=lambda_,
         seed=seed,
     )
     with console.epoch_progress(
-        "retraining", enabled=not as_json and method == Method.retrain
+        "retraining", enabled=not as_json and method in (Method.retrain, Method.sisa)
     ) as progress:
         report = pipeline.remove(
             model,

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from puma_cli.atomic import sha256_file
-from puma_cli.checkpoint import Checkpoint
+from puma_cli.checkpoint import Checkpoint, single_model
 from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.influence import InfluenceModel, largest_eigenvalue, solve
@@ -64,7 +64,7 @@ def training_engine(
     """The engine over the given rows of the training file, with the recipe's weight decay."""
     data = dataset.subset(rows)
     return InfluenceModel(
-        checkpoint.model,
+        single_model(checkpoint, "the influence engine (puma, influence, debug-labels, calibrate)"),
         data.X,
         data.y,
         float(checkpoint.recipe.get("weight_decay", 0.0)),

@@ -9,7 +9,7 @@ parameters only; the standardisation is fixed.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ class Architecture:
     hidden: tuple[int, ...] = (64, 32)
     activation: str = "relu"
     channels: tuple[int, ...] = field(default=(16, 32))
+    shards: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +45,7 @@ class Architecture:
                 hidden=tuple(int(v) for v in data.get("hidden", (64, 32))),
                 activation=str(data.get("activation", "relu")),
                 channels=tuple(int(v) for v in data.get("channels", (16, 32))),
+                shards=int(data.get("shards", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the recorded architecture is malformed ({exc})") from exc
@@ -116,6 +118,42 @@ class Classifier(nn.Module):
         std = X.std(dim=dims, unbiased=False).reshape(self.std.shape)
         self.mean.copy_(mean)
         self.std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+
+class ShardEnsemble(nn.Module):
+    """SISA's aggregate: one Classifier per shard, predictions averaged.
+
+    The logits are the log of the mean softmax over the active members, so cross-entropy,
+    accuracy and calibration read the ensemble like any classifier. `active` (a buffer)
+    is 0 for a shard whose every row was removed: it no longer votes.
+    """
+
+    active: torch.Tensor
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        member = replace(arch, shards=1)
+        self.members = nn.ModuleList(Classifier(member) for _ in range(arch.shards))
+        self.register_buffer("active", torch.ones(arch.shards))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.active / self.active.sum()
+        probs = sum(
+            w * torch.softmax(m(x), dim=1) for w, m in zip(weights, self.members, strict=True)
+        )
+        assert isinstance(probs, torch.Tensor)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+
+
+Model = Classifier | ShardEnsemble
+
+
+def build_model(arch: Architecture) -> Model:
+    """A single Classifier, or a SISA ensemble when the architecture has shards."""
+    if arch.shards < 1:
+        raise CheckpointError(f"the recorded architecture has {arch.shards} shards")
+    return ShardEnsemble(arch) if arch.shards > 1 else Classifier(arch)
 
 
 def build_net(arch: Architecture) -> nn.Module:

@@ -24,9 +24,11 @@ from puma_cli.data import write_ids as write_ids_file
 from puma_cli.errors import DataError, PumaError
 from puma_cli.evaluation import Evaluation, evaluate
 from puma_cli.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
+from puma_cli.models import Model
 from puma_cli.synthetic import flip_labels, make_synthetic
 from puma_cli.train import Progress, TrainRecipe, train_classifier
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
+from puma_cli.unlearn.amnesiac import UpdateRecorder
 
 # --- make-data ---------------------------------------------------------------------------
 
@@ -111,6 +113,9 @@ class TrainReport:
     n_val: int
     n_parameters: int
     seconds: float
+    shards: int = 1
+    updates_file: Path | None = None
+    updates_bytes: int | None = None
 
 
 def _n_classes(dataset: Dataset) -> int:
@@ -124,6 +129,11 @@ def _n_classes(dataset: Dataset) -> int:
     return k
 
 
+def updates_path_for(model: Path) -> Path:
+    """m.safetensors -> m.updates.safetensors (Amnesiac's recorded training updates)."""
+    return model.with_name(f"{model.stem}.updates.safetensors")
+
+
 def train(
     data: Path,
     output: Path,
@@ -132,17 +142,35 @@ def train(
     val_frac: float = 0.1,
     val: Path | None = None,
     test: Path | None = None,
+    group: Path | None = None,
+    record_updates: bool = False,
     options: DataOptions = DataOptions(),
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> TrainReport:
-    """Train on `data` less a held-out validation split, record everything, save atomically."""
+    """Train on `data` less a held-out validation split, record everything, save atomically.
+
+    recipe.shards > 1 trains a SISA ensemble; record_updates keeps every step's update in
+    a sidecar for Amnesiac; group names ids to train together (fewest batches or shards).
+    """
     started = time.perf_counter()
     recipe.validate()
     if not 0 <= val_frac <= 0.5:
         raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
-    check_outputs([output], [data, val, test], overwrite)
+    if record_updates and recipe.shards > 1:
+        raise PumaError(
+            "--record-updates is for Amnesiac on a single model; a SISA ensemble (--shards) "
+            "unlearns by retraining its shards: drop one of the two"
+        )
+    if group is not None and not (record_updates or recipe.shards > 1):
+        raise PumaError(
+            "--group-ids only changes how Amnesiac batches (--record-updates) or SISA shards "
+            "(--shards K) hold those rows; add one of them or drop --group-ids"
+        )
+    sidecar = updates_path_for(output) if record_updates else None
+    outputs = [output, sidecar]
+    check_outputs(outputs, [data, val, test, group], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
     n_classes = _n_classes(dataset)
     roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
@@ -154,8 +182,30 @@ def train(
         roles[held] = ckpt.ROLE_VALIDATION
         val_set = dataset.subset(held) if held.size else None
     test_set = _load_for(test, dataset, options, n_classes) if test is not None else None
-    trained = dataset.subset(np.flatnonzero(roles == ckpt.ROLE_TRAINED))
-    model = train_classifier(trained, recipe, n_classes, device, progress)
+    trained_rows = np.flatnonzero(roles == ckpt.ROLE_TRAINED)
+    trained = dataset.subset(trained_rows)
+    grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
+    extra: dict[str, torch.Tensor] = {}
+    writers = {}
+    sidecars = {}
+    if recipe.shards > 1:
+        from puma_cli.sisa import train_sisa
+
+        sisa = train_sisa(trained, recipe, n_classes, device, progress, grouped)
+        model: Model = sisa.model
+        extra = sisa.plan.expanded(trained_rows, len(dataset)).to_tensors()
+    else:
+        recorder = UpdateRecorder(trained_rows, recipe.batch_size) if record_updates else None
+        model = train_classifier(
+            trained, recipe, n_classes, device, progress, group=grouped, on_step=recorder
+        )
+        if recorder is not None and sidecar is not None:
+            blob = ckpt.tensor_bytes(recorder.tensors())
+            writers[sidecar] = lambda tmp: tmp.write_bytes(blob)
+            digest = hashlib.sha256(blob).hexdigest()
+            sidecars["updates"] = ckpt.DataRecord(
+                str(sidecar.resolve()), digest, len(recorder.updates)
+            )
     metrics: dict[str, Any] = {"train": _figures(evaluate(model, trained))}
     if val_set is not None:
         metrics["val"] = _figures(evaluate(model, val_set))
@@ -177,8 +227,12 @@ def train(
         feature_names=dataset.feature_names,
         class_names=dataset.class_names,
         metrics=metrics,
+        extra=extra,
+        sidecars=sidecars,
     )
-    ckpt.save_checkpoint(output, checkpoint, overwrite)
+    blob_model = ckpt.checkpoint_bytes(checkpoint)
+    writers[output] = lambda tmp: tmp.write_bytes(blob_model)
+    write_atomically(writers, overwrite)
     return TrainReport(
         model=output,
         train_accuracy=metrics["train"]["accuracy"],
@@ -188,7 +242,19 @@ def train(
         n_val=len(val_set) if val_set is not None else 0,
         n_parameters=sum(p.numel() for p in model.parameters()),
         seconds=time.perf_counter() - started,
+        shards=recipe.shards,
+        updates_file=sidecar,
+        updates_bytes=sidecar.stat().st_size if sidecar is not None else None,
     )
+
+
+def _group_positions(group: Path, dataset: Dataset, trained_rows: np.ndarray) -> np.ndarray:
+    """Positions among the trained rows of the ids in `group` (validation rows drop out)."""
+    ids = read_ids(group)
+    if not ids:
+        raise DataError(f"{group} names no ids; give the ids to train together")
+    rows = rows_for_ids(dataset, ids, group)
+    return np.flatnonzero(np.isin(trained_rows, rows))
 
 
 def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
@@ -458,6 +524,7 @@ def remove(
         model=result.model,
         roles=new_roles,
         provenance=[*checkpoint.provenance, entry],
+        extra=result.extra if result.extra is not None else checkpoint.extra,
     )
     ckpt.save_checkpoint(output, new, overwrite)
     return report

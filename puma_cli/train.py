@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector
 
 from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models import ACTIVATIONS, Architecture, Classifier
+from puma_cli.models import ACTIVATIONS, Architecture, Classifier, Model
 
 Progress = Callable[[int, int, float], None]
 """Called after each epoch with (epoch, epochs, mean training loss)."""
@@ -28,6 +29,8 @@ class TrainRecipe:
     batch_size: int = 32
     weight_decay: float = 0.0
     seed: int = 0
+    shards: int = 1
+    slices: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "hidden": list(self.hidden), "optimizer": "adam"}
@@ -51,18 +54,32 @@ class TrainRecipe:
             raise PumaError(f"--activation {self.activation!r}: choose relu or sigmoid")
         if self.hidden and min(self.hidden) < 1:
             raise PumaError("--hidden needs positive widths, like 64,32 (or none)")
+        if self.shards < 1 or self.slices < 1:
+            raise PumaError("--shards and --slices take 1 or more")
+        if self.slices > self.epochs:
+            raise PumaError(
+                f"--slices {self.slices} needs at least as many --epochs (each slice trains "
+                f"ceil(epochs / slices) epochs); give --epochs {self.slices} or more"
+            )
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
 
 
-def architecture_for(recipe: TrainRecipe, dataset: Dataset, n_classes: int) -> Architecture:
+def architecture_for(
+    recipe: TrainRecipe, dataset: Dataset, n_classes: int, shards: int = 1
+) -> Architecture:
     return Architecture(
         name=recipe.arch,
         input_shape=dataset.input_shape,
         n_classes=n_classes,
         hidden=recipe.hidden,
         activation=recipe.activation,
+        shards=shards,
     )
+
+
+StepHook = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called after each optimiser step with (batch row positions, parameter update)."""
 
 
 def train_classifier(
@@ -71,8 +88,15 @@ def train_classifier(
     n_classes: int,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    *,
+    group: np.ndarray | None = None,
+    on_step: StepHook | None = None,
 ) -> Classifier:
-    """Fit a fresh Classifier on every row of `dataset`. Same seed and data, same weights."""
+    """Fit a fresh Classifier on every row of `dataset`. Same seed and data, same weights.
+
+    group: row positions to train in as few batches as possible each epoch (the paper's
+    ordered scenario). on_step: receives every batch and its parameter update (Amnesiac).
+    """
     recipe.validate()
     present = np.unique(dataset.y)
     if present.size < 2:
@@ -80,24 +104,79 @@ def train_classifier(
     torch.manual_seed(recipe.seed)
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
     X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
-    y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
     model.fit_standardisation(X)
+    fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)
+    return model
+
+
+def fit(
+    model: Classifier,
+    dataset: Dataset,
+    recipe: TrainRecipe,
+    epochs: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    group: np.ndarray | None = None,
+    on_step: StepHook | None = None,
+) -> Classifier:
+    """Run the recipe's Adam on `model` for `epochs` over `dataset`, from a fresh optimiser."""
+    X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
+    y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(seed)
     n = X.shape[0]
+    grouped = None
+    if group is not None and group.size:
+        grouped = np.zeros(n, dtype=bool)
+        grouped[group] = True
     model.train()
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
+    for epoch in range(epochs):
+        order = _epoch_order(n, recipe.batch_size, generator, grouped).to(device)
         total = 0.0
         for start in range(0, n, recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
+            before = parameters_to_vector(model.parameters()).detach() if on_step else None
             loss = F.cross_entropy(model(X[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None and before is not None:
+                on_step(batch, parameters_to_vector(model.parameters()).detach() - before)
             total += float(loss.detach()) * batch.numel()
         if not np.isfinite(total):
             raise PumaError(f"training diverged at epoch {epoch + 1} (loss is {total}); lower --lr")
         if progress is not None:
-            progress(epoch + 1, recipe.epochs, total / n)
+            progress(epoch + 1, epochs, total / n)
     return model.eval()
+
+
+def _epoch_order(
+    n: int, batch_size: int, generator: torch.Generator, grouped: np.ndarray | None
+) -> torch.Tensor:
+    """A random order of the rows; grouped rows kept together, starting on a batch boundary
+    chosen at random, so they fill as few batches as they can."""
+    order = torch.randperm(n, generator=generator)
+    if grouped is None:
+        return order
+    inside = torch.from_numpy(grouped)[order]
+    others, group = order[~inside], order[inside]
+    slots = others.numel() // batch_size + 1
+    at = batch_size * int(torch.randint(slots, (1,), generator=generator))
+    return torch.cat([others[:at], group, others[at:]])
+
+
+def train_model(
+    dataset: Dataset,
+    recipe: TrainRecipe,
+    n_classes: int,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Model:
+    """What the recipe trains: one Classifier, or a SISA ensemble when it has shards
+    (shadow models and `retrain` go through here)."""
+    if recipe.shards > 1:
+        from puma_cli.sisa import train_sisa
+
+        return train_sisa(dataset, recipe, n_classes, device, progress).model
+    return train_classifier(dataset, recipe, n_classes, device, progress)

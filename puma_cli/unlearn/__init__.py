@@ -18,7 +18,7 @@ import torch
 from puma_cli.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models import Classifier
+from puma_cli.models import Model
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class RemovalOptions:
     fit_tolerance: the `auto` guard on the remaining points' training loss and the
         held-out loss, as a relative rise.
     precision: the dtype of derivatives: float64, float32, or auto (float32 for a CNN).
+    ssd_alpha, ssd_lambda: SSD's selection threshold and dampening constant.
     """
 
     eta: float | str = "auto"
@@ -42,6 +43,8 @@ class RemovalOptions:
     max_accuracy_drop: float = 1.0
     fit_tolerance: float = 0.1
     precision: str = "auto"
+    ssd_alpha: float = 10.0
+    ssd_lambda: float = 1.0
     seed: int = 0
     cache: Path | None = None
 
@@ -70,9 +73,10 @@ class RemovalRequest:
 class RemovalResult:
     """The new model and what the method knows about how it got there."""
 
-    model: Classifier
+    model: Model
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] | None = None  # replaces the checkpoint's extra tensors
     eta: float | None = None
     predicted_criterion_change: float | None = None
     warnings: list[str] = field(default_factory=list)
@@ -93,7 +97,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 def get_method(name: str) -> Method:
     # Importing the modules fills the registry.
-    from puma_cli.unlearn import puma, retrain  # noqa: F401
+    from puma_cli.unlearn import amnesiac, puma, retrain, sisa, ssd  # noqa: F401
 
     if name not in METHODS:
         raise PumaError(f"--method {name!r}: choose one of {', '.join(sorted(METHODS))}")

@@ -116,7 +116,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     delta = (scale / n) * step.x
     if not torch.isfinite(delta).all():
         raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
-    model = _as_classifier(request.checkpoint.model, engine.patched_module(delta))
+    model = _as_classifier(engine.patched_module(delta))
     warnings = list(guard)
     interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
     if interpolated:
@@ -214,6 +214,7 @@ def _choose_scale(
     ]
 
 
-def _as_classifier(template: Classifier, module: torch.nn.Module) -> Classifier:
+def _as_classifier(module: torch.nn.Module) -> Classifier:
+    """The patched copy (on the engine's device, the model's)."""
     assert isinstance(module, Classifier)
-    return module.to(next(template.parameters()).device).eval()
+    return module.eval()

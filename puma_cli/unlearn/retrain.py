@@ -1,4 +1,5 @@
-"""The reference: re-run the recorded recipe on the rows that remain."""
+"""The reference: re-run the recorded recipe on the rows that remain (a SISA ensemble is
+retrained whole, with a fresh shard plan)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 @register("retrain")
 def retrain(request: RemovalRequest) -> RemovalResult:
     recipe = TrainRecipe.from_dict(request.checkpoint.recipe)
-    remaining = request.dataset.subset(request.remaining_rows)
-    model = train_classifier(
-        remaining, recipe, request.checkpoint.arch.n_classes, request.device, request.progress
-    )
-    return RemovalResult(model=model, method="retrain", parameters={"recipe": recipe.to_dict()})
+    rows = request.remaining_rows
+    remaining = request.dataset.subset(rows)
+    n_classes = request.checkpoint.arch.n_classes
+    parameters = {"recipe": recipe.to_dict()}
+    if recipe.shards > 1:
+        from puma_cli.sisa import train_sisa
+
+        sisa = train_sisa(remaining, recipe, n_classes, request.device, request.progress)
+        extra = sisa.plan.expanded(rows, len(request.dataset)).to_tensors()
+        return RemovalResult(sisa.model, "retrain", parameters, extra=extra)
+    model = train_classifier(remaining, recipe, n_classes, request.device, request.progress)
+    return RemovalResult(model=model, method="retrain", parameters=parameters)

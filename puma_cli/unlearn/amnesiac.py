@@ -1,0 +1,109 @@
+"""Amnesiac ML (Graves et al. 2021): subtract the recorded updates of the batches that held
+marked points.
+
+`train --record-updates` keeps every optimiser step's parameter update and the rows of
+its batch in a sidecar, `<model stem>.updates.safetensors`: `updates` (steps, P) float32
+and `batch_rows` (steps, batch size) int32 positions in the training file, -1 padded.
+Its size is steps x P x 4 bytes: epochs x ceil(N / batch size) x parameters x 4.
+
+A batch is all or nothing: removing one point removes its whole batch's step, which is
+why the method needs the marked points grouped into few batches at training time
+(`train --group-ids`, the paper's ordered scenario) to keep the model usable.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from puma_cli.checkpoint import load_sidecar, single_model
+from puma_cli.errors import PumaError
+from puma_cli.models import Classifier
+from puma_cli.unlearn import RemovalRequest, RemovalResult, register
+
+SIDECAR = "updates"
+
+
+class UpdateRecorder:
+    """A `train_classifier` step hook: keeps each batch (as training-file rows) and update."""
+
+    def __init__(self, file_rows: np.ndarray, batch_size: int) -> None:
+        self.file_rows = torch.as_tensor(file_rows, dtype=torch.int32)
+        self.batch_size = batch_size
+        self.updates: list[torch.Tensor] = []
+        self.batches: list[torch.Tensor] = []
+
+    def __call__(self, batch: torch.Tensor, update: torch.Tensor) -> None:
+        rows = torch.full((self.batch_size,), -1, dtype=torch.int32)
+        rows[: batch.numel()] = self.file_rows[batch.cpu()]
+        self.batches.append(rows)
+        self.updates.append(update.detach().float().cpu())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"updates": torch.stack(self.updates), "batch_rows": torch.stack(self.batches)}
+
+
+def subtract_batches(
+    model: Classifier, updates: torch.Tensor, batch_rows: np.ndarray, rows: np.ndarray
+) -> tuple[Classifier, np.ndarray]:
+    """A copy of `model` less the updates of every step whose batch holds one of `rows`;
+    and the mask of those steps. With no such step the weights are the model's own."""
+    hit = np.asarray(np.isin(batch_rows, rows).any(axis=1))
+    new = copy.deepcopy(model)
+    if hit.any():
+        with torch.no_grad():
+            theta = parameters_to_vector(new.parameters()).double()
+            removed = updates[torch.from_numpy(hit)].double().sum(dim=0).to(theta.device)
+            vector_to_parameters((theta - removed).float(), new.parameters())
+    return new.eval(), hit
+
+
+@register("amnesiac")
+def amnesiac(request: RemovalRequest) -> RemovalResult:
+    checkpoint = request.checkpoint
+    model = single_model(checkpoint, "--method amnesiac")
+    if SIDECAR not in checkpoint.sidecars:
+        raise PumaError(
+            f"--method amnesiac subtracts the updates recorded at training, and "
+            f"{checkpoint.path} was trained without them: retrain with `puma train "
+            "--record-updates` (add --group-ids IDS for the ordered scenario), or use "
+            "--method puma"
+        )
+    if checkpoint.provenance:
+        done = ", ".join(str(p.get("op")) for p in checkpoint.provenance)
+        raise PumaError(
+            f"--method amnesiac needs the model as trained, but {checkpoint.path} has been "
+            f"changed since ({done}): run amnesiac on the original checkpoint with every id "
+            "to remove in one file"
+        )
+    tensors = load_sidecar(checkpoint, SIDECAR)
+    updates, batch_rows = tensors["updates"], tensors["batch_rows"].numpy()
+    expected = sum(p.numel() for p in model.parameters())
+    if updates.ndim != 2 or updates.shape[1] != expected or batch_rows.shape[0] != updates.shape[0]:
+        raise PumaError(
+            f"the recorded updates hold {tuple(updates.shape)} values, not (steps, {expected}) "
+            "for this model; the sidecar belongs to another model: retrain with --record-updates"
+        )
+    new, hit = subtract_batches(model, updates, batch_rows, request.marked)
+    in_hit = np.unique(batch_rows[hit])
+    in_hit = in_hit[in_hit >= 0]
+    collateral = int(np.setdiff1d(in_hit, request.marked).size)
+    warnings = []
+    if collateral:
+        warnings.append(
+            f"amnesiac removed {int(hit.sum())} of {hit.size} training steps; their batches "
+            f"also held {collateral} unmarked rows, whose updates went with them"
+        )
+    return RemovalResult(
+        model=new,
+        method="amnesiac",
+        parameters={
+            "steps_removed": int(hit.sum()),
+            "steps": int(hit.size),
+            "unmarked_rows_in_removed_batches": collateral,
+        },
+        warnings=warnings,
+    )
