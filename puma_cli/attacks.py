@@ -12,6 +12,9 @@ models of the same recipe on random halves of the data pool give, per point, the
 of a model's logit-scaled confidence when the point is out of (and in) training; the
 attacked model's confidence is scored against it. A point is called a member when the
 offline score (the OUT CDF) is at least 0.9, or the online log likelihood ratio above 0.
+`shokri` (Shokri et al. 2017, the PUMA paper's attack): an MLP (128, 64) learns from the
+shadow models which sorted softmax vectors come from training points; a point is called
+a member when it says so with probability at least 0.5.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.evaluation import predict_logits
 
-ATTACKS = ("loss", "lira", "lira-online")
+ATTACKS = ("loss", "lira", "lira-online", "shokri")
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,22 @@ def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     return (true - torch.logsumexp(others, dim=1)).numpy()
 
 
+def sorted_log_softmax(logits: torch.Tensor) -> np.ndarray:
+    """(n, K) log-probabilities, largest first, floored at -30: Shokri's sorted softmax
+    on a log scale, so that confidences of 0.999 and 0.99999 stay apart."""
+    logp = torch.log_softmax(logits.double(), dim=1).clamp_min(-30.0)
+    return torch.sort(logp, dim=1, descending=True).values.float().numpy()
+
+
 @dataclass(frozen=True)
 class ShadowSet:
     """inclusion (S, n) bool: point j in shadow s's training set; phi (S, n) each shadow's
-    logit-scaled confidence on each point of the pool."""
+    logit-scaled confidence on each point of the pool; sorted_logp (S, n, K) its sorted
+    log-softmax (Shokri's features)."""
 
     inclusion: np.ndarray
     phi: np.ndarray
+    sorted_logp: np.ndarray
 
 
 def lira_scores(shadows: ShadowSet, phi: np.ndarray, online: bool) -> np.ndarray:
@@ -136,6 +148,50 @@ def lira_scores(shadows: ShadowSet, phi: np.ndarray, online: bool) -> np.ndarray
         float(np.sqrt(np.where(inside, (shadows.phi - mu_in) ** 2, 0).sum() / in_count.sum())), 1e-6
     )
     return norm.logpdf(phi, mu_in, sd_in) - norm.logpdf(phi, mu_out, sd_out)
+
+
+# --- Shokri et al. 2017 ----------------------------------------------------------------------
+
+
+def shokri_scores(
+    shadows: ShadowSet, features: np.ndarray, seed: int = 0, epochs: int = 40
+) -> np.ndarray:
+    """P(member) for each row of `features` (m, K), from an MLP (128, 64) trained on the
+    shadows' sorted log-softmax, labelled by whether the point was in that shadow's
+    training set. Members and non-members weigh the same in its loss, so 0.5 is an
+    unbiased decision threshold whatever share of the pool the shadows train on."""
+    S, n, K = shadows.sorted_logp.shape
+    X = torch.as_tensor(shadows.sorted_logp.reshape(S * n, K), dtype=torch.float32)
+    y = torch.as_tensor(shadows.inclusion.reshape(S * n), dtype=torch.float32)
+    mean, std = X.mean(dim=0), X.std(dim=0).clamp_min(1e-6)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(K, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 1),
+    )
+    positive = float(y.mean())
+    if positive in (0.0, 1.0):
+        raise PumaError("the shadow models saw every point or none; raise --shadows")
+    loss_fn = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor((1 - positive) / positive, dtype=torch.float32)
+    )
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    Xs = (X - mean) / std
+    for _ in range(epochs):
+        order = torch.randperm(y.numel(), generator=generator)
+        for start in range(0, y.numel(), 256):
+            batch = order[start : start + 256]
+            loss = loss_fn(net(Xs[batch])[:, 0], y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        queries = (torch.as_tensor(features, dtype=torch.float32) - mean) / std
+        return torch.sigmoid(net(queries)[:, 0]).double().numpy()
 
 
 def score_report(

@@ -413,6 +413,7 @@ class Attack(str, enum.Enum):
     loss = "loss"
     lira = "lira"
     lira_online = "lira-online"
+    shokri = "shokri"
 
 
 @app.command()
@@ -421,13 +422,14 @@ def attack(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to attack.")],
     targets: Annotated[Path, typer.Option("--targets", help="Ids of the training file to test.")],
     method: Annotated[
-        Attack, typer.Option("--attack", help="loss, lira or lira-online (shokri is planned).")
+        Attack, typer.Option("--attack", help="loss, lira, lira-online or shokri.")
     ] = Attack.loss,
     nonmembers: Annotated[
         Path | None, typer.Option("--nonmembers", help="Non-member data (default: the test file).")
     ] = None,
     shadows: Annotated[
-        int, typer.Option("--shadows", help="LiRA's shadow models (cached beside the model).")
+        int,
+        typer.Option("--shadows", help="Shadow models for lira/shokri (cached beside the model)."),
     ] = 16,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from puma_cli import checkpoint as ckpt
 from puma_cli.atomic import check_outputs, write_atomically
 from puma_cli.attacks import (
+    ATTACKS,
     AttackReport,
     ShadowSet,
     lira_scores,
@@ -29,11 +30,13 @@ from puma_cli.attacks import (
     per_point_loss,
     roc_curve,
     score_report,
+    shokri_scores,
+    sorted_log_softmax,
 )
 from puma_cli.data import Dataset, read_ids, rows_for_ids
 from puma_cli.errors import DataError, PumaError
 from puma_cli.evaluation import predict_logits
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.train import TrainRecipe, train_model
 
 Progress = Callable[[int, int, float], None]
 
@@ -52,8 +55,8 @@ def attack(
     progress: Progress | None = None,
 ) -> AttackReport:
     """Attack the targets (ids of the recorded training file) against non-member data."""
-    if method not in ("loss", "lira", "lira-online"):
-        raise PumaError(f"--attack {method!r}: choose loss, lira or lira-online")
+    if method not in ATTACKS:
+        raise PumaError(f"--attack {method!r}: choose {', '.join(ATTACKS)}")
     check_outputs([plot], [model, targets, nonmembers], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = ckpt.load_recorded_dataset(checkpoint, "train")
@@ -70,17 +73,22 @@ def attack(
             outsiders = -per_point_loss(checkpoint.model, other)
     else:
         if shadows < 2:
-            raise PumaError(f"--shadows {shadows}: LiRA needs at least 2 shadow models")
+            raise PumaError(f"--shadows {shadows}: {method} needs at least 2 shadow models")
         pool = _pool(dataset, other)
         # The training-set size as first trained (recorded), so that every model in a
         # removal chain shares one set of shadows.
         size = int(checkpoint.metrics.get("train", {}).get("n", len(dataset)))
         shadow_set = _shadows(checkpoint, pool, shadows, size, seed, model.parent, device, progress)
-        phi = logit_confidence(predict_logits(checkpoint.model, pool.X), torch.as_tensor(pool.y))
-        scores = lira_scores(shadow_set, phi, online=method == "lira-online")
+        logits = predict_logits(checkpoint.model, pool.X)
+        if method == "shokri":
+            scores = shokri_scores(shadow_set, sorted_log_softmax(logits), seed)
+            threshold = 0.5
+        else:
+            phi = logit_confidence(logits, torch.as_tensor(pool.y))
+            scores = lira_scores(shadow_set, phi, online=method == "lira-online")
+            threshold = 0.9 if method == "lira" else 0.0
         members = scores[target_rows]
         outsiders = scores[len(dataset) :]
-        threshold = 0.9 if method == "lira" else 0.0
         report = score_report(method, members, outsiders, threshold)
         report = replace(report, notes=[*report.notes, f"{shadows} shadow models"])
     if plot is not None:
@@ -133,7 +141,11 @@ def _shadows(
     if cache.exists():
         try:
             tensors = load_file(str(cache))
-            return ShadowSet(tensors["inclusion"].numpy().astype(bool), tensors["phi"].numpy())
+            return ShadowSet(
+                tensors["inclusion"].numpy().astype(bool),
+                tensors["phi"].numpy(),
+                tensors["sorted_logp"].numpy(),
+            )
         except (SafetensorError, OSError, KeyError):
             pass  # rebuilt below
     # Every point is in the same number of shadows (LiRA's design, with the share set by
@@ -143,15 +155,18 @@ def _shadows(
     ranks = np.argsort(rng.random((count, len(pool))), axis=0)
     inclusion = ranks < inside
     phi = np.empty((count, len(pool)))
+    sorted_logp = np.empty((count, len(pool), checkpoint.arch.n_classes), dtype=np.float32)
     labels = torch.as_tensor(pool.y)
     for s in range(count):
-        shadow = train_classifier(
+        shadow = train_model(
             pool.subset(np.flatnonzero(inclusion[s])),
             replace(recipe, seed=recipe.seed + 1 + s),
             checkpoint.arch.n_classes,
             device,
         )
-        phi[s] = logit_confidence(predict_logits(shadow, pool.X), labels)
+        logits = predict_logits(shadow, pool.X)
+        phi[s] = logit_confidence(logits, labels)
+        sorted_logp[s] = sorted_log_softmax(logits)
         if progress is not None:
             progress(s + 1, count, 0.0)
     tmp = cache.with_name(f".{cache.name}.tmp")
@@ -160,10 +175,11 @@ def _shadows(
             {
                 "inclusion": torch.from_numpy(inclusion.astype(np.uint8)),
                 "phi": torch.from_numpy(phi),
+                "sorted_logp": torch.from_numpy(sorted_logp),
             },
             str(tmp),
         )
         tmp.replace(cache)
     except OSError:
         tmp.unlink(missing_ok=True)
-    return ShadowSet(inclusion, phi)
+    return ShadowSet(inclusion, phi, sorted_logp)

@@ -11,7 +11,16 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.attacks import ShadowSet, auc_score, lira_scores, loss_attack, roc_curve, tpr_at_fpr
+from puma_cli.attacks import (
+    ShadowSet,
+    auc_score,
+    lira_scores,
+    loss_attack,
+    roc_curve,
+    shokri_scores,
+    sorted_log_softmax,
+    tpr_at_fpr,
+)
 from puma_cli.data import Dataset
 from puma_cli.train import TrainRecipe, train_classifier
 
@@ -95,7 +104,7 @@ def test_attack_through_the_cli(model_file: Path, data_dir: Path, tmp_path: Path
     )
     assert (
         run(
-            "attack", "-m", model_file, "--targets", tmp_path / "ids.txt", "--attack", "shokri"
+            "attack", "-m", model_file, "--targets", tmp_path / "ids.txt", "--attack", "x"
         ).exit_code
         == 2
     )
@@ -110,7 +119,13 @@ def _shadow_world(seed: int) -> tuple[ShadowSet, np.ndarray, np.ndarray]:
     phi = offset + 2.0 * inclusion + rng.normal(0, 0.5, (16, 400))
     member = np.arange(400) < 200
     attacked = offset + 2.0 * member + rng.normal(0, 0.5, 400)
-    return ShadowSet(inclusion, phi), attacked, member
+    return ShadowSet(inclusion, phi, _two_class_features(phi)), attacked, member
+
+
+def _two_class_features(phi: np.ndarray) -> np.ndarray:
+    """Sorted log-softmax of two-class logits (phi, 0): what a model with margin phi shows."""
+    logits = torch.as_tensor(np.stack([phi, np.zeros_like(phi)], axis=-1)).reshape(-1, 2)
+    return sorted_log_softmax(logits).reshape(*phi.shape, 2)
 
 
 @pytest.mark.parametrize("online", [False, True])
@@ -119,6 +134,16 @@ def test_lira_separates_members_and_not_two_non_member_sets(online: bool) -> Non
     scores = lira_scores(shadows, phi, online)
     assert auc_score(scores[member], scores[~member]) > 0.95
     outsiders = scores[~member]
+    assert 0.4 < auc_score(outsiders[:100], outsiders[100:]) < 0.6
+
+
+def test_shokri_separates_members_and_not_two_non_member_sets() -> None:
+    shadows, phi, member = _shadow_world(1)
+    probability = shokri_scores(shadows, _two_class_features(phi))
+    assert auc_score(probability[member], probability[~member]) > 0.9
+    called = probability >= 0.5
+    assert called[member].mean() > called[~member].mean() + 0.5
+    outsiders = probability[~member]
     assert 0.4 < auc_score(outsiders[:100], outsiders[100:]) < 0.6
 
 
@@ -136,7 +161,7 @@ def test_lira_through_the_cli_shares_shadows_along_a_removal_chain(
         "--method",
         "retrain",
     )
-    for attack in ("lira", "lira-online"):
+    for attack in ("lira", "lira-online", "shokri"):
         out = run_json(
             "attack",
             "-m",
