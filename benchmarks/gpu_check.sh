@@ -17,6 +17,12 @@ for method in puma influence retrain; do
   puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method "$method" -o "$out/r-$method.safetensors" --device cuda --json
 done
 puma eval -m "$out/r-puma.safetensors" --device cuda --json
+puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method ssd -o "$out/r-ssd.safetensors" --device cuda --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-sisa.safetensors" --shards 4 --slices 2 --device cuda --json
+puma remove -m "$out/r-sisa.safetensors" --marked "$out/ids.txt" --method sisa --device cuda --json
+puma eval -m "$out/r-sisa.removed.safetensors" --device cuda --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-amn.safetensors" --record-updates --group-ids "$out/ids.txt" --device cuda --json
+puma remove -m "$out/r-amn.safetensors" --marked "$out/ids.txt" --method amnesiac --device cuda --json
 puma eval -m "$out/r-puma.safetensors" --device cpu --json
 puma train sample_data/digits-train.npz --arch cnn --test sample_data/digits-test.npz -o "$out/d.safetensors" --device cuda --json
 puma mark sample_data/digits-train.npz --all-classes -o "$out/d-ids.txt" --json
@@ -31,3 +37,5 @@ puma calibrate -m "$out/noisy.safetensors" --device cuda --json
 puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --device cuda --json
 puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --attack lira --shadows 8 --device cuda --json
 puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack lira-online --shadows 8 --device cuda --json
+puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 8 --device cuda --json
+puma attack -m "$out/r-sisa.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 4 --device cuda --json
