@@ -1,8 +1,8 @@
-"""How many LiRA shadow models does the sample data need to carry a signal?
+"""How many shadow models do LiRA and Shokri need to carry a signal on the sample data?
 
 For each dataset: train the default recipe, take a random 10 % of the rows it trained on
 as targets (members) and the test split as non-members, and run the loss attack and
-LiRA (offline and online) with 4, 8, 16 and 32 shadows. Chance is AUC 0.5.
+LiRA (offline and online) and Shokri with 4, 8, 16 and 32 shadows. Chance is AUC 0.5.
 
     python benchmarks/attack_shadows.py [--datasets radial german-credit] [--counts 4 8 16 32]
 """
@@ -59,7 +59,9 @@ def main() -> None:
                 trained, size=len(trained) // 10, replace=False
             )
             write_ids(work / "targets.txt", dataset.ids[chosen].tolist())
-            runs = [("loss", 0)] + [(m, c) for c in args.counts for m in ("lira", "lira-online")]
+            runs = [("loss", 0)] + [
+                (m, c) for c in args.counts for m in ("lira", "lira-online", "shokri")
+            ]
             for method, count in runs:
                 t0 = time.perf_counter()
                 report = attack(model, work / "targets.txt", method=method, shadows=max(count, 2))
@@ -70,7 +72,7 @@ def main() -> None:
                 )
                 print(lines[-1], flush=True)
     text = (
-        f"# LiRA shadow count\n\n`python benchmarks/attack_shadows.py {' '.join(sys.argv[1:])}` — "
+        f"# Shadow count (LiRA and Shokri)\n\n`python benchmarks/attack_shadows.py {' '.join(sys.argv[1:])}` — "
         f"{time.perf_counter() - started:.0f} s on the CPU, torch {torch.__version__}.\n\n"
         "Targets: a random 10 % of the rows each model trained on (members); non-members: the "
         "test split. Seconds include training the shadows (each count trains its own set).\n\n"

@@ -641,6 +641,8 @@ def info(
             rows.append(
                 (f"{role} data", f"{record['path']} ({status}, sha256 {record['sha256'][:12]})")
             )
+    for name, record in meta["sidecars"].items():
+        rows.append((f"{name} file", f"{record['path']} ({record['n']} steps)"))
     rows.append(("provenance", meta["provenance"] or "none (as trained)"))
     rows.append(("puma", f"{meta['puma_version']} (format {meta['format_version']})"))
     console.table(str(model), rows)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on shipped data, every step reading and writing files:
-# make-data -> train -> mark -> remove -> eval -> attack, then debug-labels and calibrate.
+# make-data -> train -> mark -> remove -> eval -> attack, the baselines, then debug-labels
+# and calibrate.
 set -euo pipefail
 out=demo-out
 mkdir -p "$out"
@@ -20,7 +21,22 @@ for model in radial radial.removed radial.retrained; do
   step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --json
   step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --attack lira \
       --shadows 8 --json   # the shadows are trained once, cached in demo-out/, and shared
+  step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --attack shokri \
+      --shadows 8 --json   # the paper's attack, on the same cached shadows
 done
+
+# The baselines: SISA retrains only the shards that held the marked points; Amnesiac
+# subtracts the recorded updates of their batches (grouped together: the ordered scenario);
+# SSD dampens the parameters that matter most to them.
+step puma train "$out/radial.csv" --test "$out/radial-test.csv" --shards 5 --slices 2 \
+    -o "$out/radial-sisa.safetensors" --overwrite
+step puma remove --model "$out/radial-sisa.safetensors" --marked "$out/marked.txt" --method sisa --overwrite
+step puma train "$out/radial.csv" --test "$out/radial-test.csv" --record-updates \
+    --group-ids "$out/marked.txt" -o "$out/radial-amnesiac.safetensors" --overwrite
+step puma remove --model "$out/radial-amnesiac.safetensors" --marked "$out/marked.txt" \
+    --method amnesiac --overwrite
+step puma remove --model "$out/radial.safetensors" --marked "$out/marked.txt" --method ssd \
+    -o "$out/radial.ssd.safetensors" --overwrite
 
 step puma train sample_data/german-credit-train.csv --test sample_data/german-credit-test.csv \
     -o "$out/german.safetensors" --overwrite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -405,3 +406,12 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     )
     assert result.returncode == 0
     assert "make-data" in result.stdout and "remove" in result.stdout
+
+
+def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        run_json("make-data", "radial", "-o", tmp_path / "r.csv", "--n", "50")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o644
