@@ -26,7 +26,7 @@ import torch
 from puma_cli.data import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.models import Classifier, ShardEnsemble
-from puma_cli.train import Progress, TrainRecipe, architecture_for, fit
+from puma_cli.train import Progress, TrainRecipe, architecture_for, check_trainable, fit
 
 StateDict = dict[str, torch.Tensor]
 
@@ -111,9 +111,7 @@ def train_sisa(
     group: np.ndarray | None = None,
 ) -> SisaModel:
     """Train every shard of a fresh ensemble on `dataset` (every row is trained on)."""
-    recipe.validate()
-    if np.unique(dataset.y).size < 2:
-        raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
+    check_trainable(dataset, recipe)
     shard, piece = assign(len(dataset), recipe.shards, recipe.slices, recipe.seed, group)
     ensemble = ShardEnsemble(architecture_for(recipe, dataset, n_classes, recipe.shards))
     ensemble = ensemble.to(device)

@@ -78,6 +78,13 @@ def architecture_for(
     )
 
 
+def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
+    """Refuse a bad recipe, or data a classifier cannot be trained on."""
+    recipe.validate()
+    if np.unique(dataset.y).size < 2:
+        raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
+
+
 StepHook = Callable[[torch.Tensor, torch.Tensor], None]
 """Called after each optimiser step with (batch row positions, parameter update)."""
 
@@ -97,10 +104,7 @@ def train_classifier(
     group: row positions to train in as few batches as possible each epoch (the paper's
     ordered scenario). on_step: receives every batch and its parameter update (Amnesiac).
     """
-    recipe.validate()
-    present = np.unique(dataset.y)
-    if present.size < 2:
-        raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
+    check_trainable(dataset, recipe)
     torch.manual_seed(recipe.seed)
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
     X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
