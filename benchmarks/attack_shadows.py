@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puma_cli import checkpoint as ckpt
-from puma_cli import pipeline
-from puma_cli.data import write_ids
-from puma_cli.pipeline_attack import attack
-from puma_cli.train import TrainRecipe
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io import recorded
+from puma_cli.io.ids import write_ids
+from puma_cli.jobs import train as train_job
+from puma_cli.jobs.attack import attack
+from puma_cli.models.training import TrainRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "sample_data"
@@ -49,11 +50,11 @@ def main() -> None:
         work = Path(tmp)
         for name in args.datasets:
             model = work / f"{name}.safetensors"
-            pipeline.train(
+            train_job.train(
                 DATA / f"{name}-train.csv", model, TrainRecipe(), test=DATA / f"{name}-test.csv"
             )
             checkpoint = ckpt.load_checkpoint(model)
-            dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+            dataset = recorded.load_recorded_dataset(checkpoint, "train")
             trained = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
             chosen = np.random.default_rng(0).choice(
                 trained, size=len(trained) // 10, replace=False

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli import checkpoint as ckpt
-from puma_cli import pipeline
-from puma_cli.calibration import expected_calibration_error
 from puma_cli.errors import PumaError
-from puma_cli.evaluation import predict_logits
-from puma_cli.pipeline_calibrate import calibrate
-from puma_cli.train import TrainRecipe
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io import recorded
+from puma_cli.jobs import train as train_job
+from puma_cli.jobs.calibrate import calibrate
+from puma_cli.models.predict import predict_logits
+from puma_cli.models.training import TrainRecipe
+from puma_cli.quality.calibration import expected_calibration_error
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "sample_data"
@@ -66,7 +67,7 @@ def figures(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
 def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
     suffix, arch = DATASETS[name]
     model = work / "m.safetensors"
-    pipeline.train(
+    train_job.train(
         DATA / f"{name}-train{suffix}",
         model,
         TrainRecipe(arch=arch, seed=seed),
@@ -74,9 +75,9 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
         overwrite=True,
     )
     checkpoint = ckpt.load_checkpoint(model)
-    train = ckpt.load_recorded_dataset(checkpoint, "train")
+    train = recorded.load_recorded_dataset(checkpoint, "train")
     val = train.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_VALIDATION))
-    test = ckpt.load_recorded_dataset(checkpoint, "test")
+    test = recorded.load_recorded_dataset(checkpoint, "test")
     logits = {
         "val": predict_logits(checkpoint.model, val.X),
         "test": predict_logits(checkpoint.model, test.X),

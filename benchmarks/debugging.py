@@ -26,15 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli import checkpoint as ckpt
-from puma_cli import pipeline
-from puma_cli.data import load_dataset, save_dataset, write_ids
-from puma_cli.debugging import found_curve
-from puma_cli.evaluation import predict_logits
-from puma_cli.influence import EXACT_MAX_PARAMETERS
-from puma_cli.pipeline_labels import FRACTIONS, debug_labels
-from puma_cli.synthetic import flip_labels
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.data.synthetic import flip_labels
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io.datasets import load_dataset, save_dataset
+from puma_cli.io.ids import write_ids
+from puma_cli.jobs import train as train_job
+from puma_cli.jobs.debug_labels import FRACTIONS, debug_labels
+from puma_cli.models.predict import predict_logits
+from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.quality.label_ranking import found_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "sample_data"
@@ -73,7 +74,7 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
     write_ids(truth_path, noisy.ids[flipped_rows].tolist())
     model = work / "m.safetensors"
     recipe = TrainRecipe(arch=arch, seed=seed)
-    trained = pipeline.train(data_path, model, recipe, overwrite=True)
+    trained = train_job.train(data_path, model, recipe, overwrite=True)
     checkpoint = ckpt.load_checkpoint(model)
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     truth = np.isin(rows, flipped_rows)

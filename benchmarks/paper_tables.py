@@ -37,13 +37,15 @@ import numpy as np
 import torch
 from removal import kl
 
-from puma_cli import pipeline
-from puma_cli.checkpoint import ROLE_TRAINED, load_checkpoint
-from puma_cli.data import load_dataset, write_ids
-from puma_cli.evaluation import predict_logits
-from puma_cli.marking import random_marking
-from puma_cli.pipeline_attack import attack
-from puma_cli.train import TrainRecipe
+from puma_cli.data.marking import random_marking
+from puma_cli.io.checkpoint import ROLE_TRAINED, load_checkpoint
+from puma_cli.io.datasets import load_dataset
+from puma_cli.io.ids import write_ids
+from puma_cli.jobs import remove as remove_job
+from puma_cli.jobs import train as train_job
+from puma_cli.jobs.attack import attack
+from puma_cli.models.predict import predict_logits
+from puma_cli.models.training import TrainRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "sample_data"
@@ -62,7 +64,7 @@ def run_case(
     # The validation split depends only on the seed, so the marking can be drawn first.
     probe = work / f"probe-{seed}.safetensors"
     if not probe.exists():
-        pipeline.train(train_path, probe, TrainRecipe(epochs=1, seed=seed))
+        train_job.train(train_path, probe, TrainRecipe(epochs=1, seed=seed))
     trained_rows = np.flatnonzero(load_checkpoint(probe).roles == ROLE_TRAINED)
     rows = trained_rows[random_marking(train.subset(trained_rows), fraction, seed)]
     ids_file = work / f"marked-{scenario}-{fraction}-{seed}.txt"
@@ -73,8 +75,10 @@ def run_case(
     sisa = work / f"{name}-{tag}-{seed}-sisa.safetensors"
     if not single.exists():
         recipe = TrainRecipe(seed=seed)
-        pipeline.train(train_path, single, recipe, test=test_path, group=group, record_updates=True)
-        pipeline.train(
+        train_job.train(
+            train_path, single, recipe, test=test_path, group=group, record_updates=True
+        )
+        train_job.train(
             train_path, sisa, TrainRecipe(seed=seed, shards=SHARDS), test=test_path, group=group
         )
     before = {
@@ -90,7 +94,7 @@ def run_case(
     for method in METHODS:
         source = sisa if method == "sisa" else single
         out = work / f"out-{method}.safetensors"
-        report = pipeline.remove(
+        report = remove_job.remove(
             source, ids_file, out, method=method, use_cache=False, overwrite=True
         )
         shokri = attack(out, ids_file, method="shokri", shadows=SHADOWS, seed=seed)
@@ -132,9 +136,9 @@ def _retrain_with_seed(model: Path, ids_file: Path, seed: int, work: Path) -> to
     """Retrain the remaining rows of `model` with another training seed."""
     from dataclasses import replace
 
-    from puma_cli.checkpoint import load_recorded_dataset
-    from puma_cli.data import read_ids, rows_for_ids
-    from puma_cli.train import train_classifier
+    from puma_cli.io.ids import read_ids, rows_for_ids
+    from puma_cli.io.recorded import load_recorded_dataset
+    from puma_cli.models.training import train_classifier
 
     checkpoint = load_checkpoint(model)
     dataset = load_recorded_dataset(checkpoint, "train")

@@ -26,12 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli import pipeline
-from puma_cli.checkpoint import load_checkpoint
-from puma_cli.data import Dataset, load_dataset, write_ids
-from puma_cli.evaluation import evaluate, predict_logits
-from puma_cli.marking import all_classes_marking, random_marking
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.data.dataset import Dataset
+from puma_cli.data.marking import all_classes_marking, random_marking
+from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.datasets import load_dataset
+from puma_cli.io.ids import rows_for_ids, write_ids
+from puma_cli.jobs import remove as remove_job
+from puma_cli.jobs import train as train_job
+from puma_cli.models.predict import predict_logits
+from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.quality.evaluation import evaluate
 from puma_cli.unlearn import RemovalOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,14 +73,14 @@ def run_case(
     train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
     model = work / f"{name}-{marking}-{seed}.safetensors"
     recipe = TrainRecipe(arch=arch, seed=seed)
-    original_train = pipeline.train(train_path, model, recipe, test=test_path, overwrite=True)
+    original_train = train_job.train(train_path, model, recipe, test=test_path, overwrite=True)
     checkpoint = load_checkpoint(model)
     train = load_dataset(train_path)
     test = load_dataset(test_path)
     ids = marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)), marking, seed)
     ids_file = work / "marked.txt"
     write_ids(ids_file, ids)
-    marked = train.subset(pipeline.rows_for_ids(train, ids, ids_file))
+    marked = train.subset(rows_for_ids(train, ids, ids_file))
 
     def figures(
         label: str, net: torch.nn.Module, seconds: float | None, extra: dict[str, Any]
@@ -97,7 +101,7 @@ def run_case(
 
     rows = [figures("original", checkpoint.model, None, {"train_seconds": original_train.seconds})]
     out = work / "out.safetensors"
-    ref = pipeline.remove(model, ids_file, out, method="retrain", overwrite=True)
+    ref = remove_job.remove(model, ids_file, out, method="retrain", overwrite=True)
     retrained = load_checkpoint(out).model
     rows.append(figures("retrain", retrained, ref.seconds, {}))
     # The noise floor: the same retraining with another seed.
@@ -117,7 +121,7 @@ def run_case(
     cache = model.with_name(f"{model.stem}.influence.safetensors")
     cache.unlink(missing_ok=True)
     for label, method, options, use_cache in runs:
-        report = pipeline.remove(
+        report = remove_job.remove(
             model,
             ids_file,
             out,
@@ -150,7 +154,7 @@ def run_case(
             row["kl_test"] = row["kl_marked"] = 0.0
             continue
         if net is None:
-            pipeline.remove(
+            remove_job.remove(
                 model,
                 ids_file,
                 out,

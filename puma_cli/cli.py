@@ -1,4 +1,8 @@
-"""The `puma` command line: one short function per command: parse, one library call, render."""
+"""The `puma` command line: one short function per command: parse, one job, render.
+
+Only typer, rich (through `console`) and the YAML reader load at import time: each
+command imports its job when it runs, so `puma --help` never loads torch or scikit-learn.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,16 @@ import functools
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from puma_cli import console, pipeline, pipeline_attack, pipeline_calibrate, pipeline_labels
-from puma_cli.config import load_config
-from puma_cli.criterion import SolverSettings
-from puma_cli.devices import resolve_device
+from puma_cli import console
 from puma_cli.errors import PumaError
-from puma_cli.synthetic import KINDS
-from puma_cli.train import TrainRecipe
-from puma_cli.unlearn import RemovalOptions
+from puma_cli.io.config import load_config
+
+if TYPE_CHECKING:
+    import torch
 
 app = typer.Typer(
     name="puma",
@@ -92,7 +94,16 @@ LabelColOpt = Annotated[str, typer.Option("--label-col", help="Name of the label
 IdColOpt = Annotated[str, typer.Option("--id-col", help="Name of the id column, if any.")]
 
 
+# The choices below mirror the library's registries (tests hold them equal); they are
+# spelled out here so that building the command line imports no job.
+KINDS = ("radial", "rectangular", "moons", "spiral")
 Kind = enum.Enum("Kind", {name: name for name in KINDS}, type=str)  # type: ignore[misc]
+
+
+def resolve_device(name: str) -> torch.device:
+    from puma_cli.devices import resolve_device as resolve
+
+    return resolve(name)
 
 
 class Arch(str, enum.Enum):
@@ -134,8 +145,10 @@ def make_data(
     config: ConfigOpt = None,
 ) -> None:
     """Generate a synthetic dataset (the paper's radial and rectangular sets, moons, spiral)."""
+    from puma_cli.jobs.make_data import make_data as job
+
     resolve_device(device)
-    report = pipeline.make_data(
+    report = job(
         kind.value,
         output,
         n=n,
@@ -213,6 +226,10 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Train a classifier and save it as one safetensors checkpoint with its full record."""
+    from puma_cli.io.datasets import DataOptions
+    from puma_cli.jobs.train import train as job
+    from puma_cli.models.training import TrainRecipe
+
     recipe = TrainRecipe(
         arch=arch.value,
         hidden=_hidden(hidden),
@@ -227,7 +244,7 @@ def train(
     )
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
-        report = pipeline.train(
+        report = job(
             data,
             output,
             recipe,
@@ -236,7 +253,7 @@ def train(
             test=test,
             group=group_ids,
             record_updates=record_updates,
-            options=pipeline.DataOptions(label_col, id_col),
+            options=DataOptions(label_col, id_col),
             device=torch_device,
             overwrite=overwrite,
             progress=progress,
@@ -269,8 +286,11 @@ def mark(
     config: ConfigOpt = None,
 ) -> None:
     """Mark training points for removal (the paper's k-means marking, or at random)."""
+    from puma_cli.io.datasets import DataOptions
+    from puma_cli.jobs.mark import mark as job
+
     resolve_device(device)
-    report = pipeline.mark(
+    report = job(
         data,
         output,
         cls=cls,
@@ -278,7 +298,7 @@ def mark(
         all_classes=all_classes,
         random_frac=random,
         seed=seed,
-        options=pipeline.DataOptions(label_col, id_col),
+        options=DataOptions(label_col, id_col),
         overwrite=overwrite,
     )
     _render(as_json, asdict(report), f"marked {report.count} of {report.n} points")
@@ -368,6 +388,9 @@ def remove(
     retrains the affected shards of a `train --shards` ensemble; amnesiac subtracts the
     updates `train --record-updates` kept; ssd dampens parameters (Foster et al.).
     """
+    from puma_cli.jobs.remove import remove as job
+    from puma_cli.unlearn import RemovalOptions
+
     if lambda_cap <= 0:
         raise typer.BadParameter(f"--lambda-cap {lambda_cap}: give a positive cap")
     if not alpha > 0 or not lambda_ > 0:
@@ -386,7 +409,7 @@ def remove(
     with console.epoch_progress(
         "retraining", enabled=not as_json and method in (Method.retrain, Method.sisa)
     ) as progress:
-        report = pipeline.remove(
+        report = job(
             model,
             marked,
             output,
@@ -441,8 +464,10 @@ def attack(
     config: ConfigOpt = None,
 ) -> None:
     """Membership inference on the targets: did the removal work?"""
+    from puma_cli.jobs.attack import attack as job
+
     with console.epoch_progress("shadow models", enabled=not as_json) as progress:
-        report = pipeline_attack.attack(
+        report = job(
             model,
             targets,
             method=method.value,
@@ -513,7 +538,10 @@ def debug_labels(
     config: ConfigOpt = None,
 ) -> None:
     """Rank training points by how much they hurt held-out loss: mislabel suspects first."""
-    report = pipeline_labels.debug_labels(
+    from puma_cli.engine.criterion import SolverSettings
+    from puma_cli.jobs.debug_labels import debug_labels as job
+
+    report = job(
         model,
         k=k,
         output=output,
@@ -567,7 +595,10 @@ def calibrate(
     config: ConfigOpt = None,
 ) -> None:
     """Lower a model's calibration error with a PUMA patch (Algorithm 3), keeping accuracy."""
-    report = pipeline_calibrate.calibrate(
+    from puma_cli.engine.criterion import SolverSettings
+    from puma_cli.jobs.calibrate import calibrate as job
+
+    report = job(
         model,
         output,
         bins=bins,
@@ -600,9 +631,9 @@ def eval_(
     config: ConfigOpt = None,
 ) -> None:
     """Accuracy, mean loss and ECE of a model on a data file (or some ids of it)."""
-    report = pipeline.evaluate_model(
-        model, data=data, on=on, ids=ids, bins=bins, device=resolve_device(device)
-    )
+    from puma_cli.jobs.evaluate import evaluate_model as job
+
+    report = job(model, data=data, on=on, ids=ids, bins=bins, device=resolve_device(device))
     payload = {
         **asdict(report.evaluation),
         "model": str(model),
@@ -622,8 +653,10 @@ def info(
     config: ConfigOpt = None,
 ) -> None:
     """Architecture, training recipe, data files and provenance of a checkpoint."""
+    from puma_cli.jobs.info import describe as job
+
     resolve_device(device)
-    meta = pipeline.describe(model)
+    meta = job(model)
     if as_json:
         console.emit_json(meta)
         return

@@ -6,13 +6,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from puma_cli.train import Progress as ProgressCallback
+if TYPE_CHECKING:
+    from puma_cli.models.training import Progress as ProgressCallback
 
 
 def _stdout() -> Console:

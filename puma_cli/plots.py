@@ -50,7 +50,7 @@ def save_reliability(
     path: Path, probs: list[np.ndarray], labels: np.ndarray, bins: int, titles: tuple[str, ...]
 ) -> None:
     """Reliability diagrams side by side (the paper's Figure 10): accuracy per confidence bin."""
-    from puma_cli.calibration import expected_calibration_error, reliability_bins
+    from puma_cli.quality.calibration import expected_calibration_error, reliability_bins
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(probs), figsize=(4 * len(probs), 4), sharey=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from puma_cli.data import Dataset, save_dataset, split_rows
-from puma_cli.synthetic import make_synthetic
+from puma_cli.data.dataset import Dataset, split_rows
+from puma_cli.data.synthetic import make_synthetic
+from puma_cli.io.datasets import save_dataset
 
 OUT = Path(__file__).resolve().parent.parent / "sample_data"
 SEED = 0

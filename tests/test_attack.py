@@ -11,18 +11,13 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.attacks import (
-    ShadowSet,
-    auc_score,
-    lira_scores,
-    loss_attack,
-    roc_curve,
-    shokri_scores,
-    sorted_log_softmax,
-    tpr_at_fpr,
-)
-from puma_cli.data import Dataset
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.audit.lira import lira_scores
+from puma_cli.audit.loss import loss_attack
+from puma_cli.audit.scoring import auc_score, roc_curve, tpr_at_fpr
+from puma_cli.audit.shadows import ShadowSet, sorted_log_softmax
+from puma_cli.audit.shokri import shokri_scores
+from puma_cli.data.dataset import Dataset
+from puma_cli.models.training import TrainRecipe, train_classifier
 
 
 def _random_labels(n: int, seed: int) -> Dataset:

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.checkpoint import load_checkpoint
-from puma_cli.data import load_dataset, read_ids
-from puma_cli.models import Architecture, Classifier, ShardEnsemble
-from puma_cli.sisa import SisaPlan, _train_shard, train_sisa, unlearn_sisa
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.datasets import load_dataset
+from puma_cli.io.ids import read_ids
+from puma_cli.models.architectures import Architecture, Classifier, ShardEnsemble
+from puma_cli.models.shards import SisaPlan, _train_shard, train_sisa, unlearn_sisa
+from puma_cli.models.training import TrainRecipe, train_classifier
 from puma_cli.unlearn.amnesiac import UpdateRecorder, subtract_batches
 from puma_cli.unlearn.ssd import dampen
 

@@ -9,8 +9,12 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli import pipeline_calibrate
-from puma_cli.calibration import calibration_categories, expected_calibration_error, soft_ece
+from puma_cli.jobs import calibrate as calibrate_job
+from puma_cli.quality.calibration import (
+    calibration_categories,
+    expected_calibration_error,
+    soft_ece,
+)
 
 
 def test_soft_ece_tracks_binned_ece_and_has_a_gradient() -> None:
@@ -59,7 +63,7 @@ def test_calibrate_lowers_held_out_ece_and_records_it(noisy: Path, tmp_path: Pat
 def test_calibrate_refuses_to_lose_accuracy(
     noisy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = pipeline_calibrate._figures
+    real = calibrate_job._figures
     calls = {"n": 0}
 
     def costly(model, data, bins):  # type: ignore[no-untyped-def]
@@ -67,7 +71,7 @@ def test_calibrate_refuses_to_lose_accuracy(
         calls["n"] += 1
         return ece, accuracy if calls["n"] == 1 else accuracy - 0.02  # every patch costs 2 points
 
-    monkeypatch.setattr(pipeline_calibrate, "_figures", costly)
+    monkeypatch.setattr(calibrate_job, "_figures", costly)
     result = run(
         "calibrate",
         "-m",

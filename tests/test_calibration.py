@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from puma_cli.calibration import expected_calibration_error
+from puma_cli.quality.calibration import expected_calibration_error
 
 
 def test_ece_matches_a_hand_computed_value() -> None:

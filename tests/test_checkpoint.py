@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from puma_cli.checkpoint import Checkpoint, DataRecord, load_checkpoint, save_checkpoint
 from puma_cli.errors import CheckpointError, OutputExistsError
-from puma_cli.models import Architecture, Classifier
+from puma_cli.io.checkpoint import Checkpoint, DataRecord, load_checkpoint, save_checkpoint
+from puma_cli.models.architectures import Architecture, Classifier
 
 
 def _checkpoint(hidden: tuple[int, ...], n_features: int, n_classes: int, seed: int) -> Checkpoint:

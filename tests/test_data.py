@@ -11,16 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from puma_cli.data import (
-    Dataset,
-    load_dataset,
-    read_ids,
-    rows_for_ids,
-    save_dataset,
-    split_rows,
-    write_ids,
-)
+from puma_cli.data.dataset import Dataset, split_rows
 from puma_cli.errors import DataError
+from puma_cli.io.datasets import load_dataset, save_dataset
+from puma_cli.io.ids import read_ids, rows_for_ids, write_ids
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.debugging import found_curve, rank_labels
+from puma_cli.quality.label_ranking import found_curve, rank_labels
 
 
 @pytest.mark.parametrize("score", ["puma", "ntk", "self-influence"])

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from puma_cli.checkpoint import Checkpoint, DataRecord
-from puma_cli.data import Dataset
-from puma_cli.influence import InfluenceModel, conjugate_gradient, dense_hessian, lissa, solve
-from puma_cli.models import Architecture, Classifier
+from puma_cli.data.dataset import Dataset
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.solvers import conjugate_gradient, dense_hessian, lissa, solve
+from puma_cli.io.checkpoint import Checkpoint, DataRecord
+from puma_cli.models.architectures import Architecture, Classifier
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
 from puma_cli.unlearn.puma import reweight
 
@@ -176,7 +177,7 @@ def test_removal_on_a_convex_model_lands_near_the_retrained_one(
 
 
 def test_flush_denormals_is_scoped() -> None:
-    from puma_cli.influence import _flushing, flush_denormals
+    from puma_cli.engine.solvers import _flushing, flush_denormals
 
     before = _flushing()
     with flush_denormals():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
+from puma_cli.data.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
+from puma_cli.data.synthetic import make_synthetic
 from puma_cli.errors import PumaError
-from puma_cli.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
-from puma_cli.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")

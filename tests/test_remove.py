@@ -236,7 +236,7 @@ def test_usage_errors_exit_2(workspace: Path, args: list[str]) -> None:
 def test_a_patch_with_nan_is_never_written(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from puma_cli.influence import Solve
+    from puma_cli.engine.solvers import Solve
     from puma_cli.unlearn import puma as puma_module
 
     real = puma_module.solve

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli.checkpoint import ROLE_TRAINED, Checkpoint
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models import Model
+from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
+from puma_cli.models.architectures import Model
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from puma_cli.checkpoint import load_sidecar, single_model
 from puma_cli.errors import PumaError
-from puma_cli.models import Classifier
+from puma_cli.io.checkpoint import single_model
+from puma_cli.io.recorded import load_sidecar
+from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 SIDECAR = "updates"

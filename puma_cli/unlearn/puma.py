@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puma_cli.criterion import SolverSettings, criterion_direction, training_engine
+from puma_cli.engine.criterion import SolverSettings, criterion_direction, training_engine
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError
-from puma_cli.influence import InfluenceModel, flush_denormals, solve
-from puma_cli.models import Classifier
+from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

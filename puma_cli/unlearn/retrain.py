@@ -3,7 +3,8 @@ retrained whole, with a fresh shard plan)."""
 
 from __future__ import annotations
 
-from puma_cli.train import TrainRecipe, train_classifier
+from puma_cli.models.shards import train_sisa
+from puma_cli.models.training import TrainRecipe, train_classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 
@@ -15,8 +16,6 @@ def retrain(request: RemovalRequest) -> RemovalResult:
     n_classes = request.checkpoint.arch.n_classes
     parameters = {"recipe": recipe.to_dict()}
     if recipe.shards > 1:
-        from puma_cli.sisa import train_sisa
-
         sisa = train_sisa(remaining, recipe, n_classes, request.device, request.progress)
         extra = sisa.plan.expanded(rows, len(request.dataset)).to_tensors()
         return RemovalResult(sisa.model, "retrain", parameters, extra=extra)

@@ -1,12 +1,12 @@
 """SISA removal: retrain only the shards that held marked rows, from the first slice
-that held one; the other shards stay bit-identical. See `puma_cli.sisa`."""
+that held one; the other shards stay bit-identical. See `puma_cli.models.shards`."""
 
 from __future__ import annotations
 
 from puma_cli.errors import PumaError
-from puma_cli.models import ShardEnsemble
-from puma_cli.sisa import SisaPlan, unlearn_sisa
-from puma_cli.train import TrainRecipe
+from puma_cli.models.architectures import ShardEnsemble
+from puma_cli.models.shards import SisaPlan, unlearn_sisa
+from puma_cli.models.training import TrainRecipe
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 

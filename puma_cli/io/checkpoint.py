@@ -25,10 +25,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from puma_cli import __version__
-from puma_cli.atomic import sha256_file, write_atomically
-from puma_cli.data import Dataset, load_dataset
-from puma_cli.errors import CheckpointError, DataError, PumaError
-from puma_cli.models import Architecture, Classifier, Model, build_model
+from puma_cli.data.dataset import Dataset
+from puma_cli.errors import CheckpointError, PumaError
+from puma_cli.io.atomic import write_atomically
+from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
 FORMAT_VERSION = 1
@@ -220,71 +220,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
-    """The file recorded for `role` ('train', 'val', 'test'), found where it was recorded."""
-    record = checkpoint.data.get(role)
-    if record is None:
-        raise DataError(
-            f"{checkpoint.path} records no {_ROLE_NAMES[role]} file; give one with --data"
-        )
-    path = Path(record.path)
-    if not path.exists():
-        raise DataError(
-            f"the {_ROLE_NAMES[role]} file recorded in {checkpoint.path}, {path}, is missing; "
-            "put it back there or give the file with --data"
-        )
-    return path
-
-
-def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
-    """Load the recorded file for `role`, refusing one whose sha256 has changed."""
-    path = recorded_data_path(checkpoint, role)
-    record = checkpoint.data[role]
-    assert record is not None  # recorded_data_path raised otherwise
-    digest = sha256_file(path)
-    if digest != record.sha256:
-        raise DataError(
-            f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
-            f"recorded, {digest[:12]} now); restore the original file or retrain the model"
-        )
-    return load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
-
-
-def load_recorded_or_none(checkpoint: Checkpoint, role: str) -> Dataset | None:
-    """The recorded file for `role`, sha256-checked, or None when none was recorded."""
-    if checkpoint.data.get(role) is None:
-        return None
-    return load_recorded_dataset(checkpoint, role)
-
-
-def load_compatible(checkpoint: Checkpoint, path: Path) -> Dataset:
-    """A file the user names for this model, labels mapped through its classes, shape checked."""
-    dataset = load_dataset(path, class_names=checkpoint.class_names)
-    check_compatible(checkpoint, dataset)
-    return dataset
-
-
-def load_sidecar(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of a recorded sidecar file, refused when missing or changed."""
-    record = checkpoint.sidecars[name]
-    path = Path(record.path)
-    if not path.exists():
-        raise DataError(
-            f"the {name} file recorded in {checkpoint.path}, {path}, is missing; put it back "
-            "there (it is written beside the model at training)"
-        )
-    digest = sha256_file(path)
-    if digest != record.sha256:
-        raise DataError(
-            f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
-            f"recorded, {digest[:12]} now); restore it or retrain the model"
-        )
-    try:
-        return load_safetensors(path.read_bytes())
-    except SafetensorError as exc:
-        raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
-
-
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file of plain tensors, byte-for-byte the same for the same content."""
     return _canonical(save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
@@ -299,41 +234,3 @@ def single_model(checkpoint: Checkpoint, what: str) -> Classifier:
         f"{checkpoint.arch.shards} shards: remove points with --method sisa (it retrains only "
         "the shards that held them) or --method retrain, or train without --shards"
     )
-
-
-def data_status(checkpoint: Checkpoint) -> dict[str, str]:
-    """For each recorded file: 'ok', 'changed' or 'missing' (what `info` shows)."""
-    status: dict[str, str] = {}
-    for role, record in checkpoint.data.items():
-        if record is None:
-            continue
-        path = Path(record.path)
-        if not path.exists():
-            status[role] = "missing"
-        else:
-            status[role] = "ok" if sha256_file(path) == record.sha256 else "changed"
-    return status
-
-
-def check_compatible(checkpoint: Checkpoint, dataset: Dataset) -> None:
-    """Refuse data whose shape or classes the model was not made for."""
-    if dataset.input_shape != checkpoint.arch.input_shape:
-        raise DataError(
-            f"{dataset.name} has {_shape(dataset.input_shape)} features but {checkpoint.path} "
-            f"was trained on {_shape(checkpoint.arch.input_shape)}; use data with the model's "
-            f"columns ({', '.join(checkpoint.feature_names[:8])}"
-            f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
-        )
-    if len(dataset) and int(dataset.y.max()) >= checkpoint.arch.n_classes:
-        row = int(np.argmax(dataset.y >= checkpoint.arch.n_classes))
-        raise DataError(
-            f"{dataset.name}: id {dataset.ids[row]} has label {int(dataset.y[row])}, but "
-            f"{checkpoint.path} knows classes 0..{checkpoint.arch.n_classes - 1} only"
-        )
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return str(shape[0]) if len(shape) == 1 else "x".join(map(str, shape))
-
-
-_ROLE_NAMES = {"train": "training", "val": "validation", "test": "test"}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puma_cli.calibration import expected_calibration_error
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
+from puma_cli.models.predict import predict_logits
+from puma_cli.quality.calibration import expected_calibration_error
 
 
 @dataclass(frozen=True)
@@ -18,22 +18,6 @@ class Evaluation:
     loss: float
     ece: float
     n: int
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, X: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-    """X: (n, *input_shape) -> logits (n, K) float32 on the CPU."""
-    device = device_of(model)
-    model.eval()
-    out = [
-        model(torch.as_tensor(X[i : i + batch_size], dtype=torch.float32, device=device)).cpu()
-        for i in range(0, X.shape[0], batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, bins: int = 15) -> Evaluation:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from puma_cli.criterion import CriterionDirection
+from puma_cli.engine.criterion import CriterionDirection
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_hessian
 from puma_cli.errors import PumaError
-from puma_cli.influence import EXACT_MAX_PARAMETERS, InfluenceModel, dense_hessian
 
 SCORES = ("puma", "ntk", "self-influence")
 

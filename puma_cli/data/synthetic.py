@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.datasets import make_moons
 
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models import ACTIVATIONS, Architecture, Classifier, Model
+from puma_cli.models.architectures import ACTIVATIONS, Architecture, Classifier
 
 Progress = Callable[[int, int, float], None]
 """Called after each epoch with (epoch, epochs, mean training loss)."""
@@ -168,19 +168,3 @@ def _epoch_order(
     slots = others.numel() // batch_size + 1
     at = batch_size * int(torch.randint(slots, (1,), generator=generator))
     return torch.cat([others[:at], group, others[at:]])
-
-
-def train_model(
-    dataset: Dataset,
-    recipe: TrainRecipe,
-    n_classes: int,
-    device: torch.device | str = "cpu",
-    progress: Progress | None = None,
-) -> Model:
-    """What the recipe trains: one Classifier, or a SISA ensemble when it has shards
-    (shadow models and `retrain` go through here)."""
-    if recipe.shards > 1:
-        from puma_cli.sisa import train_sisa
-
-        return train_sisa(dataset, recipe, n_classes, device, progress).model
-    return train_classifier(dataset, recipe, n_classes, device, progress)

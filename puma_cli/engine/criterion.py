@@ -17,11 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from puma_cli.atomic import sha256_file
-from puma_cli.checkpoint import Checkpoint, single_model
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.solvers import largest_eigenvalue, solve
 from puma_cli.errors import PumaError
-from puma_cli.influence import InfluenceModel, largest_eigenvalue, solve
+from puma_cli.io.atomic import sha256_file
+from puma_cli.io.checkpoint import Checkpoint, single_model
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puma_cli import checkpoint as ckpt
-from puma_cli.atomic import check_outputs, write_atomically
-from puma_cli.criterion import SolverSettings, cache_path_for, criterion_direction, training_engine
-from puma_cli.data import Dataset, read_ids, rows_for_ids
-from puma_cli.debugging import LabelRanking, found_curve, rank_labels, suspicion_scores
+from puma_cli.data.dataset import Dataset
+from puma_cli.engine.criterion import (
+    SolverSettings,
+    cache_path_for,
+    criterion_direction,
+    training_engine,
+)
+from puma_cli.engine.solvers import flush_denormals
 from puma_cli.errors import DataError, PumaError
-from puma_cli.evaluation import predict_logits
-from puma_cli.influence import flush_denormals
-from puma_cli.pipeline import criterion_set
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io import recorded
+from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.io.recorded import criterion_set
+from puma_cli.models.predict import predict_logits
+from puma_cli.quality.label_ranking import LabelRanking, found_curve, rank_labels, suspicion_scores
 
 FRACTIONS = np.round(np.arange(1, 101) / 100, 2)
 
@@ -59,7 +66,7 @@ def debug_labels(
         raise PumaError("--plot draws the found-vs-reviewed curve, which needs --truth IDS")
     check_outputs([output, plot], [model], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
-    dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train")
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
     if agreeing_criterion:

@@ -22,43 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from puma_cli.atomic import sha256_file
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str."""
-
-    X: np.ndarray
-    y: np.ndarray
-    ids: np.ndarray
-    feature_names: tuple[str, ...]
-    class_names: tuple[str, ...] | None = None
-    path: Path | None = None
-    sha256: str | None = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def n_classes(self) -> int:
-        """Classes the labels imply: the names, or the largest label plus one."""
-        if self.class_names is not None:
-            return len(self.class_names)
-        return int(self.y.max()) + 1 if len(self) else 0
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.X.shape[1:])
-
-    @property
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "the dataset"
-
-    def subset(self, rows: np.ndarray) -> Dataset:
-        """The rows at the given positions, keeping names and source."""
-        return replace(self, X=self.X[rows], y=self.y[rows], ids=self.ids[rows])
+from puma_cli.io.atomic import sha256_file
 
 
 def load_dataset(
@@ -362,66 +328,7 @@ def save_dataset(path: Path, dataset: Dataset) -> None:
             writer.writerow([ident, *(repr(v) for v in row), label])
 
 
-# --- ids files ---------------------------------------------------------------------------
-
-
-def read_ids(path: Path) -> list[str]:
-    """Ids in file order, each once: one per line, blank lines and `#` comments skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such ids file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not a text ids file (one id per line)") from exc
-    ids: dict[str, None] = {}
-    for line in text.splitlines():
-        entry = line.split("#", 1)[0].strip()
-        if entry:
-            ids.setdefault(entry, None)
-    return list(ids)
-
-
-def write_ids(path: Path, ids: Sequence[str], comment: str = "") -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for line in comment.splitlines():
-            handle.write(f"# {line}\n")
-        for ident in ids:
-            handle.write(f"{ident}\n")
-
-
-def rows_for_ids(dataset: Dataset, ids: Sequence[str], ids_path: Path | str) -> np.ndarray:
-    """Positions of the given ids in the dataset; every id must be there."""
-    position = {ident: i for i, ident in enumerate(dataset.ids.tolist())}
-    missing = [ident for ident in ids if ident not in position]
-    if missing:
-        shown = ", ".join(repr(m) for m in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(
-            f"{ids_path}: {len(missing)} id(s) are not in {dataset.name}: {shown}{more} "
-            f"({_describe_ids(dataset)})"
-        )
-    return np.array([position[ident] for ident in ids], dtype=np.int64)
-
-
-def _describe_ids(dataset: Dataset) -> str:
-    ids = dataset.ids.tolist()
-    if ids == [str(i) for i in range(len(ids))]:
-        return f"its ids are the row numbers 0..{len(ids) - 1}"
-    return f"its ids run {ids[0]!r}, {ids[1] if len(ids) > 1 else ''!r}, ..."
-
-
-def split_rows(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified split: (kept rows, held-out rows), about `frac` of each class held out.
-
-    Every class keeps at least one row; both arrays are sorted row positions.
-    """
-    rng = np.random.default_rng(seed)
-    held: list[np.ndarray] = []
-    for cls in np.unique(y):
-        rows = np.flatnonzero(y == cls)
-        take = min(round(frac * rows.size), rows.size - 1)
-        held.append(rng.permutation(rows)[:take])
-    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
-    kept = np.setdiff1d(np.arange(y.shape[0]), held_out)
-    return kept, held_out
+@dataclass(frozen=True)
+class DataOptions:
+    label_col: str = "label"
+    id_col: str = "id"

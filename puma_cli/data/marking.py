@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import KMeans
 
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 
 

@@ -23,10 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models import Classifier, ShardEnsemble
-from puma_cli.train import Progress, TrainRecipe, architecture_for, check_trainable, fit
+from puma_cli.models.architectures import Classifier, Model, ShardEnsemble
+from puma_cli.models.training import (
+    Progress,
+    TrainRecipe,
+    architecture_for,
+    check_trainable,
+    fit,
+    train_classifier,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -206,3 +213,17 @@ def _stage(progress: Progress | None, r: int, recipe: TrainRecipe) -> Progress |
         progress(r * per_stage + epoch, per_stage * recipe.slices, loss)
 
     return report
+
+
+def train_model(
+    dataset: Dataset,
+    recipe: TrainRecipe,
+    n_classes: int,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Model:
+    """What the recipe trains: one Classifier, or a SISA ensemble when it has shards
+    (shadow models and `retrain` go through here)."""
+    if recipe.shards > 1:
+        return train_sisa(dataset, recipe, n_classes, device, progress).model
+    return train_classifier(dataset, recipe, n_classes, device, progress)

@@ -1,6 +1,6 @@
 """`calibrate` from files: Algorithm 3's categories, then a PUMA patch that lowers ECE.
 
-C_ece is a differentiable surrogate of ECE on the held-out data (calibration.soft_ece).
+C_ece is a differentiable surrogate of ECE on the held-out data (quality.calibration.soft_ece).
 psi_ece = v_ece . g_i ranks the training rows by how much their removal would lower it;
 Algorithm 3 splits the k lowest into over-confident, over-uncertain and other-noise.
 The patch removes over-confident and other-noise rows and upweights over-uncertain ones,
@@ -19,16 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puma_cli import checkpoint as ckpt
-from puma_cli.atomic import check_outputs, write_atomically
-from puma_cli.calibration import calibration_categories, expected_calibration_error, soft_ece
-from puma_cli.criterion import SolverSettings, cache_path_for, criterion_direction, training_engine
-from puma_cli.data import Dataset
+from puma_cli.data.dataset import Dataset
+from puma_cli.engine.criterion import (
+    SolverSettings,
+    cache_path_for,
+    criterion_direction,
+    training_engine,
+)
+from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError
-from puma_cli.evaluation import predict_logits
-from puma_cli.influence import flush_denormals, solve
-from puma_cli.models import Classifier
-from puma_cli.pipeline import criterion_set
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io import recorded
+from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.recorded import criterion_set
+from puma_cli.models.architectures import Classifier
+from puma_cli.models.predict import predict_logits
+from puma_cli.quality.calibration import (
+    calibration_categories,
+    expected_calibration_error,
+    soft_ece,
+)
 from puma_cli.unlearn.puma import reweight
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -85,9 +95,9 @@ def calibrate(
     output = output or default_calibrated_path(model)
     check_outputs([output, plot], [model], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
-    dataset = ckpt.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train")
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
-    test = ckpt.load_recorded_or_none(checkpoint, "test")
+    test = recorded.load_recorded_or_none(checkpoint, "test")
     settings = settings or SolverSettings()
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)

@@ -1,0 +1,129 @@
+"""Shadow models for LiRA and Shokri: trained on random subsets of the attacker's pool.
+
+They depend only on the data pool, the recipe, their number and the seed, not on the
+attacked model, so their predictions are cached beside the checkpoint under a name
+derived from those: an attack on the unlearned model reuses the original's shadows.
+Each shadow records the features the attacks read: LiRA's logit-scaled confidence and
+Shokri's sorted log-softmax, on every point of the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from puma_cli.data.dataset import Dataset
+from puma_cli.io.checkpoint import Checkpoint
+from puma_cli.models.predict import predict_logits
+from puma_cli.models.shards import train_model
+from puma_cli.models.training import Progress, TrainRecipe
+
+
+def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """phi = log p_y - log(1 - p_y), computed stably as z_y - logsumexp(z_others)."""
+    logits = logits.double()
+    true = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return (true - torch.logsumexp(others, dim=1)).numpy()
+
+
+def sorted_log_softmax(logits: torch.Tensor) -> np.ndarray:
+    """(n, K) log-probabilities, largest first, floored at -30: Shokri's sorted softmax
+    on a log scale, so that confidences of 0.999 and 0.99999 stay apart."""
+    logp = torch.log_softmax(logits.double(), dim=1).clamp_min(-30.0)
+    return torch.sort(logp, dim=1, descending=True).values.float().numpy()
+
+
+@dataclass(frozen=True)
+class ShadowSet:
+    """inclusion (S, n) bool: point j in shadow s's training set; phi (S, n) each shadow's
+    logit-scaled confidence on each point of the pool; sorted_logp (S, n, K) its sorted
+    log-softmax (Shokri's features)."""
+
+    inclusion: np.ndarray
+    phi: np.ndarray
+    sorted_logp: np.ndarray
+
+
+def attack_pool(dataset: Dataset, other: Dataset) -> Dataset:
+    """The attacker's data: every row of the training file, then the non-members. It does
+    not depend on which rows a model still trains on, so a removal keeps the same shadows."""
+    return replace(
+        dataset,
+        X=np.concatenate([dataset.X, other.X]),
+        y=np.concatenate([dataset.y, other.y]),
+        ids=np.concatenate([dataset.ids, np.array([f"nonmember:{i}" for i in other.ids])]),
+    )
+
+
+def train_shadows(
+    checkpoint: Checkpoint,
+    pool: Dataset,
+    count: int,
+    size: int,
+    seed: int,
+    folder: Path,
+    device: torch.device | str,
+    progress: Progress | None,
+) -> ShadowSet:
+    """Shadow models on random subsets of the pool, each of about `size` rows (the attacked
+    model's training-set size: a shadow trained on less data is less confident, and every
+    point would look like a member); their phi on every pool point (cached)."""
+    recipe = TrainRecipe.from_dict(checkpoint.recipe)
+    digest = hashlib.sha256()
+    for array in (pool.X, pool.y):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps([recipe.to_dict(), count, size, seed], sort_keys=True).encode())
+    cache = folder / f"puma-shadows-{digest.hexdigest()[:16]}.safetensors"
+    if cache.exists():
+        try:
+            tensors = load_file(str(cache))
+            return ShadowSet(
+                tensors["inclusion"].numpy().astype(bool),
+                tensors["phi"].numpy(),
+                tensors["sorted_logp"].numpy(),
+            )
+        except (SafetensorError, OSError, KeyError):
+            pass  # rebuilt below
+    # Every point is in the same number of shadows (LiRA's design, with the share set by
+    # `size`), at least one and at most count - 1, so each has an IN and an OUT side.
+    rng = np.random.default_rng(seed)
+    inside = min(max(round(count * size / len(pool)), 1), count - 1)
+    ranks = np.argsort(rng.random((count, len(pool))), axis=0)
+    inclusion = ranks < inside
+    phi = np.empty((count, len(pool)))
+    sorted_logp = np.empty((count, len(pool), checkpoint.arch.n_classes), dtype=np.float32)
+    labels = torch.as_tensor(pool.y)
+    for s in range(count):
+        shadow = train_model(
+            pool.subset(np.flatnonzero(inclusion[s])),
+            replace(recipe, seed=recipe.seed + 1 + s),
+            checkpoint.arch.n_classes,
+            device,
+        )
+        logits = predict_logits(shadow, pool.X)
+        phi[s] = logit_confidence(logits, labels)
+        sorted_logp[s] = sorted_log_softmax(logits)
+        if progress is not None:
+            progress(s + 1, count, 0.0)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    try:
+        save_file(
+            {
+                "inclusion": torch.from_numpy(inclusion.astype(np.uint8)),
+                "phi": torch.from_numpy(phi),
+                "sorted_logp": torch.from_numpy(sorted_logp),
+            },
+            str(tmp),
+        )
+        tmp.replace(cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return ShadowSet(inclusion, phi, sorted_logp)

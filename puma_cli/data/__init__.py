@@ -1,0 +1,1 @@
+"""In-memory data: the `Dataset` every layer passes around, synthetic sets, markings."""

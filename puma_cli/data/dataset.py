@@ -1,0 +1,59 @@
+"""The in-memory dataset every layer passes around, and the stratified split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...] | None = None
+    path: Path | None = None
+    sha256: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        """Classes the labels imply: the names, or the largest label plus one."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        return int(self.y.max()) + 1 if len(self) else 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.X.shape[1:])
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "the dataset"
+
+    def subset(self, rows: np.ndarray) -> Dataset:
+        """The rows at the given positions, keeping names and source."""
+        return replace(self, X=self.X[rows], y=self.y[rows], ids=self.ids[rows])
+
+
+def split_rows(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified split: (kept rows, held-out rows), about `frac` of each class held out.
+
+    Every class keeps at least one row; both arrays are sorted row positions.
+    """
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for cls in np.unique(y):
+        rows = np.flatnonzero(y == cls)
+        take = min(round(frac * rows.size), rows.size - 1)
+        held.append(rng.permutation(rows)[:take])
+    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    kept = np.setdiff1d(np.arange(y.shape[0]), held_out)
+    return kept, held_out

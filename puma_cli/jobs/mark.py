@@ -1,0 +1,59 @@
+"""`puma mark`: ids of training points to remove, by k-means cluster or at random."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from puma_cli.data.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
+from puma_cli.errors import PumaError
+from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.datasets import DataOptions, load_dataset
+from puma_cli.io.ids import write_ids as write_ids_file
+
+
+@dataclass(frozen=True)
+class MarkReport:
+    ids_file: Path
+    count: int
+    n: int
+    method: str
+
+
+def mark(
+    data: Path,
+    output: Path,
+    *,
+    cls: int | None = None,
+    clusters: int = 8,
+    all_classes: bool = False,
+    random_frac: float | None = None,
+    seed: int = 0,
+    options: DataOptions = DataOptions(),
+    overwrite: bool = False,
+) -> MarkReport:
+    """Mark by k-means cluster (one class, or every class) or at random; write the ids."""
+    chosen = [cls is not None, all_classes, random_frac is not None]
+    if sum(chosen) != 1:
+        raise PumaError("choose exactly one marking: --class Y, --all-classes or --random FRAC")
+    check_outputs([output], [data], overwrite)
+    dataset = load_dataset(data, options.label_col, options.id_col)
+    if random_frac is not None:
+        rows, method = random_marking(dataset, random_frac, seed), f"random {random_frac}"
+    elif all_classes:
+        rows = all_classes_marking(dataset, clusters, seed)
+        method = f"kmeans all classes, {clusters} clusters"
+    else:
+        assert cls is not None
+        rows = kmeans_marking(dataset, cls, clusters, seed)
+        method = f"kmeans class {cls}, {clusters} clusters"
+    check_marking(rows, dataset)
+    ids = dataset.ids[np.sort(rows)].tolist()
+    note = (
+        f"puma mark: {method}, seed {seed}, {len(ids)} of {len(dataset)} rows\n"
+        f"data: {data.name} sha256 {dataset.sha256}"
+    )
+    write_atomically({output: lambda tmp: write_ids_file(tmp, ids, note)}, overwrite)
+    return MarkReport(ids_file=output, count=len(ids), n=len(dataset), method=method)

@@ -1,0 +1,203 @@
+"""`puma remove`: a checkpoint and an ids file in, the unlearned checkpoint out.
+
+The method (puma, influence, retrain, sisa, amnesiac, ssd) comes from the `unlearn`
+registry; this job finds the recorded data, checks the marking, measures before and
+after, refuses a model with NaN or inf weights, and appends the provenance entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli.data.dataset import Dataset
+from puma_cli.engine.criterion import cache_path_for
+from puma_cli.errors import DataError, PumaError
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io import recorded
+from puma_cli.io.atomic import check_outputs
+from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.io.recorded import criterion_set
+from puma_cli.models.training import Progress
+from puma_cli.quality.evaluation import evaluate
+from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
+
+
+@dataclass(frozen=True)
+class RemoveReport:
+    method: str
+    removed: int
+    seconds: float
+    output: Path
+    eta: float | None
+    eta_scale: float | None
+    predicted_criterion_change: float | None
+    criterion_before: float
+    criterion_after: float
+    criterion_accuracy_before: float
+    criterion_accuracy_after: float
+    test_accuracy_before: float | None
+    test_accuracy_after: float | None
+    marked_loss_before: float
+    marked_loss_after: float
+    marked_accuracy_before: float
+    marked_accuracy_after: float
+    cached: bool
+    parameters: dict[str, Any]
+    warnings: list[str]
+    skipped: dict[str, int]
+
+
+def default_removed_path(model: Path) -> Path:
+    return model.with_name(f"{model.stem}.removed.safetensors")
+
+
+def remove(
+    model: Path,
+    marked: Path,
+    output: Path | None = None,
+    *,
+    method: str = "puma",
+    options: RemovalOptions | None = None,
+    criterion_data: Path | None = None,
+    use_cache: bool = True,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RemoveReport:
+    """Remove the marked ids' influence from `model`; write the result with its provenance."""
+    output = output or default_removed_path(model)
+    check_outputs([output], [model, marked], overwrite)
+    run = get_method(method)
+    checkpoint = ckpt.load_checkpoint(model, device)
+    dataset = recorded.load_recorded_dataset(checkpoint, "train")
+    ids = read_ids(marked)
+    rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
+    new_roles = checkpoint.roles.copy()
+    new_roles[rows] = ckpt.ROLE_REMOVED
+    criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data)
+    test_set = recorded.load_recorded_or_none(checkpoint, "test")
+    marked_set = dataset.subset(trained_marked)
+    options = options or RemovalOptions()
+    if use_cache and method in ("puma", "influence"):
+        options = replace(options, cache=cache_path_for(model))
+    request = RemovalRequest(
+        checkpoint, dataset, trained_marked, criterion, options, device, progress
+    )
+    before_c, before_m = (
+        evaluate(checkpoint.model, criterion),
+        evaluate(checkpoint.model, marked_set),
+    )
+    test_before = evaluate(checkpoint.model, test_set).accuracy if test_set is not None else None
+    started = time.perf_counter()
+    result = run(request)
+    seconds = time.perf_counter() - started
+    if not all(torch.isfinite(p).all() for p in result.model.parameters()):
+        raise PumaError(f"--method {method} produced NaN or inf weights; nothing was written")
+    after_c, after_m = evaluate(result.model, criterion), evaluate(result.model, marked_set)
+    test_after = evaluate(result.model, test_set).accuracy if test_set is not None else None
+    warnings = list(result.warnings)
+    if test_before is not None and test_after is not None and test_before - test_after > 0.01:
+        warnings.append(
+            f"test accuracy fell by {100 * (test_before - test_after):.1f} points "
+            f"({test_before:.4f} -> {test_after:.4f})"
+        )
+    report = RemoveReport(
+        method=result.method,
+        removed=int(trained_marked.size),
+        seconds=seconds,
+        output=output,
+        eta=result.eta,
+        eta_scale=result.parameters.get("eta_scale"),
+        predicted_criterion_change=result.predicted_criterion_change,
+        criterion_before=before_c.loss,
+        criterion_after=after_c.loss,
+        criterion_accuracy_before=before_c.accuracy,
+        criterion_accuracy_after=after_c.accuracy,
+        test_accuracy_before=test_before,
+        test_accuracy_after=test_after,
+        marked_loss_before=before_m.loss,
+        marked_loss_after=after_m.loss,
+        marked_accuracy_before=before_m.accuracy,
+        marked_accuracy_after=after_m.accuracy,
+        cached=result.cached,
+        parameters=result.parameters,
+        warnings=warnings,
+        skipped=skipped,
+    )
+    entry = _provenance_entry(report, ids)
+    new = replace(
+        checkpoint,
+        model=result.model,
+        roles=new_roles,
+        provenance=[*checkpoint.provenance, entry],
+        extra=result.extra if result.extra is not None else checkpoint.extra,
+    )
+    ckpt.save_checkpoint(output, new, overwrite)
+    return report
+
+
+def _marked_rows(
+    checkpoint: ckpt.Checkpoint, dataset: Dataset, ids: list[str], marked: Path
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(all marked rows, those trained on now, counts of the others by why they are skipped).
+
+    Marked validation rows are dropped from the criterion too; rows removed earlier stay so.
+    """
+    if not ids:
+        raise DataError(f"{marked} names no ids; give at least one id to remove")
+    rows = rows_for_ids(dataset, ids, marked)
+    roles = checkpoint.roles[rows]
+    trained = rows[roles == ckpt.ROLE_TRAINED]
+    skipped = {
+        "already_removed": int((roles == ckpt.ROLE_REMOVED).sum()),
+        "validation": int((roles == ckpt.ROLE_VALIDATION).sum()),
+    }
+    if trained.size == 0:
+        raise PumaError(
+            f"none of the {len(ids)} ids in {marked} is trained on by {checkpoint.path} "
+            f"({skipped['already_removed']} removed earlier, {skipped['validation']} validation "
+            "rows); nothing to remove"
+        )
+    if int((checkpoint.roles == ckpt.ROLE_TRAINED).sum()) == trained.size:
+        raise PumaError(
+            f"{marked} marks every one of the {trained.size} rows {checkpoint.path} is trained "
+            "on; nothing would remain: mark fewer points"
+        )
+    return rows, trained, skipped
+
+
+_RECORDED_METRICS = (
+    "predicted_criterion_change",
+    "criterion_before",
+    "criterion_after",
+    "criterion_accuracy_before",
+    "criterion_accuracy_after",
+    "test_accuracy_before",
+    "test_accuracy_after",
+    "marked_loss_before",
+    "marked_loss_after",
+)
+
+
+def _provenance_entry(report: RemoveReport, ids: list[str]) -> dict[str, Any]:
+    """What the checkpoint keeps of a removal: never the ids, only their count and sha256."""
+    return {
+        "op": "remove",
+        "method": report.method,
+        "parameters": report.parameters,
+        "removed": report.removed,
+        "ids_count": len(ids),
+        "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(report.seconds, 4),
+        "metrics": {key: getattr(report, key) for key in _RECORDED_METRICS},
+        "warnings": report.warnings,
+    }

@@ -1,0 +1,202 @@
+"""`puma train`: data in, one checkpoint out (with a SISA plan or an Amnesiac sidecar)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli.data.dataset import Dataset, split_rows
+from puma_cli.errors import DataError, PumaError
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.datasets import DataOptions, load_dataset
+from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.models.architectures import Model
+from puma_cli.models.training import Progress, TrainRecipe, train_classifier
+from puma_cli.quality.evaluation import Evaluation, evaluate
+from puma_cli.unlearn.amnesiac import UpdateRecorder
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    model: Path
+    train_accuracy: float
+    val_accuracy: float | None
+    test_accuracy: float | None
+    n_train: int
+    n_val: int
+    n_parameters: int
+    seconds: float
+    shards: int = 1
+    updates_file: Path | None = None
+    updates_bytes: int | None = None
+
+
+def _n_classes(dataset: Dataset) -> int:
+    k = dataset.n_classes
+    missing = sorted(set(range(k)) - {int(c) for c in np.unique(dataset.y)})
+    if missing and dataset.class_names is None:
+        raise DataError(
+            f"{dataset.name}: labels run up to {k - 1} but class {missing[0]} has no rows; "
+            "labels must be 0..K-1 with every class present (renumber them)"
+        )
+    return k
+
+
+def updates_path_for(model: Path) -> Path:
+    """m.safetensors -> m.updates.safetensors (Amnesiac's recorded training updates)."""
+    return model.with_name(f"{model.stem}.updates.safetensors")
+
+
+def train(
+    data: Path,
+    output: Path,
+    recipe: TrainRecipe,
+    *,
+    val_frac: float = 0.1,
+    val: Path | None = None,
+    test: Path | None = None,
+    group: Path | None = None,
+    record_updates: bool = False,
+    options: DataOptions = DataOptions(),
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Train on `data` less a held-out validation split, record everything, save atomically.
+
+    recipe.shards > 1 trains a SISA ensemble; record_updates keeps every step's update in
+    a sidecar for Amnesiac; group names ids to train together (fewest batches or shards).
+    """
+    started = time.perf_counter()
+    recipe.validate()
+    if not 0 <= val_frac <= 0.5:
+        raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
+    if record_updates and recipe.shards > 1:
+        raise PumaError(
+            "--record-updates is for Amnesiac on a single model; a SISA ensemble (--shards) "
+            "unlearns by retraining its shards: drop one of the two"
+        )
+    if group is not None and not (record_updates or recipe.shards > 1):
+        raise PumaError(
+            "--group-ids only changes how Amnesiac batches (--record-updates) or SISA shards "
+            "(--shards K) hold those rows; add one of them or drop --group-ids"
+        )
+    sidecar = updates_path_for(output) if record_updates else None
+    outputs = [output, sidecar]
+    check_outputs(outputs, [data, val, test, group], overwrite)
+    dataset = load_dataset(data, options.label_col, options.id_col)
+    n_classes = _n_classes(dataset)
+    roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
+    val_set: Dataset | None = None
+    if val is not None:
+        val_set = _load_for(val, dataset, options, n_classes)
+    elif val_frac > 0:
+        _, held = split_rows(dataset.y, val_frac, recipe.seed)
+        roles[held] = ckpt.ROLE_VALIDATION
+        val_set = dataset.subset(held) if held.size else None
+    test_set = _load_for(test, dataset, options, n_classes) if test is not None else None
+    trained_rows = np.flatnonzero(roles == ckpt.ROLE_TRAINED)
+    trained = dataset.subset(trained_rows)
+    grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
+    extra: dict[str, torch.Tensor] = {}
+    writers = {}
+    sidecars = {}
+    if recipe.shards > 1:
+        from puma_cli.models.shards import train_sisa
+
+        sisa = train_sisa(trained, recipe, n_classes, device, progress, grouped)
+        model: Model = sisa.model
+        extra = sisa.plan.expanded(trained_rows, len(dataset)).to_tensors()
+    else:
+        recorder = UpdateRecorder(trained_rows, recipe.batch_size) if record_updates else None
+        model = train_classifier(
+            trained, recipe, n_classes, device, progress, group=grouped, on_step=recorder
+        )
+        if recorder is not None and sidecar is not None:
+            blob = ckpt.tensor_bytes(recorder.tensors())
+            writers[sidecar] = lambda tmp: tmp.write_bytes(blob)
+            digest = hashlib.sha256(blob).hexdigest()
+            sidecars["updates"] = ckpt.DataRecord(
+                str(sidecar.resolve()), digest, len(recorder.updates)
+            )
+    metrics: dict[str, Any] = {"train": _figures(evaluate(model, trained))}
+    if val_set is not None:
+        metrics["val"] = _figures(evaluate(model, val_set))
+    if test_set is not None:
+        metrics["test"] = _figures(evaluate(model, test_set))
+    checkpoint = ckpt.Checkpoint(
+        model=model,
+        recipe=recipe.to_dict(),
+        data={
+            "train": ckpt.DataRecord.of(dataset, options.label_col, options.id_col),
+            "val": ckpt.DataRecord.of(val_set, options.label_col, options.id_col)
+            if val is not None and val_set is not None
+            else None,
+            "test": ckpt.DataRecord.of(test_set, options.label_col, options.id_col)
+            if test_set is not None
+            else None,
+        },
+        roles=roles,
+        feature_names=dataset.feature_names,
+        class_names=dataset.class_names,
+        metrics=metrics,
+        extra=extra,
+        sidecars=sidecars,
+    )
+    blob_model = ckpt.checkpoint_bytes(checkpoint)
+    writers[output] = lambda tmp: tmp.write_bytes(blob_model)
+    write_atomically(writers, overwrite)
+    return TrainReport(
+        model=output,
+        train_accuracy=metrics["train"]["accuracy"],
+        val_accuracy=metrics["val"]["accuracy"] if "val" in metrics else None,
+        test_accuracy=metrics["test"]["accuracy"] if "test" in metrics else None,
+        n_train=len(trained),
+        n_val=len(val_set) if val_set is not None else 0,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - started,
+        shards=recipe.shards,
+        updates_file=sidecar,
+        updates_bytes=sidecar.stat().st_size if sidecar is not None else None,
+    )
+
+
+def _group_positions(group: Path, dataset: Dataset, trained_rows: np.ndarray) -> np.ndarray:
+    """Positions among the trained rows of the ids in `group` (validation rows drop out)."""
+    ids = read_ids(group)
+    if not ids:
+        raise DataError(f"{group} names no ids; give the ids to train together")
+    rows = rows_for_ids(dataset, ids, group)
+    return np.flatnonzero(np.isin(trained_rows, rows))
+
+
+def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
+    """A validation or test file, checked against the training data's shape and classes."""
+    other = load_dataset(path, options.label_col, options.id_col, train_set.class_names)
+    if other.input_shape != train_set.input_shape:
+        raise DataError(
+            f"{path} has feature shape {other.input_shape}, but {train_set.name} has "
+            f"{train_set.input_shape}; give files with the same columns"
+        )
+    if int(other.y.max()) >= n_classes:
+        raise DataError(
+            f"{path} has label {int(other.y.max())}, but {train_set.name} has classes "
+            f"0..{n_classes - 1} only"
+        )
+    return other
+
+
+def _figures(evaluation: Evaluation) -> dict[str, float | int]:
+    return {
+        "accuracy": round(evaluation.accuracy, 6),
+        "loss": round(evaluation.loss, 6),
+        "ece": round(evaluation.ece, 6),
+        "n": evaluation.n,
+    }

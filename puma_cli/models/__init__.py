@@ -1,0 +1,1 @@
+"""Architectures and training: the recipe, SISA shard training, batched prediction."""

@@ -1,0 +1,1 @@
+"""How good a model is: evaluation metrics, calibration, and label-error ranking."""
