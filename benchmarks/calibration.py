@@ -11,18 +11,13 @@ held-out data. Reported: binned ECE (15 bins) and accuracy on the validation spl
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from harness import DATA, arguments, grouped, invocation, means, run_cases, table, write_results
 
 from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
@@ -33,8 +28,6 @@ from puma_cli.models.predict import predict_logits
 from puma_cli.models.training import TrainRecipe
 from puma_cli.quality.calibration import expected_calibration_error
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "sample_data"
 DATASETS = {
     "radial": (".csv", "mlp"),
     "rectangular": (".csv", "mlp"),
@@ -139,51 +132,36 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration.md"
-    )
-    args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    args = arguments(__doc__, "calibration.md", DATASETS, seeds=2)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets:
-            for seed in range(args.seeds):
-                rows.extend(run_case(name, seed, Path(tmp)))
-                print(
-                    f"{name} seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True
-                )
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["method"])].append(r)
-    lines = [
-        "| dataset | method | val ECE | val acc | test ECE | test acc | seconds | notes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (dataset, method), g in groups.items():
-        m = {
-            k: statistics.fmean(r[k] for r in g)
-            for k in ("val_ece", "val_accuracy", "test_ece", "test_accuracy", "seconds")
-        }
+    cases = [(name, seed) for name in args.datasets for seed in range(args.seeds)]
+    rows = run_cases(cases, run_case)
+    lines = []
+    for (dataset, method), g in grouped(rows, "dataset", "method").items():
+        m = means(g, "val_ece", "val_accuracy", "test_ece", "test_accuracy", "seconds")
         lines.append(
-            f"| {dataset} | {method} | {m['val_ece']:.4f} | {100 * m['val_accuracy']:.2f} | "
-            f"{m['test_ece']:.4f} | {100 * m['test_accuracy']:.2f} | {m['seconds']:.2f} | "
-            f"{'; '.join(r['note'] for r in g if r['note'])} |"
+            (
+                dataset,
+                method,
+                f"{m['val_ece']:.4f}",
+                f"{100 * m['val_accuracy']:.2f}",
+                f"{m['test_ece']:.4f}",
+                f"{100 * m['test_accuracy']:.2f}",
+                f"{m['seconds']:.2f}",
+                "; ".join(r["note"] for r in g if r["note"]),
+            )
         )
+    header = ("dataset", "method", "val ECE", "val acc", "test ECE", "test acc", "seconds", "notes")
     text = (
-        f"# Calibration benchmark\n\n`python benchmarks/calibration.py {' '.join(sys.argv[1:])}` — "
+        f"# Calibration benchmark\n\n{invocation(__file__)} — "
         f"{args.seeds} seed(s), {time.perf_counter() - started:.0f} s, torch {torch.__version__}.\n\n"
         "Means over seeds. Both methods are fitted on the validation split (10 % of the training "
         "file, never trained on); the test split is seen by neither. A refused `puma calibrate` "
-        "writes nothing, so its row repeats the original's figures.\n\n" + "\n".join(lines) + "\n"
+        "writes nothing, so its row repeats the original's figures.\n\n"
+        + table(header, lines)
+        + "\n"
     )
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    write_results(args.out, text, rows)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,13 @@ and wall time as a ratio to cleanlab's in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from harness import DATA, arguments, grouped, invocation, means, run_cases, table, write_results
 
 from puma_cli.data.synthetic import flip_labels
 from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS
@@ -37,8 +32,6 @@ from puma_cli.models.predict import predict_logits
 from puma_cli.models.training import TrainRecipe, train_classifier
 from puma_cli.quality.label_ranking import found_curve
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "sample_data"
 DATASETS = {
     "radial": (".csv", "mlp"),
     "rectangular": (".csv", "mlp"),
@@ -120,53 +113,44 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "debugging.md"
-    )
-    args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    args = arguments(__doc__, "debugging.md", DATASETS, seeds=2)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets:
-            for seed in range(args.seeds):
-                rows.extend(run_case(name, seed, Path(tmp)))
-                print(
-                    f"{name} seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True
-                )
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["dataset"], row["method"])].append(row)
-    lines = [
-        "| dataset | method | found at 10 % reviewed | found at 20 % reviewed | seconds | time / cleanlab | (with one training) / cleanlab |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (dataset, method), g in groups.items():
-        m = {
-            k: statistics.fmean(r[k] for r in g)
-            for k in ("found_10", "found_20", "seconds", "ratio", "ratio_with_training")
-        }
+    cases = [(name, seed) for name in args.datasets for seed in range(args.seeds)]
+    rows = run_cases(cases, run_case)
+    lines = []
+    for (dataset, method), g in grouped(rows, "dataset", "method").items():
+        m = means(g, "found_10", "found_20", "seconds", "ratio", "ratio_with_training")
         lines.append(
-            f"| {dataset} | {method} | {100 * m['found_10']:.1f} % | {100 * m['found_20']:.1f} % | "
-            f"{m['seconds']:.2f} | {m['ratio']:.3f} | {m['ratio_with_training']:.3f} |"
+            (
+                dataset,
+                method,
+                f"{100 * m['found_10']:.1f} %",
+                f"{100 * m['found_20']:.1f} %",
+                f"{m['seconds']:.2f}",
+                f"{m['ratio']:.3f}",
+                f"{m['ratio_with_training']:.3f}",
+            )
         )
+    header = (
+        "dataset",
+        "method",
+        "found at 10 % reviewed",
+        "found at 20 % reviewed",
+        "seconds",
+        "time / cleanlab",
+        "(with one training) / cleanlab",
+    )
     text = (
-        f"# Label-debugging benchmark\n\n`python benchmarks/debugging.py {' '.join(sys.argv[1:])}` — "
+        f"# Label-debugging benchmark\n\n{invocation(__file__)} — "
         f"{args.seeds} seed(s), {time.perf_counter() - started:.0f} s, torch {torch.__version__}.\n\n"
         "10 % of each training file's labels flipped; means over seeds. With 10 % flipped, a "
         "perfect ranking finds 100 % at 10 % reviewed; a random one 10 %. puma/ntk/self-influence "
         "times are for scoring an existing model (one inverse-HVP for puma); the last column adds "
         "the one training they need. cleanlab's time includes its 5 cross-validation trainings.\n\n"
-        + "\n".join(lines)
+        + table(header, lines)
         + "\n"
     )
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    write_results(args.out, text, rows)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,7 @@ own. Attacks use 8 shadow models per recipe, shared by every model of a dataset 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import DATA, arguments, invocation, run_cases, write_results
 from removal import kl
 
 from puma_cli.data.marking import random_marking
@@ -47,9 +45,6 @@ from puma_cli.jobs.attack import attack
 from puma_cli.models.predict import predict_logits
 from puma_cli.models.training import TrainRecipe
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "sample_data"
-RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = ("radial", "rectangular", "german-credit", "breast-cancer")
 METHODS = ("retrain", "sisa", "amnesiac", "ssd", "influence", "puma")
 SHARDS = 5
@@ -290,39 +285,27 @@ def plots(rows: list[dict[str, Any]], fractions: list[float], folder: Path) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--fractions", nargs="*", type=float, default=[0.2, 0.4, 0.6, 0.8])
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
-    parser.add_argument("--out", type=Path, default=RESULTS / "paper_tables.md")
-    args = parser.parse_args()
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fractions", nargs="*", type=float, default=[0.2, 0.4, 0.6, 0.8])
+        parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+
+    args = arguments(__doc__, "paper_tables.md", DATASETS, extra=options)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in args.datasets:
         for seed in args.seeds:
-            with tempfile.TemporaryDirectory() as tmp:
-                for scenario in ("ordered", "random"):
-                    for fraction in args.fractions:
-                        t0 = time.perf_counter()
-                        rows += run_case(name, scenario, fraction, seed, Path(tmp))
-                        print(
-                            f"{name} seed {seed} {scenario} {fraction}: "
-                            f"{time.perf_counter() - t0:.0f} s",
-                            flush=True,
-                        )
+            # One folder per dataset and seed: its cases share the trained models.
+            cases = [(name, s, f, seed) for s in ("ordered", "random") for f in args.fractions]
+            rows += run_cases(cases, run_case)
     body = tables(rows, args.fractions)
     pictures = plots(rows, args.fractions, args.out.parent)
     text = (
-        f"# The paper's tables, measured\n\n`python benchmarks/paper_tables.py "
-        f"{' '.join(sys.argv[1:])}`: {time.perf_counter() - started:.0f} s on the CPU, "
+        f"# The paper's tables, measured\n\n{invocation(__file__)}: "
+        f"{time.perf_counter() - started:.0f} s on the CPU, "
         f"torch {torch.__version__}, seeds {args.seeds}. Values are mean ± sd over seeds. "
         f"Plots: {', '.join(p.name for p in pictures)}.\n\n" + body
     )
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-    print(text)
+    write_results(args.out, text, rows)
 
 
 if __name__ == "__main__":

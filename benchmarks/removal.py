@@ -14,9 +14,7 @@ to retraining's, measured in the same run (cold: no cache; cached: a second requ
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -25,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import DATA, arguments, invocation, run_cases, write_results
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.data.marking import all_classes_marking, random_marking
@@ -38,8 +37,6 @@ from puma_cli.models.training import TrainRecipe, train_classifier
 from puma_cli.quality.evaluation import evaluate
 from puma_cli.unlearn import RemovalOptions
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "sample_data"
 DATASETS = {
     "radial": ("radial", ".csv", "mlp"),
     "rectangular": ("rectangular", ".csv", "mlp"),
@@ -269,29 +266,22 @@ def targets(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--markings", nargs="*", default=list(MARKINGS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--scales", nargs="*", type=float, default=[4.0])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "removal.md")
-    args = parser.parse_args()
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--markings", nargs="*", default=list(MARKINGS))
+        parser.add_argument("--scales", nargs="*", type=float, default=[4.0])
+
+    args = arguments(__doc__, "removal.md", DATASETS, seeds=3, extra=options)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets:
-            for marking in args.markings:
-                for seed in range(args.seeds):
-                    rows.extend(run_case(name, marking, seed, Path(tmp), args.scales))
-                    print(
-                        f"{name} {marking} seed {seed} done ({time.perf_counter() - started:.0f} s)",
-                        flush=True,
-                    )
+    cases = [
+        (name, marking, seed)
+        for name in args.datasets
+        for marking in args.markings
+        for seed in range(args.seeds)
+    ]
+    rows = run_cases(cases, lambda n, m, s, work: run_case(n, m, s, work, args.scales))
     text = (
-        f"# Removal benchmark\n\n`python benchmarks/removal.py {' '.join(__import__('sys').argv[1:])}`"
+        f"# Removal benchmark\n\n{invocation(__file__)}"
         f" — {args.seeds} seed(s), {time.perf_counter() - started:.0f} s on "
         f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.\n\n"
         "Means over seeds. KL is KL(retrain || method), averaged over points; the "
@@ -302,10 +292,7 @@ def main() -> None:
         + summarise(rows)
         + "\n"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-    print(text)
+    write_results(args.out, text, rows)
 
 
 if __name__ == "__main__":
