@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from puma_cli import console
-from puma_cli.errors import PumaError
+from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.config import load_config
 
 if TYPE_CHECKING:
@@ -71,14 +71,35 @@ def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
     except PumaError as exc:
         console.error(str(exc))
         raise typer.Exit(1) from None
-    ctx.default_map = {
-        k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in defaults.items()
-    }
+    params = {p.name: p for p in ctx.command.params if p.name}
+    default_map = {}
+    for key, raw in defaults.items():
+        given = ",".join(map(str, raw)) if isinstance(raw, list) else raw
+        try:  # a value of the wrong type is the file's fault: exit 1, as for any bad input
+            params[key].process_value(ctx, given)
+        except (typer.BadParameter, ValueError, TypeError) as exc:
+            message = exc.format_message() if isinstance(exc, typer.BadParameter) else exc
+            console.error(f"{value}: option '{key.replace('_', '-')}': {message}")
+            raise typer.Exit(1) from None
+        default_map[key] = given
+    ctx.default_map = default_map
+    return value
+
+
+def _seed(value: int) -> int:
+    """Every random generator puma uses takes seeds in 0..2**32-1."""
+    try:
+        require_range("--seed", value, 0, SEED_MAX)
+    except PumaError as exc:
+        console.error(str(exc))
+        raise typer.Exit(1) from None
     return value
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random step.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed for every random step (0..2**32-1).", callback=_seed)
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 ConfigOpt = Annotated[
@@ -339,9 +360,7 @@ def _eta(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r}: give a number (a multiple of 1/N) or auto") from None
-    if not value > 0 or value == float("inf"):
-        raise typer.BadParameter(f"{text!r}: eta must be a positive multiple of 1/N")
-    return value
+    return value  # its range is the library's to check, like every number
 
 
 @app.command()
@@ -391,10 +410,6 @@ def remove(
     from puma_cli.jobs.remove import remove as job
     from puma_cli.unlearn import RemovalOptions
 
-    if lambda_cap <= 0:
-        raise typer.BadParameter(f"--lambda-cap {lambda_cap}: give a positive cap")
-    if not alpha > 0 or not lambda_ > 0:
-        raise typer.BadParameter(f"--alpha {alpha} / --lambda {lambda_}: give positive values")
     options = RemovalOptions(
         eta=_eta(eta),
         damping=damping,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +36,19 @@ def warn(message: str) -> None:
 
 def emit_json(payload: dict[str, Any]) -> None:
     """The whole of stdout under --json: one JSON object."""
-    sys.stdout.write(json.dumps(payload, indent=None, sort_keys=False, default=str) + "\n")
+    text = json.dumps(_finite(payload), allow_nan=False, sort_keys=False, default=str)
+    sys.stdout.write(text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """Standard JSON has no NaN or Infinity: such a figure is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def say(message: str) -> None:

@@ -197,5 +197,5 @@ def test_lira_through_the_cli_shares_shadows_along_a_removal_chain(
             "--shadows",
             "1",
         ),
-        "at least 2 shadow models",
+        "--shadows 1 is out of range; give a number in [2, 1024]",
     )

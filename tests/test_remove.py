@@ -219,11 +219,9 @@ def test_existing_output_and_bad_model(workspace: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["--eta", "-1"],
         ["--eta", "fast"],
         ["--method", "magic"],
         ["--solver", "newton"],
-        ["--lambda-cap", "0"],
     ],
 )
 def test_usage_errors_exit_2(workspace: Path, args: list[str]) -> None:
@@ -231,6 +229,33 @@ def test_usage_errors_exit_2(workspace: Path, args: list[str]) -> None:
         "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt", *args
     )
     assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--eta", "-1"], "--eta -1 is out of range; give a number > 0"),
+        (["--eta", "inf"], "--eta inf is out of range"),
+        (["--lambda-cap", "0"], "--lambda-cap 0 is out of range; give a number > 0"),
+        (["--damping", "inf"], "--damping inf is out of range; give a number > 0"),
+        (["--damping", "nan"], "--damping nan is out of range"),
+        (["--max-accuracy-drop", "nan"], "--max-accuracy-drop nan is out of range"),
+        (["--max-accuracy-drop", "-1"], "give a number in [0, 100]"),
+        (["--upweight-sample", "-3"], "--upweight-sample -3 is out of range; give a number >= 0"),
+        (["--alpha", "0", "--method", "ssd"], "--alpha 0 is out of range"),
+        (["--seed", "-1"], "--seed -1 is out of range; give a number in [0, 4294967295]"),
+        (["--seed", str(2**40)], "--seed 1099511627776 is out of range"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_up_front(
+    workspace: Path, args: list[str], message: str
+) -> None:
+    before = sorted(p.name for p in workspace.iterdir())
+    result = run(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt", *args
+    )
+    assert_clean_error(result, message)
+    assert sorted(p.name for p in workspace.iterdir()) == before
 
 
 def test_a_patch_with_nan_is_never_written(

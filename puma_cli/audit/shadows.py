@@ -21,9 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.io.checkpoint import Checkpoint
+from puma_cli.io.files import is_regular_file
 from puma_cli.models.predict import predict_logits
 from puma_cli.models.shards import train_model
 from puma_cli.models.training import Progress, TrainRecipe
+
+MAX_SHADOWS = 1024  # LiRA's paper used up to 256; each shadow is one full training
 
 
 def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -82,7 +85,7 @@ def train_shadows(
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(json.dumps([recipe.to_dict(), count, size, seed], sort_keys=True).encode())
     cache = folder / f"puma-shadows-{digest.hexdigest()[:16]}.safetensors"
-    if cache.exists():
+    if is_regular_file(cache):
         try:
             tensors = load_file(str(cache))
             return ShadowSet(

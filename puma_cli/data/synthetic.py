@@ -16,6 +16,8 @@ from sklearn.datasets import make_moons
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 
+MAX_ROWS = 10_000_000  # 160 MB of float64 features for a 2-D set; past it, bring a file
+
 
 @dataclass(frozen=True)
 class SyntheticKind:

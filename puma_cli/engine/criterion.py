@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import largest_eigenvalue, solve
-from puma_cli.errors import PumaError
+from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
 from puma_cli.io.checkpoint import Checkpoint, single_model
+from puma_cli.io.files import is_regular_file
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class SolverSettings:
     damping: float = 0.01
     precision: str = "auto"
     seed: int = 0
+
+    def validate(self) -> None:
+        require_range("--damping", self.damping, 0, low_open=True)
+        require_range("--seed", self.seed, 0, SEED_MAX)
 
 
 @dataclass
@@ -117,7 +122,7 @@ def _cache_key(
 def _read_cache(
     cache: Path, key: dict[str, str], size: int
 ) -> tuple[torch.Tensor, float, float] | None:
-    if not cache.exists():
+    if not is_regular_file(cache):
         return None
     try:
         tensors = load_file(str(cache))

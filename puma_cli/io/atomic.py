@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from puma_cli.errors import OutputExistsError, PumaError
+from puma_cli.io.files import require_regular_file
 
 Writer = Callable[[Path], None]
 
@@ -93,6 +94,7 @@ def write_atomically(writers: Mapping[Path, Writer], overwrite: bool) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    require_regular_file(path, "data")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -28,6 +28,7 @@ from puma_cli import __version__
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
+from puma_cli.io.files import require_regular_file
 from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
@@ -142,6 +143,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         raise CheckpointError(f"{path}: no such model file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a .safetensors model file")
+    require_regular_file(path, ".safetensors model", CheckpointError)
     raw = path.read_bytes()
     try:
         tensors = load_safetensors(raw)
@@ -189,6 +191,12 @@ def _build(
         model = build_model(arch)
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise CheckpointError(
+                f"{path}: tensor model.{bad[0]} holds NaN or inf; puma never writes such "
+                "weights, so the file was altered or damaged: restore it or retrain"
+            )
         data = {
             role: (DataRecord(**record) if record is not None else None)
             for role, record in meta["data"].items()

@@ -25,6 +25,7 @@ import numpy as np
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError
 from puma_cli.io.atomic import sha256_file
+from puma_cli.io.files import require_regular_file
 
 
 def load_dataset(
@@ -39,6 +40,7 @@ def load_dataset(
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a CSV, NPZ or IDX file")
+    require_regular_file(path, "CSV, NPZ or IDX")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path} is empty; expected a header line and one row per point")
@@ -247,6 +249,7 @@ def _is_idx(raw: bytes) -> bool:
 
 def read_idx(path: Path) -> np.ndarray:
     """One IDX array (MNIST's format), gzipped or not."""
+    require_regular_file(path, "IDX")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError, PumaError
-from puma_cli.io.atomic import sha256_file
+from puma_cli.io.atomic import check_not_input, sha256_file
 from puma_cli.io.checkpoint import ROLE_VALIDATION, Checkpoint
 from puma_cli.io.datasets import load_dataset
 
@@ -139,3 +139,17 @@ def criterion_set(
             "pass --criterion-data FILE or retrain with --val-frac 0.1"
         )
     return dataset.subset(rows)
+
+
+def recorded_paths(checkpoint: Checkpoint) -> list[Path]:
+    """Every file the checkpoint records: its data files and its sidecars."""
+    records = [r for r in checkpoint.data.values() if r is not None]
+    return [Path(r.path) for r in [*records, *checkpoint.sidecars.values()]]
+
+
+def protect_recorded(outputs: list[Path | None], checkpoint: Checkpoint) -> None:
+    """Refuse an output that would replace a file the checkpoint records, overwrite or not:
+    a command reads those through the checkpoint, so they are its inputs too."""
+    for output in outputs:
+        if output is not None:
+            check_not_input(output, recorded_paths(checkpoint))

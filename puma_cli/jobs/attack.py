@@ -16,10 +16,16 @@ from puma_cli.audit import ATTACKS
 from puma_cli.audit.lira import lira_scores
 from puma_cli.audit.loss import loss_attack, per_point_loss
 from puma_cli.audit.scoring import AttackReport, roc_curve, score_report
-from puma_cli.audit.shadows import attack_pool, logit_confidence, sorted_log_softmax, train_shadows
+from puma_cli.audit.shadows import (
+    MAX_SHADOWS,
+    attack_pool,
+    logit_confidence,
+    sorted_log_softmax,
+    train_shadows,
+)
 from puma_cli.audit.shokri import shokri_scores
 from puma_cli.data.dataset import Dataset
-from puma_cli.errors import DataError, PumaError
+from puma_cli.errors import SEED_MAX, DataError, PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
@@ -45,8 +51,12 @@ def attack(
     """Attack the targets (ids of the recorded training file) against non-member data."""
     if method not in ATTACKS:
         raise PumaError(f"--attack {method!r}: choose {', '.join(ATTACKS)}")
+    if method != "loss":
+        require_range("--shadows", shadows, 2, MAX_SHADOWS)
+    require_range("--seed", seed, 0, SEED_MAX)
     check_outputs([plot], [model, targets, nonmembers], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
+    recorded.protect_recorded([plot], checkpoint)
     dataset = recorded.load_recorded_dataset(checkpoint, "train")
     ids = read_ids(targets)
     if not ids:
@@ -60,8 +70,6 @@ def attack(
             members = -per_point_loss(checkpoint.model, dataset.subset(target_rows))
             outsiders = -per_point_loss(checkpoint.model, other)
     else:
-        if shadows < 2:
-            raise PumaError(f"--shadows {shadows}: {method} needs at least 2 shadow models")
         pool = attack_pool(dataset, other)
         # The training-set size as first trained (recorded), so that every model in a
         # removal chain shares one set of shadows.

@@ -27,7 +27,7 @@ from puma_cli.engine.criterion import (
     training_engine,
 )
 from puma_cli.engine.solvers import flush_denormals, solve
-from puma_cli.errors import PumaError
+from puma_cli.errors import PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
@@ -35,6 +35,7 @@ from puma_cli.io.recorded import criterion_set
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import predict_logits
 from puma_cli.quality.calibration import (
+    MAX_BINS,
     calibration_categories,
     expected_calibration_error,
     soft_ece,
@@ -90,15 +91,18 @@ def calibrate(
     overwrite: bool = False,
 ) -> CalibrateReport:
     """Patch `model` toward a lower held-out ECE; refuse if accuracy would fall too far."""
-    if bins < 1:
-        raise PumaError(f"--bins {bins}: give 1 or more")
+    require_range("--bins", bins, 1, MAX_BINS)
+    require_range("--max-accuracy-drop", max_accuracy_drop, 0, 100)
+    require_range("--lambda-cap", lambda_cap, 0, low_open=True)
+    settings = settings or SolverSettings()
+    settings.validate()
     output = output or default_calibrated_path(model)
-    check_outputs([output, plot], [model], overwrite)
+    check_outputs([output, plot], [model, criterion_data], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
+    recorded.protect_recorded([output, plot], checkpoint)
     dataset = recorded.load_recorded_dataset(checkpoint, "train")
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
     test = recorded.load_recorded_or_none(checkpoint, "test")
-    settings = settings or SolverSettings()
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     engine = training_engine(checkpoint, dataset, rows, settings.precision)

@@ -64,14 +64,16 @@ def debug_labels(
         raise PumaError(f"-k {k}: give 0 (every row) or a positive count")
     if plot is not None and truth is None:
         raise PumaError("--plot draws the found-vs-reviewed curve, which needs --truth IDS")
-    check_outputs([output, plot], [model], overwrite)
+    settings = settings or SolverSettings()
+    settings.validate()
+    check_outputs([output, plot], [model, truth, criterion_data], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
+    recorded.protect_recorded([output, plot], checkpoint)
     dataset = recorded.load_recorded_dataset(checkpoint, "train")
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
-    settings = settings or SolverSettings()
     started = time.perf_counter()
     engine = training_engine(checkpoint, dataset, rows, settings.precision)
     direction = criterion_direction(

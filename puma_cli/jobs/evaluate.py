@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.errors import DataError, PumaError
+from puma_cli.errors import DataError, PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.quality.calibration import MAX_BINS
 from puma_cli.quality.evaluation import Evaluation, evaluate
 
 
@@ -40,8 +41,7 @@ def evaluate_model(
     device: torch.device | str = "cpu",
 ) -> EvalReport:
     """Evaluate on a file, or on a file the checkpoint recorded (`on`: train, val or test)."""
-    if bins < 1:
-        raise PumaError(f"--bins {bins}: give 1 or more")
+    require_range("--bins", bins, 1, MAX_BINS)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = _eval_dataset(checkpoint, data, on, options)
     recorded.check_compatible(checkpoint, dataset)

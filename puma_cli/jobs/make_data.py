@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from puma_cli.data.dataset import split_rows
-from puma_cli.data.synthetic import flip_labels, make_synthetic
-from puma_cli.errors import PumaError
+from puma_cli.data.synthetic import MAX_ROWS, flip_labels, make_synthetic
+from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import check_writable, write_atomically
 from puma_cli.io.datasets import save_dataset
 from puma_cli.io.ids import write_ids as write_ids_file
@@ -46,6 +46,12 @@ def make_data(
     the training labels get flipped and the flipped ids go to `<stem>-flipped.txt`."""
     if not 0 <= test_frac < 1:
         raise PumaError(f"--test-frac {test_frac} is out of range; give a fraction in [0, 1)")
+    require_range("--flip-labels", flip_frac, 0, 1, high_open=True)
+    if n is not None:
+        require_range("--n", n, 1, MAX_ROWS)
+    if noise is not None:
+        require_range("--noise", noise, 0)
+    require_range("--seed", seed, 0, SEED_MAX)
     test_path = sibling(output, "test") if test_frac > 0 else None
     flipped_path = sibling(output, "flipped", ".txt") if flip_frac > 0 else None
     outputs = [p for p in (output, test_path, flipped_path) if p is not None]

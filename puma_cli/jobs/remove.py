@@ -73,10 +73,13 @@ def remove(
     progress: Progress | None = None,
 ) -> RemoveReport:
     """Remove the marked ids' influence from `model`; write the result with its provenance."""
+    options = options or RemovalOptions()
+    options.validate()
     output = output or default_removed_path(model)
-    check_outputs([output], [model, marked], overwrite)
+    check_outputs([output], [model, marked, criterion_data], overwrite)
     run = get_method(method)
     checkpoint = ckpt.load_checkpoint(model, device)
+    recorded.protect_recorded([output], checkpoint)
     dataset = recorded.load_recorded_dataset(checkpoint, "train")
     ids = read_ids(marked)
     rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
@@ -85,7 +88,6 @@ def remove(
     criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data)
     test_set = recorded.load_recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
-    options = options or RemovalOptions()
     if use_cache and method in ("puma", "influence"):
         options = replace(options, cache=cache_path_for(model))
     request = RemovalRequest(

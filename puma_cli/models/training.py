@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.errors import PumaError
+from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.models.architectures import ACTIVATIONS, Architecture, Classifier
 
 Progress = Callable[[int, int, float], None]
@@ -44,8 +44,9 @@ class TrainRecipe:
     def validate(self) -> None:
         if self.epochs < 1:
             raise PumaError(f"--epochs {self.epochs}: train for at least 1 epoch")
-        if not self.lr > 0:
-            raise PumaError(f"--lr {self.lr}: the learning rate must be positive")
+        require_range("--lr", self.lr, 0, low_open=True)
+        require_range("--weight-decay", self.weight_decay, 0)
+        require_range("--seed", self.seed, 0, SEED_MAX)
         if self.batch_size < 1:
             raise PumaError(f"--batch-size {self.batch_size}: give 1 or more")
         if self.weight_decay < 0:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+MAX_BINS = 1000  # ECE past a thousand bins measures the sample, not the model
+
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE = sum_b |B_b|/n * |accuracy(B_b) - confidence(B_b)|.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.errors import PumaError
+from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.models.architectures import Model
 
@@ -47,6 +47,18 @@ class RemovalOptions:
     ssd_lambda: float = 1.0
     seed: int = 0
     cache: Path | None = None
+
+    def validate(self) -> None:
+        """Refuse, before any work, a value no removal could use."""
+        if self.eta != "auto":
+            require_range("--eta", float(self.eta), 0, low_open=True)
+        require_range("--damping", self.damping, 0, low_open=True)
+        require_range("--upweight-sample", self.upweight_sample, 0)
+        require_range("--lambda-cap", self.lambda_cap, 0, low_open=True)
+        require_range("--max-accuracy-drop", self.max_accuracy_drop, 0, 100)
+        require_range("--alpha", self.ssd_alpha, 0, low_open=True)
+        require_range("--lambda", self.ssd_lambda, 0, low_open=True)
+        require_range("--seed", self.seed, 0, SEED_MAX)
 
 
 @dataclass
