@@ -49,7 +49,7 @@ def own(data_dir: Path, tmp_path: Path) -> Path:
         "cpu",
     )
     assert result.exit_code == 0, result.output
-    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
+    (tmp_path / "ids.txt").write_text("0\n2\n")
     (tmp_path / "val.csv").write_text((tmp_path / "radial-test.csv").read_text())
     return tmp_path
 
@@ -234,3 +234,28 @@ def test_a_valid_config_still_works(data_dir: Path, tmp_path: Path) -> None:
         "train", data_dir / "radial.csv", "-o", tmp_path / "m.safetensors", "--config", config
     )
     assert payload["model"].endswith("m.safetensors")
+
+
+def test_the_dense_solver_is_refused_where_it_would_outrun_retraining(
+    model_file: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from puma_cli.engine import solvers
+
+    (tmp_path / "ids.txt").write_text("0\n2\n")
+    monkeypatch.setattr(solvers, "EXACT_MAX_WORK", 1000)
+    result = run(
+        "remove",
+        "-m",
+        model_file,
+        "--marked",
+        tmp_path / "ids.txt",
+        "--solver",
+        "exact",
+        "--no-cache",
+        "-o",
+        tmp_path / "out.safetensors",
+        "--device",
+        "cpu",
+    )
+    assert_clean_error(result, "slower than retraining; use --solver cg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt"]

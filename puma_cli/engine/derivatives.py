@@ -51,6 +51,8 @@ class InfluenceModel:
         self.shapes = [p.shape for p in named.values()]
         self.sizes = [p.numel() for p in named.values()]
         self.theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
+        # (H, eigenvalues, eigenvectors), built once by the dense solver when it is used.
+        self.dense_eigh: tuple[Tensor, Tensor, Tensor] | None = None
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
         self.X = torch.as_tensor(X, dtype=dtype, device=device)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)

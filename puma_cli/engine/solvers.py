@@ -25,6 +25,10 @@ SOLVERS = ("cg", "lissa", "exact")
 
 
 EXACT_MAX_PARAMETERS = 6000
+# The dense Hessian costs one HVP per parameter, each a pass over every row: past about
+# a million row-parameter products (some 10 s on a 2-core CPU) it is slower than
+# retraining the models puma trains, and CG gets the same answer in tens of HVPs.
+EXACT_MAX_WORK = 1_000_000
 
 
 def _flushing() -> bool:
@@ -171,6 +175,12 @@ def solve(
             f"--solver exact builds a {engine.n_parameters}x{engine.n_parameters} Hessian, too "
             f"large past {EXACT_MAX_PARAMETERS} parameters; use --solver cg"
         )
+    if solver == "exact" and engine.n_parameters * engine.n > EXACT_MAX_WORK:
+        raise PumaError(
+            f"--solver exact needs {engine.n_parameters} Hessian-vector products over "
+            f"{engine.n} rows ({engine.n_parameters * engine.n:,} row-parameter products, "
+            f"limit {EXACT_MAX_WORK:,}): slower than retraining; use --solver cg"
+        )
     top = (
         lambda_max
         if lambda_max is not None
@@ -199,8 +209,12 @@ def solve(
 
 
 def _solve_exact(engine: InfluenceModel, b: Tensor, damping: float, top: float) -> Solve:
-    H = dense_hessian(engine.hvp, engine.n_parameters, engine.theta)
-    eigenvalues, vectors = torch.linalg.eigh(H)
+    # One dense Hessian per engine: a command that solves twice builds it once.
+    if engine.dense_eigh is None:
+        H = dense_hessian(engine.hvp, engine.n_parameters, engine.theta)
+        eigenvalues, vectors = torch.linalg.eigh(H)
+        engine.dense_eigh = (H, eigenvalues, vectors)
+    H, eigenvalues, vectors = engine.dense_eigh
     share = damping
     while float(eigenvalues.min()) + share * top <= 1e-6 * top:
         share *= 10
