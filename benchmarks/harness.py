@@ -91,7 +91,7 @@ def table(header: Sequence[str], lines: Iterable[Sequence[object]]) -> str:
 
 def invocation(script: str) -> str:
     """The command line that produced a result, as Markdown code."""
-    return f"`python benchmarks/{Path(script).name} {' '.join(sys.argv[1:])}`".replace(" `", "`")
+    return "`" + " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]]) + "`"
 
 
 def write_results(out: Path, text: str, rows: list[Row] | None = None) -> None:

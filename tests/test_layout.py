@@ -4,6 +4,7 @@ and a command line that starts without torch or scikit-learn."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -101,10 +102,12 @@ def _files() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
+@functools.cache
 def _all_modules() -> set[str]:
     return {module_name(f) for f in _files()}
 
 
+@functools.cache
 def _packages() -> set[str]:
     return {module_name(f) for f in _files() if f.name == "__init__.py"}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.errors import PumaError
+from puma_cli.errors import PumaError, require_range
 
 Tensor = torch.Tensor
 
@@ -168,8 +168,7 @@ def solve(
     """x = (H + mu I)^-1 b with mu = damping * lambda_max, raised tenfold at negative curvature."""
     if solver not in SOLVERS:
         raise PumaError(f"--solver {solver!r}: choose cg, lissa or exact")
-    if damping <= 0:
-        raise PumaError(f"--damping {damping}: give a positive share of the largest eigenvalue")
+    require_range("--damping", damping, 0, low_open=True)
     if solver == "exact" and engine.n_parameters > EXACT_MAX_PARAMETERS:
         raise PumaError(
             f"--solver exact builds a {engine.n_parameters}x{engine.n_parameters} Hessian, too "

@@ -28,7 +28,7 @@ from puma_cli import __version__
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
-from puma_cli.io.files import require_regular_file
+from puma_cli.io.files import require_file
 from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
@@ -139,11 +139,7 @@ def _canonical(blob: bytes) -> bytes:
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate a puma checkpoint; every failure is a CheckpointError that says why."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such model file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give a .safetensors model file")
-    require_regular_file(path, ".safetensors model", CheckpointError)
+    require_file(path, "model file", "a .safetensors model file", CheckpointError)
     raw = path.read_bytes()
     try:
         tensors = load_safetensors(raw)

@@ -14,18 +14,14 @@ from typing import Any
 import yaml
 
 from puma_cli.errors import ConfigError
-from puma_cli.io.files import require_regular_file
+from puma_cli.io.files import require_file
 
 
 def load_config(
     path: Path, command: str, commands: Iterable[str], options: set[str]
 ) -> dict[str, Any]:
     """The defaults that `path` sets for `command`, whose option names are `options`."""
-    if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory; give a YAML config file")
-    require_regular_file(path, "YAML config", ConfigError)
+    require_file(path, "config file", "a YAML config file", ConfigError)
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

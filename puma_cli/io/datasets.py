@@ -25,7 +25,7 @@ import numpy as np
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError
 from puma_cli.io.atomic import sha256_file
-from puma_cli.io.files import require_regular_file
+from puma_cli.io.files import require_file
 
 
 def load_dataset(
@@ -36,11 +36,7 @@ def load_dataset(
 ) -> Dataset:
     """Read a CSV, NPZ or IDX file; `class_names` maps named labels as a model recorded them."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give a CSV, NPZ or IDX file")
-    require_regular_file(path, "CSV, NPZ or IDX")
+    require_file(path, "file", "a CSV, NPZ or IDX file")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path} is empty; expected a header line and one row per point")
@@ -249,7 +245,7 @@ def _is_idx(raw: bytes) -> bool:
 
 def read_idx(path: Path) -> np.ndarray:
     """One IDX array (MNIST's format), gzipped or not."""
-    require_regular_file(path, "IDX")
+    require_file(path, "file", "an IDX file")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:

@@ -21,7 +21,16 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def require_regular_file(path: Path, what: str, error: type[PumaError] = DataError) -> None:
-    """Refuse, with `error`, a path that exists but is not a regular file."""
-    if Path(path).exists() and not Path(path).is_dir() and not is_regular_file(path):
-        raise error(f"{path} is not a regular file (a FIFO, device or socket); give a {what} file")
+def require_file(path: Path, missing: str, give: str, error: type[PumaError] = DataError) -> None:
+    """Refuse, with `error`, a path that is missing, a directory, or not a regular file.
+
+    missing: what it should be, for "PATH: no such <missing>"; give: what to give
+    instead, for "...; give <give>" (e.g. "a CSV, NPZ or IDX file").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such {missing}")
+    if path.is_dir():
+        raise error(f"{path} is a directory; give {give}")
+    if not is_regular_file(path):
+        raise error(f"{path} is not a regular file (a FIFO, device or socket); give {give}")

@@ -9,17 +9,13 @@ import numpy as np
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError
-from puma_cli.io.files import require_regular_file
+from puma_cli.io.files import require_file
 
 
 def read_ids(path: Path) -> list[str]:
     """Ids in file order, each once: one per line, blank lines and `#` comments skipped."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such ids file")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give an ids file (one id per line)")
-    require_regular_file(path, "ids")
+    require_file(path, "ids file", "an ids file (one id per line)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
