@@ -205,6 +205,8 @@ def test_every_command_is_listed() -> None:
     ("choices", "library"),
     [
         ("KINDS", "kinds"),
+        ("Arch", "architectures"),
+        ("Activation", "activations"),
         ("Method", "methods"),
         ("Solver", "solvers"),
         ("Attack", "attacks"),
@@ -215,12 +217,15 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
     from puma_cli.audit import ATTACKS
     from puma_cli.data.synthetic import KINDS
     from puma_cli.engine.solvers import SOLVERS
+    from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES
     from puma_cli.quality.label_ranking import SCORES
     from puma_cli.unlearn import METHODS, get_method
 
     get_method("puma")  # fills the registry
     known = {
         "kinds": set(KINDS),
+        "architectures": set(ARCHITECTURES),
+        "activations": set(ACTIVATIONS),
         "methods": set(METHODS),
         "solvers": set(SOLVERS),
         "attacks": set(ATTACKS),

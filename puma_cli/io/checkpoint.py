@@ -29,6 +29,7 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
 from puma_cli.io.files import require_file
+from puma_cli.io.schema import validate_metadata, validate_tensors
 from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
@@ -144,7 +145,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     try:
         tensors = load_safetensors(raw)
         meta = _read_metadata(raw)
-    except (SafetensorError, ValueError, OSError) as exc:
+    except (SafetensorError, ValueError, OSError, RecursionError) as exc:
         # A safetensors file starts with its header's length, so a pickle's signature
         # is only telling once the file has failed to parse as safetensors.
         if raw[:1] == b"\x80" or raw[:2] == b"PK":
@@ -161,12 +162,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
             f"{path} is a safetensors file but not a puma checkpoint (no puma metadata); "
             "train one with `puma train`"
         )
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {meta['format_version']}, newer than this puma "
-            f"understands ({FORMAT_VERSION}); upgrade puma"
-        )
-    return _build(path, meta, tensors, device)
+    validate_metadata(path, meta, FORMAT_VERSION)
+    arch = Architecture.from_dict(meta["architecture"])
+    validate_tensors(path, meta, arch, tensors)
+    return _build(path, meta, arch, tensors, device)
 
 
 def _read_metadata(raw: bytes) -> dict[str, Any]:
@@ -180,10 +179,13 @@ def _read_metadata(raw: bytes) -> dict[str, Any]:
 
 
 def _build(
-    path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device
+    path: Path,
+    meta: dict[str, Any],
+    arch: Architecture,
+    tensors: dict[str, torch.Tensor],
+    device: str | torch.device,
 ) -> Checkpoint:
     try:
-        arch = Architecture.from_dict(meta["architecture"])
         model = build_model(arch)
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)

@@ -17,6 +17,7 @@ from torch import nn
 
 from puma_cli.errors import CheckpointError, PumaError
 
+ARCHITECTURES = ("mlp", "cnn")
 ACTIVATIONS = ("relu", "sigmoid")
 
 
@@ -174,7 +175,7 @@ def build_net(arch: Architecture) -> nn.Module:
             raise PumaError(f"--arch cnn needs images of at least 4x4, not {arch.input_shape}")
         hidden = arch.hidden[0] if arch.hidden else 64
         return SmallCNN(arch.input_shape, arch.channels, hidden, arch.n_classes)
-    raise PumaError(f"unknown architecture {arch.name!r}; choose mlp or cnn")
+    raise PumaError(f"unknown architecture {arch.name!r}; choose {' or '.join(ARCHITECTURES)}")
 
 
 def count_parameters(model: nn.Module) -> int:

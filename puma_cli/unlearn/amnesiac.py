@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from puma_cli.errors import PumaError
-from puma_cli.io.checkpoint import single_model
+from puma_cli.io.checkpoint import Checkpoint, single_model
 from puma_cli.io.recorded import load_sidecar
 from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
@@ -62,6 +62,38 @@ def subtract_batches(
     return new.eval(), hit
 
 
+def _recorded_updates(checkpoint: Checkpoint, model: Classifier) -> tuple[torch.Tensor, np.ndarray]:
+    """The sidecar's (steps, P) updates and (steps, B) batch rows, checked against the model
+    and the training file: a sidecar of another model, or a damaged one, is refused."""
+    tensors = load_sidecar(checkpoint, SIDECAR)
+    path = checkpoint.sidecars[SIDECAR].path
+    expected = sum(p.numel() for p in model.parameters())
+    updates, batch_rows = tensors.get("updates"), tensors.get("batch_rows")
+    fix = "retrain with --record-updates"
+    if updates is None or batch_rows is None:
+        raise PumaError(f"{path} lacks its 'updates' or 'batch_rows' tensor; {fix}")
+    if (
+        updates.dtype != torch.float32
+        or batch_rows.dtype != torch.int32
+        or updates.ndim != 2
+        or batch_rows.ndim != 2
+        or updates.shape[1] != expected
+        or batch_rows.shape[0] != updates.shape[0]
+    ):
+        raise PumaError(
+            f"{path} holds updates {tuple(updates.shape)} and batch rows "
+            f"{tuple(batch_rows.shape)}, not (steps, {expected}) float32 and (steps, batch) "
+            f"int32 for this model: it belongs to another model; {fix}"
+        )
+    rows = batch_rows.numpy()
+    n = checkpoint.roles.size
+    if rows.size and (int(rows.min()) < -1 or int(rows.max()) >= n):
+        raise PumaError(f"{path} names rows outside the {n} of the training file; {fix}")
+    if not bool(torch.isfinite(updates).all()):
+        raise PumaError(f"{path} holds NaN or inf updates; it was damaged: {fix}")
+    return updates, rows
+
+
 @register("amnesiac")
 def amnesiac(request: RemovalRequest) -> RemovalResult:
     checkpoint = request.checkpoint
@@ -80,14 +112,7 @@ def amnesiac(request: RemovalRequest) -> RemovalResult:
             f"changed since ({done}): run amnesiac on the original checkpoint with every id "
             "to remove in one file"
         )
-    tensors = load_sidecar(checkpoint, SIDECAR)
-    updates, batch_rows = tensors["updates"], tensors["batch_rows"].numpy()
-    expected = sum(p.numel() for p in model.parameters())
-    if updates.ndim != 2 or updates.shape[1] != expected or batch_rows.shape[0] != updates.shape[0]:
-        raise PumaError(
-            f"the recorded updates hold {tuple(updates.shape)} values, not (steps, {expected}) "
-            "for this model; the sidecar belongs to another model: retrain with --record-updates"
-        )
+    updates, batch_rows = _recorded_updates(checkpoint, model)
     new, hit = subtract_batches(model, updates, batch_rows, request.marked)
     in_hit = np.unique(batch_rows[hit])
     in_hit = in_hit[in_hit >= 0]
