@@ -138,10 +138,13 @@ class Activation(str, enum.Enum):
 
 
 def _render(as_json: bool, payload: dict[str, Any], title: str) -> None:
+    """One JSON object, or the payload's warnings on stderr and the rest as a table."""
     if as_json:
         console.emit_json(payload)
-    else:
-        console.table(title, [(k, v) for k, v in payload.items() if v is not None])
+        return
+    for warning in payload.pop("warnings", []):
+        console.warn(warning)
+    console.table(title, [(k, v) for k, v in payload.items() if v is not None])
 
 
 @app.command("make-data")
@@ -437,14 +440,9 @@ def remove(
             progress=progress,
         )
     payload = asdict(report)
-    warnings = payload.pop("warnings")
-    if as_json:
-        console.emit_json({**payload, "warnings": warnings})
-        return
-    for warning in warnings:
-        console.warn(warning)
-    payload.pop("parameters")
-    _render(False, payload, f"removed {report.removed} points with {report.method}")
+    if not as_json:
+        payload.pop("parameters")
+    _render(as_json, payload, f"removed {report.removed} points with {report.method}")
 
 
 class Attack(str, enum.Enum):

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from puma_cli.data.dataset import Dataset
+from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint
-from puma_cli.io.files import is_regular_file
 from puma_cli.models.predict import predict_logits
 from puma_cli.models.shards import train_model
 from puma_cli.models.training import Progress, TrainRecipe
@@ -66,35 +64,43 @@ def attack_pool(dataset: Dataset, other: Dataset) -> Dataset:
     )
 
 
+def shadow_cache_path(
+    folder: Path, checkpoint: Checkpoint, pool: Dataset, count: int, size: int, seed: int
+) -> Path:
+    """Named after what the shadows depend on: the pool, the recipe, their number, the seed."""
+    recipe = TrainRecipe.from_dict(checkpoint.recipe)
+    digest = hashlib.sha256()
+    for array in (pool.X, pool.y):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps([recipe.to_dict(), count, size, seed], sort_keys=True).encode())
+    return folder / f"puma-shadows-{digest.hexdigest()[:16]}.safetensors"
+
+
 def train_shadows(
     checkpoint: Checkpoint,
     pool: Dataset,
     count: int,
     size: int,
     seed: int,
-    folder: Path,
+    cache: Cache | None,
     device: torch.device | str,
     progress: Progress | None,
 ) -> ShadowSet:
     """Shadow models on random subsets of the pool, each of about `size` rows (the attacked
     model's training-set size: a shadow trained on less data is less confident, and every
-    point would look like a member); their phi on every pool point (cached)."""
-    recipe = TrainRecipe.from_dict(checkpoint.recipe)
-    digest = hashlib.sha256()
-    for array in (pool.X, pool.y):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(json.dumps([recipe.to_dict(), count, size, seed], sort_keys=True).encode())
-    cache = folder / f"puma-shadows-{digest.hexdigest()[:16]}.safetensors"
-    if is_regular_file(cache):
-        try:
-            tensors = load_file(str(cache))
+    point would look like a member); their phi on every pool point. A cache (named by
+    `shadow_cache_path`) is read when it fits, and a fresh set is staged in it."""
+    n_classes = checkpoint.arch.n_classes
+    if cache is not None:
+        hit = cache.load({}, _check_shadows(count, len(pool), n_classes))
+        if hit is not None:
+            tensors = hit[0]
             return ShadowSet(
                 tensors["inclusion"].numpy().astype(bool),
                 tensors["phi"].numpy(),
                 tensors["sorted_logp"].numpy(),
             )
-        except (SafetensorError, OSError, KeyError):
-            pass  # rebuilt below
+    recipe = TrainRecipe.from_dict(checkpoint.recipe)
     # Every point is in the same number of shadows (LiRA's design, with the share set by
     # `size`), at least one and at most count - 1, so each has an IN and an OUT side.
     rng = np.random.default_rng(seed)
@@ -102,13 +108,13 @@ def train_shadows(
     ranks = np.argsort(rng.random((count, len(pool))), axis=0)
     inclusion = ranks < inside
     phi = np.empty((count, len(pool)))
-    sorted_logp = np.empty((count, len(pool), checkpoint.arch.n_classes), dtype=np.float32)
+    sorted_logp = np.empty((count, len(pool), n_classes), dtype=np.float32)
     labels = torch.as_tensor(pool.y)
     for s in range(count):
         shadow = train_model(
             pool.subset(np.flatnonzero(inclusion[s])),
             replace(recipe, seed=recipe.seed + 1 + s),
-            checkpoint.arch.n_classes,
+            n_classes,
             device,
         )
         logits = predict_logits(shadow, pool.X)
@@ -116,17 +122,39 @@ def train_shadows(
         sorted_logp[s] = sorted_log_softmax(logits)
         if progress is not None:
             progress(s + 1, count, 0.0)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    try:
-        save_file(
-            {
-                "inclusion": torch.from_numpy(inclusion.astype(np.uint8)),
-                "phi": torch.from_numpy(phi),
-                "sorted_logp": torch.from_numpy(sorted_logp),
-            },
-            str(tmp),
-        )
-        tmp.replace(cache)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    if cache is not None:
+        tensors = {
+            "inclusion": torch.from_numpy(inclusion.astype(np.uint8)),
+            "phi": torch.from_numpy(phi),
+            "sorted_logp": torch.from_numpy(sorted_logp),
+        }
+        cache.stage(tensors, {})
     return ShadowSet(inclusion, phi, sorted_logp)
+
+
+def _check_shadows(count: int, n: int, n_classes: int) -> Check:
+    """A cached shadow set has one row per shadow and one column per pool point, finite
+    confidences, and every point both in and out of some shadow."""
+
+    def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+        shapes = {
+            "inclusion": (torch.uint8, (count, n)),
+            "phi": (torch.float64, (count, n)),
+            "sorted_logp": (torch.float32, (count, n, n_classes)),
+        }
+        for name, (dtype, shape) in shapes.items():
+            tensor = tensors.get(name)
+            if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                return f"does not hold {name} as {shape} {dtype}: it is stale or damaged"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"holds NaN or inf in {name}"
+        inside = tensors["inclusion"].sum(dim=0)
+        if (
+            int(tensors["inclusion"].max()) > 1
+            or int(inside.min()) < 1
+            or int(inside.max()) >= count
+        ):
+            return "has points in no shadow or in all of them"
+        return None
+
+    return check

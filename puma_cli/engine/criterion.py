@@ -3,27 +3,26 @@
 Removal (Algorithm 1) and label debugging (Algorithm 2) both start from it. The cache,
 `<stem>.influence.safetensors`, holds v and the damping that worked, keyed by the
 checkpoint's and the criterion data's sha256 and the solver settings; a cache that does
-not match or cannot be read is rebuilt, and one that cannot be written only costs time.
+not match, cannot be read or fails its check is rebuilt (`io.cache`), and one that cannot
+be written only costs time.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import largest_eigenvalue, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
+from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint, single_model
-from puma_cli.io.files import is_regular_file
 
 
 @dataclass(frozen=True)
@@ -83,24 +82,27 @@ def criterion_direction(
     checkpoint: Checkpoint,
     criterion: Dataset,
     settings: SolverSettings,
-    cache: Path | None,
+    cache: Cache | None,
 ) -> CriterionDirection:
-    """grad C on the criterion data and v = H^-1 grad C, from the cache when it fits."""
+    """grad C on the criterion data and v = H^-1 grad C, from the cache when it fits.
+
+    A fresh solve is staged in `cache`; the job commits it once its outputs are written."""
     X = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
     y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_c = engine.gradient_on(X, y)
     key = _cache_key(checkpoint, criterion, settings) if cache is not None else {}
     if cache is not None:
-        hit = _read_cache(cache, key, engine.n_parameters)
+        hit = cache.load(key, _check_direction(engine.n_parameters))
         if hit is not None:
-            v, top, damping = hit
-            return CriterionDirection(v.to(engine.device), grad_c, top, damping, True)
+            tensors, meta = hit
+            v = tensors["v"].to(engine.device)
+            top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
+            return CriterionDirection(v, grad_c, top, damping, True)
     top = largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta, seed=settings.seed)
     solved = solve(engine, grad_c, settings.solver, settings.damping, top)
     if cache is not None:
-        _write_cache(
-            cache, solved.x, {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
-        )
+        meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
+        cache.stage({"v": solved.x}, meta)
     return CriterionDirection(solved.x, grad_c, top, solved.damping, False)
 
 
@@ -119,27 +121,22 @@ def _cache_key(
     }
 
 
-def _read_cache(
-    cache: Path, key: dict[str, str], size: int
-) -> tuple[torch.Tensor, float, float] | None:
-    if not is_regular_file(cache):
+def _check_direction(size: int) -> Check:
+    """A cached v is one finite float vector of the model's size, with a positive
+    eigenvalue and damping: anything else would put garbage into a written model."""
+
+    def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+        v = tensors.get("v")
+        if v is None or v.dtype not in (torch.float32, torch.float64) or v.shape != (size,):
+            return f"does not hold v as a ({size},) float vector"
+        if not bool(torch.isfinite(v).all()):
+            return "holds NaN or inf"
+        try:
+            numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
+        except (KeyError, ValueError):
+            return "lacks its eigenvalue or damping"
+        if not all(math.isfinite(x) and x > 0 for x in numbers):
+            return "records a non-positive or non-finite eigenvalue or damping"
         return None
-    try:
-        tensors = load_file(str(cache))
-        with open(cache, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        meta = header.get("__metadata__", {})
-        if all(meta.get(k) == v for k, v in key.items()) and tensors["v"].numel() == size:
-            return tensors["v"], float(meta["lambda_max"]), float(meta["damping_used"])
-    except (SafetensorError, OSError, ValueError, KeyError):
-        pass  # a stale or damaged cache is rebuilt
-    return None
 
-
-def _write_cache(cache: Path, v: torch.Tensor, meta: dict[str, str]) -> None:
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    try:
-        save_file({"v": v.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(cache)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    return check

@@ -1,11 +1,14 @@
 """Atomic output: write to a temporary file beside the target, then rename.
 
 A command that writes several files stages them all first and renames them only
-when every one was written, so a failure leaves none of them behind.
+when every one was written, so a failure leaves none of them behind. A temporary file
+is named `.NAME.<pid>.<random>.tmp`; one whose process was killed (SIGKILL cannot be
+caught) is swept away by the next write of NAME.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -53,7 +56,9 @@ def check_outputs(outputs: list[Path | None], inputs: list[Path | None], overwri
 
 @contextmanager
 def _staged(path: Path) -> Iterator[Path]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temporaries(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode any new file would get.
     os.chmod(tmp, 0o666 & ~_umask())
@@ -63,6 +68,30 @@ def _staged(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def sweep_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files a killed puma left for `path` (`.NAME.<pid>.*.tmp`
+    whose process is gone); those of a live process are left to it. Returns what went."""
+    gone: list[Path] = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and is_regular_file(tmp):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: leave its file alone
+    return True
 
 
 def _umask() -> int:

@@ -20,6 +20,7 @@ from puma_cli.audit.shadows import (
     MAX_SHADOWS,
     attack_pool,
     logit_confidence,
+    shadow_cache_path,
     sorted_log_softmax,
     train_shadows,
 )
@@ -29,6 +30,7 @@ from puma_cli.errors import SEED_MAX, DataError, PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.predict import predict_logits
 
@@ -63,6 +65,7 @@ def attack(
         raise DataError(f"{targets} names no ids; give the ids to test for membership")
     target_rows = rows_for_ids(dataset, ids, targets)
     other = _nonmembers(checkpoint, model, nonmembers)
+    cache: Cache | None = None
     if method == "loss":
         trained = dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
         report = loss_attack(checkpoint.model, dataset.subset(target_rows), other, trained)
@@ -74,9 +77,8 @@ def attack(
         # The training-set size as first trained (recorded), so that every model in a
         # removal chain shares one set of shadows.
         size = int(checkpoint.metrics.get("train", {}).get("n", len(dataset)))
-        shadow_set = train_shadows(
-            checkpoint, pool, shadows, size, seed, model.parent, device, progress
-        )
+        cache = Cache(shadow_cache_path(model.parent, checkpoint, pool, shadows, size, seed))
+        shadow_set = train_shadows(checkpoint, pool, shadows, size, seed, cache, device, progress)
         logits = predict_logits(checkpoint.model, pool.X)
         if method == "shokri":
             scores = shokri_scores(shadow_set, sorted_log_softmax(logits), seed)
@@ -94,7 +96,8 @@ def attack(
 
         fpr, tpr = roc_curve(members, outsiders)
         write_atomically({plot: lambda tmp: save_roc(tmp, fpr, tpr, report.auc, method)}, overwrite)
-    return report
+    notes = commit_all([cache])
+    return replace(report, notes=[*report.notes, *notes]) if notes else report
 
 
 def _nonmembers(checkpoint: ckpt.Checkpoint, model: Path, nonmembers: Path | None) -> Dataset:

@@ -12,7 +12,7 @@ that gives the lowest binned ECE on the held-out data without costing accuracy.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from puma_cli.errors import PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import predict_logits
@@ -63,6 +64,7 @@ class CalibrateReport:
     predicted_ece_change: float
     seconds: float
     plot: Path | None
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_calibrated_path(model: Path) -> Path:
@@ -106,7 +108,8 @@ def calibrate(
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     engine = training_engine(checkpoint, dataset, rows, settings.precision)
-    ce = criterion_direction(engine, checkpoint, criterion, settings, cache_path_for(model))
+    cache = Cache(cache_path_for(model))
+    ce = criterion_direction(engine, checkpoint, criterion, settings, cache)
     Xc = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
     yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
@@ -223,6 +226,7 @@ def calibrate(
         shown = test if test is not None else criterion
         writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
     write_atomically(writers, overwrite)
+    report.warnings.extend(commit_all([cache]))
     return report
 
 

@@ -22,6 +22,7 @@ from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.predict import predict_logits
@@ -40,6 +41,7 @@ class DebugReport:
     plot: Path | None
     cached: bool
     truth: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @flush_denormals()
@@ -76,9 +78,8 @@ def debug_labels(
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
     engine = training_engine(checkpoint, dataset, rows, settings.precision)
-    direction = criterion_direction(
-        engine, checkpoint, criterion, settings, cache_path_for(model) if use_cache else None
-    )
+    cache = Cache(cache_path_for(model)) if use_cache else None
+    direction = criterion_direction(engine, checkpoint, criterion, settings, cache)
     scores = suspicion_scores(engine, direction, score)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
     labels = dataset.y[rows]
@@ -115,6 +116,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
+    notes = commit_all([cache])
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,
@@ -124,6 +126,7 @@ def debug_labels(
         plot=plot,
         cached=direction.cached,
         truth=figures,
+        warnings=notes,
     )
 
 

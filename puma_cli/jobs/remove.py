@@ -23,6 +23,7 @@ from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs
+from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.training import Progress
@@ -89,7 +90,7 @@ def remove(
     test_set = recorded.load_recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
     if use_cache and method in ("puma", "influence"):
-        options = replace(options, cache=cache_path_for(model))
+        options = replace(options, cache=Cache(cache_path_for(model)))
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress
     )
@@ -143,6 +144,7 @@ def remove(
         extra=result.extra if result.extra is not None else checkpoint.extra,
     )
     ckpt.save_checkpoint(output, new, overwrite)
+    report.warnings.extend(commit_all([options.cache]))
     return report
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, PumaError, require_range
+from puma_cli.io.cache import Cache
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.models.architectures import Model
 
@@ -46,7 +46,7 @@ class RemovalOptions:
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0
     seed: int = 0
-    cache: Path | None = None
+    cache: Cache | None = None  # staged by the engine, committed by the job
 
     def validate(self) -> None:
         """Refuse, before any work, a value no removal could use."""

@@ -1,0 +1,144 @@
+"""Caches beside a model save time and nothing else: a damaged or wrong one is rebuilt and
+reported, one that cannot be written is a warning, a failing run leaves none behind, and
+leftovers of a killed run are swept away."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, run, run_json
+from safetensors.torch import load_file, save_file
+
+from puma_cli.io import cache as cache_module
+from puma_cli.io.atomic import sweep_stale_temporaries
+
+
+@pytest.fixture
+def folder(model_file: Path, data_dir: Path, tmp_path: Path) -> Path:
+    shutil.copy(model_file, tmp_path / "m.safetensors")
+    (tmp_path / "ids.txt").write_text("0\n2\n5\n")
+    return tmp_path
+
+
+def _remove(folder: Path, out: str) -> dict:
+    return run_json(
+        "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+        "-o", folder / out, "--device", "cpu",
+    )  # fmt: skip
+
+
+def _rewrite_v(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    with open(path, "rb") as handle:
+        import json
+
+        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    tensors = load_file(str(path))
+    save_file({"v": change(tensors["v"])}, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("change", "note"),
+    [
+        (lambda v: v[:-1].clone(), "does not hold v as a"),
+        (lambda v: torch.full_like(v, float("nan")), "holds NaN or inf"),
+        (lambda v: v[:, None].clone(), "does not hold v as a"),
+    ],
+)
+def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, change, note) -> None:  # type: ignore[no-untyped-def]
+    first = _remove(folder, "a.safetensors")
+    assert not first["cached"] and first["warnings"] == []
+    cache = folder / "m.influence.safetensors"
+    _rewrite_v(cache, change)
+    second = _remove(folder, "b.safetensors")
+    assert not second["cached"]
+    assert any(note in w and "recomputed it" in w for w in second["warnings"]), second
+    a, b = (run_json("eval", "-m", folder / f"{x}.safetensors", "--on", "test") for x in "ab")
+    assert a == {**b, "model": a["model"]}  # no NaN reached the model
+    assert _remove(folder, "c.safetensors")["cached"]  # the rebuilt cache is good
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "write_atomically", full_disk)
+    out = _remove(folder, "a.safetensors")
+    assert (folder / "a.safetensors").exists()
+    assert not (folder / "m.influence.safetensors").exists()
+    assert any("could not write the cache" in w and "No space left" in w for w in out["warnings"])
+    # on a terminal the warning goes to stderr and the table to stdout
+    result = run(
+        "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+        "-o", folder / "b.safetensors", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Warning: could not write the cache" in result.stderr
+
+
+def test_a_cache_path_taken_by_a_directory_costs_only_time(folder: Path) -> None:
+    (folder / "m.influence.safetensors").mkdir()
+    out = _remove(folder, "a.safetensors")
+    assert (folder / "a.safetensors").exists()
+    assert any("is not a regular file" in w for w in out["warnings"])
+    assert any("could not write the cache" in w for w in out["warnings"])
+
+
+def test_a_failing_run_leaves_no_cache_behind(folder: Path) -> None:
+    (folder / "truth.txt").write_text("no-such-id\n")  # read only after the solve
+    result = run(
+        "debug-labels", "-m", folder / "m.safetensors", "--truth", folder / "truth.txt",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert_clean_error(result, "no-such-id")
+    assert sorted(p.name for p in folder.iterdir()) == ["ids.txt", "m.safetensors", "truth.txt"]
+
+
+def test_caches_take_the_umask_mode_like_outputs(folder: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _remove(folder, "a.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("m.influence.safetensors", "a.safetensors"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_damaged_shadow_cache_is_rebuilt(folder: Path, data_dir: Path) -> None:
+    args = [
+        "attack", "-m", folder / "m.safetensors", "--targets", folder / "ids.txt",
+        "--attack", "lira", "--shadows", "2", "--device", "cpu",
+    ]  # fmt: skip
+    first = run_json(*args)
+    (cache,) = folder.glob("puma-shadows-*.safetensors")
+    tensors = load_file(str(cache))
+    save_file({**tensors, "phi": tensors["phi"][:, :-1].clone()}, str(cache))
+    second = run_json(*args)
+    assert any("does not hold phi" in n and "recomputed it" in n for n in second["notes"])
+    assert second["auc"] == first["auc"]
+    assert load_file(str(cache))["phi"].shape == tensors["phi"].shape
+
+
+def test_a_killed_runs_temporary_files_are_swept(folder: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(done.stdout)
+    target = folder / "out.safetensors"
+    stale = folder / f".out.safetensors.{dead}.abc123.tmp"
+    live = folder / f".out.safetensors.{os.getppid()}.def456.tmp"
+    other = folder / ".other.safetensors.1.x.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    assert sweep_stale_temporaries(target) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
+    stale.write_bytes(b"partial")
+    _remove(folder, "out.safetensors")  # any write of the same name sweeps too
+    assert not stale.exists() and target.exists()
