@@ -10,7 +10,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Dataset:
-    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str."""
+    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str.
+
+    named_features: the file named its columns (a CSV header, an NPZ's feature_names),
+    so they can be matched by name; False where the names were made up (x0, x1, ...)."""
 
     X: np.ndarray
     y: np.ndarray
@@ -19,6 +22,7 @@ class Dataset:
     class_names: tuple[str, ...] | None = None
     path: Path | None = None
     sha256: str | None = None
+    named_features: bool = True
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

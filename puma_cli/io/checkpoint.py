@@ -68,6 +68,7 @@ class Checkpoint:
     provenance: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     sidecars: dict[str, DataRecord] = field(default_factory=dict)
+    feature_names_given: bool = True  # the training file named its columns (match by name)
     puma_version: str = __version__
     path: Path | None = None
 
@@ -85,6 +86,7 @@ class Checkpoint:
             "n_classes": self.arch.n_classes,
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "feature_names": list(self.feature_names),
+            "feature_names_given": self.feature_names_given,
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "recipe": self.recipe,
             "data": {k: (vars(v) if v is not None else None) for k, v in self.data.items()},
@@ -210,6 +212,7 @@ def _build(
             provenance=list(meta.get("provenance", [])),
             extra={k: v for k, v in tensors.items() if k.split(".")[0] not in ("model", "rows")},
             sidecars={k: DataRecord(**v) for k, v in meta.get("sidecars", {}).items()},
+            feature_names_given=bool(meta.get("feature_names_given", True)),
             puma_version=str(meta.get("puma_version", "?")),
             path=path,
         )

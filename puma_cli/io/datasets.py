@@ -62,7 +62,15 @@ def _read_csv(
         raise DataError(
             f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
         ) from exc
-    rows = list(csv.reader(io.StringIO(text)))
+    # newline=None: bare CR (old Mac) and CRLF line endings read like LF.
+    reader = csv.reader(io.StringIO(text, newline=None))
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataError(
+            f"{path} line {reader.line_num}: not readable as CSV ({exc}); features must be "
+            "numbers of ordinary length, one row per line"
+        ) from None
     lines = [i + 1 for i, row in enumerate(rows) if any(cell.strip() for cell in row)]
     rows = [rows[i - 1] for i in lines]
     header = [name.strip() for name in rows[0]]
@@ -205,6 +213,8 @@ def _read_npz(path: Path, raw: bytes, class_names: Sequence[str] | None) -> Data
         raise DataError(f"{path}: y has shape {y.shape}; expected ({X.shape[0]},) to match X")
     if X.shape[0] == 0:
         raise DataError(f"{path} holds no rows")
+    if math.prod(X.shape[1:]) == 0:
+        raise DataError(f"{path}: X has shape {X.shape}, no features; give at least one")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
         raise DataError(f"{path}: X has dtype {X.dtype}; features must be real numbers")
     lines = list(range(X.shape[0]))
@@ -217,21 +227,43 @@ def _read_npz(path: Path, raw: bytes, class_names: Sequence[str] | None) -> Data
     except DataError as exc:
         raise DataError(str(exc).replace(" line ", " row ")) from None
     if "class_names" in arrays and names is None:
-        names = tuple(str(v) for v in arrays["class_names"].tolist())
-    ids = (
-        _parse_ids(path, [str(v) for v in arrays["ids"].tolist()], lines)
-        if "ids" in arrays
-        else np.array([str(i) for i in range(X.shape[0])])
-    )
-    if ids.shape[0] != X.shape[0]:
-        raise DataError(f"{path}: ids has {ids.shape[0]} entries but X has {X.shape[0]} rows")
-    if "feature_names" in arrays:
-        feature_names = tuple(str(v) for v in arrays["feature_names"].tolist())
+        names = _npz_names(path, arrays["class_names"], "class_names")
+        if len(names) <= int(y_int.max()):
+            raise DataError(
+                f"{path}: class_names has {len(names)} names but y holds label "
+                f"{int(y_int.max())}; give one name per class 0..{int(y_int.max())}"
+            )
+    if "ids" in arrays:
+        raw_ids = _npz_names(path, arrays["ids"], "ids")
+        if len(raw_ids) != X.shape[0]:
+            raise DataError(f"{path}: ids has {len(raw_ids)} entries but X has {X.shape[0]} rows")
+        ids = _parse_ids(path, list(raw_ids), lines)
     else:
-        feature_names = tuple(f"x{i}" for i in range(int(np.prod(X.shape[1:]))))
+        ids = np.array([str(i) for i in range(X.shape[0])])
+    width = math.prod(X.shape[1:])
+    if "feature_names" in arrays:
+        feature_names = _npz_names(path, arrays["feature_names"], "feature_names")
+        if len(feature_names) != width:
+            raise DataError(
+                f"{path}: feature_names has {len(feature_names)} names for {width} features; "
+                "give one name per feature or leave the array out"
+            )
+    else:
+        feature_names = tuple(f"x{i}" for i in range(width))
     return Dataset(
-        X=X.astype(np.float64), y=y_int, ids=ids, feature_names=feature_names, class_names=names
+        X=X.astype(np.float64),
+        y=y_int,
+        ids=ids,
+        feature_names=feature_names,
+        class_names=names,
+        named_features="feature_names" in arrays,
     )
+
+
+def _npz_names(path: Path, array: np.ndarray, key: str) -> tuple[str, ...]:
+    if array.ndim != 1:
+        raise DataError(f"{path}: {key} has shape {array.shape}; expected one name per entry")
+    return tuple(str(v) for v in array.tolist())
 
 
 # --- IDX (MNIST) -------------------------------------------------------------------------
@@ -256,9 +288,14 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(
+            f"{path}: IDX header declares {ndim} dimensions but the file is {len(raw)} bytes; "
+            "the file is truncated or damaged"
+        )
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd sizes
     if len(raw) - header != expected:
         raise DataError(
             f"{path}: header promises {shape} ({expected} bytes) but the file holds "
@@ -287,12 +324,20 @@ def _read_idx_pair(path: Path) -> Dataset:
             f"{path}: images {images.shape} and labels {labels.shape} do not pair up "
             "(expected (n, H, W) and (n,))"
         )
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and int(labels.min()) < 0):
+        raise DataError(
+            f"{labels_path}: labels are {labels.dtype} from {labels.min()} to {labels.max()}; "
+            "IDX labels must be whole numbers 0..K-1 (ubyte)"
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{path} holds no images")
     n = images.shape[0]
     return Dataset(
         X=images.astype(np.float64)[:, None, :, :],
         y=labels.astype(np.int64),
         ids=np.array([str(i) for i in range(n)]),
         feature_names=tuple(f"px{i}" for i in range(images.shape[1] * images.shape[2])),
+        named_features=False,
     )
 
 

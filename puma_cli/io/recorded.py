@@ -18,6 +18,7 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io.atomic import check_not_input, sha256_file
 from puma_cli.io.checkpoint import ROLE_VALIDATION, Checkpoint
+from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
 
 
@@ -48,7 +49,8 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
             f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
             f"recorded, {digest[:12]} now); restore the original file or retrain the model"
         )
-    return load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
+    dataset = load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
+    return fit_to_model(checkpoint, dataset)
 
 
 def load_recorded_or_none(checkpoint: Checkpoint, role: str) -> Dataset | None:
@@ -60,9 +62,7 @@ def load_recorded_or_none(checkpoint: Checkpoint, role: str) -> Dataset | None:
 
 def load_compatible(checkpoint: Checkpoint, path: Path) -> Dataset:
     """A file the user names for this model, labels mapped through its classes, shape checked."""
-    dataset = load_dataset(path, class_names=checkpoint.class_names)
-    check_compatible(checkpoint, dataset)
-    return dataset
+    return fit_to_model(checkpoint, load_dataset(path, class_names=checkpoint.class_names))
 
 
 def load_sidecar(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
@@ -100,8 +100,9 @@ def data_status(checkpoint: Checkpoint) -> dict[str, str]:
     return status
 
 
-def check_compatible(checkpoint: Checkpoint, dataset: Dataset) -> None:
-    """Refuse data whose shape or classes the model was not made for."""
+def fit_to_model(checkpoint: Checkpoint, dataset: Dataset) -> Dataset:
+    """`dataset` read as the model reads its training data: columns matched by name,
+    classes by name (`io.columns`); refused when its shape or classes do not fit."""
     if dataset.input_shape != checkpoint.arch.input_shape:
         raise DataError(
             f"{dataset.name} has {_shape(dataset.input_shape)} features but {checkpoint.path} "
@@ -109,12 +110,18 @@ def check_compatible(checkpoint: Checkpoint, dataset: Dataset) -> None:
             f"columns ({', '.join(checkpoint.feature_names[:8])}"
             f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
         )
+    owner = str(checkpoint.path or "the model")
+    dataset = align_features(
+        dataset, checkpoint.feature_names, checkpoint.feature_names_given, owner
+    )
+    dataset = align_classes(dataset, checkpoint.class_names, owner)
     if len(dataset) and int(dataset.y.max()) >= checkpoint.arch.n_classes:
         row = int(np.argmax(dataset.y >= checkpoint.arch.n_classes))
         raise DataError(
             f"{dataset.name}: id {dataset.ids[row]} has label {int(dataset.y[row])}, but "
             f"{checkpoint.path} knows classes 0..{checkpoint.arch.n_classes - 1} only"
         )
+    return dataset
 
 
 def _shape(shape: tuple[int, ...]) -> str:

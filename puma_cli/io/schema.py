@@ -93,6 +93,8 @@ def validate_metadata(path: Path, meta: Mapping[str, Any], newest: int) -> None:
     ):
         raise f.fail("n_classes", "differs from the architecture's class count")
     f.texts(meta.get("feature_names"), "feature_names")
+    if not isinstance(meta.get("feature_names_given", True), bool):
+        raise f.fail("feature_names_given", "is not true or false")
     names = meta.get("class_names")
     if names is not None:
         names = f.texts(names, "class_names")

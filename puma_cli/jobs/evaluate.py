@@ -44,7 +44,7 @@ def evaluate_model(
     require_range("--bins", bins, 1, MAX_BINS)
     checkpoint = ckpt.load_checkpoint(model, device)
     dataset = _eval_dataset(checkpoint, data, on, options)
-    recorded.check_compatible(checkpoint, dataset)
+    dataset = recorded.fit_to_model(checkpoint, dataset)
     if ids is not None:
         wanted = read_ids(ids)
         if not wanted:

@@ -15,6 +15,7 @@ from puma_cli.data.dataset import Dataset, split_rows
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
@@ -145,6 +146,7 @@ def train(
         },
         roles=roles,
         feature_names=dataset.feature_names,
+        feature_names_given=dataset.named_features,
         class_names=dataset.class_names,
         metrics=metrics,
         extra=extra,
@@ -185,6 +187,9 @@ def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: i
             f"{path} has feature shape {other.input_shape}, but {train_set.name} has "
             f"{train_set.input_shape}; give files with the same columns"
         )
+    owner = f"the training file {train_set.name}"
+    other = align_features(other, train_set.feature_names, train_set.named_features, owner)
+    other = align_classes(other, train_set.class_names, owner)
     if int(other.y.max()) >= n_classes:
         raise DataError(
             f"{path} has label {int(other.y.max())}, but {train_set.name} has classes "
