@@ -96,6 +96,8 @@ def _seed(value: int) -> int:
     return value
 
 
+# Every Path parameter says readable=False: click would refuse an unreadable file as a
+# usage error (exit 2); the readers refuse it as bad input (exit 1), saying how to fix it.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 SeedOpt = Annotated[
     int, typer.Option("--seed", help="Seed for every random step (0..2**32-1).", callback=_seed)
@@ -109,6 +111,7 @@ ConfigOpt = Annotated[
         help="YAML file of option defaults; flags win.",
         is_eager=True,
         callback=_apply_config,
+        readable=False,
     ),
 ]
 LabelColOpt = Annotated[str, typer.Option("--label-col", help="Name of the label column.")]
@@ -151,7 +154,9 @@ def _render(as_json: bool, payload: dict[str, Any], title: str) -> None:
 @domain_errors
 def make_data(
     kind: Annotated[Kind, typer.Argument(help="radial, rectangular, moons or spiral.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="CSV (or .npz) to write.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="CSV (or .npz) to write.", readable=False)
+    ],
     n: Annotated[
         int | None, typer.Option("--n", help="Points (default: the paper's size).")
     ] = None,
@@ -200,8 +205,12 @@ def _hidden(text: str) -> tuple[int, ...]:
 @app.command()
 @domain_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Training data: CSV, NPZ or IDX images file.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write.")],
+    data: Annotated[
+        Path, typer.Argument(help="Training data: CSV, NPZ or IDX images file.", readable=False)
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)
+    ],
     arch: Annotated[
         Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")
     ] = Arch.mlp,
@@ -218,8 +227,12 @@ def train(
         float,
         typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
     ] = 0.1,
-    val: Annotated[Path | None, typer.Option("--val", help="Validation file instead.")] = None,
-    test: Annotated[Path | None, typer.Option("--test", help="Test file to report on.")] = None,
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Validation file instead.", readable=False)
+    ] = None,
+    test: Annotated[
+        Path | None, typer.Option("--test", help="Test file to report on.", readable=False)
+    ] = None,
     shards: Annotated[
         int, typer.Option("--shards", help="SISA: train this many disjoint shard models.")
     ] = 1,
@@ -239,6 +252,7 @@ def train(
             "--group-ids",
             help="Ids to train in as few batches (--record-updates) or shards (--shards) "
             "as they fit: the ordered scenario.",
+            readable=False,
         ),
     ] = None,
     label_col: LabelColOpt = "label",
@@ -289,8 +303,12 @@ def train(
 @app.command()
 @domain_errors
 def mark(
-    data: Annotated[Path, typer.Argument(help="The training data to mark points of.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Ids file to write.")],
+    data: Annotated[
+        Path, typer.Argument(help="The training data to mark points of.", readable=False)
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Ids file to write.", readable=False)
+    ],
     cls: Annotated[
         int | None, typer.Option("--class", help="Mark the smallest k-means cluster of this class.")
     ] = None,
@@ -349,7 +367,11 @@ DampingOpt = Annotated[
 SolverOpt = Annotated[Solver, typer.Option("--solver", help="Inverse-HVP solver.")]
 CriterionDataOpt = Annotated[
     Path | None,
-    typer.Option("--criterion-data", help="Held-out data for C (default: the validation split)."),
+    typer.Option(
+        "--criterion-data",
+        help="Held-out data for C (default: the validation split).",
+        readable=False,
+    ),
 ]
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the H^-1 grad C cache.")
@@ -369,10 +391,16 @@ def _eta(text: str) -> float | str:
 @app.command()
 @domain_errors
 def remove(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.")],
-    marked: Annotated[Path, typer.Option("--marked", help="Ids file of the points to remove.")],
+    model: Annotated[
+        Path,
+        typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False),
+    ],
+    marked: Annotated[
+        Path, typer.Option("--marked", help="Ids file of the points to remove.", readable=False)
+    ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Default: <stem>.removed.safetensors.")
+        Path | None,
+        typer.Option("-o", "--output", help="Default: <stem>.removed.safetensors.", readable=False),
     ] = None,
     method: Annotated[Method, typer.Option("--method")] = Method.puma,
     eta: Annotated[
@@ -455,20 +483,27 @@ class Attack(str, enum.Enum):
 @app.command()
 @domain_errors
 def attack(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to attack.")],
-    targets: Annotated[Path, typer.Option("--targets", help="Ids of the training file to test.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint to attack.", readable=False)
+    ],
+    targets: Annotated[
+        Path, typer.Option("--targets", help="Ids of the training file to test.", readable=False)
+    ],
     method: Annotated[
         Attack, typer.Option("--attack", help="loss, lira, lira-online or shokri.")
     ] = Attack.loss,
     nonmembers: Annotated[
-        Path | None, typer.Option("--nonmembers", help="Non-member data (default: the test file).")
+        Path | None,
+        typer.Option(
+            "--nonmembers", help="Non-member data (default: the test file).", readable=False
+        ),
     ] = None,
     shadows: Annotated[
         int,
         typer.Option("--shadows", help="Shadow models for lira/shokri (cached beside the model)."),
     ] = 16,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.")
+        Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.", readable=False)
     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -511,19 +546,24 @@ class Score(str, enum.Enum):
 @app.command("debug-labels")
 @domain_errors
 def debug_labels(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint whose data to review.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint whose data to review.", readable=False)
+    ],
     k: Annotated[int, typer.Option("-k", help="Suspects to list (0: every row).")] = 50,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="CSV of the ranked suspects.")
+        Path | None,
+        typer.Option("-o", "--output", help="CSV of the ranked suspects.", readable=False),
     ] = None,
     score: Annotated[
         Score, typer.Option("--score", help="puma, ntk or self-influence.")
     ] = Score.puma,
     truth: Annotated[
-        Path | None, typer.Option("--truth", help="Ids known to be mislabelled: report recall.")
+        Path | None,
+        typer.Option("--truth", help="Ids known to be mislabelled: report recall.", readable=False),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG: flipped labels found vs data reviewed.")
+        Path | None,
+        typer.Option("--plot", help="PNG: flipped labels found vs data reviewed.", readable=False),
     ] = None,
     confidence_filter: Annotated[
         bool,
@@ -582,9 +622,14 @@ def debug_labels(
 @app.command()
 @domain_errors
 def calibrate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to recalibrate.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint to recalibrate.", readable=False)
+    ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Default: <stem>.calibrated.safetensors.")
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Default: <stem>.calibrated.safetensors.", readable=False
+        ),
     ] = None,
     bins: Annotated[int, typer.Option("--bins", help="ECE bins.")] = 15,
     k: Annotated[
@@ -596,7 +641,8 @@ def calibrate(
     ] = 0.5,
     lambda_cap: Annotated[float, typer.Option("--lambda-cap")] = 1.0,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG: reliability diagrams before and after.")
+        Path | None,
+        typer.Option("--plot", help="PNG: reliability diagrams before and after.", readable=False),
     ] = None,
     damping: DampingOpt = 0.01,
     solver: SolverOpt = Solver.cg,
@@ -630,13 +676,19 @@ def calibrate(
 @app.command("eval")
 @domain_errors
 def eval_(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
-    data: Annotated[Path | None, typer.Option("--data", help="Data file to evaluate on.")] = None,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.", readable=False)
+    ],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Data file to evaluate on.", readable=False)
+    ] = None,
     on: Annotated[
         str | None,
         typer.Option("--on", help="Or a file the checkpoint recorded: train, val or test."),
     ] = None,
-    ids: Annotated[Path | None, typer.Option("--ids", help="Only these ids of the data.")] = None,
+    ids: Annotated[
+        Path | None, typer.Option("--ids", help="Only these ids of the data.", readable=False)
+    ] = None,
     bins: Annotated[int, typer.Option("--bins", help="ECE bins.")] = 15,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -659,7 +711,7 @@ def eval_(
 @app.command()
 @domain_errors
 def info(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to describe.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint to describe.", readable=False)],
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,

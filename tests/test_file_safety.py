@@ -259,3 +259,65 @@ def test_the_dense_solver_is_refused_where_it_would_outrun_retraining(
     )
     assert_clean_error(result, "slower than retraining; use --solver cg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt"]
+
+
+UNREADABLE = {
+    "data": lambda f, m: ["train", f / "radial.csv", "-o", f / "x.safetensors"],
+    "ids": lambda f, m: ["remove", "-m", m, "--marked", f / "ids.txt", "-o", f / "x.safetensors"],
+    "model": lambda f, m: ["info", m],
+    "config": lambda f, m: ["info", m, "--config", f / "c.yaml"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_an_unreadable_file_is_bad_input_not_a_usage_error(
+    kind: str, own: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 1 with the fix, not click's exit 2 (os.access is faked: root reads anything)."""
+    from puma_cli.io import files
+
+    (own / "c.yaml").write_text("seed: 1\n")
+    model = own / "m.safetensors"
+    target = {"data": "radial.csv", "ids": "ids.txt", "model": "m.safetensors", "config": "c.yaml"}
+    blocked = (own / target[kind]).resolve()
+    real = os.access
+    monkeypatch.setattr(
+        files.os, "access", lambda p, mode: Path(p).resolve() != blocked and real(p, mode)
+    )
+    before = digests(own)
+    result = run(*UNREADABLE[kind](own, model))
+    assert_clean_error(result, f"{target[kind]} is not readable (permission denied)")
+    assert digests(own) == before
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run as another user",
+)
+def test_an_unreadable_file_as_a_real_other_user(data_dir: Path) -> None:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="puma-perm-"))
+    try:
+        folder.chmod(0o777)
+        data = folder / "d.csv"
+        shutil.copy(data_dir / "radial.csv", data)
+        data.chmod(0o000)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run([*as_nobody, sys.executable, "-c", "import puma_cli"],
+                               capture_output=True, check=False, timeout=60)  # fmt: skip
+        if probe.returncode != 0:
+            pytest.skip("the other user cannot run this Python")
+        done = subprocess.run(
+            [*as_nobody, sys.executable, "-m", "puma_cli", "train", str(data), "-o",
+             str(folder / "m.safetensors")],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"Error: {data} is not readable (permission denied); give yourself read "
+            "permission (chmod u+r) or run as a user who may read it"
+        ]
+        assert sorted(p.name for p in folder.iterdir()) == ["d.csv"]
+    finally:
+        shutil.rmtree(folder)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from puma_cli.errors import DataError, OutputExistsError, PumaError
-from puma_cli.io.files import is_regular_file
+from puma_cli.errors import OutputExistsError, PumaError
+from puma_cli.io.files import is_regular_file, require_file
 
 Writer = Callable[[Path], None]
 
@@ -123,10 +123,7 @@ def write_atomically(writers: Mapping[Path, Writer], overwrite: bool) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    if Path(path).exists() and not is_regular_file(path):
-        raise DataError(
-            f"{path} is not a regular file (a FIFO, device or socket); give a data file"
-        )
+    require_file(Path(path), "file", "a data file")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -34,3 +34,8 @@ def require_file(path: Path, missing: str, give: str, error: type[PumaError] = D
         raise error(f"{path} is a directory; give {give}")
     if not is_regular_file(path):
         raise error(f"{path} is not a regular file (a FIFO, device or socket); give {give}")
+    if not os.access(path, os.R_OK):
+        raise error(
+            f"{path} is not readable (permission denied); give yourself read permission "
+            "(chmod u+r) or run as a user who may read it"
+        )
