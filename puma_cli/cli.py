@@ -197,8 +197,8 @@ def _hidden(text: str) -> tuple[int, ...]:
         widths = tuple(int(part) for part in text.strip("[]() ").split(",") if part.strip())
     except ValueError:
         raise typer.BadParameter(f"{text!r}: give comma-separated widths like 64,32") from None
-    if min(widths, default=0) < 1:
-        raise typer.BadParameter(f"{text!r}: give positive widths like 64,32")
+    if min(widths, default=0) < 1:  # parsed, but out of range: bad input, not usage
+        raise PumaError(f"--hidden {text}: give positive widths like 64,32")
     return widths
 
 

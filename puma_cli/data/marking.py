@@ -12,6 +12,8 @@ from sklearn.cluster import KMeans
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 
+MAX_CLUSTERS = 10_000  # k-means past this many clusters marks single points: use --random
+
 
 def kmeans_marking(dataset: Dataset, cls: int, clusters: int = 8, seed: int = 0) -> np.ndarray:
     """Rows of the smallest of `clusters` k-means clusters among class `cls` (Listing 3).

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from puma_cli.errors import PumaError
-from puma_cli.io.atomic import write_atomically
+from puma_cli.io.atomic import sweep_stale_temporaries, write_atomically
 from puma_cli.io.files import is_regular_file
 
 Tensors = dict[str, torch.Tensor]
@@ -40,7 +40,9 @@ class Cache:
 
     def load(self, key: dict[str, str], check: Check) -> tuple[Tensors, dict[str, str]] | None:
         """The cached tensors and metadata when the file exists, matches `key` and passes
-        `check`; None otherwise (a damaged or failing file is noted)."""
+        `check`; None otherwise (a damaged or failing file is noted). Temporaries that a
+        killed run left for this cache are swept first, hit or miss."""
+        sweep_stale_temporaries(self.path)
         if not self.path.exists():
             return None
         if not is_regular_file(self.path):

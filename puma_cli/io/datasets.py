@@ -62,6 +62,12 @@ def _read_csv(
         raise DataError(
             f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
         ) from exc
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(
+            f"{path} line {line} holds a NUL byte, which text CSV never does; the file is "
+            "binary or damaged: save it as UTF-8 CSV"
+        )
     # newline=None: bare CR (old Mac) and CRLF line endings read like LF.
     reader = csv.reader(io.StringIO(text, newline=None))
     try:

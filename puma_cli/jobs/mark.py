@@ -7,8 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from puma_cli.data.marking import all_classes_marking, check_marking, kmeans_marking, random_marking
-from puma_cli.errors import PumaError
+from puma_cli.data.marking import (
+    MAX_CLUSTERS,
+    all_classes_marking,
+    check_marking,
+    kmeans_marking,
+    random_marking,
+)
+from puma_cli.errors import PumaError, require_range
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import write_ids as write_ids_file
@@ -38,6 +44,7 @@ def mark(
     chosen = [cls is not None, all_classes, random_frac is not None]
     if sum(chosen) != 1:
         raise PumaError("choose exactly one marking: --class Y, --all-classes or --random FRAC")
+    require_range("--clusters", clusters, 1, MAX_CLUSTERS)
     check_outputs([output], [data], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
     if random_frac is not None:
