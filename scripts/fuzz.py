@@ -70,6 +70,21 @@ class Hang(Exception):
 # --- the workspace: good files, and bad ones made from them -------------------------------
 
 
+def _write_all(
+    folder: Path, pattern: str, made: dict[str, str] | dict[str, str | bytes]
+) -> dict[str, Path]:
+    """Each content to its own file, named by `pattern` with its number; name -> path."""
+    paths = {}
+    for i, (name, content) in enumerate(made.items()):
+        path = folder / pattern.format(i)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        paths[name] = path
+    return paths
+
+
 def _invoke(*args: str | Path) -> None:
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exit_code != 0:
@@ -128,14 +143,7 @@ def bad_data_files(folder: Path, good: Path) -> dict[str, Path]:
         "UTF-16": text.encode("utf-16"),
         "wrong row length": "\n".join([header, rows[0] + ",7", *rows[1:]]),
     }
-    paths: dict[str, Path] = {}
-    for i, (name, content) in enumerate(made.items()):
-        path = folder / f"bad-data-{i:02d}.csv"
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-        paths[name] = path
+    paths = _write_all(folder, "bad-data-{:02d}.csv", made)
     arrays: dict[str, dict[str, Any]] = {
         "npz with a pickled array": {
             "X": np.array([{"a": 1}] * 4, dtype=object),
@@ -178,12 +186,7 @@ def model_mismatched_files(folder: Path, good: Path) -> dict[str, Path]:
             [header, rows[0].rsplit(",", 1)[0] + ",7", *rows[1:]]
         ) + "\n",
     }  # fmt: skip
-    paths = {}
-    for i, (name, content) in enumerate(made.items()):
-        path = folder / f"misfit-{i:02d}.csv"
-        path.write_text(content)
-        paths[name] = path
-    return paths
+    return _write_all(folder, "misfit-{:02d}.csv", made)
 
 
 def bad_ids_files(folder: Path) -> dict[str, Path]:
@@ -193,15 +196,7 @@ def bad_ids_files(folder: Path) -> dict[str, Path]:
         "unknown id": "0\nno-such-id\n",
         "binary ids": b"\xff\xfe\x00\x01" * 20,
     }
-    paths = {}
-    for i, (name, content) in enumerate(made.items()):
-        path = folder / f"bad-ids-{i:02d}.txt"
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-        paths[name] = path
-    return paths
+    return _write_all(folder, "bad-ids-{:02d}.txt", made)
 
 
 def bad_checkpoints(folder: Path, good: Path) -> dict[str, Path]:
@@ -277,12 +272,7 @@ def bad_configs(folder: Path) -> dict[str, Path]:
         "config wrong type": "seed: many\n",
         "config seed out of range": "seed: -5\n",
     }
-    paths = {}
-    for i, (name, content) in enumerate(made.items()):
-        path = folder / f"bad-config-{i:02d}.yaml"
-        path.write_text(content)
-        paths[name] = path
-    return paths
+    return _write_all(folder, "bad-config-{:02d}.yaml", made)
 
 
 # --- the cases ------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ def _loads_or_refuses(path: Path) -> Checkpoint | None:
     return checkpoint
 
 
+def _write_and_load(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    path = folder / "m.safetensors"
+    _write(path, tensors, meta)
+    _loads_or_refuses(path)
+
+
 def _paths(meta: dict[str, Any]) -> list[tuple[str, ...]]:
     """Every key path in the metadata, nested mappings included."""
     found: list[tuple[str, ...]] = []
@@ -100,8 +106,7 @@ def test_random_bytes_are_refused(tmp_path: Path, blob: bytes) -> None:
 def test_tampered_metadata_is_refused_or_harmless(
     tmp_path: Path, model_file: Path, sisa_file: Path, data: st.DataObject
 ) -> None:
-    source = data.draw(st.sampled_from([model_file, sisa_file]))
-    tensors, meta = _parts(source)
+    tensors, meta = _parts(data.draw(st.sampled_from([model_file, sisa_file])))
     where = data.draw(st.sampled_from(_paths(meta)))
     holder = meta
     for key in where[:-1]:
@@ -110,9 +115,7 @@ def test_tampered_metadata_is_refused_or_harmless(
         holder.pop(where[-1])
     else:
         holder[where[-1]] = data.draw(json_values)
-    path = tmp_path / "m.safetensors"
-    _write(path, tensors, meta)
-    _loads_or_refuses(path)
+    _write_and_load(tmp_path, tensors, meta)
 
 
 @SLOW
@@ -120,8 +123,7 @@ def test_tampered_metadata_is_refused_or_harmless(
 def test_tampered_tensors_are_refused_or_harmless(
     tmp_path: Path, model_file: Path, sisa_file: Path, data: st.DataObject
 ) -> None:
-    source = data.draw(st.sampled_from([model_file, sisa_file]))
-    tensors, meta = _parts(source)
+    tensors, meta = _parts(data.draw(st.sampled_from([model_file, sisa_file])))
     name = data.draw(st.sampled_from(sorted(tensors)))
     change = data.draw(st.sampled_from(["drop", "shorter", "dtype", "add", "values"]))
     tensor = tensors[name]
@@ -137,9 +139,7 @@ def test_tampered_tensors_are_refused_or_harmless(
         values = [3, 99, 200] + ([] if tensor.dtype == torch.uint8 else [-7])
         values += [float("nan")] if tensor.is_floating_point() else []
         tensors[name] = torch.full_like(tensor, data.draw(st.sampled_from(values)))
-    path = tmp_path / "m.safetensors"
-    _write(path, tensors, meta)
-    _loads_or_refuses(path)
+    _write_and_load(tmp_path, tensors, meta)
 
 
 def _tamper(source: Path, folder: Path, change: Any) -> Path:
