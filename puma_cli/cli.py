@@ -130,9 +130,33 @@ def resolve_device(name: str) -> torch.device:
     return resolve(name)
 
 
-class Arch(str, enum.Enum):
-    mlp = "mlp"
-    cnn = "cnn"
+ARCHS = ("mlp", "cnn", "resnet18", "densenet")  # and FILE.py:Class
+
+
+def _arch_file(value: Path | None) -> Path | None:
+    """--arch-file: the user's architecture file, named again (moved or copied). It is
+    only hashed here; a checkpoint's class is imported from it when the sha256 matches."""
+    if value is not None:
+        from puma_cli.models.user import register_arch_file
+
+        try:
+            register_arch_file(value)
+        except PumaError as exc:
+            console.error(str(exc))
+            raise typer.Exit(1) from None
+    return value
+
+
+ArchFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--arch-file",
+        help="The FILE.py of a model trained with --arch FILE.py:Class, if it has moved: "
+        "imported (its code runs) only when its sha256 is the one the model records.",
+        callback=_arch_file,
+        readable=False,
+    ),
+]
 
 
 class Activation(str, enum.Enum):
@@ -190,6 +214,25 @@ def make_data(
     _render(as_json, asdict(report), f"wrote {report.path}")
 
 
+def _architecture(arch: str, arch_args: str) -> dict[str, Any]:
+    """The recipe's architecture fields from --arch and --arch-args."""
+    import json
+
+    try:
+        args = json.loads(arch_args)
+    except json.JSONDecodeError as exc:
+        raise PumaError(f"--arch-args {arch_args!r} is not JSON ({exc.msg})") from None
+    if not isinstance(args, dict):
+        raise PumaError(f"--arch-args {arch_args!r}: give a JSON object, like '{{\"width\": 32}}'")
+    if arch in ARCHS:
+        return {"arch": arch, "arch_args": args}
+    from puma_cli.models.user import is_user_spec, parse_user_spec
+
+    if not is_user_spec(arch):
+        raise PumaError(f"--arch {arch!r}: choose {', '.join(ARCHS)} or FILE.py:ClassName")
+    return {"arch": "user", "arch_args": args, "arch_source": parse_user_spec(arch)}
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("none", "", "[]"):
         return ()  # no hidden layer: multinomial logistic regression
@@ -212,8 +255,22 @@ def train(
         Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)
     ],
     arch: Annotated[
-        Arch, typer.Option("--arch", help="mlp (paper's FlexibleFCN) or cnn.")
-    ] = Arch.mlp,
+        str,
+        typer.Option(
+            "--arch",
+            help="mlp (the paper's FlexibleFCN), cnn, resnet18 (CIFAR form), densenet (the "
+            "paper's), or FILE.py:Class for your own nn.Module: that file is imported, so its "
+            "code runs; the model records its path and sha256.",
+        ),
+    ] = "mlp",
+    arch_args: Annotated[
+        str,
+        typer.Option(
+            "--arch-args",
+            help="JSON object of constructor arguments, e.g. '{\"width\": 32}' (resnet18), "
+            "'{\"growth_rate\": 12}' (densenet) or your class's own.",
+        ),
+    ] = "{}",
     hidden: Annotated[
         str,
         typer.Option("--hidden", help="Hidden widths, e.g. 64,32; none for logistic regression."),
@@ -269,7 +326,7 @@ def train(
     from puma_cli.models.training import TrainRecipe
 
     recipe = TrainRecipe(
-        arch=arch.value,
+        **_architecture(arch, arch_args),
         hidden=_hidden(hidden),
         activation=activation.value,
         epochs=epochs,
@@ -430,6 +487,7 @@ def remove(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Remove the marked points' influence from a model and record it.
@@ -509,6 +567,7 @@ def attack(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Membership inference on the targets: did the removal work?"""
@@ -588,6 +647,7 @@ def debug_labels(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Rank training points by how much they hurt held-out loss: mislabel suspects first."""
@@ -651,6 +711,7 @@ def calibrate(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Lower a model's calibration error with a PUMA patch (Algorithm 3), keeping accuracy."""
@@ -693,6 +754,7 @@ def eval_(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Accuracy, mean loss and ECE of a model on a data file (or some ids of it)."""
@@ -715,6 +777,7 @@ def info(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Architecture, training recipe, data files and provenance of a checkpoint."""

@@ -205,7 +205,7 @@ def test_every_command_is_listed() -> None:
     ("choices", "library"),
     [
         ("KINDS", "kinds"),
-        ("Arch", "architectures"),
+        ("ARCHS", "architectures"),
         ("Activation", "activations"),
         ("Method", "methods"),
         ("Solver", "solvers"),

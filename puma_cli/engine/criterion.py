@@ -54,10 +54,14 @@ def cache_path_for(checkpoint: Path) -> Path:
 
 
 def derivative_dtype(checkpoint: Checkpoint, precision: str) -> torch.dtype:
-    """float64 unless asked otherwise; `auto` takes float32 for convolutional nets, whose
-    float64 convolutions are several times slower on a CPU."""
+    """float64 unless asked otherwise; `auto` takes float32 for any net with a convolution
+    (cnn, resnet18, densenet, a user's), whose float64 convolutions are several times
+    slower on a CPU."""
     if precision == "auto":
-        precision = "float32" if checkpoint.arch.name == "cnn" else "float64"
+        convolutional = any(
+            isinstance(m, torch.nn.modules.conv._ConvNd) for m in checkpoint.model.modules()
+        )
+        precision = "float32" if convolutional else "float64"
     if precision not in ("float32", "float64"):
         raise PumaError(f"--precision {precision!r}: choose auto, float32 or float64")
     return torch.float32 if precision == "float32" else torch.float64

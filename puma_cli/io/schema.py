@@ -124,8 +124,13 @@ def validate_metadata(path: Path, meta: Mapping[str, Any], newest: int) -> None:
 def _architecture(f: _Fields, value: Any) -> dict[str, Any]:
     arch = f.mapping(value, "architecture")
     name = f.text(arch.get("name"), "architecture.name")
-    if name not in ARCHITECTURES:
-        raise f.fail("architecture.name", f"is {name!r}, not one of {', '.join(ARCHITECTURES)}")
+    if name not in (*ARCHITECTURES, "user"):
+        known = ", ".join((*ARCHITECTURES, "user"))
+        raise f.fail("architecture.name", f"is {name!r}, not one of {known}")
+    f.mapping(arch.get("args") or {}, "architecture.args")
+    source = arch.get("source")
+    if name == "user" or source is not None:
+        _source(f, source, "architecture.source")
     f.integers(arch.get("input_shape"), "architecture.input_shape", 1, range(1, 4, 2))
     f.integer(arch.get("n_classes"), "architecture.n_classes", 1, MAX_DIM)
     f.integers(arch.get("hidden", []), "architecture.hidden", 1, range(MAX_LAYERS + 1))
@@ -149,6 +154,9 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
             f.text(recipe[key], f"recipe.{key}")
     if "hidden" in recipe:
         f.integers(recipe["hidden"], "recipe.hidden", 1, range(MAX_LAYERS + 1))
+    f.mapping(recipe.get("arch_args") or {}, "recipe.arch_args")
+    if recipe.get("arch_source") is not None:
+        _source(f, recipe["arch_source"], "recipe.arch_source")
     try:
         parsed = TrainRecipe.from_dict(recipe)
         parsed.validate()
@@ -156,6 +164,16 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
         raise f.fail("recipe", f"is not a usable training recipe ({exc})") from None
     if parsed.shards != arch.get("shards", 1):
         raise f.fail("recipe.shards", "differs from the architecture's shard count")
+
+
+def _source(f: _Fields, value: Any, where: str) -> None:
+    """A user architecture's file: its path, sha256 and class name."""
+    source = f.mapping(value, where)
+    f.text(source.get("path"), f"{where}.path")
+    if not _SHA256.fullmatch(f.text(source.get("sha256"), f"{where}.sha256")):
+        raise f.fail(f"{where}.sha256", "is not a sha256 (64 hex digits)")
+    if not f.text(source.get("class"), f"{where}.class").isidentifier():
+        raise f.fail(f"{where}.class", "is not a Python class name")
 
 
 def _data_record(f: _Fields, value: Any, where: str) -> None:
@@ -204,6 +222,8 @@ def validate_tensors(
         with torch.device("meta"):
             expected = build_model(arch).state_dict()
     except PumaError as exc:
+        if arch.source is not None:
+            raise  # the user's file is gone, changed or fails: its own message says so
         raise f.fail("architecture", f"cannot be built ({exc})") from None
     given = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     for name, want in expected.items():

@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from puma_cli.errors import CheckpointError, PumaError
+from puma_cli.models.user import UserSource, construct, user_class
+from puma_cli.models.zoo import DenseNet, ResNet18
 
-ARCHITECTURES = ("mlp", "cnn")
+ARCHITECTURES = ("mlp", "cnn", "resnet18", "densenet")  # built in; "user" is FILE.py:Class
+IMAGE_ARCHITECTURES = ("cnn", "resnet18", "densenet")
 ACTIVATIONS = ("relu", "sigmoid")
 
 
@@ -32,9 +35,17 @@ class Architecture:
     activation: str = "relu"
     channels: tuple[int, ...] = field(default=(16, 32))
     shards: int = 1
+    args: dict[str, Any] = field(default_factory=dict)  # --arch-args, as JSON
+    source: UserSource | None = None  # name "user": the file and class it was built from
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["source"] = self.source.to_dict() if self.source is not None else None
+        return data
+
+    @property
+    def label(self) -> str:
+        return self.source.label if self.source is not None else f"--arch {self.name}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
@@ -47,6 +58,8 @@ class Architecture:
                 activation=str(data.get("activation", "relu")),
                 channels=tuple(int(v) for v in data.get("channels", (16, 32))),
                 shards=int(data.get("shards", 1)),
+                args=dict(data.get("args") or {}),
+                source=UserSource.from_dict(data["source"]) if data.get("source") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the recorded architecture is malformed ({exc})") from exc
@@ -158,6 +171,12 @@ def build_model(arch: Architecture) -> Model:
 
 
 def build_net(arch: Architecture) -> nn.Module:
+    """The network the architecture names (built-in, or the user's class), not yet trained."""
+    if arch.name == "user":
+        if arch.source is None:
+            raise PumaError("a user architecture needs its source file (FILE.py:Class)")
+        cls = user_class(arch.source)
+        return construct(cls, arch.args, arch.input_shape, arch.n_classes, arch.source.label)
     if arch.activation not in ACTIVATIONS:
         raise PumaError(f"unknown activation {arch.activation!r}; choose relu or sigmoid")
     if arch.name == "mlp":
@@ -165,17 +184,24 @@ def build_net(arch: Architecture) -> nn.Module:
         for size in arch.input_shape:
             width *= size
         return FlexibleFCN([width, *arch.hidden, arch.n_classes], arch.activation)
+    if arch.name not in ARCHITECTURES:
+        choices = ", ".join(ARCHITECTURES)
+        raise PumaError(f"unknown architecture {arch.name!r}; choose {choices} or FILE.py:Class")
+    if len(arch.input_shape) != 3:
+        raise PumaError(
+            f"--arch {arch.name} needs image data (n, C, H, W); this data has shape "
+            f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp"
+        )
+    if min(arch.input_shape[1:]) < 4:
+        raise PumaError(f"--arch {arch.name} needs images of at least 4x4, not {arch.input_shape}")
     if arch.name == "cnn":
-        if len(arch.input_shape) != 3:
-            raise PumaError(
-                f"--arch cnn needs image data (n, C, H, W); this data has shape "
-                f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp"
-            )
-        if min(arch.input_shape[1:]) < 4:
-            raise PumaError(f"--arch cnn needs images of at least 4x4, not {arch.input_shape}")
         hidden = arch.hidden[0] if arch.hidden else 64
         return SmallCNN(arch.input_shape, arch.channels, hidden, arch.n_classes)
-    raise PumaError(f"unknown architecture {arch.name!r}; choose {' or '.join(ARCHITECTURES)}")
+    network = ResNet18 if arch.name == "resnet18" else DenseNet
+    try:
+        return network(arch.input_shape[0], arch.n_classes, **arch.args)
+    except (TypeError, ValueError) as exc:
+        raise PumaError(f"--arch-args for {arch.name}: {exc}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,8 @@ from torch.nn.utils import parameters_to_vector
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, PumaError, require_range
-from puma_cli.models.architectures import ACTIVATIONS, Architecture, Classifier
+from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, Classifier
+from puma_cli.models.user import UserSource, check_logits
 
 Progress = Callable[[int, int, float], None]
 """Called after each epoch with (epoch, epochs, mean training loss)."""
@@ -31,14 +32,21 @@ class TrainRecipe:
     seed: int = 0
     shards: int = 1
     slices: int = 1
+    arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-args
+    arch_source: UserSource | None = None  # arch "user": FILE.py:Class, with its sha256
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "hidden": list(self.hidden), "optimizer": "adam"}
+        data = {**asdict(self), "hidden": list(self.hidden), "optimizer": "adam"}
+        data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["hidden"] = tuple(fields.get("hidden", (64, 32)))
+        fields["arch_args"] = dict(fields.get("arch_args") or {})
+        source = fields.get("arch_source")
+        fields["arch_source"] = UserSource.from_dict(source) if source else None
         return cls(**fields)
 
     def validate(self) -> None:
@@ -64,6 +72,12 @@ class TrainRecipe:
             )
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
+        if self.arch == "user" and self.arch_source is None:
+            raise PumaError("a user architecture is given as --arch FILE.py:ClassName")
+        if self.arch not in (*ARCHITECTURES, "user"):
+            raise PumaError(
+                f"--arch {self.arch!r}: choose {', '.join(ARCHITECTURES)} or FILE.py:ClassName"
+            )
 
 
 def architecture_for(
@@ -76,6 +90,8 @@ def architecture_for(
         hidden=recipe.hidden,
         activation=recipe.activation,
         shards=shards,
+        args=dict(recipe.arch_args),
+        source=recipe.arch_source,
     )
 
 
@@ -108,6 +124,7 @@ def train_classifier(
     check_trainable(dataset, recipe)
     torch.manual_seed(recipe.seed)
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
+    check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
     X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
     model.fit_standardisation(X)
     fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)

@@ -1,0 +1,208 @@
+"""Your own architecture: `--arch FILE.py:Class`, imported only as recorded.
+
+Importing a Python file runs its code, so puma imports a user's file only when the
+user names it (`train --arch FILE.py:Class`, or `--arch-file FILE.py` on a later
+command) or when the file at the path a checkpoint records still has the sha256 the
+checkpoint records. A file that has changed or gone is refused, never replaced by
+another version: the sha256 is checked before any import, and a class is looked up by
+(sha256, class name), so two versions of one file never mix.
+
+The class is built as `Class(**arch_args)`; where its constructor takes `n_classes`
+or `num_classes`, `input_shape`, `in_channels` or `in_features` and the arguments do
+not set them, puma passes them from the data. It must be an `nn.Module` whose forward
+maps a standardised batch (n, *input_shape) to logits (n, K).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from puma_cli.errors import DataError, PumaError
+
+_SPEC = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+_CLASSES: dict[tuple[str, str], type[nn.Module]] = {}  # (sha256, class name) -> class
+_GIVEN: dict[str, Path] = {}  # sha256 -> a file the user named with --arch-file
+
+
+@dataclass(frozen=True)
+class UserSource:
+    """Where a user's architecture class lies: the file, its sha256, the class name."""
+
+    path: str
+    sha256: str
+    name: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256, "class": self.name}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UserSource:
+        return cls(str(data["path"]), str(data["sha256"]), str(data["class"]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+def is_user_spec(arch: str) -> bool:
+    return _SPEC.match(arch) is not None
+
+
+def parse_user_spec(arch: str) -> UserSource:
+    """`FILE.py:Class` -> the file's absolute path, its sha256 and the class (imported
+    now, so a file that cannot be imported or lacks the class is refused up front)."""
+    match = _SPEC.match(arch)
+    if match is None:
+        raise PumaError(f"--arch {arch!r}: give a built-in name or FILE.py:ClassName")
+    path = Path(match["path"]).expanduser().resolve()
+    source = UserSource(str(path), _sha256(path), match["name"])
+    _import_class(path, source)
+    return source
+
+
+def register_arch_file(path: Path) -> str:
+    """`--arch-file FILE.py`: the user names the file again (moved, or on another machine);
+    it is hashed, not imported, until a checkpoint asks for a class with that sha256."""
+    path = Path(path).expanduser().resolve()
+    digest = _sha256(path)
+    _GIVEN[digest] = path
+    return digest
+
+
+def user_class(source: UserSource) -> type[nn.Module]:
+    """The recorded class, from the file given with --arch-file or the recorded path, each
+    only when its sha256 is, now, the recorded one."""
+    given = _GIVEN.get(source.sha256)
+    if given is not None and given.is_file() and _sha256(given) == source.sha256:
+        return _import_class(given, source)
+    path = Path(source.path)
+    if not path.is_file():
+        raise PumaError(
+            f"the architecture file {source.path} recorded in the model is gone; pass "
+            f"--arch-file FILE.py with the same file (sha256 {source.sha256[:12]}...)"
+        )
+    digest = _sha256(path)
+    if digest != source.sha256:
+        raise PumaError(
+            f"the architecture file {source.path} has changed since the model was trained "
+            f"(sha256 {source.sha256[:12]} recorded, {digest[:12]} now); puma never imports "
+            "another version: restore the file, or pass --arch-file with the original"
+        )
+    return _import_class(path, source)
+
+
+def _import_class(path: Path, source: UserSource) -> type[nn.Module]:
+    key = (source.sha256, source.name)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    module_name = f"puma_user_arch_{source.sha256[:16]}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise PumaError(f"{path} cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's code: any failure is theirs to fix
+            del sys.modules[module_name]
+            raise PumaError(
+                f"{path} raised {type(exc).__name__} on import ({_first_line(exc)}); fix the file"
+            ) from exc
+    found = getattr(module, source.name, None)
+    if found is None:
+        names = sorted(
+            n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
+        )
+        raise PumaError(
+            f"{path} defines no class {source.name!r} (its nn.Module classes: "
+            f"{', '.join(names) or 'none'})"
+        )
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise PumaError(f"{path}:{source.name} is not an nn.Module class")
+    _CLASSES[key] = found
+    return found
+
+
+def construct(
+    cls: type[nn.Module],
+    args: dict[str, Any],
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    label: str,
+) -> nn.Module:
+    """`cls(**args)`, with the class count and input shape filled in where the
+    constructor asks for them by a name puma knows and `args` leaves them out."""
+    try:
+        wanted = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        wanted = {}  # type: ignore[assignment]
+    given = dict(args)
+    fill = {
+        "n_classes": n_classes,
+        "num_classes": n_classes,
+        "input_shape": tuple(input_shape),
+        "in_channels": input_shape[0],
+        "in_features": math.prod(input_shape),
+    }
+    for name, value in fill.items():
+        if name in wanted and name not in given:
+            given[name] = value
+    try:
+        return cls(**given)
+    except Exception as exc:  # the user's code
+        raise PumaError(
+            f"{label}({', '.join(f'{k}={v!r}' for k, v in given.items())}) raised "
+            f"{type(exc).__name__} ({_first_line(exc)}); fix the class or --arch-args"
+        ) from exc
+
+
+def check_logits(net: nn.Module, input_shape: tuple[int, ...], n_classes: int, label: str) -> None:
+    """Refuse a network that fails on a batch of the data's shape or does not return one
+    logit per class."""
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    if device.type == "meta":
+        return
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2, *input_shape), device=device))
+    except Exception as exc:  # the user's code
+        raise PumaError(
+            f"{label} fails on a batch of shape (2, {', '.join(map(str, input_shape))}): "
+            f"{type(exc).__name__} ({_first_line(exc)}); it must take the data's shape"
+        ) from exc
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PumaError(
+            f"{label} returns {shape} for a batch of 2; it must return logits (n, {n_classes}), "
+            "one per class"
+        )
+
+
+def _sha256(path: Path) -> str:
+    if not path.exists():
+        raise DataError(f"{path}: no such architecture file")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file; give a .py file defining the class")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

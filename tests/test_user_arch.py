@@ -1,0 +1,198 @@
+"""Your own architecture (--arch FILE.py:Class), the built-in ResNet-18 and DenseNet, and
+BatchNorm/dropout models: trained, removed from, attacked and evaluated through the CLI;
+a user file is imported only as recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_error, run, run_json
+
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.io.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "sample_data" / "digits-train.npz"
+DIGITS_TEST = ROOT / "sample_data" / "digits-test.npz"
+
+NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A tabular net with BatchNorm and dropout, to exercise eval-mode derivatives."""
+
+    def __init__(self, in_features, n_classes, width=16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(width, n_classes),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.fixture
+def arch(tmp_path: Path) -> Path:
+    path = tmp_path / "mynet.py"
+    path.write_text(NET)
+    return path
+
+
+def _train(data_dir: Path, arch: Path, out: Path, *extra: str) -> dict:
+    return run_json(
+        "train", data_dir / "radial.csv", "--test", data_dir / "radial-test.csv",
+        "--arch", f"{arch}:Net", "--arch-args", '{"width": 12}', "-o", out,
+        "--epochs", "100", "--device", "cpu", *extra,
+    )  # fmt: skip
+
+
+def test_a_user_architecture_goes_through_every_command(
+    data_dir: Path, arch: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    trained = _train(data_dir, arch, model)
+    assert trained["test_accuracy"] > 0.7
+    info = run_json("info", model)
+    source = info["architecture"]["source"]
+    assert source["path"] == str(arch.resolve()) and source["class"] == "Net"
+    assert len(source["sha256"]) == 64 and info["architecture"]["args"] == {"width": 12}
+    assert info["n_parameters"] == 2 * 12 + 12 + 2 * 12 + 12 * 2 + 2  # linear, bn, linear
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    for method in ("puma", "retrain", "ssd"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--method", method,
+            "-o", tmp_path / f"{method}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] == 4 and out["test_accuracy_after"] is not None
+    attack = run_json(
+        "attack", "-m", tmp_path / "puma.safetensors", "--targets", tmp_path / "ids.txt"
+    )
+    assert 0 <= attack["auc"] <= 1
+    assert run_json("eval", "-m", tmp_path / "retrain.safetensors")["n"] == 40
+
+
+def test_derivatives_are_taken_in_eval_mode(data_dir: Path, arch: Path, tmp_path: Path) -> None:
+    """BatchNorm uses its running statistics and dropout is off: the engine's logits are
+    the deployed model's, and the same on every call."""
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    checkpoint = load_checkpoint(model)
+    X = torch.randn(7, 2, dtype=torch.float64)
+    engine = InfluenceModel(checkpoint.model, X, torch.zeros(7, dtype=torch.long))
+    deployed = checkpoint.model.double().eval()(X)
+    for _ in range(2):
+        assert torch.allclose(engine.logits(engine.theta, X), deployed)
+
+
+def test_a_changed_or_moved_file_is_never_imported_silently(
+    data_dir: Path, arch: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    original = arch.read_text()
+    arch.write_text(original.replace("width=16", "width=17"))
+    assert_clean_error(run("eval", "-m", model), "has changed since the model was trained")
+    assert_clean_error(run("info", model), "puma never imports another version")
+    moved = tmp_path / "elsewhere" / "net.py"
+    moved.parent.mkdir()
+    moved.write_text(original)
+    arch.unlink()
+    assert_clean_error(run("eval", "-m", model), "is gone; pass --arch-file FILE.py")
+    changed = tmp_path / "changed.py"
+    changed.write_text(original + "\n# edited\n")
+    assert_clean_error(run("eval", "-m", model, "--arch-file", changed), "is gone")
+    assert run_json("eval", "-m", model, "--arch-file", moved)["n"] == 40
+
+
+BAD_FILES = {
+    "missing file": (None, "no such architecture file"),
+    "no such class": (NET.replace("class Net", "class Other"), "defines no class 'Net'"),
+    "raises on import": ("raise RuntimeError('boom')\n", "raised RuntimeError on import (boom)"),
+    "raises on construction": (
+        NET.replace("super().__init__()", "raise ValueError('bad width')"),
+        "raised ValueError (bad width); fix the class or --arch-args",
+    ),
+    "wrong number of outputs": (
+        NET.replace("nn.Linear(width, n_classes)", "nn.Linear(width, 5)"),
+        "returns (2, 5) for a batch of 2; it must return logits (n, 2)",
+    ),
+    "fails on the data's shape": (
+        NET.replace("nn.Linear(in_features, width)", "nn.Linear(3, width)"),
+        "fails on a batch of shape (2, 2)",
+    ),
+    "not a module": ("class Net:\n    pass\n", "is not an nn.Module class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_architecture_file_is_one_clear_error(
+    case: str, data_dir: Path, tmp_path: Path
+) -> None:
+    source, message = BAD_FILES[case]
+    path = tmp_path / "net.py"
+    if source is not None:
+        path.write_text(source)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(
+        "train", data_dir / "radial.csv", "--arch", f"{path}:Net", "-o", tmp_path / "m.safetensors",
+        "--epochs", "1",
+    )  # fmt: skip
+    assert_clean_error(result, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_arch_args_must_be_a_json_object(data_dir: Path, tmp_path: Path) -> None:
+    for args, message in (("{width: 3}", "is not JSON"), ("[1]", "give a JSON object")):
+        result = run(
+            "train", data_dir / "radial.csv", "--arch-args", args, "-o", tmp_path / "m.safetensors"
+        )
+        assert_clean_error(result, message)
+    result = run(
+        "train", DIGITS, "--arch", "resnet18", "--arch-args", '{"depth": 3}',
+        "-o", tmp_path / "m.safetensors",
+    )  # fmt: skip
+    assert_clean_error(result, "--arch-args for resnet18")
+    assert_clean_error(
+        run("train", data_dir / "radial.csv", "--arch", "vgg", "-o", tmp_path / "m.safetensors"),
+        "choose mlp, cnn, resnet18, densenet or FILE.py:ClassName",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "parameters"),
+    [
+        ("resnet18", '{"width": 4}', 44_550),
+        ("densenet", '{"growth_rate": 4, "blocks": [1, 1, 1, 1]}', 3_244),
+    ],
+)
+def test_the_built_in_image_networks_train_and_unlearn(
+    name: str, args: str, parameters: int, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    trained = run_json(
+        "train", DIGITS, "--test", DIGITS_TEST, "--arch", name, "--arch-args", args, "-o", model,
+        "--epochs", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert trained["n_parameters"] == parameters
+    assert trained["test_accuracy"] > 0.15  # two epochs: above chance (0.1), not converged
+    with np.load(DIGITS) as digits:
+        ids = digits["ids"][:20].tolist()
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    out = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "r.safetensors",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert out["removed"] <= 20 and out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+
+
+def test_help_says_that_a_user_file_is_imported() -> None:
+    result = run("train", "--help")
+    assert "imported" in result.stdout and "code runs" in result.stdout
