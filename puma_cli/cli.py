@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -21,6 +21,8 @@ from puma_cli.io.config import load_config
 
 if TYPE_CHECKING:
     import torch
+
+    from puma_cli.models.training import TrainRecipe
 
 app = typer.Typer(
     name="puma",
@@ -34,6 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS = (
     "make-data",
     "train",
+    "import",
     "mark",
     "remove",
     "attack",
@@ -147,6 +150,49 @@ def _arch_file(value: Path | None) -> Path | None:
     return value
 
 
+class Activation(str, enum.Enum):
+    relu = "relu"
+    sigmoid = "sigmoid"
+
+
+class Optimizer(str, enum.Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+ArchOpt = Annotated[
+    str,
+    typer.Option(
+        "--arch",
+        help="mlp (the paper's FlexibleFCN), cnn, resnet18 (CIFAR form), densenet (the "
+        "paper's), or FILE.py:Class for your own nn.Module: that file is imported, so its "
+        "code runs; the model records its path and sha256.",
+    ),
+]
+ArchArgsOpt = Annotated[
+    str,
+    typer.Option(
+        "--arch-args",
+        help="JSON object of constructor arguments, e.g. '{\"width\": 32}' (resnet18), "
+        "'{\"growth_rate\": 12}' (densenet) or your class's own.",
+    ),
+]
+HiddenOpt = Annotated[
+    str,
+    typer.Option("--hidden", help="mlp/cnn hidden widths, e.g. 64,32; none: logistic regression."),
+]
+ActivationOpt = Annotated[Activation, typer.Option("--activation", help="mlp's: relu or sigmoid.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs")]
+LrOpt = Annotated[float, typer.Option("--lr", help="The optimiser's learning rate.")]
+OptimizerOpt = Annotated[
+    Optimizer, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9).")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+TestOpt = Annotated[
+    Path | None, typer.Option("--test", help="Test file to report on.", readable=False)
+]
+
 ArchFileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -157,11 +203,6 @@ ArchFileOpt = Annotated[
         readable=False,
     ),
 ]
-
-
-class Activation(str, enum.Enum):
-    relu = "relu"
-    sigmoid = "sigmoid"
 
 
 def _render(as_json: bool, payload: dict[str, Any], title: str) -> None:
@@ -214,6 +255,34 @@ def make_data(
     _render(as_json, asdict(report), f"wrote {report.path}")
 
 
+def _recipe(
+    arch: str,
+    arch_args: str,
+    hidden: str,
+    activation: Activation,
+    epochs: int,
+    lr: float,
+    optimizer: Optimizer,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+) -> TrainRecipe:
+    """The training recipe the options describe (train's, or the one import declares)."""
+    from puma_cli.models.training import TrainRecipe
+
+    return TrainRecipe(
+        **_architecture(arch, arch_args),
+        hidden=_hidden(hidden),
+        activation=activation.value,
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer.value,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+
+
 def _architecture(arch: str, arch_args: str) -> dict[str, Any]:
     """The recipe's architecture fields from --arch and --arch-args."""
     import json
@@ -254,32 +323,15 @@ def train(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)
     ],
-    arch: Annotated[
-        str,
-        typer.Option(
-            "--arch",
-            help="mlp (the paper's FlexibleFCN), cnn, resnet18 (CIFAR form), densenet (the "
-            "paper's), or FILE.py:Class for your own nn.Module: that file is imported, so its "
-            "code runs; the model records its path and sha256.",
-        ),
-    ] = "mlp",
-    arch_args: Annotated[
-        str,
-        typer.Option(
-            "--arch-args",
-            help="JSON object of constructor arguments, e.g. '{\"width\": 32}' (resnet18), "
-            "'{\"growth_rate\": 12}' (densenet) or your class's own.",
-        ),
-    ] = "{}",
-    hidden: Annotated[
-        str,
-        typer.Option("--hidden", help="Hidden widths, e.g. 64,32; none for logistic regression."),
-    ] = "64,32",
-    activation: Annotated[Activation, typer.Option("--activation")] = Activation.relu,
-    epochs: Annotated[int, typer.Option("--epochs")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="Adam's learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    arch: ArchOpt = "mlp",
+    arch_args: ArchArgsOpt = "{}",
+    hidden: HiddenOpt = "64,32",
+    activation: ActivationOpt = Activation.relu,
+    epochs: EpochsOpt = 100,
+    lr: LrOpt = 1e-3,
+    optimizer: OptimizerOpt = Optimizer.adam,
+    batch_size: BatchSizeOpt = 32,
+    weight_decay: WeightDecayOpt = 0.0,
     val_frac: Annotated[
         float,
         typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
@@ -287,9 +339,7 @@ def train(
     val: Annotated[
         Path | None, typer.Option("--val", help="Validation file instead.", readable=False)
     ] = None,
-    test: Annotated[
-        Path | None, typer.Option("--test", help="Test file to report on.", readable=False)
-    ] = None,
+    test: TestOpt = None,
     shards: Annotated[
         int, typer.Option("--shards", help="SISA: train this many disjoint shard models.")
     ] = 1,
@@ -323,20 +373,11 @@ def train(
     """Train a classifier and save it as one safetensors checkpoint with its full record."""
     from puma_cli.io.datasets import DataOptions
     from puma_cli.jobs.train import train as job
-    from puma_cli.models.training import TrainRecipe
 
-    recipe = TrainRecipe(
-        **_architecture(arch, arch_args),
-        hidden=_hidden(hidden),
-        activation=activation.value,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        seed=seed,
-        shards=shards,
-        slices=slices,
+    recipe = _recipe(
+        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed
     )
+    recipe = replace(recipe, shards=shards, slices=slices)
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
         report = job(
@@ -355,6 +396,69 @@ def train(
         )
     payload = {**asdict(report), "device": str(torch_device)}
     _render(as_json, payload, f"trained {report.model}")
+
+
+@app.command("import")
+@domain_errors
+def import_(
+    weights: Annotated[
+        Path,
+        typer.Argument(
+            help="The network's state dict, saved with safetensors (never a pickle).",
+            readable=False,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="The data the weights were trained on.", readable=False),
+    ],
+    arch: ArchOpt = "mlp",
+    arch_args: ArchArgsOpt = "{}",
+    hidden: HiddenOpt = "64,32",
+    activation: ActivationOpt = Activation.relu,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="The recipe they were trained with (for retrain).")
+    ] = 100,
+    lr: LrOpt = 1e-3,
+    optimizer: OptimizerOpt = Optimizer.adam,
+    batch_size: BatchSizeOpt = 32,
+    weight_decay: WeightDecayOpt = 0.0,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="Held-out data (the criterion for removal).", readable=False),
+    ] = None,
+    test: TestOpt = None,
+    label_col: LabelColOpt = "label",
+    id_col: IdColOpt = "id",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Wrap weights trained elsewhere into a puma checkpoint, with the recipe you declare."""
+    from puma_cli.io.datasets import DataOptions
+    from puma_cli.jobs.import_weights import import_weights as job
+
+    recipe = _recipe(
+        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed
+    )
+    torch_device = resolve_device(device)
+    report = job(
+        weights,
+        output,
+        recipe,
+        data=data,
+        val=val,
+        test=test,
+        options=DataOptions(label_col, id_col),
+        device=torch_device,
+        overwrite=overwrite,
+    )
+    _render(as_json, {**asdict(report), "device": str(torch_device)}, f"imported {weights}")
 
 
 @app.command()

@@ -44,6 +44,18 @@ from typer.testing import CliRunner  # noqa: E402
 
 from puma_cli.cli import app  # noqa: E402
 
+USER_NET = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.fc = nn.Linear(in_features, n_classes)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
 
 @dataclass(frozen=True)
 class Case:
@@ -445,6 +457,46 @@ def build_cases(folder: Path) -> list[Case]:
         "--method", "amnesiac", "-o", sidecar, "--overwrite")  # fmt: skip
     add("outputs: debug-labels -o", "onto its --truth", "debug-labels", "-m", model,
         "--truth", ids, "-o", ids, "--overwrite")  # fmt: skip
+
+    # Architecture files and imported weights.
+    net = USER_NET
+    archs = _write_all(folder, "arch-{:02d}.py", {
+        "no such class": net.replace("class Net", "class Other"),
+        "raises on import": "raise ImportError('no torch here')\n",
+        "raises on construction": net.replace("super().__init__()", "raise TypeError('x')"),
+        "wrong number of outputs": net.replace("n_classes)", "n_classes + 3)"),
+        "fails on the data's shape": net.replace("(in_features,", "(in_features + 1,"),
+        "not a module": "class Net:\n    pass\n",
+    })  # fmt: skip
+    archs["missing file"] = folder / "no-such-arch.py"
+    for name, path in archs.items():
+        add("arch: train --arch", name, "train", data, "--arch", f"{path}:Net", "-o", out,
+            "--epochs", "1")  # fmt: skip
+    for name, args in {"not JSON": "{width: 2}", "not an object": "[1]",
+                       "unknown argument": '{"depth": 3}'}.items():  # fmt: skip
+        add("arch: train --arch-args", name, "train", data, "--arch", "mlp", "--arch-args",
+            args, "-o", out, "--epochs", "1")  # fmt: skip
+    import torch
+    from safetensors.torch import save_file
+
+    good_weights = {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}
+    weights = {
+        "another architecture": {"fc.weight": torch.zeros(3, 2), "fc.bias": torch.zeros(3)},
+        "a tensor missing": {"fc.weight": torch.zeros(2, 2)},
+        "a stray tensor": {**good_weights, "fc.extra": torch.zeros(1)},
+        "NaN weights": {**good_weights, "fc.bias": torch.full((2,), float("nan"))},
+    }
+    net_file = folder / "arch-good.py"
+    net_file.write_text(net)
+    for i, (name, tensors) in enumerate(weights.items()):
+        path = folder / f"weights-{i:02d}.safetensors"
+        save_file(tensors, str(path))
+        add("arch: import", name, "import", path, "--arch", f"{net_file}:Net", "--data", data,
+            "-o", out)  # fmt: skip
+    for name, path in {**{k: v for k, v in models.items() if "truncated" in k or k == "pickle"},
+                       **specials}.items():  # fmt: skip
+        add("arch: import", f"weights: {name}", "import", path, "--arch", f"{net_file}:Net",
+            "--data", data, "-o", out)  # fmt: skip
 
     # Config files.
     configs = {**bad_configs(folder), **specials}

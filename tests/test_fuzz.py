@@ -36,7 +36,7 @@ def test_every_generated_bad_input_keeps_the_promise(tmp_path: Path) -> None:
     assert len(rows) >= 300
     assert all(row["ok"] for row in rows)
     assert {row["group"].split(":")[0] for row in rows} == {
-        "config", "data", "ids", "model", "options", "outputs",
+        "arch", "config", "data", "ids", "model", "options", "outputs",
     }  # fmt: skip
     assert max(row["seconds"] for row in rows) < 10
 

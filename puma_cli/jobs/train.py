@@ -39,7 +39,7 @@ class TrainReport:
     updates_bytes: int | None = None
 
 
-def _n_classes(dataset: Dataset) -> int:
+def class_count(dataset: Dataset) -> int:
     k = dataset.n_classes
     missing = sorted(set(range(k)) - {int(c) for c in np.unique(dataset.y)})
     if missing and dataset.class_names is None:
@@ -93,16 +93,16 @@ def train(
     outputs = [output, sidecar]
     check_outputs(outputs, [data, val, test, group], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
-    n_classes = _n_classes(dataset)
+    n_classes = class_count(dataset)
     roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
     val_set: Dataset | None = None
     if val is not None:
-        val_set = _load_for(val, dataset, options, n_classes)
+        val_set = load_for(val, dataset, options, n_classes)
     elif val_frac > 0:
         _, held = split_rows(dataset.y, val_frac, recipe.seed)
         roles[held] = ckpt.ROLE_VALIDATION
         val_set = dataset.subset(held) if held.size else None
-    test_set = _load_for(test, dataset, options, n_classes) if test is not None else None
+    test_set = load_for(test, dataset, options, n_classes) if test is not None else None
     trained_rows = np.flatnonzero(roles == ckpt.ROLE_TRAINED)
     trained = dataset.subset(trained_rows)
     grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
@@ -127,11 +127,11 @@ def train(
             sidecars["updates"] = ckpt.DataRecord(
                 str(sidecar.resolve()), digest, len(recorder.updates)
             )
-    metrics: dict[str, Any] = {"train": _figures(evaluate(model, trained))}
+    metrics: dict[str, Any] = {"train": figures(evaluate(model, trained))}
     if val_set is not None:
-        metrics["val"] = _figures(evaluate(model, val_set))
+        metrics["val"] = figures(evaluate(model, val_set))
     if test_set is not None:
-        metrics["test"] = _figures(evaluate(model, test_set))
+        metrics["test"] = figures(evaluate(model, test_set))
     checkpoint = ckpt.Checkpoint(
         model=model,
         recipe=recipe.to_dict(),
@@ -179,7 +179,7 @@ def _group_positions(group: Path, dataset: Dataset, trained_rows: np.ndarray) ->
     return np.flatnonzero(np.isin(trained_rows, rows))
 
 
-def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
+def load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
     """A validation or test file, checked against the training data's shape and classes."""
     other = load_dataset(path, options.label_col, options.id_col, train_set.class_names)
     if other.input_shape != train_set.input_shape:
@@ -198,7 +198,7 @@ def _load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: i
     return other
 
 
-def _figures(evaluation: Evaluation) -> dict[str, float | int]:
+def figures(evaluation: Evaluation) -> dict[str, float | int]:
     return {
         "accuracy": round(evaluation.accuracy, 6),
         "loss": round(evaluation.loss, 6),

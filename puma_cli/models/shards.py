@@ -184,7 +184,8 @@ def _train_shard(
         torch.manual_seed(recipe.seed + 1000 * k)
         fresh = Classifier(member.arch).to(device)
         first = dataset.subset(rows_of[base])
-        fresh.fit_standardisation(torch.as_tensor(first.X, dtype=torch.float32, device=device))
+        if recipe.standardize:
+            fresh.fit_standardisation(torch.as_tensor(first.X, dtype=torch.float32, device=device))
         member.load_state_dict(fresh.state_dict())
         for r in [r for r in stages if r >= base]:
             del stages[r]

@@ -1,4 +1,5 @@
-"""The training recipe: Adam on mean cross-entropy, seeded. `retrain` re-runs it as recorded."""
+"""The training recipe: Adam (or SGD) on mean cross-entropy, seeded. `retrain` re-runs it as
+recorded; for a model trained elsewhere (`puma import`) it is the recipe its user declares."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, Classifier
 from puma_cli.models.user import UserSource, check_logits
+
+OPTIMIZERS = ("adam", "sgd")
+SGD_MOMENTUM = 0.9
 
 Progress = Callable[[int, int, float], None]
 """Called after each epoch with (epoch, epochs, mean training loss)."""
@@ -32,11 +37,13 @@ class TrainRecipe:
     seed: int = 0
     shards: int = 1
     slices: int = 1
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9)
+    standardize: bool = True  # fit per-feature mean/std first; off for imported weights
     arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-args
     arch_source: UserSource | None = None  # arch "user": FILE.py:Class, with its sha256
 
     def to_dict(self) -> dict[str, Any]:
-        data = {**asdict(self), "hidden": list(self.hidden), "optimizer": "adam"}
+        data = {**asdict(self), "hidden": list(self.hidden)}
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
 
@@ -72,6 +79,13 @@ class TrainRecipe:
             )
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
+        if self.optimizer not in OPTIMIZERS:
+            raise PumaError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
+        if self.arch_args and self.arch in ("mlp", "cnn"):
+            raise PumaError(
+                f"--arch-args is for resnet18, densenet and FILE.py:Class; --arch {self.arch} "
+                "takes --hidden and --activation"
+            )
         if self.arch == "user" and self.arch_source is None:
             raise PumaError("a user architecture is given as --arch FILE.py:ClassName")
         if self.arch not in (*ARCHITECTURES, "user"):
@@ -126,7 +140,8 @@ def train_classifier(
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
     check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
     X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
-    model.fit_standardisation(X)
+    if recipe.standardize:
+        model.fit_standardisation(X)
     fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)
     return model
 
@@ -145,7 +160,7 @@ def fit(
     """Run the recipe's Adam on `model` for `epochs` over `dataset`, from a fresh optimiser."""
     X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
     y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(model, recipe)
     generator = torch.Generator().manual_seed(seed)
     n = X.shape[0]
     grouped = None
@@ -171,6 +186,18 @@ def fit(
         if progress is not None:
             progress(epoch + 1, epochs, total / n)
     return model.eval()
+
+
+def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the model's parameters, fresh."""
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=recipe.lr,
+            momentum=SGD_MOMENTUM,
+            weight_decay=recipe.weight_decay,
+        )
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
 def _epoch_order(

@@ -1,0 +1,74 @@
+"""Weights trained elsewhere: a plain safetensors state dict, fitted to an architecture.
+
+`puma import` reads the file a user saved with `safetensors.torch.save_file(net.state_dict(),
+...)` (keys as the network names them; a `net.` or `module.` prefix, as DataParallel and
+some wrappers write, is taken off) and loads it into the network the architecture
+builds. Anything that does not fit is refused, naming the first tensor that does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from torch import nn
+
+from puma_cli.errors import DataError
+from puma_cli.io.files import require_file
+
+PREFIXES = ("net.", "module.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a plain safetensors file; pickles and damaged files are refused."""
+    require_file(path, "weights file", "a .safetensors file of the network's state dict")
+    raw = Path(path).read_bytes()
+    try:
+        tensors = load_safetensors(raw)
+    except (SafetensorError, ValueError) as exc:
+        if raw[:1] == b"\x80" or raw[:2] == b"PK":
+            raise DataError(
+                f"{path} is a pickle or torch.save file, which puma never unpickles; save the "
+                "weights with safetensors.torch.save_file(net.state_dict(), path)"
+            ) from exc
+        raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if not tensors:
+        raise DataError(f"{path} holds no tensors; save the network's state dict into it")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> None:
+    """Copy `state` into `net`, refusing the first missing, extra, misshapen or non-finite
+    tensor by name."""
+    expected = net.state_dict()
+    for name, want in expected.items():
+        have = state.get(name)
+        if have is None:
+            raise DataError(
+                f"{path} lacks tensor {name!r}, which {label} has; these weights are from "
+                "another architecture (or other --arch-args)"
+            )
+        if have.shape != want.shape:
+            raise DataError(
+                f"{path}: tensor {name!r} is {_shape(have)}, but {label} makes it "
+                f"{_shape(want)}; these weights are from another architecture (or other "
+                "--arch-args)"
+            )
+        if have.is_floating_point() and not bool(torch.isfinite(have).all()):
+            raise DataError(f"{path}: tensor {name!r} holds NaN or inf; export the weights again")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise DataError(
+            f"{path} holds tensor {extra[0]!r}, which {label} does not have; these weights are "
+            "from another architecture"
+        )
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "a scalar"

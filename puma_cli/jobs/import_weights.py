@@ -1,0 +1,112 @@
+"""`puma import`: weights trained elsewhere, wrapped into a puma checkpoint.
+
+The user declares what puma cannot see: the architecture (built-in or FILE.py:Class),
+the data the weights were trained on (every row counts as trained on, since puma does
+not know which rows were held out: give held-out data with --val), and the recipe they
+were trained with (epochs, lr, optimiser, batch size, weight decay), which
+`remove --method retrain`, SISA-free baselines and shadow models re-run. Imported
+weights take the inputs as they are: no standardisation is fitted, and the recorded
+recipe says so, so a retrained model sees the data the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puma_cli.errors import PumaError
+from puma_cli.io import checkpoint as ckpt
+from puma_cli.io.atomic import check_outputs
+from puma_cli.io.datasets import DataOptions, load_dataset
+from puma_cli.io.weights import load_into, read_state_dict
+from puma_cli.jobs.train import class_count, figures, load_for
+from puma_cli.models.architectures import Classifier
+from puma_cli.models.training import TrainRecipe, architecture_for
+from puma_cli.models.user import check_logits
+from puma_cli.quality.evaluation import evaluate
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    model: Path
+    weights: Path
+    train_accuracy: float
+    val_accuracy: float | None
+    test_accuracy: float | None
+    n_train: int
+    n_parameters: int
+    seconds: float
+
+
+def import_weights(
+    weights: Path,
+    output: Path,
+    recipe: TrainRecipe,
+    *,
+    data: Path,
+    val: Path | None = None,
+    test: Path | None = None,
+    options: DataOptions = DataOptions(),
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+) -> ImportReport:
+    """Fit `weights` to the declared architecture, measure them on the data, and save."""
+    started = time.perf_counter()
+    recipe = replace(recipe, standardize=False)
+    recipe.validate()
+    if recipe.shards > 1:
+        raise PumaError("puma import wraps one network; a SISA ensemble is made by `puma train`")
+    check_outputs([output], [weights, data, val, test], overwrite)
+    state = read_state_dict(weights)
+    dataset = load_dataset(data, options.label_col, options.id_col)
+    n_classes = class_count(dataset)
+    val_set = load_for(val, dataset, options, n_classes) if val is not None else None
+    test_set = load_for(test, dataset, options, n_classes) if test is not None else None
+    model = Classifier(architecture_for(recipe, dataset, n_classes))
+    load_into(model.net, state, weights, model.arch.label)
+    model = model.to(device).eval()
+    check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
+    metrics: dict[str, Any] = {"train": figures(evaluate(model, dataset))}
+    if val_set is not None:
+        metrics["val"] = figures(evaluate(model, val_set))
+    if test_set is not None:
+        metrics["test"] = figures(evaluate(model, test_set))
+    record = {"label_col": options.label_col, "id_col": options.id_col}
+    checkpoint = ckpt.Checkpoint(
+        model=model,
+        recipe=recipe.to_dict(),
+        data={
+            "train": ckpt.DataRecord.of(dataset, **record),
+            "val": ckpt.DataRecord.of(val_set, **record) if val_set is not None else None,
+            "test": ckpt.DataRecord.of(test_set, **record) if test_set is not None else None,
+        },
+        roles=np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8),
+        feature_names=dataset.feature_names,
+        feature_names_given=dataset.named_features,
+        class_names=dataset.class_names,
+        metrics=metrics,
+        provenance=[
+            {
+                "op": "import",
+                "weights": str(Path(weights).resolve()),
+                "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+            }
+        ],
+    )
+    ckpt.save_checkpoint(output, checkpoint, overwrite)
+    return ImportReport(
+        model=output,
+        weights=weights,
+        train_accuracy=metrics["train"]["accuracy"],
+        val_accuracy=metrics["val"]["accuracy"] if "val" in metrics else None,
+        test_accuracy=metrics["test"]["accuracy"] if "test" in metrics else None,
+        n_train=len(dataset),
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,161 @@
+"""`puma import`: weights trained outside puma become a checkpoint every command takes;
+weights that do not fit are refused by the first tensor that does not."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_error, run, run_json
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from puma_cli.io.datasets import load_dataset
+
+NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=16):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, width)
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.out(self.hidden(x).relu())
+"""
+
+
+def _net(width: int) -> nn.Module:
+    scope: dict[str, object] = {}
+    exec(NET, scope)  # the same class the user's file defines
+    return scope["Net"](2, 2, width)  # type: ignore[operator]
+
+
+@pytest.fixture(scope="module")
+def elsewhere(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A net trained by plain PyTorch on the raw features (no standardisation), saved as
+    a safetensors state dict, and the file that defines its class."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    (folder / "net.py").write_text(NET)
+    train = load_dataset(data_dir / "radial.csv")
+    torch.manual_seed(0)
+    net = _net(16)
+    X = torch.as_tensor(train.X, dtype=torch.float32)
+    y = torch.as_tensor(train.y)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        optimizer.step()
+    save_file(net.state_dict(), str(folder / "w.safetensors"))
+    return folder
+
+
+def _import(folder: Path, data_dir: Path, weights: Path, out: Path, *extra: str) -> object:
+    return run(
+        "import", weights, "--arch", f"{folder / 'net.py'}:Net", "--data", data_dir / "radial.csv",
+        "--val", data_dir / "radial-test.csv", "--test", data_dir / "radial-test.csv",
+        "--epochs", "30", "--lr", "0.05", "--optimizer", "sgd", "-o", out, "--device", "cpu",
+        *extra,
+    )  # fmt: skip
+
+
+def test_imported_weights_predict_as_they_did_and_go_through_every_command(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    result = _import(elsewhere, data_dir, elsewhere / "w.safetensors", model, "--json")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    net = _net(16)
+    net.load_state_dict(load_file(str(elsewhere / "w.safetensors")))
+    test = load_dataset(data_dir / "radial-test.csv")
+    with torch.no_grad():
+        own = (net(torch.as_tensor(test.X, dtype=torch.float32)).argmax(1).numpy() == test.y).mean()
+    assert run_json("eval", "-m", model)["accuracy"] == pytest.approx(own)
+    info = run_json("info", model)
+    assert info["recipe"]["optimizer"] == "sgd" and info["recipe"]["standardize"] is False
+    assert info["provenance"][0]["op"] == "import" and info["rows"]["trained"] == 160
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:9]
+    (tmp_path / "ids.txt").write_text("".join(r.split(",", 1)[0] + "\n" for r in rows))
+    for method in ("puma", "retrain"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--method", method,
+            "-o", tmp_path / f"{method}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] == 8
+    retrained = run_json("info", tmp_path / "retrain.safetensors")
+    assert retrained["recipe"]["standardize"] is False  # the declared recipe, re-run as such
+
+
+def _tamper(folder: Path, change: object) -> Path:
+    state = load_file(str(folder / "w.safetensors"))
+    changed = change(state)  # type: ignore[operator]
+    path = folder / "bad.safetensors"
+    if isinstance(changed, bytes):
+        path.write_bytes(changed)
+    else:
+        save_file(changed, str(path))
+    return path
+
+
+BAD_WEIGHTS = {
+    "another width": (
+        lambda s: _net(8).state_dict(),
+        "tensor 'hidden.weight' is 8x2, but",
+    ),
+    "a tensor missing": (
+        lambda s: {k: v for k, v in s.items() if k != "out.bias"},
+        "lacks tensor 'out.bias'",
+    ),
+    "a stray tensor": (lambda s: {**s, "extra": torch.zeros(1)}, "holds tensor 'extra'"),
+    "NaN weights": (
+        lambda s: {**s, "out.weight": s["out.weight"] * float("nan")},
+        "'out.weight' holds NaN or inf",
+    ),
+    "a pickle": (lambda s: pickle.dumps({"w": [1.0]}), "is a pickle or torch.save file"),
+    "truncated": (
+        lambda s: save_bytes(s)[:-10],
+        "is not a readable safetensors file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
+def test_weights_that_do_not_fit_are_refused_by_name(
+    case: str, elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    change, message = BAD_WEIGHTS[case]
+    (tmp_path / "w.safetensors").write_bytes((elsewhere / "w.safetensors").read_bytes())
+    bad = _tamper(tmp_path, change)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _import(elsewhere, data_dir, bad, tmp_path / "m.safetensors")
+    assert_clean_error(result, message)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_wrapper_prefix_is_taken_off(elsewhere: Path, data_dir: Path, tmp_path: Path) -> None:
+    state = load_file(str(elsewhere / "w.safetensors"))
+    save_file({f"module.{k}": v for k, v in state.items()}, str(tmp_path / "dp.safetensors"))
+    result = _import(elsewhere, data_dir, tmp_path / "dp.safetensors", tmp_path / "m.safetensors")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+
+
+def test_import_refuses_what_it_cannot_wrap(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    result = run(
+        "import", elsewhere / "w.safetensors", "--arch", "resnet18", "--data",
+        data_dir / "radial.csv", "-o", tmp_path / "m.safetensors",
+    )  # fmt: skip
+    assert_clean_error(result, "--arch resnet18 needs image data")
+    result = _import(elsewhere, data_dir, elsewhere / "w.safetensors", tmp_path / "m.safetensors",
+                     "--lr", "0")  # fmt: skip
+    assert_clean_error(result, "--lr 0 is out of range")
+    assert list(tmp_path.iterdir()) == []
+    assert np.isfinite(load_file(str(elsewhere / "w.safetensors"))["out.weight"].numpy()).all()
