@@ -525,7 +525,35 @@ class Solver(str, enum.Enum):
 DampingOpt = Annotated[
     float, typer.Option("--damping", help="mu as a share of the Hessian's largest eigenvalue.")
 ]
-SolverOpt = Annotated[Solver, typer.Option("--solver", help="Inverse-HVP solver.")]
+SolverOpt = Annotated[
+    Solver, typer.Option("--solver", help="Inverse solver for exact and ggn curvature.")
+]
+
+
+class Curvature(str, enum.Enum):
+    auto = "auto"
+    exact = "exact"
+    ggn = "ggn"
+    kfac = "kfac"
+    ekfac = "ekfac"
+
+
+CurvatureOpt = Annotated[
+    Curvature,
+    typer.Option(
+        "--curvature",
+        help="exact (the Hessian), ggn (Gauss-Newton), kfac or ekfac (Kronecker-factored "
+        "GGN, fitted once and cached beside the model); auto: exact up to 20,000 "
+        "parameters, kfac past that.",
+    ),
+]
+CurvatureSamplesOpt = Annotated[
+    int,
+    typer.Option(
+        "--curvature-samples",
+        help="Training rows the K-FAC/EK-FAC factors are fitted on (0: up to 10,000).",
+    ),
+]
 CriterionDataOpt = Annotated[
     Path | None,
     typer.Option(
@@ -570,6 +598,8 @@ def remove(
     ] = "auto",
     damping: DampingOpt = 0.01,
     solver: SolverOpt = Solver.cg,
+    curvature: CurvatureOpt = Curvature.auto,
+    curvature_samples: CurvatureSamplesOpt = 0,
     upweight_sample: Annotated[
         int, typer.Option("--upweight-sample", help="Reweight this many random points (0: all).")
     ] = 0,
@@ -613,6 +643,8 @@ def remove(
         ssd_alpha=alpha,
         ssd_lambda=lambda_,
         seed=seed,
+        curvature=curvature.value,
+        curvature_samples=curvature_samples,
     )
     with console.epoch_progress(
         "retraining", enabled=not as_json and method in (Method.retrain, Method.sisa)
@@ -745,6 +777,8 @@ def debug_labels(
     ] = True,
     damping: DampingOpt = 0.01,
     solver: SolverOpt = Solver.cg,
+    curvature: CurvatureOpt = Curvature.auto,
+    curvature_samples: CurvatureSamplesOpt = 0,
     criterion_data: CriterionDataOpt = None,
     no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
@@ -766,7 +800,9 @@ def debug_labels(
         truth=truth,
         plot=plot,
         confidence_filter=confidence_filter,
-        settings=SolverSettings(solver.value, damping, "auto", seed),
+        settings=SolverSettings(
+            solver.value, damping, "auto", seed, curvature.value, curvature_samples
+        ),
         criterion_data=criterion_data,
         use_cache=not no_cache,
         agreeing_criterion=agreeing,
@@ -810,6 +846,8 @@ def calibrate(
     ] = None,
     damping: DampingOpt = 0.01,
     solver: SolverOpt = Solver.cg,
+    curvature: CurvatureOpt = Curvature.auto,
+    curvature_samples: CurvatureSamplesOpt = 0,
     criterion_data: CriterionDataOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -830,7 +868,9 @@ def calibrate(
         max_accuracy_drop=max_accuracy_drop,
         lambda_cap=lambda_cap,
         plot=plot,
-        settings=SolverSettings(solver.value, damping, "auto", seed),
+        settings=SolverSettings(
+            solver.value, damping, "auto", seed, curvature.value, curvature_samples
+        ),
         criterion_data=criterion_data,
         device=resolve_device(device),
         overwrite=overwrite,

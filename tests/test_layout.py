@@ -209,6 +209,7 @@ def test_every_command_is_listed() -> None:
         ("Activation", "activations"),
         ("Method", "methods"),
         ("Solver", "solvers"),
+        ("Curvature", "curvatures"),
         ("Attack", "attacks"),
         ("Score", "scores"),
     ],
@@ -216,6 +217,7 @@ def test_every_command_is_listed() -> None:
 def test_cli_choices_match_the_library(choices: str, library: str) -> None:
     from puma_cli.audit import ATTACKS
     from puma_cli.data.synthetic import KINDS
+    from puma_cli.engine.curvature import CURVATURES
     from puma_cli.engine.solvers import SOLVERS
     from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES
     from puma_cli.quality.label_ranking import SCORES
@@ -228,6 +230,7 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
         "activations": set(ACTIVATIONS),
         "methods": set(METHODS),
         "solvers": set(SOLVERS),
+        "curvatures": set(CURVATURES),
         "attacks": set(ATTACKS),
         "scores": set(SCORES),
     }[library]

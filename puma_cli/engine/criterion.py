@@ -1,4 +1,5 @@
-"""v = (H + mu I)^-1 grad C: solved once per model and criterion, cached beside the checkpoint.
+"""v = (C + mu I)^-1 grad C: solved once per model and criterion, cached beside the checkpoint
+(the curvature C is the engine's: `engine.curvature`).
 
 Removal (Algorithm 1) and label debugging (Algorithm 2) both start from it. The cache,
 `<stem>.influence.safetensors`, holds v and the damping that worked, keyed by the
@@ -17,8 +18,14 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
+from puma_cli.engine.curvature import (
+    CURVATURES,
+    MAX_SAMPLES,
+    attach_curvature,
+    resolve_curvature,
+)
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.solvers import largest_eigenvalue, solve
+from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
 from puma_cli.io.cache import Cache, Check
@@ -31,10 +38,15 @@ class SolverSettings:
     damping: float = 0.01
     precision: str = "auto"
     seed: int = 0
+    curvature: str = "auto"
+    curvature_samples: int = 0  # 0: the default subsample for kfac/ekfac
 
     def validate(self) -> None:
         require_range("--damping", self.damping, 0, low_open=True)
         require_range("--seed", self.seed, 0, SEED_MAX)
+        if self.curvature not in CURVATURES:
+            raise PumaError(f"--curvature {self.curvature!r}: choose {', '.join(CURVATURES)}")
+        require_range("--curvature-samples", self.curvature_samples, 0, MAX_SAMPLES)
 
 
 @dataclass
@@ -67,10 +79,40 @@ def derivative_dtype(checkpoint: Checkpoint, precision: str) -> torch.dtype:
     return torch.float32 if precision == "float32" else torch.float64
 
 
+def factor_cache_path_for(checkpoint: Path) -> Path:
+    """m.safetensors -> m.factors.safetensors: the fitted K-FAC or EK-FAC factors."""
+    return checkpoint.with_name(f"{checkpoint.stem}.factors.safetensors")
+
+
 def training_engine(
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    rows: np.ndarray,
+    precision: str,
+    *,
+    settings: SolverSettings | None = None,
+    factor_cache: Cache | None = None,
+) -> InfluenceModel:
+    """The engine over the given rows of the training file, with the recipe's weight decay,
+    and the curvature `settings` names (K-FAC factors read from or staged in the cache)."""
+    engine = _engine(checkpoint, dataset, rows, precision)
+    if settings is not None:
+        choice = resolve_curvature(
+            settings.curvature,
+            engine.n_parameters,
+            engine.n,
+            checkpoint.arch.n_classes,
+            settings.curvature_samples,
+        )
+        key = {"checkpoint_sha256": sha256_file(checkpoint.path)} if checkpoint.path else {}
+        key["precision"] = str(engine.dtype)
+        attach_curvature(engine, choice, key, settings.seed, factor_cache)
+    return engine
+
+
+def _engine(
     checkpoint: Checkpoint, dataset: Dataset, rows: np.ndarray, precision: str
 ) -> InfluenceModel:
-    """The engine over the given rows of the training file, with the recipe's weight decay."""
     data = dataset.subset(rows)
     return InfluenceModel(
         single_model(checkpoint, "the influence engine (puma, influence, debug-labels, calibrate)"),
@@ -94,7 +136,7 @@ def criterion_direction(
     X = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
     y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_c = engine.gradient_on(X, y)
-    key = _cache_key(checkpoint, criterion, settings) if cache is not None else {}
+    key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}
     if cache is not None:
         hit = cache.load(key, _check_direction(engine.n_parameters))
         if hit is not None:
@@ -102,7 +144,7 @@ def criterion_direction(
             v = tensors["v"].to(engine.device)
             top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
             return CriterionDirection(v, grad_c, top, damping, True)
-    top = largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta, seed=settings.seed)
+    top = largest_curvature(engine, seed=settings.seed)
     solved = solve(engine, grad_c, settings.solver, settings.damping, top)
     if cache is not None:
         meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
@@ -111,7 +153,7 @@ def criterion_direction(
 
 
 def _cache_key(
-    checkpoint: Checkpoint, criterion: Dataset, settings: SolverSettings
+    checkpoint: Checkpoint, criterion: Dataset, settings: SolverSettings, engine: InfluenceModel
 ) -> dict[str, str]:
     if checkpoint.path is None:
         raise ValueError("a cached solve needs the checkpoint's path")
@@ -122,6 +164,8 @@ def _cache_key(
         "solver": settings.solver,
         "damping": repr(settings.damping),
         "precision": settings.precision,
+        "curvature": engine.curvature,
+        "curvature_samples": str(settings.curvature_samples) if engine.kronecker else "",
     }
 
 

@@ -13,7 +13,9 @@ which costs more than a whole removal on the sample data.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,7 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from puma_cli.engine.kronecker import KroneckerCurvature
+
 Tensor = torch.Tensor
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """Forward-mode AD registers torch's decompositions through torch.jit.script on first
+    use, which torch 2.13 deprecates with a warning: torch's business, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+        yield
 
 
 class InfluenceModel:
@@ -59,6 +72,10 @@ class InfluenceModel:
         self.weight_decay = float(weight_decay)
         self.chunk_size = chunk_size
         self.device = device
+        # Which curvature the solvers invert (`engine.curvature`): exact, ggn, kfac, ekfac.
+        self.curvature = "exact"
+        self.kronecker: KroneckerCurvature | None = None
+        self.kronecker_cached = False
 
     @property
     def n(self) -> int:
@@ -111,6 +128,25 @@ class InfluenceModel:
             out += hv.double()
         return out / self.n + self.weight_decay * v
 
+    def ggn_vp(self, v: Tensor) -> Tensor:
+        """G v, the Gauss-Newton matrix of J times v (P,): mean_i J_i^T H_i J_i v, with J_i
+        the Jacobian of row i's logits and H_i = diag(p_i) - p_i p_i^T the cross-entropy's
+        Hessian in the logits, plus the weight decay. Positive semi-definite, unlike H:
+        the curvature that stays meaningful where the model interpolates. One forward-mode
+        pass (J v) and one backward pass (J^T) per chunk."""
+        out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
+        v_in = v.to(self.dtype)
+        for X, _ in self._chunks():
+            with torch.no_grad(), _quiet_jit(), fwad.dual_level():
+                dual = fwad.unpack_dual(self.logits(fwad.make_dual(self.theta, v_in), X))
+                logits, jv = dual.primal, dual.tangent
+            p = torch.softmax(logits, dim=1)
+            hjv = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
+            theta = self._leaf()
+            (gv,) = torch.autograd.grad((self.logits(theta, X) * hjv).sum(), theta)
+            out += gv.double()
+        return out / self.n + self.weight_decay * v
+
     def weighted_gradient(self, weights: Tensor) -> Tensor:
         """sum_i w_i grad L_i (P,) over the rows: one backward pass, no per-row gradients."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
@@ -127,7 +163,7 @@ class InfluenceModel:
     ) -> Tensor:
         """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients."""
         parts = []
-        with torch.no_grad(), fwad.dual_level():
+        with torch.no_grad(), _quiet_jit(), fwad.dual_level():
             theta = fwad.make_dual(self.theta, v.to(self.dtype))
             for Xc, yc in self._chunks(X, y):
                 parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)

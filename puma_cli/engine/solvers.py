@@ -1,4 +1,6 @@
-"""Inverse-HVP solvers: (H + mu I) x = b by CG (default), LiSSA or a dense solve.
+"""Inverse solvers: (C + mu I) x = b by CG (default), LiSSA or a dense solve, where C is the
+engine's curvature (`engine.curvature`: the exact Hessian H, the GGN, or K-FAC/EK-FAC,
+which are inverted in closed form instead).
 
 mu is relative to H's largest eigenvalue (power iteration), because the scale of H
 varies by orders of magnitude between datasets, and is raised when CG meets negative
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.kronecker import KINDS
 from puma_cli.errors import PumaError, require_range
 
 Tensor = torch.Tensor
@@ -59,6 +62,23 @@ class Solve:
     damping: float
     iterations: int
     residual: float
+
+
+def curvature_product(engine: InfluenceModel) -> Callable[[Tensor], Tensor]:
+    """v -> C v for the engine's curvature (weight decay included)."""
+    if engine.kronecker is not None and engine.curvature in KINDS:
+        kron = engine.kronecker
+        return lambda v: kron.matvec(v) + engine.weight_decay * v
+    return engine.ggn_vp if engine.curvature == "ggn" else engine.hvp
+
+
+def largest_curvature(engine: InfluenceModel, seed: int = 0) -> float:
+    """C's largest eigenvalue: read off K-FAC's factors, else by power iteration."""
+    if engine.kronecker is not None and engine.curvature in KINDS:
+        return engine.kronecker.lambda_max() + engine.weight_decay
+    return largest_eigenvalue(
+        curvature_product(engine), engine.n_parameters, engine.theta, seed=seed
+    )
 
 
 def largest_eigenvalue(
@@ -180,25 +200,26 @@ def solve(
             f"{engine.n} rows ({engine.n_parameters * engine.n:,} row-parameter products, "
             f"limit {EXACT_MAX_WORK:,}): slower than retraining; use --solver cg"
         )
-    top = (
-        lambda_max
-        if lambda_max is not None
-        else largest_eigenvalue(engine.hvp, engine.n_parameters, engine.theta)
-    )
+    top = lambda_max if lambda_max is not None else largest_curvature(engine)
     if top <= 0:
-        raise PumaError("the Hessian of the training loss is zero; the model has nothing to remove")
+        raise PumaError(
+            "the curvature of the training loss is zero; the model has nothing to remove"
+        )
+    if engine.kronecker is not None and engine.curvature in KINDS:
+        # Closed form: (K + (weight decay + mu) I)^-1 b, block by block.
+        x = engine.kronecker.inverse(b, engine.weight_decay + damping * top)
+        return Solve(x, damping, 0, 0.0)
+    matvec = curvature_product(engine)
     if solver == "exact":
-        return _solve_exact(engine, b, damping, top)
+        return _solve_exact(engine, matvec, b, damping, top)
     share = damping
     for _ in range(8):
         mu = share * top
         try:
             if solver == "cg":
-                x, iterations, residual = conjugate_gradient(engine.hvp, b, mu, tol, max_iter)
+                x, iterations, residual = conjugate_gradient(matvec, b, mu, tol, max_iter)
             else:
-                x, iterations, residual = lissa(
-                    engine.hvp, b, mu, 1.5 * (top + mu), tol, max_iter * 25
-                )
+                x, iterations, residual = lissa(matvec, b, mu, 1.5 * (top + mu), tol, max_iter * 25)
             if not torch.isfinite(x).all():
                 raise NegativeCurvature
             return Solve(x, share, iterations, residual)
@@ -207,10 +228,16 @@ def solve(
     raise PumaError("the Hessian stayed indefinite even with damping 1e8 x lambda_max")
 
 
-def _solve_exact(engine: InfluenceModel, b: Tensor, damping: float, top: float) -> Solve:
-    # One dense Hessian per engine: a command that solves twice builds it once.
+def _solve_exact(
+    engine: InfluenceModel,
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    damping: float,
+    top: float,
+) -> Solve:
+    # One dense matrix per engine: a command that solves twice builds it once.
     if engine.dense_eigh is None:
-        H = dense_hessian(engine.hvp, engine.n_parameters, engine.theta)
+        H = dense_hessian(matvec, engine.n_parameters, engine.theta)
         eigenvalues, vectors = torch.linalg.eigh(H)
         engine.dense_eigh = (H, eigenvalues, vectors)
     H, eigenvalues, vectors = engine.dense_eigh

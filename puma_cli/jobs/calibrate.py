@@ -24,6 +24,7 @@ from puma_cli.engine.criterion import (
     SolverSettings,
     cache_path_for,
     criterion_direction,
+    factor_cache_path_for,
     training_engine,
 )
 from puma_cli.engine.solvers import flush_denormals, solve
@@ -107,8 +108,11 @@ def calibrate(
     test = recorded.load_recorded_or_none(checkpoint, "test")
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
-    engine = training_engine(checkpoint, dataset, rows, settings.precision)
     cache = Cache(cache_path_for(model))
+    factors = Cache(factor_cache_path_for(model))
+    engine = training_engine(
+        checkpoint, dataset, rows, settings.precision, settings=settings, factor_cache=factors
+    )
     ce = criterion_direction(engine, checkpoint, criterion, settings, cache)
     Xc = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
     yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
@@ -226,7 +230,7 @@ def calibrate(
         shown = test if test is not None else criterion
         writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
     write_atomically(writers, overwrite)
-    report.warnings.extend(commit_all([cache]))
+    report.warnings.extend(commit_all([cache, factors]))
     return report
 
 

@@ -15,6 +15,7 @@ from puma_cli.engine.criterion import (
     SolverSettings,
     cache_path_for,
     criterion_direction,
+    factor_cache_path_for,
     training_engine,
 )
 from puma_cli.engine.solvers import flush_denormals
@@ -77,8 +78,11 @@ def debug_labels(
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
-    engine = training_engine(checkpoint, dataset, rows, settings.precision)
     cache = Cache(cache_path_for(model)) if use_cache else None
+    factors = Cache(factor_cache_path_for(model)) if use_cache else None
+    engine = training_engine(
+        checkpoint, dataset, rows, settings.precision, settings=settings, factor_cache=factors
+    )
     direction = criterion_direction(engine, checkpoint, criterion, settings, cache)
     scores = suspicion_scores(engine, direction, score)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
@@ -116,7 +120,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
-    notes = commit_all([cache])
+    notes = commit_all([cache, factors])
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.engine.criterion import cache_path_for
+from puma_cli.engine.criterion import cache_path_for, factor_cache_path_for
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
@@ -90,7 +90,11 @@ def remove(
     test_set = recorded.load_recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
     if use_cache and method in ("puma", "influence"):
-        options = replace(options, cache=Cache(cache_path_for(model)))
+        options = replace(
+            options,
+            cache=Cache(cache_path_for(model)),
+            factor_cache=Cache(factor_cache_path_for(model)),
+        )
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress
     )
@@ -144,7 +148,7 @@ def remove(
         extra=result.extra if result.extra is not None else checkpoint.extra,
     )
     ckpt.save_checkpoint(output, new, overwrite)
-    report.warnings.extend(commit_all([options.cache]))
+    report.warnings.extend(commit_all([options.cache, options.factor_cache]))
     return report
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
+from puma_cli.engine.criterion import SolverSettings
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.cache import Cache
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
@@ -46,7 +47,10 @@ class RemovalOptions:
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0
     seed: int = 0
+    curvature: str = "auto"
+    curvature_samples: int = 0
     cache: Cache | None = None  # staged by the engine, committed by the job
+    factor_cache: Cache | None = None  # K-FAC/EK-FAC factors, likewise
 
     def validate(self) -> None:
         """Refuse, before any work, a value no removal could use."""
@@ -58,7 +62,18 @@ class RemovalOptions:
         require_range("--max-accuracy-drop", self.max_accuracy_drop, 0, 100)
         require_range("--alpha", self.ssd_alpha, 0, low_open=True)
         require_range("--lambda", self.ssd_lambda, 0, low_open=True)
+        self.solver_settings().validate()
         require_range("--seed", self.seed, 0, SEED_MAX)
+
+    def solver_settings(self) -> SolverSettings:
+        return SolverSettings(
+            self.solver,
+            self.damping,
+            self.precision,
+            self.seed,
+            self.curvature,
+            self.curvature_samples,
+        )
 
 
 @dataclass

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puma_cli.engine.criterion import SolverSettings, criterion_direction, training_engine
+from puma_cli.engine.criterion import criterion_direction, training_engine
+from puma_cli.engine.curvature import curvature_notes, describe
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError
@@ -84,11 +85,18 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     options = request.options
     trained = request.trained_rows
     marked_in_trained = np.isin(trained, request.marked)
-    engine = training_engine(request.checkpoint, request.dataset, trained, options.precision)
+    settings = options.solver_settings()
+    engine = training_engine(
+        request.checkpoint,
+        request.dataset,
+        trained,
+        options.precision,
+        settings=settings,
+        factor_cache=options.factor_cache,
+    )
     n = engine.n
     Xc = torch.as_tensor(request.criterion.X, dtype=torch.float64, device=engine.device)
     yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
-    settings = SolverSettings(options.solver, options.damping, options.precision, options.seed)
     spectrum = criterion_direction(
         engine, request.checkpoint, request.criterion, settings, options.cache
     )
@@ -119,6 +127,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
     model = _as_classifier(engine.patched_module(delta))
     warnings = list(guard)
+    warnings.extend(curvature_notes(engine))
     interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
     if interpolated:
         warnings.append(
@@ -134,6 +143,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             "eta_scale": scale,
             "eta": scale / n,
             "solver": options.solver,
+            **describe(engine),
             "precision": str(engine.dtype).removeprefix("torch."),
             "damping": spectrum.damping,
             "lambda_max": spectrum.lambda_max,

@@ -1,0 +1,123 @@
+"""Which curvature an engine inverts: `--curvature exact|ggn|kfac|ekfac|auto`.
+
+- exact: the Hessian of J, by double backward; CG, LiSSA or a dense solve (the paper's).
+- ggn: the Gauss-Newton matrix J^T H_logits J, positive semi-definite, by one forward-mode
+  and one backward pass per product; CG, LiSSA or dense like exact.
+- kfac, ekfac: Kronecker factors of the GGN fitted once on a subsample of the training
+  rows (`--curvature-samples`) and cached beside the model; a solve is closed-form
+  (`engine.kronecker`), so a removal costs the passes for its gradients and scores only.
+- auto: exact up to AUTO_EXACT_MAX parameters (the paper's models, where the exact
+  Hessian is affordable and is what the paper used), kfac past that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.kronecker import (
+    KINDS,
+    KroneckerCurvature,
+    fit_kronecker,
+    kronecker_from_tensors,
+)
+from puma_cli.errors import PumaError, require_range
+from puma_cli.io.cache import Cache
+
+CURVATURES = ("auto", "exact", "ggn", "kfac", "ekfac")
+AUTO_EXACT_MAX = 20_000
+DEFAULT_SAMPLES = 10_000
+MAX_SAMPLES = 10_000_000
+TYPE2_MAX_WORK = 100_000  # rows x classes: above it, one sampled label per row (MC)
+
+
+@dataclass(frozen=True)
+class CurvatureChoice:
+    """The resolved curvature, the rows its factors are fitted on, and the Fisher type."""
+
+    name: str
+    samples: int
+    fisher: str
+
+
+def resolve_curvature(
+    name: str, n_parameters: int, n_rows: int, n_classes: int, samples: int
+) -> CurvatureChoice:
+    """`auto` made concrete, and the subsample size (0: the default) bounded by the rows."""
+    if name not in CURVATURES:
+        raise PumaError(f"--curvature {name!r}: choose {', '.join(CURVATURES)}")
+    require_range("--curvature-samples", samples, 0, MAX_SAMPLES)
+    if name == "auto":
+        name = "exact" if n_parameters <= AUTO_EXACT_MAX else "kfac"
+    count = min(samples or DEFAULT_SAMPLES, n_rows)
+    fisher = "type-2" if count * n_classes <= TYPE2_MAX_WORK else "mc"
+    return CurvatureChoice(name, count, fisher)
+
+
+def attach_curvature(
+    engine: InfluenceModel,
+    choice: CurvatureChoice,
+    key: dict[str, str],
+    seed: int,
+    cache: Cache | None,
+) -> None:
+    """Set the engine's curvature; for kfac/ekfac, its factors from the cache when they fit
+    (checked: shapes, finite, non-negative), else fitted on a seeded subsample and staged."""
+    engine.curvature = choice.name
+    if choice.name not in KINDS:
+        return
+    full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
+                "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n)}  # fmt: skip
+    if cache is not None:
+        found: list[KroneckerCurvature] = []
+
+        def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+            tensors = {k: v.to(engine.device) for k, v in tensors.items()}
+            curvature = kronecker_from_tensors(
+                choice.name, engine.module, engine.names, engine.sizes, tensors
+            )
+            if curvature is None:
+                return "does not hold factors for this model's layers"
+            found.append(curvature)
+            return None
+
+        if cache.load(full_key, check) is not None:
+            engine.kronecker = found[0]
+            engine.kronecker_cached = True
+            return
+    rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
+    index = torch.as_tensor(rows, device=engine.device)
+    X, y = engine.X[index], engine.y[index]
+    batches = [(X[i : i + engine.chunk_size], y[i : i + engine.chunk_size])
+               for i in range(0, len(rows), engine.chunk_size)]  # fmt: skip
+    with torch.enable_grad():
+        engine.kronecker = fit_kronecker(
+            choice.name, engine.module, engine.names, engine.sizes, batches, choice.fisher, seed
+        )
+    engine.kronecker_cached = False
+    if cache is not None:
+        cache.stage(engine.kronecker.to_tensors(), full_key)
+
+
+def describe(engine: InfluenceModel) -> dict[str, object]:
+    """What a report says about the curvature used."""
+    info: dict[str, object] = {"curvature": engine.curvature}
+    if engine.kronecker is not None:
+        info["uncovered_parameters"] = engine.kronecker.uncovered
+        info["curvature_cached"] = engine.kronecker_cached
+    return info
+
+
+def curvature_notes(engine: InfluenceModel) -> list[str]:
+    """Warnings a report carries about the curvature: parameters K-FAC leaves out."""
+    kron = engine.kronecker
+    if kron is None or not kron.uncovered:
+        return []
+    return [
+        f"{kron.uncovered} of {kron.size} parameters are outside the Linear and Conv2d layers "
+        f"{engine.curvature} approximates (BatchNorm and the like): they get damping only, "
+        "so the patch moves them by the gradient over the damping"
+    ]

@@ -1,0 +1,218 @@
+"""K-FAC and EK-FAC: the Gauss-Newton matrix as Kronecker factors, inverted in closed form.
+
+For each Linear and Conv2d layer, with its weight and bias taken together as one matrix
+M (out, in + 1), K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions)
+approximates the layer's block of the GGN as A (x) B: A the inputs' second moment,
+B that of the gradients at the layer's output. With A = Qa diag(la) Qa^T and
+B = Qb diag(lb) Qb^T, every block is diagonal in the eigenbasis Qb (x) Qa with
+eigenvalues lb la^T; EK-FAC (George et al. 2018) keeps the basis and refits those
+eigenvalues to the data, which is exact for a single row. So
+
+    (C + mu I)^-1 vec(M) = vec( Qb [ (Qb^T M Qa) / (E + mu) ] Qa^T ),  E = lb la^T or refit,
+
+one small matrix product per layer: a solve costs nothing next to a pass over the data.
+Layers between blocks are ignored (block-diagonal); parameters of other layers
+(BatchNorm's scale and shift, embeddings, ...) have no curvature here, only the damping,
+and `uncovered` counts them.
+
+The factors are fitted by `curvlinops-for-pytorch` (pinned; it handles the hooks, the
+unfolding of convolutions and the sampling of labels) on a subsample of the training
+rows, once per model, and cached beside it (`<stem>.kfac.safetensors`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from puma_cli.errors import PumaError
+
+Tensor = torch.Tensor
+KINDS = ("kfac", "ekfac")
+FISHER = ("type-2", "mc")  # the exact GGN per row, or one sampled label per row
+
+
+@dataclass
+class Block:
+    """One layer: its weight's and bias's positions in theta, the eigenbases Qa (in', in')
+    and Qb (out, out), and the eigenvalues E (out, in'), in' = in + 1 with a bias."""
+
+    module: str
+    weight: tuple[int, int]  # (offset, size) in theta
+    weight_shape: tuple[int, ...]
+    bias: tuple[int, int] | None
+    Qa: Tensor
+    Qb: Tensor
+    E: Tensor
+
+    def matrix(self, flat: Tensor) -> Tensor:
+        """The layer's part of a (P,) vector as its (out, in') joint matrix."""
+        start, size = self.weight
+        out = self.weight_shape[0]
+        W = flat[start : start + size].view(out, -1)
+        if self.bias is None:
+            return W
+        b_start, b_size = self.bias
+        return torch.cat([W, flat[b_start : b_start + b_size].view(out, 1)], dim=1)
+
+    def place(self, flat: Tensor, M: Tensor) -> None:
+        """Write a joint matrix back into a (P,) vector."""
+        start, size = self.weight
+        flat[start : start + size] = M[:, : size // M.shape[0]].reshape(-1)
+        if self.bias is not None:
+            b_start, b_size = self.bias
+            flat[b_start : b_start + b_size] = M[:, -1]
+
+
+@dataclass
+class KroneckerCurvature:
+    """The block-diagonal K-FAC or EK-FAC approximation of the GGN over P parameters."""
+
+    kind: str
+    blocks: list[Block]
+    size: int
+    covered: Tensor  # (P,) bool: parameters inside a block
+
+    @property
+    def uncovered(self) -> int:
+        """How many parameters get damping only (no layer K-FAC knows)."""
+        return int((~self.covered).sum())
+
+    def lambda_max(self) -> float:
+        return max((float(b.E.max()) for b in self.blocks), default=0.0)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """C v (P,); zero on the uncovered parameters."""
+        out = torch.zeros_like(v)
+        for block in self.blocks:
+            M = block.Qb.T @ block.matrix(v) @ block.Qa
+            block.place(out, block.Qb @ (M * block.E) @ block.Qa.T)
+        return out
+
+    def inverse(self, b: Tensor, mu: float) -> Tensor:
+        """(C + mu I)^-1 b (P,): closed form per block, b / mu on the uncovered part."""
+        out = b / mu
+        for block in self.blocks:
+            M = block.Qb.T @ block.matrix(b) @ block.Qa
+            block.place(out, block.Qb @ (M / (block.E + mu)) @ block.Qa.T)
+        return out
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for block in self.blocks:
+            for name in ("Qa", "Qb", "E"):
+                tensors[f"{block.module}.{name}"] = getattr(block, name).contiguous()
+        return tensors
+
+
+def supported_layers(module: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    return {n: (int(o), int(s)) for n, o, s in zip(names, offsets, sizes, strict=True)}
+
+
+def _blocks(
+    module: nn.Module, names: list[str], sizes: list[int], factors: dict[str, tuple[Tensor, ...]]
+) -> tuple[list[Block], Tensor]:
+    where = _positions(names, sizes)
+    covered = torch.zeros(sum(sizes), dtype=torch.bool)
+    blocks = []
+    for name, layer in supported_layers(module):
+        if name not in factors:
+            continue
+        prefix = f"{name}." if name else ""
+        weight = where[f"{prefix}weight"]
+        bias = where.get(f"{prefix}bias") if layer.bias is not None else None
+        Qa, Qb, E = factors[name]
+        blocks.append(Block(name, weight, tuple(layer.weight.shape), bias, Qa, Qb, E))
+        covered[weight[0] : weight[0] + weight[1]] = True
+        if bias is not None:
+            covered[bias[0] : bias[0] + bias[1]] = True
+    return blocks, covered
+
+
+def fit_kronecker(
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    batches: list[tuple[Tensor, Tensor]],
+    fisher: str = "mc",
+    seed: int = 0,
+) -> KroneckerCurvature:
+    """Fit K-FAC or EK-FAC of the mean cross-entropy's GGN over `batches` (X, y), for the
+    module's parameters in the order `names` (theta's layout)."""
+    if kind not in KINDS:
+        raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
+    layers = supported_layers(module)
+    if not layers:
+        raise PumaError(
+            f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
+            "none; use --curvature ggn or exact"
+        )
+    params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    with warnings.catch_warnings():
+        # curvlinops (and backpack, which it imports) warn about their own internals.
+        warnings.simplefilter("ignore")
+        from curvlinops import EKFACLinearOperator, KFACLinearOperator
+
+        operator_class = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+        operator = operator_class(
+            module,
+            nn.CrossEntropyLoss(),
+            params,
+            batches,
+            fisher_type=fisher,
+            separate_weight_and_bias=False,
+            check_deterministic=False,
+            seed=seed,
+            num_data=sum(int(y.shape[0]) for _, y in batches),
+        )
+        if kind == "ekfac":
+            operator.compute_eigenvalue_correction()
+        else:
+            operator.compute_kronecker_factors()
+        state = operator.state_dict()
+    factors: dict[str, tuple[Tensor, ...]] = {}
+    for name, _ in layers:
+        if kind == "ekfac":
+            Qa = state["input_covariances_eigenvectors"][name].double()
+            Qb = state["gradient_covariances_eigenvectors"][name].double()
+            E = state["corrected_eigenvalues"][name].double()
+        else:
+            la, Qa = torch.linalg.eigh(state["input_covariances"][name].double())
+            lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name].double())
+            E = lb.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
+        factors[name] = (Qa, Qb, E.clamp_min(0))
+    blocks, covered = _blocks(module, names, sizes, factors)
+    return KroneckerCurvature(kind, blocks, sum(sizes), covered.to(blocks[0].E.device))
+
+
+def kronecker_from_tensors(
+    kind: str, module: nn.Module, names: list[str], sizes: list[int], tensors: dict[str, Tensor]
+) -> KroneckerCurvature | None:
+    """The cached factors back as a curvature, or None when they do not fit the module."""
+    factors: dict[str, tuple[Tensor, ...]] = {}
+    for name, layer in supported_layers(module):
+        parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
+        if any(p is None for p in parts):
+            return None
+        Qa, Qb, E = (p.double() for p in parts if p is not None)
+        cols = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
+        rows = layer.weight.shape[0]
+        if Qa.shape != (cols, cols) or Qb.shape != (rows, rows) or E.shape != (rows, cols):
+            return None
+        if not all(bool(torch.isfinite(t).all()) for t in (Qa, Qb, E)) or float(E.min()) < 0:
+            return None
+        factors[name] = (Qa, Qb, E)
+    blocks, covered = _blocks(module, names, sizes, factors)
+    if not blocks:
+        return None
+    return KroneckerCurvature(kind, blocks, sum(sizes), covered)

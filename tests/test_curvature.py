@@ -1,0 +1,176 @@
+"""Curvature backends against float64 references: the GGN product equals J^T H J, K-FAC and
+EK-FAC equal the exact GGN where they must (one row, one linear layer) and curvlinops'
+own operators elsewhere, their closed-form inverse inverts; and every backend through
+`puma remove`."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, run, run_json
+from torch import nn
+
+from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.kronecker import fit_kronecker
+from puma_cli.engine.solvers import solve
+
+
+def _mlp(seed: int = 0, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    middle: list[nn.Module] = [nn.BatchNorm1d(4)] if bn else []
+    net = nn.Sequential(nn.Linear(3, 4), *middle, nn.Tanh(), nn.Linear(4, 3)).double()
+    return net.eval()
+
+
+def _layout(net: nn.Module) -> tuple[list[str], list[int]]:
+    return [n for n, _ in net.named_parameters()], [p.numel() for p in net.parameters()]
+
+
+def _dense(matvec, size: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    eye = torch.eye(size, dtype=torch.float64)
+    return torch.stack([matvec(eye[i]) for i in range(size)], dim=1)
+
+
+def test_the_ggn_product_is_j_transpose_h_j() -> None:
+    net = _mlp()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    engine = InfluenceModel(net, X, y, weight_decay=0.01)
+    G = torch.zeros(engine.n_parameters, engine.n_parameters, dtype=torch.float64)
+    for i in range(6):
+        J = torch.autograd.functional.jacobian(
+            lambda t, i=i: engine.logits(t, X[i : i + 1])[0], engine.theta
+        )
+        p = torch.softmax(engine.logits(engine.theta, X[i : i + 1])[0], 0)
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    G = G / 6 + 0.01 * torch.eye(engine.n_parameters, dtype=torch.float64)
+    dense = _dense(engine.ggn_vp, engine.n_parameters)
+    assert torch.allclose(dense, G, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(dense).min()) > 0  # PSD (here PD with the decay)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kronecker_equals_the_exact_ggn_on_one_row_of_a_linear_model(kind: str) -> None:
+    torch.manual_seed(1)
+    net = nn.Linear(4, 3).double()
+    X = torch.randn(1, 4, dtype=torch.float64)
+    y = torch.tensor([2])
+    engine = InfluenceModel(net, X, y)
+    curvature = fit_kronecker(kind, net, *_layout(net), [(X, y)], fisher="type-2")
+    exact = _dense(engine.ggn_vp, engine.n_parameters)
+    assert torch.allclose(_dense(curvature.matvec, engine.n_parameters), exact, atol=1e-12)
+    assert curvature.uncovered == 0
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_our_closed_form_blocks_match_curvlinops_and_invert(kind: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from curvlinops import EKFACLinearOperator, KFACLinearOperator
+    net = _mlp(2)
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    batches = [(X[:8], y[:8]), (X[8:], y[8:])]
+    reference_class = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = reference_class(
+            net, nn.CrossEntropyLoss(), list(net.parameters()), batches, fisher_type="type-2",
+            separate_weight_and_bias=False, check_deterministic=False,
+        )  # fmt: skip
+    curvature = fit_kronecker(kind, net, *_layout(net), batches, fisher="type-2")
+    v = torch.randn(curvature.size, dtype=torch.float64)
+    assert torch.allclose(curvature.matvec(v), reference @ v, atol=1e-12)
+    b = curvature.matvec(v) + 0.05 * v
+    assert torch.allclose(curvature.inverse(b, 0.05), v, atol=1e-10)
+    # Positive semi-definite, as the GGN it approximates.
+    for w in torch.randn(10, curvature.size, dtype=torch.float64):
+        assert float(w.dot(curvature.matvec(w))) >= -1e-12
+
+
+def test_parameters_outside_linear_and_conv_layers_get_damping_only() -> None:
+    net = _mlp(3, bn=True)
+    X = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    curvature = fit_kronecker("kfac", net, *_layout(net), [(X, y)], fisher="type-2")
+    assert curvature.uncovered == 8  # BatchNorm1d(4): weight and bias
+    b = torch.randn(curvature.size, dtype=torch.float64)
+    x = curvature.inverse(b, 0.5)
+    assert torch.allclose(x[~curvature.covered], b[~curvature.covered] / 0.5)
+
+
+def test_cg_on_the_ggn_agrees_with_a_dense_solve() -> None:
+    net = _mlp(4)
+    X = torch.randn(30, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+    engine = InfluenceModel(net, X, y)
+    engine.curvature = "ggn"
+    b = torch.randn(engine.n_parameters, dtype=torch.float64)
+    G = _dense(engine.ggn_vp, engine.n_parameters)
+    top = float(torch.linalg.eigvalsh(G).max())
+    result = solve(engine, b, "cg", 0.01, top, tol=1e-10, max_iter=500)
+    expected = torch.linalg.solve(
+        G + 0.01 * top * torch.eye(engine.n_parameters, dtype=torch.float64), b
+    )
+    assert torch.allclose(result.x, expected, atol=1e-6 * float(expected.norm()))
+
+
+@pytest.fixture
+def copy(model_file: Path, data_dir: Path, tmp_path: Path) -> Path:
+    shutil.copy(model_file, tmp_path / "m.safetensors")
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:13]
+    (tmp_path / "ids.txt").write_text("".join(r.split(",", 1)[0] + "\n" for r in rows))
+    return tmp_path
+
+
+def _remove(folder: Path, out: str, *extra: str) -> dict:
+    return run_json(
+        "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+        "-o", folder / out, "--device", "cpu", "--overwrite", *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("curvature", ["exact", "ggn", "kfac", "ekfac"])
+def test_every_curvature_removes_through_the_cli(copy: Path, curvature: str) -> None:
+    out = _remove(copy, "r.safetensors", "--curvature", curvature)
+    assert out["parameters"]["curvature"] == curvature
+    assert out["marked_loss_after"] > out["marked_loss_before"]
+    assert out["test_accuracy_after"] >= out["test_accuracy_before"] - 0.05
+
+
+def test_auto_is_exact_for_the_papers_models(copy: Path) -> None:
+    assert _remove(copy, "r.safetensors")["parameters"]["curvature"] == "exact"
+
+
+def test_kronecker_factors_are_cached_and_a_damaged_cache_is_refit(copy: Path) -> None:
+    first = _remove(copy, "a.safetensors", "--curvature", "kfac")
+    assert first["parameters"]["curvature_cached"] is False
+    assert (copy / "m.factors.safetensors").exists()
+    (copy / "m.influence.safetensors").unlink()  # so that the factors are what is reused
+    second = _remove(copy, "b.safetensors", "--curvature", "kfac")
+    assert second["parameters"]["curvature_cached"] is True
+    assert (copy / "a.safetensors").read_bytes() != b""
+    a = run_json("eval", "-m", copy / "a.safetensors", "--on", "test")
+    b = run_json("eval", "-m", copy / "b.safetensors", "--on", "test")
+    assert a == {**b, "model": a["model"]}
+    (copy / "m.factors.safetensors").write_bytes(b"damaged")
+    (copy / "m.influence.safetensors").unlink()
+    third = _remove(copy, "c.safetensors", "--curvature", "kfac")
+    assert third["parameters"]["curvature_cached"] is False
+    assert any("m.factors.safetensors is unreadable" in w for w in third["warnings"])
+
+
+def test_curvature_options_are_checked(copy: Path) -> None:
+    result = run(
+        "remove", "-m", copy / "m.safetensors", "--marked", copy / "ids.txt",
+        "--curvature-samples", "-1",
+    )  # fmt: skip
+    assert_clean_error(result, "--curvature-samples -1 is out of range")
+    bogus = run("remove", "-m", copy / "m.safetensors", "--marked", copy / "ids.txt",
+                "--curvature", "hessian-free")  # fmt: skip
+    assert bogus.exit_code == 2  # not a choice: a usage error
+    assert sorted(p.name for p in copy.iterdir()) == ["ids.txt", "m.safetensors"]
