@@ -499,6 +499,23 @@ def build_cases(folder: Path) -> list[Case]:
         add("arch: import", f"weights: {name}", "import", path, "--arch", f"{net_file}:Net",
             "--data", data, "-o", out)  # fmt: skip
 
+    # Folders of images.
+    from PIL import Image
+
+    folders = {}
+    for name in ("an empty class folder", "an unreadable image", "images of two sizes"):
+        root = folder / f"images-{len(folders)}"
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / label / "0.png")
+        folders[name] = root
+    (folders["an empty class folder"] / "c").mkdir()
+    (folders["an unreadable image"] / "b" / "0.png").write_bytes(b"not a png")
+    Image.new("RGB", (9, 8)).save(folders["images of two sizes"] / "b" / "1.png")
+    for name, root in folders.items():
+        add("data: train DATA", f"folder: {name}", "train", root, "--arch", "cnn", "-o", out)
+        add("data: eval --data", f"folder: {name}", "eval", "-m", model, "--data", root)
+
     # Config files.
     configs = {**bad_configs(folder), **specials}
     for name, path in configs.items():

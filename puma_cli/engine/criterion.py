@@ -30,6 +30,7 @@ from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint, single_model
+from puma_cli.models.predict import as_tensor
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def criterion_direction(
     """grad C on the criterion data and v = H^-1 grad C, from the cache when it fits.
 
     A fresh solve is staged in `cache`; the job commits it once its outputs are written."""
-    X = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
+    X = as_tensor(criterion.X, torch.float64, engine.device)
     y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_c = engine.gradient_on(X, y)
     key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}

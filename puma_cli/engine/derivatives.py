@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from puma_cli.engine.kronecker import KroneckerCurvature
+from puma_cli.models.predict import as_tensor
 
 Tensor = torch.Tensor
 
@@ -67,7 +68,7 @@ class InfluenceModel:
         # (H, eigenvalues, eigenvectors), built once by the dense solver when it is used.
         self.dense_eigh: tuple[Tensor, Tensor, Tensor] | None = None
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
-        self.X = torch.as_tensor(X, dtype=dtype, device=device)
+        self.X = as_tensor(X, dtype, device) if isinstance(X, np.ndarray) else X.to(device, dtype)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         self.weight_decay = float(weight_decay)
         self.chunk_size = chunk_size

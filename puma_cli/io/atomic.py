@@ -129,3 +129,15 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a folder: over each file's path relative to it and its own
+    sha256, in sorted order, so that renaming, adding or changing an image changes it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError, PumaError
-from puma_cli.io.atomic import check_not_input, sha256_file
+from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
 from puma_cli.io.checkpoint import ROLE_VALIDATION, Checkpoint
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
@@ -43,7 +43,7 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
     path = recorded_data_path(checkpoint, role)
     record = checkpoint.data[role]
     assert record is not None  # recorded_data_path raised otherwise
-    digest = sha256_file(path)
+    digest = sha256_path(path)
     if digest != record.sha256:
         raise DataError(
             f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
@@ -96,7 +96,7 @@ def data_status(checkpoint: Checkpoint) -> dict[str, str]:
         if not path.exists():
             status[role] = "missing"
         else:
-            status[role] = "ok" if sha256_file(path) == record.sha256 else "changed"
+            status[role] = "ok" if sha256_path(path) == record.sha256 else "changed"
     return status
 
 

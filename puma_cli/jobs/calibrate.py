@@ -35,7 +35,7 @@ from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.architectures import Classifier
-from puma_cli.models.predict import predict_logits
+from puma_cli.models.predict import as_tensor, predict_logits
 from puma_cli.quality.calibration import (
     MAX_BINS,
     calibration_categories,
@@ -114,7 +114,7 @@ def calibrate(
         checkpoint, dataset, rows, settings.precision, settings=settings, factor_cache=factors
     )
     ce = criterion_direction(engine, checkpoint, criterion, settings, cache)
-    Xc = torch.as_tensor(criterion.X, dtype=torch.float64, device=engine.device)
+    Xc = as_tensor(criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
     v_ece = solve(engine, grad_ece, settings.solver, ce.damping, ce.lambda_max).x

@@ -26,6 +26,7 @@ import torch
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.models.architectures import Classifier, Model, ShardEnsemble
+from puma_cli.models.predict import as_tensor
 from puma_cli.models.training import (
     Progress,
     TrainRecipe,
@@ -185,7 +186,7 @@ def _train_shard(
         fresh = Classifier(member.arch).to(device)
         first = dataset.subset(rows_of[base])
         if recipe.standardize:
-            fresh.fit_standardisation(torch.as_tensor(first.X, dtype=torch.float32, device=device))
+            fresh.fit_standardisation(as_tensor(first.X, torch.float32, device))
         member.load_state_dict(fresh.state_dict())
         for r in [r for r in stages if r >= base]:
             del stages[r]

@@ -16,6 +16,7 @@ from torch.nn.utils import parameters_to_vector
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, Classifier
+from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
 OPTIMIZERS = ("adam", "sgd")
@@ -139,7 +140,7 @@ def train_classifier(
     torch.manual_seed(recipe.seed)
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
     check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
-    X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
+    X = as_tensor(dataset.X, torch.float32, device)
     if recipe.standardize:
         model.fit_standardisation(X)
     fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)
@@ -158,7 +159,7 @@ def fit(
     on_step: StepHook | None = None,
 ) -> Classifier:
     """Run the recipe's Adam on `model` for `epochs` over `dataset`, from a fresh optimiser."""
-    X = torch.as_tensor(dataset.X, dtype=torch.float32, device=device)
+    X = as_tensor(dataset.X, torch.float32, device)
     y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
     optimizer = make_optimizer(model, recipe)
     generator = torch.Generator().manual_seed(seed)

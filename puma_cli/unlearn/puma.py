@@ -24,6 +24,7 @@ from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError
 from puma_cli.models.architectures import Classifier
+from puma_cli.models.predict import as_tensor
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -95,7 +96,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         factor_cache=options.factor_cache,
     )
     n = engine.n
-    Xc = torch.as_tensor(request.criterion.X, dtype=torch.float64, device=engine.device)
+    Xc = as_tensor(request.criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
     spectrum = criterion_direction(
         engine, request.checkpoint, request.criterion, settings, options.cache
