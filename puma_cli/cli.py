@@ -646,9 +646,11 @@ def remove(
         curvature=curvature.value,
         curvature_samples=curvature_samples,
     )
-    with console.epoch_progress(
-        "retraining", enabled=not as_json and method in (Method.retrain, Method.sisa)
-    ) as progress:
+    retraining = method in (Method.retrain, Method.sisa)
+    with (
+        console.epoch_progress("retraining", enabled=not as_json and retraining) as progress,
+        console.phase_progress(enabled=not as_json and not retraining) as phases,
+    ):
         report = job(
             model,
             marked,
@@ -660,6 +662,7 @@ def remove(
             device=resolve_device(device),
             overwrite=overwrite,
             progress=progress,
+            phases=phases,
         )
     payload = asdict(report)
     if not as_json:
@@ -792,23 +795,25 @@ def debug_labels(
     from puma_cli.engine.criterion import SolverSettings
     from puma_cli.jobs.debug_labels import debug_labels as job
 
-    report = job(
-        model,
-        k=k,
-        output=output,
-        score=score.value,
-        truth=truth,
-        plot=plot,
-        confidence_filter=confidence_filter,
-        settings=SolverSettings(
-            solver.value, damping, "auto", seed, curvature.value, curvature_samples
-        ),
-        criterion_data=criterion_data,
-        use_cache=not no_cache,
-        agreeing_criterion=agreeing,
-        device=resolve_device(device),
-        overwrite=overwrite,
-    )
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(
+            model,
+            k=k,
+            output=output,
+            score=score.value,
+            truth=truth,
+            plot=plot,
+            confidence_filter=confidence_filter,
+            settings=SolverSettings(
+                solver.value, damping, "auto", seed, curvature.value, curvature_samples
+            ),
+            criterion_data=criterion_data,
+            use_cache=not no_cache,
+            agreeing_criterion=agreeing,
+            device=resolve_device(device),
+            overwrite=overwrite,
+            phases=phases,
+        )
     payload = asdict(report)
     if as_json:
         console.emit_json(payload)
@@ -860,21 +865,23 @@ def calibrate(
     from puma_cli.engine.criterion import SolverSettings
     from puma_cli.jobs.calibrate import calibrate as job
 
-    report = job(
-        model,
-        output,
-        bins=bins,
-        k=k,
-        max_accuracy_drop=max_accuracy_drop,
-        lambda_cap=lambda_cap,
-        plot=plot,
-        settings=SolverSettings(
-            solver.value, damping, "auto", seed, curvature.value, curvature_samples
-        ),
-        criterion_data=criterion_data,
-        device=resolve_device(device),
-        overwrite=overwrite,
-    )
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(
+            model,
+            output,
+            bins=bins,
+            k=k,
+            max_accuracy_drop=max_accuracy_drop,
+            lambda_cap=lambda_cap,
+            plot=plot,
+            settings=SolverSettings(
+                solver.value, damping, "auto", seed, curvature.value, curvature_samples
+            ),
+            criterion_data=criterion_data,
+            device=resolve_device(device),
+            overwrite=overwrite,
+            phases=phases,
+        )
     _render(as_json, asdict(report), f"calibrated {model} -> {report.output}")
 
 

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from puma_cli.engine.derivatives import Phases as PhasesCallback
     from puma_cli.models.training import Progress as ProgressCallback
 
 
@@ -92,5 +93,30 @@ def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | Non
 
         def update(epoch: int, epochs: int, loss: float) -> None:
             bar.update(task, completed=epoch, total=epochs, loss=loss)
+
+        yield update
+
+
+@contextmanager
+def phase_progress(enabled: bool) -> Iterator[PhasesCallback | None]:
+    """One bar per phase of the engine (factor fitting, scores, each solve) on stderr, shown
+    only on a terminal and never under --json."""
+    console = _stderr()
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks or (done <= 1 and bar.tasks[tasks[phase]].finished):
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
 
         yield update

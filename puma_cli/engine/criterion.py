@@ -24,7 +24,7 @@ from puma_cli.engine.curvature import (
     attach_curvature,
     resolve_curvature,
 )
-from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.derivatives import InfluenceModel, Phases
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
@@ -93,10 +93,12 @@ def training_engine(
     *,
     settings: SolverSettings | None = None,
     factor_cache: Cache | None = None,
+    phases: Phases | None = None,
 ) -> InfluenceModel:
     """The engine over the given rows of the training file, with the recipe's weight decay,
     and the curvature `settings` names (K-FAC factors read from or staged in the cache)."""
     engine = _engine(checkpoint, dataset, rows, precision)
+    engine.phases = phases
     if settings is not None:
         choice = resolve_curvature(
             settings.curvature,

@@ -88,6 +88,8 @@ def attach_curvature(
             engine.kronecker = found[0]
             engine.kronecker_cached = True
             return
+    if engine.phases is not None:
+        engine.phases(f"fitting {choice.name} factors", 0, 1)
     rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
     index = torch.as_tensor(rows, device=engine.device)
     X, y = engine.X[index], engine.y[index]
@@ -98,6 +100,8 @@ def attach_curvature(
             choice.name, engine.module, engine.names, engine.sizes, batches, choice.fisher, seed
         )
     engine.kronecker_cached = False
+    if engine.phases is not None:
+        engine.phases(f"fitting {choice.name} factors", 1, 1)
     if cache is not None:
         cache.stage(engine.kronecker.to_tensors(), full_key)
 

@@ -28,6 +28,8 @@ from puma_cli.engine.kronecker import KroneckerCurvature
 from puma_cli.models.predict import as_tensor
 
 Tensor = torch.Tensor
+Phases = Callable[[str, int, int], None]
+"""Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
 
 
 @contextmanager
@@ -77,6 +79,7 @@ class InfluenceModel:
         self.curvature = "exact"
         self.kronecker: KroneckerCurvature | None = None
         self.kronecker_cached = False
+        self.phases: Phases | None = None  # told of each chunk of a long pass
 
     @property
     def n(self) -> int:
@@ -164,10 +167,14 @@ class InfluenceModel:
     ) -> Tensor:
         """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients."""
         parts = []
+        rows = int((self.y if y is None else y).shape[0])
+        chunks = max(1, -(-rows // self.chunk_size))
         with torch.no_grad(), _quiet_jit(), fwad.dual_level():
             theta = fwad.make_dual(self.theta, v.to(self.dtype))
-            for Xc, yc in self._chunks(X, y):
+            for i, (Xc, yc) in enumerate(self._chunks(X, y)):
                 parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)
+                if self.phases is not None:
+                    self.phases("scores", i + 1, chunks)
         return torch.cat(parts).double()
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:

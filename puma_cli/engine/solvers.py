@@ -113,6 +113,7 @@ def conjugate_gradient(
     damping: float,
     tol: float = 1e-4,
     max_iter: int = 200,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, int, float]:
     """Solve (H + damping I) x = b; stops at |r| <= tol |b|. Raises NegativeCurvature."""
     x = torch.zeros_like(b)
@@ -129,6 +130,8 @@ def conjugate_gradient(
         x += alpha * p
         r -= alpha * Ap
         rs_new = float(r.dot(r))
+        if on_iteration is not None:
+            on_iteration(iteration)
         if math.sqrt(rs_new) <= tol * b_norm:
             return x, iteration, math.sqrt(rs_new) / b_norm
         p = r + (rs_new / rs) * p
@@ -217,7 +220,11 @@ def solve(
         mu = share * top
         try:
             if solver == "cg":
-                x, iterations, residual = conjugate_gradient(matvec, b, mu, tol, max_iter)
+                x, iterations, residual = conjugate_gradient(
+                    matvec, b, mu, tol, max_iter, _reporter(engine, max_iter)
+                )
+                if engine.phases is not None:
+                    engine.phases("solve", max_iter, max_iter)
             else:
                 x, iterations, residual = lissa(matvec, b, mu, 1.5 * (top + mu), tol, max_iter * 25)
             if not torch.isfinite(x).all():
@@ -226,6 +233,13 @@ def solve(
         except NegativeCurvature:
             share *= 10
     raise PumaError("the Hessian stayed indefinite even with damping 1e8 x lambda_max")
+
+
+def _reporter(engine: InfluenceModel, total: int) -> Callable[[int], None] | None:
+    phases = engine.phases
+    if phases is None:
+        return None
+    return lambda iteration: phases("solve", iteration, total)
 
 
 def _solve_exact(

@@ -27,6 +27,7 @@ from puma_cli.engine.criterion import (
     factor_cache_path_for,
     training_engine,
 )
+from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
@@ -92,6 +93,7 @@ def calibrate(
     criterion_data: Path | None = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
+    phases: Phases | None = None,
 ) -> CalibrateReport:
     """Patch `model` toward a lower held-out ECE; refuse if accuracy would fall too far."""
     require_range("--bins", bins, 1, MAX_BINS)
@@ -111,7 +113,13 @@ def calibrate(
     cache = Cache(cache_path_for(model))
     factors = Cache(factor_cache_path_for(model))
     engine = training_engine(
-        checkpoint, dataset, rows, settings.precision, settings=settings, factor_cache=factors
+        checkpoint,
+        dataset,
+        rows,
+        settings.precision,
+        settings=settings,
+        factor_cache=factors,
+        phases=phases,
     )
     ce = criterion_direction(engine, checkpoint, criterion, settings, cache)
     Xc = as_tensor(criterion.X, torch.float64, engine.device)

@@ -18,6 +18,7 @@ from puma_cli.engine.criterion import (
     factor_cache_path_for,
     training_engine,
 )
+from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
@@ -61,6 +62,7 @@ def debug_labels(
     agreeing_criterion: bool = True,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
+    phases: Phases | None = None,
 ) -> DebugReport:
     """Rank the rows the model is trained on by suspicion; write the top k (all if k = 0)."""
     if k < 0:
@@ -81,7 +83,13 @@ def debug_labels(
     cache = Cache(cache_path_for(model)) if use_cache else None
     factors = Cache(factor_cache_path_for(model)) if use_cache else None
     engine = training_engine(
-        checkpoint, dataset, rows, settings.precision, settings=settings, factor_cache=factors
+        checkpoint,
+        dataset,
+        rows,
+        settings.precision,
+        settings=settings,
+        factor_cache=factors,
+        phases=phases,
     )
     direction = criterion_direction(engine, checkpoint, criterion, settings, cache)
     scores = suspicion_scores(engine, direction, score)

@@ -19,6 +19,7 @@ import torch
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.criterion import cache_path_for, factor_cache_path_for
+from puma_cli.engine.derivatives import Phases
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
@@ -72,6 +73,7 @@ def remove(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    phases: Phases | None = None,
 ) -> RemoveReport:
     """Remove the marked ids' influence from `model`; write the result with its provenance."""
     options = options or RemovalOptions()
@@ -96,7 +98,7 @@ def remove(
             factor_cache=Cache(factor_cache_path_for(model)),
         )
     request = RemovalRequest(
-        checkpoint, dataset, trained_marked, criterion, options, device, progress
+        checkpoint, dataset, trained_marked, criterion, options, device, progress, phases
     )
     before_c, before_m = (
         evaluate(checkpoint.model, criterion),

@@ -84,7 +84,8 @@ class RemovalRequest:
     criterion: Dataset
     options: RemovalOptions = field(default_factory=RemovalOptions)
     device: torch.device | str = "cpu"
-    progress: Callable[[int, int, float], None] | None = None
+    progress: Callable[[int, int, float], None] | None = None  # epochs, for retraining
+    phases: Callable[[str, int, int], None] | None = None  # the engine's passes and solves
 
     @property
     def trained_rows(self) -> np.ndarray:

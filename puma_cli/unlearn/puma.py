@@ -94,6 +94,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         options.precision,
         settings=settings,
         factor_cache=options.factor_cache,
+        phases=request.phases,
     )
     n = engine.n
     Xc = as_tensor(request.criterion.X, torch.float64, engine.device)

@@ -1,0 +1,74 @@
+"""Progress: the engine tells its caller of every long phase (factor fitting, scores, each
+solve); the console draws them on a terminal and stays silent otherwise and under --json."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run
+from rich.console import Console
+
+from puma_cli import console
+from puma_cli.jobs.remove import remove
+from puma_cli.unlearn import RemovalOptions
+
+
+def _workspace(model_file: Path, data_dir: Path, tmp_path: Path) -> Path:
+    shutil.copy(model_file, tmp_path / "m.safetensors")
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:9]
+    (tmp_path / "ids.txt").write_text("".join(r.split(",", 1)[0] + "\n" for r in rows))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("curvature", "expected"), [
+    ("exact", {"scores", "solve"}),
+    ("kfac", {"fitting kfac factors", "scores"}),
+])  # fmt: skip
+def test_the_engine_reports_its_phases(
+    curvature: str, expected: set[str], model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    folder = _workspace(model_file, data_dir, tmp_path)
+    seen: list[tuple[str, int, int]] = []
+    remove(
+        folder / "m.safetensors",
+        folder / "ids.txt",
+        folder / "r.safetensors",
+        options=RemovalOptions(curvature=curvature),
+        phases=lambda phase, done, total: seen.append((phase, done, total)),
+    )
+    assert {phase for phase, _, _ in seen} == expected
+    assert all(0 <= done <= total for _, done, total in seen)
+    for phase in expected:  # each phase ends complete
+        done, total = next((d, t) for p, d, t in reversed(seen) if p == phase)
+        assert done == total
+
+
+def test_bars_are_drawn_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    screen = io.StringIO()
+    monkeypatch.setattr(
+        console, "_stderr", lambda: Console(file=screen, force_terminal=True, width=80)
+    )
+    with console.phase_progress(enabled=True) as update:
+        assert update is not None
+        for i in range(1, 4):
+            update("scores", i, 3)
+        update("solve", 5, 200)
+        update("solve", 200, 200)
+    assert "scores" in screen.getvalue() and "solve" in screen.getvalue()
+    with console.phase_progress(enabled=False) as update:
+        assert update is None
+    monkeypatch.setattr(console, "_stderr", lambda: Console(file=io.StringIO()))
+    with console.phase_progress(enabled=True) as update:
+        assert update is None  # not a terminal
+
+
+def test_json_output_holds_no_progress(model_file: Path, data_dir: Path, tmp_path: Path) -> None:
+    folder = _workspace(model_file, data_dir, tmp_path)
+    result = run("remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+                 "--curvature", "kfac", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith("{")
+    assert "factors" not in result.stderr
