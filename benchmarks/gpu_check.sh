@@ -39,3 +39,11 @@ puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --attack lira --sha
 puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack lira-online --shadows 8 --device cuda --json
 puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 8 --device cuda --json
 puma attack -m "$out/r-sisa.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 4 --device cuda --json
+# Issue 10: curvature backends, the built-in image networks and imported weights on cuda.
+for curvature in ggn kfac ekfac; do
+  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --curvature "$curvature" -o "$out/d-$curvature.safetensors" --device cuda --json --overwrite
+done
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet.safetensors" --device cuda --json
+puma remove -m "$out/d-resnet.safetensors" --marked "$out/d-ids.txt" --curvature kfac -o "$out/d-resnet-kfac.safetensors" --device cuda --json
+puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_rate": 4, "blocks": [1, 1, 1, 1]}' --epochs 3 -o "$out/d-dense.safetensors" --device cuda --json
+puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device cuda --json

@@ -1,0 +1,243 @@
+"""Removal at scale on the CPU: PUMA's cost as a ratio to retraining, measured in one run.
+
+    python benchmarks/scale.py [--cases mlp-2k-10k ...] [--epochs 20]
+
+For each case: synthetic data (a 10-class Gaussian mixture for the MLPs, 3 x 32 x 32
+images for ResNet-18, the shipped 8x8 digits for the CNN), a model trained by `puma
+train`, 1 % of its rows marked at random, then in fresh processes: `remove --method
+retrain` (the reference), PUMA cold (no caches) and PUMA cached (the same request again:
+v and, for K-FAC, the factors come from the caches). Reported: each method's own time
+(the job's `seconds`, excluding reading the files) and its ratio to retraining's, the
+process's peak resident memory, test accuracy before and after, and the marked rows'
+loss after PUMA beside after retraining. Log-log slopes of the cold cost against rows
+(at fixed parameters) and against parameters (at fixed rows) close the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from harness import RESULTS, ROOT, invocation, table, write_results
+
+# name: (kind, rows, features or image side, hidden widths or arch args, curvature)
+CASES: dict[str, tuple[str, int, int, str, str]] = {
+    "mlp-2k-10k": ("mlp", 10_000, 20, "64", "auto"),
+    "mlp-2k-20k": ("mlp", 20_000, 20, "64", "auto"),
+    "mlp-2k-40k": ("mlp", 40_000, 20, "64", "auto"),
+    "mlp-2k-40k-kfac": ("mlp", 40_000, 20, "64", "kfac"),
+    "mlp-70k-10k": ("mlp", 10_000, 100, "320,96", "auto"),
+    "mlp-70k-20k": ("mlp", 20_000, 100, "320,96", "auto"),
+    "mlp-70k-40k": ("mlp", 40_000, 100, "320,96", "auto"),
+    "mlp-70k-40k-exact": ("mlp", 40_000, 100, "320,96", "exact"),
+    "mlp-1m-40k": ("mlp", 40_000, 200, "1024,768", "auto"),
+    "cnn-digits": ("digits", 0, 0, "", "auto"),
+    "cnn-digits-kfac": ("digits", 0, 0, "", "kfac"),
+    "resnet18-w16-5k": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
+}
+
+
+def gaussian_mixture(n: int, d: int, seed: int) -> dict[str, np.ndarray]:
+    """Rows of one 10-class mixture (its centres fixed by d), drawn with `seed`."""
+    centers = np.random.default_rng(d).normal(0, 1, (10, d))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    X = centers[y] + rng.normal(0, 1.6, (n, d))
+    return {"X": X.astype(np.float32), "y": y}
+
+
+def images(n: int, side: int, seed: int) -> dict[str, np.ndarray]:
+    """Class-dependent colour and stripes plus noise: learnable, not trivially."""
+    base = np.random.default_rng(side).integers(40, 215, (10, 3, 1, 1))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    stripes = (np.arange(side)[None, None, :, None] * (y[:, None, None, None] + 1)) % 7 < 3
+    X = base[y] + 30 * stripes + rng.normal(0, 40, (n, 3, side, side))
+    return {"X": np.clip(X, 0, 255).astype(np.uint8), "y": y}
+
+
+def run_puma(args: list[str]) -> tuple[dict[str, Any], float, float]:
+    """One CLI run in a fresh process: its JSON, wall seconds and peak resident MB."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "puma_cli", *args, "--json", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    out, err = process.stdout.read(), process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"puma {' '.join(args)} failed: {err.decode()[-2000:]}")
+    return json.loads(out), time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
+    kind, rows, size, shape, curvature = CASES[name]
+    train, test = folder / f"{name}.npz", folder / f"{name}-test.npz"
+    arch: list[str]
+    if kind == "digits":
+        train, test = ROOT / "sample_data/digits-train.npz", ROOT / "sample_data/digits-test.npz"
+        arch = ["--arch", "cnn"]
+    elif kind == "mlp":
+        np.savez(train, **gaussian_mixture(rows, size, 0))
+        np.savez(test, **gaussian_mixture(2_000, size, 1))
+        arch = ["--arch", "mlp", "--hidden", shape]
+    else:
+        np.savez(train, **images(rows, size, 0))
+        np.savez(test, **images(1_000, size, 1))
+        arch = ["--arch", kind, "--arch-args", shape]
+    model = folder / f"{name}.safetensors"
+    trained, train_wall, _ = run_puma(
+        [
+            "train",
+            str(train),
+            "--test",
+            str(test),
+            "-o",
+            str(model),
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "128",
+            *arch,
+            "--overwrite",
+        ]
+    )
+    marked = folder / f"{name}-ids.txt"
+    run_puma(["mark", str(train), "--random", "0.01", "-o", str(marked), "--overwrite"])
+    base = ["remove", "-m", str(model), "--marked", str(marked)]
+    retrain, _, retrain_mb = run_puma(
+        [*base, "--method", "retrain", "-o", str(folder / f"{name}-rt.safetensors"), "--overwrite"]
+    )
+    for cache in folder.glob(f"{name}.*.safetensors"):
+        cache.unlink()
+    options = ["--curvature", curvature, "--overwrite"]
+    cold, cold_wall, cold_mb = run_puma(
+        [*base, "-o", str(folder / f"{name}-p.safetensors"), *options]
+    )
+    cached, cached_wall, _ = run_puma(
+        [*base, "-o", str(folder / f"{name}-p2.safetensors"), *options]
+    )
+    return {
+        "case": name,
+        "rows": int(trained["n_train"]),
+        "parameters": int(trained["n_parameters"]),
+        "curvature": cold["parameters"].get("curvature"),
+        "epochs": epochs,
+        "train_seconds": train_wall,
+        "retrain_seconds": retrain["seconds"],
+        "cold_seconds": cold["seconds"],
+        "cached_seconds": cached["seconds"],
+        "cached_was_cached": bool(cached["cached"]),
+        "cold_ratio": cold["seconds"] / retrain["seconds"],
+        "cached_ratio": cached["seconds"] / retrain["seconds"],
+        "cold_wall_seconds": cold_wall,
+        "cached_wall_seconds": cached_wall,
+        "peak_mb_puma": cold_mb,
+        "peak_mb_retrain": retrain_mb,
+        "test_accuracy_before": cold["test_accuracy_before"],
+        "test_accuracy_after": cold["test_accuracy_after"],
+        "test_accuracy_retrained": retrain["test_accuracy_after"],
+        "marked_loss_before": cold["marked_loss_before"],
+        "marked_loss_puma": cold["marked_loss_after"],
+        "marked_loss_retrained": retrain["marked_loss_after"],
+        "eta_scale": cold["parameters"].get("eta_scale"),
+        "uncovered_parameters": cold["parameters"].get("uncovered_parameters"),
+    }
+
+
+def slope(rows: list[dict[str, Any]], x: str, names: list[str]) -> float | None:
+    picked = [r for r in rows if r["case"] in names]
+    if len(picked) < 2:
+        return None
+    xs = np.log([r[x] for r in picked])
+    ys = np.log([r["cold_seconds"] for r in picked])
+    return float(np.polyfit(xs, ys, 1)[0])
+
+
+def report(rows: list[dict[str, Any]], seconds: float) -> str:
+    lines = [
+        [
+            r["case"],
+            f"{r['rows']:,}",
+            f"{r['parameters']:,}",
+            r["curvature"],
+            f"{r['retrain_seconds']:.1f}",
+            f"{r['cold_seconds']:.2f}",
+            f"{r['cold_ratio']:.3f}",
+            f"{r['cached_seconds']:.2f}",
+            f"{r['cached_ratio']:.3f}",
+            f"{r['peak_mb_puma']:.0f}",
+            f"{r['test_accuracy_before']:.3f}",
+            f"{r['test_accuracy_after']:.3f}",
+            f"{r['marked_loss_before']:.3f}",
+            f"{r['marked_loss_puma']:.3f}",
+            f"{r['marked_loss_retrained']:.3f}",
+        ]
+        for r in rows
+    ]
+    header = [
+        "case", "rows", "params", "curvature", "retrain s", "PUMA cold s", "cold / retrain",
+        "cached s", "cached / retrain", "peak MB", "test acc before", "test acc after",
+        "marked loss before", "marked loss PUMA", "marked loss retrain",
+    ]  # fmt: skip
+    growth = {
+        "rows, 2k parameters": slope(rows, "rows", ["mlp-2k-10k", "mlp-2k-20k", "mlp-2k-40k"]),
+        "rows, 70k parameters": slope(rows, "rows", ["mlp-70k-10k", "mlp-70k-20k", "mlp-70k-40k"]),
+        "parameters, 40k rows": slope(
+            rows, "parameters", ["mlp-2k-40k", "mlp-70k-40k", "mlp-1m-40k"]
+        ),
+    }
+    shown = [
+        f"- cold cost against {k}: log-log slope {v:.2f}"
+        for k, v in growth.items()
+        if v is not None
+    ]
+    return "\n".join(
+        [
+            "# Removal at scale (CPU)",
+            "",
+            f"Command: {invocation(__file__)}; {seconds / 60:.0f} min in all. Times are each "
+            "job's own `seconds` (reading files excluded); ratios are to `--method retrain` "
+            "in the same run. 1 % of the rows marked at random; batch size 128.",
+            "",
+            table(header, lines),
+            "",
+            "Growth of PUMA's cold cost:",
+            *shown,
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.md")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases:
+            t0 = time.perf_counter()
+            rows.append(measure(name, args.epochs, Path(tmp)))
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", json.dumps(rows[-1]), flush=True)
+    text = report(rows, time.perf_counter() - started)
+    write_results(args.out, text, rows)
+    if any(math.isnan(r["cold_ratio"]) for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
