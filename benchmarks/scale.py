@@ -34,14 +34,14 @@ CASES: dict[str, tuple[str, int, int, str, str]] = {
     "mlp-2k-10k": ("mlp", 10_000, 20, "64", "auto"),
     "mlp-2k-20k": ("mlp", 20_000, 20, "64", "auto"),
     "mlp-2k-40k": ("mlp", 40_000, 20, "64", "auto"),
-    "mlp-2k-40k-kfac": ("mlp", 40_000, 20, "64", "kfac"),
+    "mlp-2k-40k-exact": ("mlp", 40_000, 20, "64", "exact"),
     "mlp-70k-10k": ("mlp", 10_000, 100, "320,96", "auto"),
     "mlp-70k-20k": ("mlp", 20_000, 100, "320,96", "auto"),
     "mlp-70k-40k": ("mlp", 40_000, 100, "320,96", "auto"),
     "mlp-70k-40k-exact": ("mlp", 40_000, 100, "320,96", "exact"),
     "mlp-1m-40k": ("mlp", 40_000, 200, "1024,768", "auto"),
     "cnn-digits": ("digits", 0, 0, "", "auto"),
-    "cnn-digits-kfac": ("digits", 0, 0, "", "kfac"),
+    "cnn-digits-exact": ("digits", 0, 0, "", "exact"),
     "resnet18-w16-5k": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
 }
 
@@ -51,7 +51,7 @@ def gaussian_mixture(n: int, d: int, seed: int) -> dict[str, np.ndarray]:
     centers = np.random.default_rng(d).normal(0, 1, (10, d))
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 10, n)
-    X = centers[y] + rng.normal(0, 1.6, (n, d))
+    X = centers[y] + rng.normal(0, 0.36 * math.sqrt(d), (n, d))
     return {"X": X.astype(np.float32), "y": y}
 
 

@@ -543,8 +543,8 @@ CurvatureOpt = Annotated[
     typer.Option(
         "--curvature",
         help="exact (the Hessian), ggn (Gauss-Newton), kfac or ekfac (Kronecker-factored "
-        "GGN, fitted once and cached beside the model); auto: exact up to 20,000 "
-        "parameters, kfac past that.",
+        "GGN, fitted once and cached beside the model); auto: exact up to 10 million "
+        "parameter-rows (parameters x rows trained on), kfac past that.",
     ),
 ]
 CurvatureSamplesOpt = Annotated[

@@ -28,6 +28,7 @@ from puma_cli.models.predict import as_tensor
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+GUARD_ROWS = 8192  # remaining rows the `auto` guard checks the training loss on
 INTERPOLATED_LOSS = 1e-4
 
 
@@ -175,9 +176,10 @@ def _choose_scale(
 
     Damping shrinks the step along flat directions, and first-order removal understates
     what leaving a cluster out does, so s = 1 removes too little. `auto` doubles s from 1
-    while (a) the remaining points' training loss rises by at most `fit_tolerance`
-    (relative): they must stay learned; (b) held-out accuracy drops by at most
-    `max_accuracy_drop` points; (c) held-out loss rises by at most `fit_tolerance`.
+    while (a) the remaining points' training loss (on up to GUARD_ROWS of them, seeded)
+    rises by at most `fit_tolerance` (relative): they must stay learned; (b) held-out
+    accuracy drops by at most `max_accuracy_drop` points; (c) held-out loss rises by at
+    most `fit_tolerance`.
     It takes the last s that passed; if s = 1 fails, it halves s instead.
     """
     eta = request.options.eta
@@ -187,15 +189,27 @@ def _choose_scale(
             raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
         return scale, []
     n = engine.n
-    keep = ~marked
+    keep = torch.nonzero(~marked).flatten()
+    if keep.numel() > GUARD_ROWS:  # the mean loss's relative rise, on a seeded subsample
+        picked = np.random.default_rng(request.options.seed).choice(
+            keep.numel(), GUARD_ROWS, replace=False
+        )
+        keep = keep[torch.as_tensor(np.sort(picked), device=keep.device)]
+    X_keep, y_keep = engine.X[keep], engine.y[keep]
     tolerance = request.options.fit_tolerance
     max_drop = request.options.max_accuracy_drop / 100 + 1e-12
+
+    step = engine.chunk_size
 
     def figures(scale: float) -> tuple[float, float, float]:
         delta = (scale / n) * x
         with torch.no_grad():
             theta = (engine.theta.double() + delta).to(engine.dtype)
-            fit = float(engine.losses(theta, engine.X[keep], engine.y[keep]).mean())
+            total = sum(
+                float(engine.losses(theta, X_keep[i : i + step], y_keep[i : i + step]).sum())
+                for i in range(0, int(y_keep.shape[0]), step)
+            )
+            fit = total / max(int(y_keep.shape[0]), 1)
         loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc)
         return fit, loss, accuracy
 
