@@ -9,6 +9,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
@@ -174,3 +175,17 @@ def test_curvature_options_are_checked(copy: Path) -> None:
                 "--curvature", "hessian-free")  # fmt: skip
     assert bogus.exit_code == 2  # not a choice: a usage error
     assert sorted(p.name for p in copy.iterdir()) == ["ids.txt", "m.safetensors"]
+
+
+def test_auto_precision_is_float64_for_small_dense_nets_only() -> None:
+    from puma_cli.engine.criterion import derivative_dtype
+    from puma_cli.io.checkpoint import Checkpoint
+    from puma_cli.models.architectures import Architecture, build_model
+
+    def dtype_for(arch: Architecture) -> torch.dtype:
+        checkpoint = Checkpoint(build_model(arch), {}, {}, np.zeros(0, np.uint8), ())
+        return derivative_dtype(checkpoint, "auto")
+
+    assert dtype_for(Architecture("mlp", (20,), 10, (64,))) == torch.float64
+    assert dtype_for(Architecture("mlp", (200,), 10, (1024, 768))) == torch.float32
+    assert dtype_for(Architecture("cnn", (1, 8, 8), 10, (64,))) == torch.float32

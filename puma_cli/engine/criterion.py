@@ -66,15 +66,20 @@ def cache_path_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.influence.safetensors")
 
 
+FLOAT64_MAX_PARAMETERS = 100_000
+
+
 def derivative_dtype(checkpoint: Checkpoint, precision: str) -> torch.dtype:
     """float64 unless asked otherwise; `auto` takes float32 for any net with a convolution
     (cnn, resnet18, densenet, a user's), whose float64 convolutions are several times
-    slower on a CPU."""
+    slower on a CPU, and for any net past FLOAT64_MAX_PARAMETERS, where float64 matrix
+    products cost twice what the model was trained with (the solvers' sums stay float64)."""
     if precision == "auto":
         convolutional = any(
             isinstance(m, torch.nn.modules.conv._ConvNd) for m in checkpoint.model.modules()
         )
-        precision = "float32" if convolutional else "float64"
+        size = sum(p.numel() for p in checkpoint.model.parameters())
+        precision = "float32" if convolutional or size > FLOAT64_MAX_PARAMETERS else "float64"
     if precision not in ("float32", "float64"):
         raise PumaError(f"--precision {precision!r}: choose auto, float32 or float64")
     return torch.float32 if precision == "float32" else torch.float64
