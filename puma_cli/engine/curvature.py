@@ -34,8 +34,11 @@ from puma_cli.io.cache import Cache
 CURVATURES = ("auto", "exact", "ggn", "kfac", "ekfac")
 AUTO_EXACT_MAX = 10_000_000  # parameters x rows
 DEFAULT_SAMPLES = 10_000
+DEFAULT_CONV_SAMPLES = 2_000  # a convolution's input factor costs more than its training
 MAX_SAMPLES = 10_000_000
 TYPE2_MAX_WORK = 100_000  # rows x classes: above it, one sampled label per row (MC)
+TYPE2_MAX_PARAMETERS = 100_000  # type-2 costs one backward pass per class: small nets only
+FIT_BATCH = 128  # rows per batch when fitting: a convolution's unfolded inputs are large
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,12 @@ class CurvatureChoice:
 
 
 def resolve_curvature(
-    name: str, n_parameters: int, n_rows: int, n_classes: int, samples: int
+    name: str,
+    n_parameters: int,
+    n_rows: int,
+    n_classes: int,
+    samples: int,
+    convolutional: bool = False,
 ) -> CurvatureChoice:
     """`auto` made concrete, and the subsample size (0: the default) bounded by the rows."""
     if name not in CURVATURES:
@@ -56,8 +64,10 @@ def resolve_curvature(
     require_range("--curvature-samples", samples, 0, MAX_SAMPLES)
     if name == "auto":
         name = "exact" if n_parameters * n_rows <= AUTO_EXACT_MAX else "kfac"
-    count = min(samples or DEFAULT_SAMPLES, n_rows)
-    fisher = "type-2" if count * n_classes <= TYPE2_MAX_WORK else "mc"
+    default = DEFAULT_CONV_SAMPLES if convolutional else DEFAULT_SAMPLES
+    count = min(samples or default, n_rows)
+    exact_fisher = count * n_classes <= TYPE2_MAX_WORK and n_parameters <= TYPE2_MAX_PARAMETERS
+    fisher = "type-2" if exact_fisher else "mc"
     return CurvatureChoice(name, count, fisher)
 
 
@@ -97,8 +107,8 @@ def attach_curvature(
     rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
     index = torch.as_tensor(rows, device=engine.device)
     X, y = engine.X[index], engine.y[index]
-    batches = [(X[i : i + engine.chunk_size], y[i : i + engine.chunk_size])
-               for i in range(0, len(rows), engine.chunk_size)]  # fmt: skip
+    batches = [(X[i : i + FIT_BATCH], y[i : i + FIT_BATCH])
+               for i in range(0, len(rows), FIT_BATCH)]  # fmt: skip
     with torch.enable_grad():
         engine.kronecker = fit_kronecker(
             choice.name, engine.module, engine.names, engine.sizes, batches, choice.fisher, seed
