@@ -321,3 +321,25 @@ def test_a_validation_file_recorded_at_training_is_the_criterion(
     out = run_json("remove", "-m", workspace / "mv.safetensors", "--marked", workspace / "ids.txt")
     assert out["skipped"]["validation"] == 0
     assert out["criterion_before"] == pytest.approx(info["metrics"]["val"]["loss"], abs=1e-5)
+
+
+def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from puma_cli.unlearn import puma as puma_method
+
+    real = puma_method._criterion_figures
+    calls = []
+
+    def degrading(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        loss, accuracy = real(model, X, y)
+        calls.append(loss)
+        return (loss, accuracy) if len(calls) == 1 else (loss * 10 + 1, accuracy)
+
+    monkeypatch.setattr(puma_method, "_criterion_figures", degrading)
+    result = run(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
+        "-o", workspace / "r.safetensors", "--no-cache",
+    )  # fmt: skip
+    assert_clean_error(result, "no step keeps the model's performance")
+    assert not (workspace / "r.safetensors").exists()

@@ -136,6 +136,6 @@ def curvature_notes(engine: InfluenceModel) -> list[str]:
         return []
     return [
         f"{kron.uncovered} of {kron.size} parameters are outside the Linear and Conv2d layers "
-        f"{engine.curvature} approximates (BatchNorm and the like): they get damping only, "
-        "so the patch moves them by the gradient over the damping"
+        f"{engine.curvature} approximates (BatchNorm and the like): the patch leaves them "
+        "unchanged"
     ]

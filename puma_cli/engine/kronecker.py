@@ -11,9 +11,11 @@ eigenvalues to the data, which is exact for a single row. So
     (C + mu I)^-1 vec(M) = vec( Qb [ (Qb^T M Qa) / (E + mu) ] Qa^T ),  E = lb la^T or refit,
 
 one small matrix product per layer: a solve costs nothing next to a pass over the data.
-Layers between blocks are ignored (block-diagonal); parameters of other layers
-(BatchNorm's scale and shift, embeddings, ...) have no curvature here, only the damping,
-and `uncovered` counts them.
+Layers between blocks are ignored (block-diagonal). Parameters of other layers
+(BatchNorm's scale and shift, embeddings, ...) have no curvature here and are left where
+they are: a solve returns 0 for them, and `uncovered` counts them. Damping alone (b / mu
+for them) was measured first: on ResNet-18 it moved BatchNorm far enough to take test
+accuracy from 1.00 to 0.19 at every step size the guard tried.
 
 The factors are fitted by `curvlinops-for-pytorch` (pinned; it handles the hooks, the
 unfolding of convolutions and the sampling of labels) on a subsample of the training
@@ -94,8 +96,8 @@ class KroneckerCurvature:
         return out
 
     def inverse(self, b: Tensor, mu: float) -> Tensor:
-        """(C + mu I)^-1 b (P,): closed form per block, b / mu on the uncovered part."""
-        out = b / mu
+        """(C + mu I)^-1 b (P,): closed form per block; 0 on the uncovered parameters."""
+        out = torch.zeros_like(b)
         for block in self.blocks:
             M = block.Qb.T @ block.matrix(b) @ block.Qa
             block.place(out, block.Qb @ (M / (block.E + mu)) @ block.Qa.T)

@@ -124,6 +124,8 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
     with torch.no_grad():
         marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
+    if not torch.isfinite(step.x).all():
+        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
     scale, guard = _choose_scale(request, engine, step.x, mask, Xc.float(), yc)
     delta = (scale / n) * step.x
     if not torch.isfinite(delta).all():
@@ -180,7 +182,8 @@ def _choose_scale(
     rises by at most `fit_tolerance` (relative): they must stay learned; (b) held-out
     accuracy drops by at most `max_accuracy_drop` points; (c) held-out loss rises by at
     most `fit_tolerance`.
-    It takes the last s that passed; if s = 1 fails, it halves s instead.
+    It takes the last s that passed; if s = 1 fails, it halves s instead, and refuses
+    (nothing is written) when no s down to 1/64 passes: such a patch only damages.
     """
     eta = request.options.eta
     if eta != "auto":
@@ -235,10 +238,12 @@ def _choose_scale(
         scale /= 2
         if passes(scale):
             return scale, []
-    return scale, [
-        f"every eta tried degrades the remaining points' fit or held-out performance past the "
-        f"guard; used {scale:g}/N: check the model and the marking, or set --eta"
-    ]
+    raise PumaError(
+        f"no step keeps the model's performance: down to eta {scale:g}/N the remaining rows' "
+        "training loss or the held-out loss rose past the guard or held-out accuracy fell past "
+        "--max-accuracy-drop, so nothing was written; raise --damping, give --eta S to force a "
+        "step, or use --method retrain"
+    )
 
 
 def _as_classifier(module: torch.nn.Module) -> Classifier:
