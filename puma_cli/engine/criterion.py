@@ -124,6 +124,45 @@ def training_engine(
     return engine
 
 
+@dataclass
+class EngineCaches:
+    """The two caches beside a model: the solved v and the curvature's factors."""
+
+    direction: Cache | None
+    factors: Cache | None
+
+    @classmethod
+    def beside(cls, model: Path, use: bool = True) -> EngineCaches:
+        if not use:
+            return cls(None, None)
+        return cls(Cache(cache_path_for(model)), Cache(factor_cache_path_for(model)))
+
+    def all(self) -> list[Cache | None]:
+        return [self.direction, self.factors]
+
+
+def engine_and_direction(
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    rows: np.ndarray,
+    criterion: Dataset,
+    settings: SolverSettings,
+    caches: EngineCaches,
+    phases: Phases | None = None,
+) -> tuple[InfluenceModel, CriterionDirection]:
+    """The engine over `rows` with its curvature, and v = C^-1 grad C on `criterion`."""
+    engine = training_engine(
+        checkpoint,
+        dataset,
+        rows,
+        settings.precision,
+        settings=settings,
+        factor_cache=caches.factors,
+        phases=phases,
+    )
+    return engine, criterion_direction(engine, checkpoint, criterion, settings, caches.direction)
+
+
 def _engine(
     checkpoint: Checkpoint, dataset: Dataset, rows: np.ndarray, precision: str
 ) -> InfluenceModel:

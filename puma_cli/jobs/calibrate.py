@@ -21,11 +21,9 @@ import torch
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.criterion import (
+    EngineCaches,
     SolverSettings,
-    cache_path_for,
-    criterion_direction,
-    factor_cache_path_for,
-    training_engine,
+    engine_and_direction,
 )
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals, solve
@@ -33,7 +31,7 @@ from puma_cli.errors import PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
-from puma_cli.io.cache import Cache, commit_all
+from puma_cli.io.cache import commit_all
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import as_tensor, predict_logits
@@ -110,18 +108,10 @@ def calibrate(
     test = recorded.load_recorded_or_none(checkpoint, "test")
     started = time.perf_counter()
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
-    cache = Cache(cache_path_for(model))
-    factors = Cache(factor_cache_path_for(model))
-    engine = training_engine(
-        checkpoint,
-        dataset,
-        rows,
-        settings.precision,
-        settings=settings,
-        factor_cache=factors,
-        phases=phases,
+    caches = EngineCaches.beside(model)
+    engine, ce = engine_and_direction(
+        checkpoint, dataset, rows, criterion, settings, caches, phases
     )
-    ce = criterion_direction(engine, checkpoint, criterion, settings, cache)
     Xc = as_tensor(criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
@@ -238,7 +228,7 @@ def calibrate(
         shown = test if test is not None else criterion
         writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
     write_atomically(writers, overwrite)
-    report.warnings.extend(commit_all([cache, factors]))
+    report.warnings.extend(commit_all(caches.all()))
     return report
 
 

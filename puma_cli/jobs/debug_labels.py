@@ -12,11 +12,9 @@ import torch
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.criterion import (
+    EngineCaches,
     SolverSettings,
-    cache_path_for,
-    criterion_direction,
-    factor_cache_path_for,
-    training_engine,
+    engine_and_direction,
 )
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals
@@ -24,7 +22,7 @@ from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
-from puma_cli.io.cache import Cache, commit_all
+from puma_cli.io.cache import commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.predict import predict_logits
@@ -80,18 +78,10 @@ def debug_labels(
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
-    cache = Cache(cache_path_for(model)) if use_cache else None
-    factors = Cache(factor_cache_path_for(model)) if use_cache else None
-    engine = training_engine(
-        checkpoint,
-        dataset,
-        rows,
-        settings.precision,
-        settings=settings,
-        factor_cache=factors,
-        phases=phases,
+    caches = EngineCaches.beside(model, use_cache)
+    engine, direction = engine_and_direction(
+        checkpoint, dataset, rows, criterion, settings, caches, phases
     )
-    direction = criterion_direction(engine, checkpoint, criterion, settings, cache)
     scores = suspicion_scores(engine, direction, score)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
     labels = dataset.y[rows]
@@ -128,7 +118,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
-    notes = commit_all([cache, factors])
+    notes = commit_all(caches.all())
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,
