@@ -25,6 +25,7 @@ from puma_cli.engine.curvature import (
     resolve_curvature,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
+from puma_cli.engine.kronecker import KINDS
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
@@ -118,8 +119,12 @@ def training_engine(
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
         )
-        key = {"checkpoint_sha256": sha256_file(checkpoint.path)} if checkpoint.path else {}
-        key["precision"] = str(engine.dtype)
+        key = {"precision": str(engine.dtype)}
+        path = checkpoint.path
+        if path is None:
+            factor_cache = None  # a cache is keyed by the checkpoint's file
+        elif factor_cache is not None and choice.name in KINDS:  # hash only where it is read
+            key["checkpoint_sha256"] = sha256_file(path)
         attach_curvature(engine, choice, key, settings.seed, factor_cache)
     return engine
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.kronecker import KINDS
 from puma_cli.errors import PumaError, require_range
 
 Tensor = torch.Tensor
@@ -66,7 +65,7 @@ class Solve:
 
 def curvature_product(engine: InfluenceModel) -> Callable[[Tensor], Tensor]:
     """v -> C v for the engine's curvature (weight decay included)."""
-    if engine.kronecker is not None and engine.curvature in KINDS:
+    if engine.kronecker is not None:  # set only for kfac/ekfac
         kron = engine.kronecker
         return lambda v: kron.matvec(v) + engine.weight_decay * v
     return engine.ggn_vp if engine.curvature == "ggn" else engine.hvp
@@ -74,7 +73,7 @@ def curvature_product(engine: InfluenceModel) -> Callable[[Tensor], Tensor]:
 
 def largest_curvature(engine: InfluenceModel, seed: int = 0) -> float:
     """C's largest eigenvalue: read off K-FAC's factors, else by power iteration."""
-    if engine.kronecker is not None and engine.curvature in KINDS:
+    if engine.kronecker is not None:  # set only for kfac/ekfac
         return engine.kronecker.lambda_max() + engine.weight_decay
     return largest_eigenvalue(
         curvature_product(engine), engine.n_parameters, engine.theta, seed=seed
@@ -208,7 +207,7 @@ def solve(
         raise PumaError(
             "the curvature of the training loss is zero; the model has nothing to remove"
         )
-    if engine.kronecker is not None and engine.curvature in KINDS:
+    if engine.kronecker is not None:  # set only for kfac/ekfac
         # Closed form: (K + (weight decay + mu) I)^-1 b, block by block.
         x = engine.kronecker.inverse(b, engine.weight_decay + damping * top)
         return Solve(x, damping, 0, 0.0)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.engine.criterion import cache_path_for, factor_cache_path_for
+from puma_cli.engine.criterion import EngineCaches
 from puma_cli.engine.derivatives import Phases
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs
-from puma_cli.io.cache import Cache, commit_all
+from puma_cli.io.cache import commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.training import Progress
@@ -92,11 +92,8 @@ def remove(
     test_set = recorded.load_recorded_or_none(checkpoint, "test")
     marked_set = dataset.subset(trained_marked)
     if use_cache and method in ("puma", "influence"):
-        options = replace(
-            options,
-            cache=Cache(cache_path_for(model)),
-            factor_cache=Cache(factor_cache_path_for(model)),
-        )
+        caches = EngineCaches.beside(model)
+        options = replace(options, cache=caches.direction, factor_cache=caches.factors)
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress, phases
     )
