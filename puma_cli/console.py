@@ -75,20 +75,29 @@ def _fmt(value: Any) -> str:
 
 
 @contextmanager
-def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr while training, shown only on a terminal."""
+def _bars(enabled: bool, *counts: TextColumn) -> Iterator[Progress | None]:
+    """Rich bars on stderr (label, bar, `counts`, elapsed), or None when not enabled or
+    stderr is no terminal."""
     console = _stderr()
     if not enabled or not console.is_terminal:
         yield None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(), *counts, TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        yield bar
+
+
+@contextmanager
+def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr while training, shown only on a terminal."""
+    counts = (
         TextColumn("epoch {task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _bars(enabled, *counts) as bar:
+        if bar is None:
+            yield None
+            return
         task = bar.add_task(label, total=None, loss=float("nan"))
 
         def update(epoch: int, epochs: int, loss: float) -> None:
@@ -101,17 +110,10 @@ def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | Non
 def phase_progress(enabled: bool) -> Iterator[PhasesCallback | None]:
     """One bar per phase of the engine (factor fitting, scores, each solve) on stderr, shown
     only on a terminal and never under --json."""
-    console = _stderr()
-    if not enabled or not console.is_terminal:
-        yield None
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _bars(enabled, TextColumn("{task.completed}/{task.total}")) as bar:
+        if bar is None:
+            yield None
+            return
         tasks: dict[str, Any] = {}
 
         def update(phase: str, done: int, total: int) -> None:
