@@ -6,9 +6,11 @@ command imports its job when it runs, so `puma --help` never loads torch or scik
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -47,21 +49,60 @@ COMMANDS = (
 )
 
 
+PARALLEL_COMMANDS = ("remove", "attack")  # what torchrun may start (`puma_cli.parallel`)
+
+
+def _follower() -> bool:
+    """A process of rank > 0 under torchrun: rank 0 reports; the input is the same in all."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def domain_errors(fn: F) -> F:
-    """Turn a PumaError (or an OS refusal such as a full disk) into `Error: ...` and exit 1."""
+    """Turn a PumaError (or an OS refusal such as a full disk) into `Error: ...` and exit 1
+    (said once under torchrun, by rank 0: every process meets the same input)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except PumaError as exc:
-            console.error(str(exc))
+            if not _follower():
+                console.error(str(exc))
             raise typer.Exit(1) from None
         except OSError as exc:
-            console.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            if not _follower():
+                console.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _one_process_unless_parallel(ctx: typer.Context) -> None:
+    """Refuse torchrun for commands that do not split their work: K copies of `train`
+    would write one file K times."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1") and ctx.invoked_subcommand not in PARALLEL_COMMANDS:
+        if not _follower():
+            console.error(
+                f"torchrun started {world} processes, but `puma {ctx.invoked_subcommand}` runs "
+                f"in one: torchrun splits {' and '.join(PARALLEL_COMMANDS)} only; run it "
+                "without torchrun"
+            )
+        raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _world(name: str) -> Iterator[tuple[torch.device, bool]]:
+    """The device this process computes on and whether it reports (rank 0), with the
+    torchrun process group joined inside the block (nothing to join in one process)."""
+    from puma_cli import parallel
+
+    device = parallel.join(resolve_device(name))
+    try:
+        yield device, parallel.leader()
+    finally:
+        parallel.leave()
 
 
 def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -647,23 +688,27 @@ def remove(
         curvature_samples=curvature_samples,
     )
     retraining = method in (Method.retrain, Method.sisa)
-    with (
-        console.epoch_progress("retraining", enabled=not as_json and retraining) as progress,
-        console.phase_progress(enabled=not as_json and not retraining) as phases,
-    ):
-        report = job(
-            model,
-            marked,
-            output,
-            method=method.value,
-            options=options,
-            criterion_data=criterion_data,
-            use_cache=not no_cache,
-            device=resolve_device(device),
-            overwrite=overwrite,
-            progress=progress,
-            phases=phases,
-        )
+    with _world(device) as (torch_device, leader):
+        show = leader and not as_json
+        with (
+            console.epoch_progress("retraining", enabled=show and retraining) as progress,
+            console.phase_progress(enabled=show and not retraining) as phases,
+        ):
+            report = job(
+                model,
+                marked,
+                output,
+                method=method.value,
+                options=options,
+                criterion_data=criterion_data,
+                use_cache=not no_cache,
+                device=torch_device,
+                overwrite=overwrite,
+                progress=progress,
+                phases=phases,
+            )
+    if not leader:
+        return
     payload = asdict(report)
     if not as_json:
         payload.pop("parameters")
@@ -712,7 +757,10 @@ def attack(
     """Membership inference on the targets: did the removal work?"""
     from puma_cli.jobs.attack import attack as job
 
-    with console.epoch_progress("shadow models", enabled=not as_json) as progress:
+    with (
+        _world(device) as (torch_device, leader),
+        console.epoch_progress("shadow models", enabled=leader and not as_json) as progress,
+    ):
         report = job(
             model,
             targets,
@@ -721,10 +769,12 @@ def attack(
             shadows=shadows,
             plot=plot,
             seed=seed,
-            device=resolve_device(device),
+            device=torch_device,
             overwrite=overwrite,
             progress=progress,
         )
+    if not leader:
+        return
     payload = asdict(report)
     payload["tpr_at_0.1pct_fpr"] = payload.pop("tpr_at_01pct_fpr")
     if as_json:

@@ -22,6 +22,7 @@ LAYERS = {
     "puma_cli": 0,
     "puma_cli.errors": 0,
     "puma_cli.devices": 1,
+    "puma_cli.parallel": 1,
     "puma_cli.data": 2,
     "puma_cli.models": 3,
     "puma_cli.io": 4,

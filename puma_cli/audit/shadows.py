@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from puma_cli import parallel
 from puma_cli.data.dataset import Dataset
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint
@@ -107,10 +108,13 @@ def train_shadows(
     inside = min(max(round(count * size / len(pool)), 1), count - 1)
     ranks = np.argsort(rng.random((count, len(pool))), axis=0)
     inclusion = ranks < inside
-    phi = np.empty((count, len(pool)))
-    sorted_logp = np.empty((count, len(pool), n_classes), dtype=np.float32)
+    # Under torchrun each process trains its block of the shadows; the others' rows stay
+    # zero until the sum (every shadow's seed is its own, so the split changes nothing).
+    phi = torch.zeros((count, len(pool)), dtype=torch.float64)
+    sorted_logp = torch.zeros((count, len(pool), n_classes), dtype=torch.float32)
     labels = torch.as_tensor(pool.y)
-    for s in range(count):
+    mine = parallel.block(count, "shadow models")
+    for done, s in enumerate(mine, start=1):
         shadow = train_model(
             pool.subset(np.flatnonzero(inclusion[s])),
             replace(recipe, seed=recipe.seed + 1 + s),
@@ -118,18 +122,20 @@ def train_shadows(
             device,
         )
         logits = predict_logits(shadow, pool.X)
-        phi[s] = logit_confidence(logits, labels)
-        sorted_logp[s] = sorted_log_softmax(logits)
+        phi[s] = torch.from_numpy(logit_confidence(logits, labels))
+        sorted_logp[s] = torch.from_numpy(sorted_log_softmax(logits))
         if progress is not None:
-            progress(s + 1, count, 0.0)
+            progress(done, len(mine), 0.0)
+    parallel.all_reduce(phi)
+    parallel.all_reduce(sorted_logp)
     if cache is not None:
         tensors = {
             "inclusion": torch.from_numpy(inclusion.astype(np.uint8)),
-            "phi": torch.from_numpy(phi),
-            "sorted_logp": torch.from_numpy(sorted_logp),
+            "phi": phi,
+            "sorted_logp": sorted_logp,
         }
         cache.stage(tensors, {})
-    return ShadowSet(inclusion, phi, sorted_logp)
+    return ShadowSet(inclusion, phi.numpy(), sorted_logp.numpy())
 
 
 def _check_shadows(count: int, n: int, n_classes: int) -> Check:

@@ -84,7 +84,8 @@ def attach_curvature(
     if choice.name not in KINDS:
         return
     full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
-                "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n)}  # fmt: skip
+                "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
+                "labels": "seeded per batch"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
 

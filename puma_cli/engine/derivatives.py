@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from puma_cli import parallel
 from puma_cli.engine.kronecker import KroneckerCurvature
 from puma_cli.models.predict import as_tensor
 
@@ -106,15 +107,25 @@ class InfluenceModel:
         return F.cross_entropy(self.logits(flat, X), y, reduction="none")
 
     def _chunks(
-        self, X: Tensor | None = None, y: Tensor | None = None
+        self, X: Tensor | None = None, y: Tensor | None = None, local: bool = False
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The rows in chunks of `chunk_size`; with `local`, only this process's block of
+        them under torchrun (`parallel.block`), whose sums the caller all-reduces."""
         X = self.X if X is None else X
         y = self.y if y is None else y
-        for start in range(0, int(y.shape[0]), self.chunk_size):
-            yield X[start : start + self.chunk_size], y[start : start + self.chunk_size]
+        rows = self.local_rows(int(y.shape[0])) if local else range(int(y.shape[0]))
+        for start in range(rows.start, rows.stop, self.chunk_size):
+            stop = min(start + self.chunk_size, rows.stop)
+            yield X[start:stop], y[start:stop]
+
+    @staticmethod
+    def local_rows(count: int) -> range:
+        """This process's contiguous block of `count` rows (all of them in one process)."""
+        return parallel.block(count, f"{count} rows")
 
     def objective(self, flat: Tensor) -> Tensor:
-        """J(theta): mean loss over the rows plus weight_decay / 2 * |theta|^2."""
+        """J(theta): mean loss over the rows plus weight_decay / 2 * |theta|^2 (differentiable,
+        every row in this process: the reference the tests take exact Hessians of)."""
         total = sum(self.losses(flat, X, y).sum() for X, y in self._chunks())
         return total / self.n + 0.5 * self.weight_decay * flat.dot(flat)
 
@@ -125,12 +136,12 @@ class InfluenceModel:
         """H v, the undamped Hessian of J times v (P,), by double backward."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
-        for X, y in self._chunks():
+        for X, y in self._chunks(local=True):
             theta = self._leaf()
             (g,) = torch.autograd.grad(self.losses(theta, X, y).sum(), theta, create_graph=True)
             (hv,) = torch.autograd.grad(g.dot(v_in), theta)
             out += hv.double()
-        return out / self.n + self.weight_decay * v
+        return parallel.all_reduce(out) / self.n + self.weight_decay * v
 
     def ggn_vp(self, v: Tensor) -> Tensor:
         """G v, the Gauss-Newton matrix of J times v (P,): mean_i J_i^T H_i J_i v, with J_i
@@ -140,7 +151,7 @@ class InfluenceModel:
         pass (J v) and one backward pass (J^T) per chunk."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
-        for X, _ in self._chunks():
+        for X, _ in self._chunks(local=True):
             with torch.no_grad(), _quiet_jit(), fwad.dual_level():
                 dual = fwad.unpack_dual(self.logits(fwad.make_dual(self.theta, v_in), X))
                 logits, jv = dual.primal, dual.tangent
@@ -149,33 +160,34 @@ class InfluenceModel:
             theta = self._leaf()
             (gv,) = torch.autograd.grad((self.logits(theta, X) * hjv).sum(), theta)
             out += gv.double()
-        return out / self.n + self.weight_decay * v
+        return parallel.all_reduce(out) / self.n + self.weight_decay * v
 
     def weighted_gradient(self, weights: Tensor) -> Tensor:
         """sum_i w_i grad L_i (P,) over the rows: one backward pass, no per-row gradients."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
-        start = 0
-        for X, y in self._chunks():
+        start = self.local_rows(self.n).start
+        for X, y in self._chunks(local=True):
             w = weights[start : start + y.shape[0]].to(self.dtype)
             start += int(y.shape[0])
             theta = self._leaf()
             out += torch.autograd.grad((w * self.losses(theta, X, y)).sum(), theta)[0].double()
-        return out
+        return parallel.all_reduce(out)
 
     def directional_derivatives(
         self, v: Tensor, X: Tensor | None = None, y: Tensor | None = None
     ) -> Tensor:
-        """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients."""
-        parts = []
-        rows = int((self.y if y is None else y).shape[0])
-        chunks = max(1, -(-rows // self.chunk_size))
+        """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients
+        (each process takes its block of rows; the scores are gathered back in order)."""
+        parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
+        rows = self.local_rows(int((self.y if y is None else y).shape[0]))
+        chunks = max(1, -(-len(rows) // self.chunk_size))
         with torch.no_grad(), _quiet_jit(), fwad.dual_level():
             theta = fwad.make_dual(self.theta, v.to(self.dtype))
-            for i, (Xc, yc) in enumerate(self._chunks(X, y)):
+            for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
                 parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)
                 if self.phases is not None:
                     self.phases("scores", i + 1, chunks)
-        return torch.cat(parts).double()
+        return parallel.gather(torch.cat(parts).double())
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked)."""

@@ -25,12 +25,14 @@ rows, once per model, and cached beside it (`<stem>.kfac.safetensors`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from puma_cli import parallel
 from puma_cli.errors import PumaError
 
 Tensor = torch.Tensor
@@ -160,6 +162,8 @@ def fit_kronecker(
             "none; use --curvature ggn or exact"
         )
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    total = sum(int(y.shape[0]) for _, y in batches)
+    mine = parallel.block(len(batches), f"{total} factor-fitting rows in batches")
     with warnings.catch_warnings():
         # curvlinops (and backpack, which it imports) warn about their own internals.
         warnings.simplefilter("ignore")
@@ -170,17 +174,24 @@ def fit_kronecker(
             module,
             nn.CrossEntropyLoss(),
             params,
-            batches,
+            [batches[mine.start]],
             fisher_type=fisher,
             separate_weight_and_bias=False,
             check_deterministic=False,
             seed=seed,
-            num_data=sum(int(y.shape[0]) for _, y in batches),
+            num_data=total,
+            num_per_example_loss_terms=1,
         )
+        # One batch at a time, each with its own seed for the sampled labels, so that the
+        # sums (all-reduced under torchrun) do not depend on how the batches are split.
+        # curvlinops 3.0.1 accumulates the factors over calls; it is pinned for that.
+        _accumulate(operator, operator.compute_kronecker_factors, batches, mine, seed)
+        parallel_sum(operator._input_covariances)
+        parallel_sum(operator._gradient_covariances)
         if kind == "ekfac":
-            operator.compute_eigenvalue_correction()
-        else:
-            operator.compute_kronecker_factors()
+            operator._compute_eigenvectors()
+            _accumulate(operator, operator.compute_eigenvalue_correction, batches, mine, seed)
+            parallel_sum(operator._corrected_eigenvalues)
         state = operator.state_dict()
     factors: dict[str, tuple[Tensor, ...]] = {}
     for name, _ in layers:
@@ -195,6 +206,28 @@ def fit_kronecker(
         factors[name] = (Qa, Qb, E.clamp_min(0))
     blocks, covered = _blocks(module, names, sizes, factors)
     return KroneckerCurvature(kind, blocks, sum(sizes), covered.to(blocks[0].E.device))
+
+
+def _accumulate(
+    operator: object,
+    compute: Callable[[], None],
+    batches: list[tuple[Tensor, Tensor]],
+    mine: range,
+    seed: int,
+) -> None:
+    for i in mine:
+        operator._data = [batches[i]]  # type: ignore[attr-defined]
+        operator._seed = seed + i  # type: ignore[attr-defined]
+        compute()
+
+
+def parallel_sum(factors: dict[str, object]) -> None:
+    """All-reduce a (nested) dict of factor tensors in place (a no-op in one process)."""
+    for value in factors.values():
+        if isinstance(value, dict):
+            parallel_sum(value)
+        elif isinstance(value, Tensor):
+            parallel.all_reduce(value)
 
 
 def kronecker_from_tensors(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from puma_cli import parallel
 from puma_cli.audit import ATTACKS
 from puma_cli.audit.lira import lira_scores
 from puma_cli.audit.loss import loss_attack, per_point_loss
@@ -91,6 +92,8 @@ def attack(
         outsiders = scores[len(dataset) :]
         report = score_report(method, members, outsiders, threshold)
         report = replace(report, notes=[*report.notes, f"{shadows} shadow models"])
+    if not parallel.leader():  # under torchrun, rank 0 writes the plot and the cache
+        return report
     if plot is not None:
         from puma_cli.plots import save_roc
 

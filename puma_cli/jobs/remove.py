@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from puma_cli import parallel
 from puma_cli.data.dataset import Dataset
 from puma_cli.engine.criterion import EngineCaches
 from puma_cli.engine.derivatives import Phases
@@ -57,6 +58,9 @@ class RemoveReport:
     skipped: dict[str, int]
 
 
+PARALLEL_METHODS = ("puma", "influence")  # the engine's methods: rows split, sums shared
+
+
 def default_removed_path(model: Path) -> Path:
     return model.with_name(f"{model.stem}.removed.safetensors")
 
@@ -81,6 +85,11 @@ def remove(
     output = output or default_removed_path(model)
     check_outputs([output], [model, marked, criterion_data], overwrite)
     run = get_method(method)
+    if parallel.size() > 1 and method not in PARALLEL_METHODS:
+        raise PumaError(
+            f"--method {method} does not split over processes (torchrun runs "
+            f"{', '.join(PARALLEL_METHODS)}): run it without torchrun"
+        )
     checkpoint = ckpt.load_checkpoint(model, device)
     recorded.protect_recorded([output], checkpoint)
     dataset = recorded.load_recorded_dataset(checkpoint, "train")
@@ -146,8 +155,9 @@ def remove(
         provenance=[*checkpoint.provenance, entry],
         extra=result.extra if result.extra is not None else checkpoint.extra,
     )
-    ckpt.save_checkpoint(output, new, overwrite)
-    report.warnings.extend(commit_all([options.cache, options.factor_cache]))
+    if parallel.leader():  # under torchrun, every process holds the same model
+        ckpt.save_checkpoint(output, new, overwrite)
+        report.warnings.extend(commit_all([options.cache, options.factor_cache]))
     return report
 
 

@@ -1,0 +1,191 @@
+"""`torchrun` with 2 CPU processes under gloo against one process: the same model, the
+same report, files written once; and the refusals (a command or method that does not
+split, more processes than work), each said once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run, run_json
+from safetensors.torch import load_file
+
+from puma_cli import parallel
+from puma_cli.engine import kronecker
+
+
+def torchrun(folder: Path, processes: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(processes), "-m", "puma_cli", *map(str, args)]
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+def puma_errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """puma's own `Error:` lines (torchrun adds its own report of the failed processes)."""
+    assert "puma_cli/" not in result.stderr, result.stderr  # no traceback from puma's code
+    return [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+
+
+@pytest.fixture
+def copy(model_file: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("radial.csv", "radial-test.csv"):
+        shutil.copy(data_dir / name, tmp_path / name)
+    shutil.copy(model_file, tmp_path / "model.safetensors")
+    ids = [line.split(",")[0] for line in (data_dir / "radial.csv").read_text().splitlines()[1:]]
+    (tmp_path / "marked.txt").write_text("\n".join(ids[:40:3]) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("curvature", ["exact", "ekfac"])
+def test_two_processes_remove_what_one_removes(copy: Path, curvature: str) -> None:
+    common = ["--model", "model.safetensors", "--marked", "marked.txt", "--eta", "1"]
+    common += ["--curvature", curvature, "--device", "cpu"]
+    one = run_json("remove", *common, "-o", "one.safetensors", "--no-cache")
+    result = torchrun(copy, 2, "remove", *common, "-o", "two.safetensors", "--json")
+    assert result.returncode == 0, result.stderr
+    two = json.loads(result.stdout)  # one report: rank 0's
+    for key in ("removed", "criterion_after", "marked_loss_after", "test_accuracy_after"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
+    assert two["parameters"]["lambda_max"] == pytest.approx(one["parameters"]["lambda_max"])
+    a, b = load_file(copy / "one.safetensors"), load_file(copy / "two.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(a[name], b[name]), name
+    # The caches are written once, by rank 0, and a single process reads them back.
+    assert (copy / "model.influence.safetensors").exists()
+    assert not list(copy.glob(".*.tmp"))
+    again = run_json("remove", *common, "-o", "three.safetensors")
+    assert again["cached"] is True
+
+
+def test_two_processes_train_the_shadows_one_trains(copy: Path) -> None:
+    common = ["--model", "model.safetensors", "--targets", "marked.txt", "--attack", "lira"]
+    common += ["--shadows", "4", "--device", "cpu"]
+    single = copy / "single"
+    single.mkdir()
+    for name in ("model.safetensors", "marked.txt", "radial.csv", "radial-test.csv"):
+        shutil.copy(copy / name, single / name)
+    result = torchrun(copy, 2, "attack", *common, "--json")
+    os.chdir(single)
+    one = run_json("attack", *common)
+    assert result.returncode == 0, result.stderr
+    two = json.loads(result.stdout)
+    assert two["auc"] == pytest.approx(one["auc"], abs=1e-9)
+    caches = sorted(copy.glob("puma-shadows-*.safetensors"))
+    assert len(caches) == 1
+    ours, theirs = load_file(caches[0]), load_file(next(single.glob("puma-shadows-*")))
+    torch.testing.assert_close(ours["phi"], theirs["phi"])
+
+
+@pytest.mark.parametrize(
+    ("processes", "args", "message"),
+    [
+        (2, ["train", "radial.csv", "-o", "t.safetensors"], "`puma train` runs in one"),
+        (
+            2,
+            ["remove", "-m", "model.safetensors", "--marked", "marked.txt", "--method", "retrain"],
+            "--method retrain does not split over processes",
+        ),
+        (
+            3,
+            [
+                "attack",
+                "-m",
+                "model.safetensors",
+                "--targets",
+                "marked.txt",
+                "--attack",
+                "lira",
+                "--shadows",
+                "2",
+            ],
+            "give --nproc-per-node at most 2",
+        ),
+    ],
+)
+def test_what_does_not_split_is_refused_once(
+    copy: Path, processes: int, args: list[str], message: str
+) -> None:
+    before = sorted(p.name for p in copy.iterdir())
+    result = torchrun(copy, processes, *args, "--device", "cpu")
+    assert result.returncode == 1
+    errors = puma_errors(result)
+    assert len(errors) == 1 and message in errors[0], errors
+    assert result.stdout == ""
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing written
+
+
+def test_a_world_size_that_is_not_a_number_is_an_error(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    result = run("remove", "-m", copy / "model.safetensors", "--marked", copy / "marked.txt")
+    assert result.exit_code == 1
+    assert "WORLD_SIZE='two' is not a whole number" in result.stderr
+
+
+def test_blocks_cover_the_work_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    for world, count in [(2, 7), (3, 3), (4, 10)]:
+        monkeypatch.setattr(parallel, "size", lambda world=world: world)
+        blocks = []
+        for me in range(world):
+            monkeypatch.setattr(parallel, "rank", lambda me=me: me)
+            blocks.append(parallel.block(count, "rows"))
+        assert [i for b in blocks for i in b] == list(range(count))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    with pytest.raises(parallel.PumaError, match="at most 3"):
+        parallel.block(3, "shadow models")  # world 4, rank 3
+
+
+def test_sampled_kronecker_factors_do_not_depend_on_the_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one sampled label per row (MC), each batch draws from its own seed, so two
+    processes' halves, summed by the all-reduce, give the factors one process fits. The
+    world of two is simulated: "rank 1" fits its batches and keeps what it would send;
+    "rank 0" fits the others and adds them at each all-reduce."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    net = net.double().eval()
+    names = [n for n, _ in net.named_parameters()]
+    sizes = [p.numel() for p in net.parameters()]
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+    batches = [(X[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    v = torch.randn(sum(sizes), dtype=torch.float64)
+
+    def fit() -> torch.Tensor:
+        curvature = kronecker.fit_kronecker("kfac", net, names, sizes, batches, "mc", seed=3)
+        return curvature.inverse(v, 0.1)
+
+    whole = fit()
+    torch.testing.assert_close(fit(), whole)  # seeded: the same labels every time
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(parallel, "block", lambda count, what: range(2, 5))
+    monkeypatch.setattr(parallel, "all_reduce", lambda t: sent.append(t.clone()) or t)
+    fit()
+    received = iter(sent)
+    monkeypatch.setattr(parallel, "block", lambda count, what: range(0, 2))
+    monkeypatch.setattr(parallel, "all_reduce", lambda t: t.add_(next(received)))
+    torch.testing.assert_close(fit(), whole)
+    assert next(received, None) is None  # every factor was summed
+    monkeypatch.setattr(parallel, "all_reduce", lambda t: t)
+    assert not torch.allclose(fit(), whole)  # the halves alone differ: the sums matter
+
+
+def test_scores_gather_in_row_order_in_one_process() -> None:
+    rows = torch.arange(5.0)
+    assert torch.equal(parallel.gather(rows), rows)
+    assert np.array_equal(parallel.all_reduce(rows.clone()).numpy(), rows.numpy())
