@@ -555,6 +555,14 @@ class Method(str, enum.Enum):
     sisa = "sisa"
     amnesiac = "amnesiac"
     ssd = "ssd"
+    finetune = "finetune"
+    neggrad = "neggrad"
+    random_labels = "random-labels"
+    salun = "salun"
+    scrub = "scrub"
+
+
+TUNING = (Method.finetune, Method.neggrad, Method.random_labels, Method.salun, Method.scrub)
 
 
 class Solver(str, enum.Enum):
@@ -651,11 +659,31 @@ def remove(
         float, typer.Option("--max-accuracy-drop", help="--eta auto's guard, in accuracy points.")
     ] = 1.0,
     alpha: Annotated[
-        float, typer.Option("--alpha", help="ssd: select parameters with I_forget > alpha I_D.")
-    ] = 10.0,
+        float | None,
+        typer.Option(
+            "--alpha",
+            help="ssd: select parameters with I_forget > alpha I_D (10); neggrad: weight of "
+            "the remaining rows' loss, 1 - alpha on the marked rows' (0.999).",
+        ),
+    ] = None,
     lambda_: Annotated[
         float, typer.Option("--lambda", help="ssd: dampening constant, beta = lambda I_D / I_f.")
     ] = 1.0,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs",
+            help="finetune, neggrad, random-labels, salun, scrub: epochs (default: a tenth "
+            "of the recipe's).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="The fine-tuning baselines' learning rate (the recipe's)."),
+    ] = None,
+    mask_share: Annotated[
+        float, typer.Option("--mask-share", help="salun: share of the weights it may move.")
+    ] = 0.5,
     criterion_data: CriterionDataOpt = None,
     no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
@@ -669,11 +697,18 @@ def remove(
 
     puma (default) and influence patch the weights; retrain reruns the recipe; sisa
     retrains the affected shards of a `train --shards` ensemble; amnesiac subtracts the
-    updates `train --record-updates` kept; ssd dampens parameters (Foster et al.).
+    updates `train --record-updates` kept; ssd dampens parameters (Foster et al.);
+    finetune, neggrad (NegGrad+), random-labels, salun (SalUn) and scrub (SCRUB) train
+    the model on for a few epochs (the approximate baselines of recent papers).
     """
     from puma_cli.jobs.remove import remove as job
     from puma_cli.unlearn import RemovalOptions
 
+    if alpha is not None and method not in (Method.ssd, Method.neggrad):
+        raise PumaError(f"--alpha is for --method ssd and neggrad, not {method.value}")
+    tuning = {} if alpha is None else {
+        "ssd_alpha" if method == Method.ssd else "neggrad_alpha": alpha
+    }  # fmt: skip
     options = RemovalOptions(
         eta=_eta(eta),
         damping=damping,
@@ -681,17 +716,21 @@ def remove(
         upweight_sample=upweight_sample,
         lambda_cap=lambda_cap,
         max_accuracy_drop=max_accuracy_drop,
-        ssd_alpha=alpha,
         ssd_lambda=lambda_,
+        epochs=epochs,
+        lr=lr,
+        mask_share=mask_share,
+        **tuning,  # type: ignore[arg-type]
         seed=seed,
         curvature=curvature.value,
         curvature_samples=curvature_samples,
     )
-    retraining = method in (Method.retrain, Method.sisa)
+    retraining = method in (Method.retrain, Method.sisa, *TUNING)
+    label = "fine-tuning" if method in TUNING else "retraining"
     with _world(device) as (torch_device, leader):
         show = leader and not as_json
         with (
-            console.epoch_progress("retraining", enabled=show and retraining) as progress,
+            console.epoch_progress(label, enabled=show and retraining) as progress,
             console.phase_progress(enabled=show and not retraining) as phases,
         ):
             report = job(

@@ -34,6 +34,10 @@ class RemovalOptions:
         held-out loss, as a relative rise.
     precision: the dtype of derivatives: float64, float32, or auto (float32 for a CNN).
     ssd_alpha, ssd_lambda: SSD's selection threshold and dampening constant.
+    epochs, lr: the fine-tuning baselines' schedule (None: a tenth of the recipe's epochs,
+        at its learning rate).
+    neggrad_alpha: NegGrad+'s weight on the remaining rows' loss (1 - it on the marked).
+    mask_share: SalUn's share of the weights its saliency mask lets move.
     """
 
     eta: float | str = "auto"
@@ -46,6 +50,10 @@ class RemovalOptions:
     precision: str = "auto"
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0
+    epochs: int | None = None
+    lr: float | None = None
+    neggrad_alpha: float = 0.999
+    mask_share: float = 0.5
     seed: int = 0
     curvature: str = "auto"
     curvature_samples: int = 0
@@ -62,6 +70,12 @@ class RemovalOptions:
         require_range("--max-accuracy-drop", self.max_accuracy_drop, 0, 100)
         require_range("--alpha", self.ssd_alpha, 0, low_open=True)
         require_range("--lambda", self.ssd_lambda, 0, low_open=True)
+        if self.epochs is not None:
+            require_range("--epochs", self.epochs, 1, 100_000)
+        if self.lr is not None:
+            require_range("--lr", self.lr, 0, low_open=True)
+        require_range("--alpha", self.neggrad_alpha, 0, 1)
+        require_range("--mask-share", self.mask_share, 0, 1, low_open=True)
         self.solver_settings().validate()
         require_range("--seed", self.seed, 0, SEED_MAX)
 
@@ -125,7 +139,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 def get_method(name: str) -> Method:
     # Importing the modules fills the registry.
-    from puma_cli.unlearn import amnesiac, puma, retrain, sisa, ssd  # noqa: F401
+    from puma_cli.unlearn import amnesiac, finetuning, puma, retrain, sisa, ssd  # noqa: F401
 
     if name not in METHODS:
         raise PumaError(f"--method {name!r}: choose one of {', '.join(sorted(METHODS))}")
