@@ -41,6 +41,7 @@ COMMANDS = (
     "import",
     "mark",
     "remove",
+    "compare",
     "attack",
     "debug-labels",
     "calibrate",
@@ -752,6 +753,95 @@ def remove(
     if not as_json:
         payload.pop("parameters")
     _render(as_json, payload, f"removed {report.removed} points with {report.method}")
+
+
+@app.command()
+@domain_errors
+def compare(
+    model: Annotated[
+        Path,
+        typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False),
+    ],
+    marked: Annotated[
+        Path, typer.Option("--marked", help="Ids file of the points to remove.", readable=False)
+    ],
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated, e.g. puma,finetune,scrub (default: every method that "
+            "applies to the model); retrain always runs: it is the reference.",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir", help="Where the models go (default: <stem>.compare/).", readable=False
+        ),
+    ] = None,
+    shadows: Annotated[
+        int,
+        typer.Option("--shadows", help="Shadow models for LiRA's column (0: leave LiRA out)."),
+    ] = 0,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="PNG: marked loss and KL per method.", readable=False),
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run several removal methods on one request and compare them with retraining.
+
+    Per method: test, remaining and marked accuracy, the marked rows' loss, KL from the
+    retrained model (beside retraining's seed-to-seed noise floor), the loss attack's and
+    LiRA's AUC on the marked rows, and the time as a ratio to retraining's.
+    """
+    from puma_cli.jobs.compare import compare as job
+    from puma_cli.jobs.compare import parse_methods
+
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(
+            model,
+            marked,
+            methods=parse_methods(methods),
+            out_dir=out_dir,
+            shadows=shadows,
+            plot=plot,
+            seed=seed,
+            device=resolve_device(device),
+            overwrite=overwrite,
+            phases=phases,
+        )
+    payload = asdict(report)
+    if as_json:
+        console.emit_json(payload)
+        return
+    for note in report.notes:
+        console.warn(note)
+    header = ["method", "test", "remain", "marked", "m.loss", "KL m", "KL test", "loss",
+              "LiRA", "time"]  # fmt: skip
+    rows = [
+        [r.method, r.test_accuracy, r.remaining_accuracy, r.marked_accuracy, r.marked_loss,
+         r.kl_marked, r.kl_test, r.loss_auc, r.lira_auc, r.time_ratio]
+        for r in report.methods if r.refused is None
+    ]  # fmt: skip
+    rows.append(["seed to seed", None, None, None, None, report.noise_floor_kl_marked,
+                 report.noise_floor_kl_test, None, None, None])  # fmt: skip
+    console.grid(
+        f"{report.n_marked} marked rows removed from {model}, models in {report.out_dir}: "
+        "accuracy on test, remaining and marked rows; the marked rows' loss; KL from the "
+        "retrained model on marked and test rows; the loss attack's and LiRA's AUC on the "
+        f"marked rows; time / retraining's ({report.retrain_seconds:.2f} s)",
+        header,
+        rows,
+    )
+    for r in report.methods:
+        if r.refused is not None:
+            console.warn(f"{r.method} refused: {r.refused}")
 
 
 class Attack(str, enum.Enum):

@@ -66,6 +66,17 @@ def table(title: str, rows: list[tuple[str, Any]]) -> None:
     _stdout().print(view)
 
 
+def grid(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    """A table with a header row (numbers to 3 decimals, None as -) on stdout."""
+    view = Table(title=title, title_justify="left", box=None)
+    for name in header:
+        first = name == header[0]
+        view.add_column(name, justify="left" if first else "right", no_wrap=first)
+    for row in rows:
+        view.add_row(*(f"{v:.3f}" if isinstance(v, float) else _fmt(v) for v in row))
+    _stdout().print(view)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"

@@ -101,3 +101,33 @@ def save_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float, name: str
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
     plt.close(figure)
+
+
+def save_comparison(
+    path: Path,
+    methods: list[str],
+    marked_loss: list[float | None],
+    kl_marked: list[float | None],
+    noise_floor: float,
+) -> None:
+    """`compare`'s figure: per method, the marked rows' loss (retraining's dashed) and the
+    KL from the retrained model on them (retraining's seed-to-seed noise floor dashed)."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    positions = np.arange(len(methods))
+    losses = [np.nan if v is None else v for v in marked_loss]
+    kls = [np.nan if v is None else v for v in kl_marked]
+    left.bar(positions, losses, color="tab:blue")
+    if "retrain" in methods:
+        left.axhline(losses[methods.index("retrain")], color="k", ls="--", lw=1, label="retrain")
+        left.legend(loc="upper left")
+    left.set_ylabel("marked rows' loss")
+    right.bar(positions, kls, color="tab:orange")
+    right.axhline(noise_floor, color="k", ls="--", lw=1, label="retrain, seed to seed")
+    right.set_ylabel("KL(retrained || method), marked rows")
+    right.legend(loc="upper left")
+    for axes in (left, right):
+        axes.set_xticks(positions, methods, rotation=40, ha="right")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)

@@ -120,6 +120,18 @@ def test_the_saliency_mask_keeps_the_largest_gradients() -> None:
     assert float(inside.min()) >= float(outside.max())
 
 
+def test_the_saliency_mask_takes_exactly_its_share_when_gradients_tie() -> None:
+    """A fitted model has many exactly-zero gradients: the mask still takes its share, not
+    every weight tied at zero (it did, and SalUn became random-labels)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        net[2].weight.zero_()  # every first-layer gradient is 0
+    X, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+    mask = saliency_mask(net, X, y, 0.5)
+    total = sum(m.numel() for m in mask)
+    assert sum(int(m.sum()) for m in mask) == round(0.5 * total)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

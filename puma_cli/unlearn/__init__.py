@@ -137,6 +137,25 @@ def register(name: str) -> Callable[[Method], Method]:
     return add
 
 
+def applicable(name: str, checkpoint: Checkpoint) -> str | None:
+    """Why `--method name` cannot apply to the checkpoint (the fix included), or None: what
+    `compare` checks before running anything. Each method refuses the same cases itself."""
+    from puma_cli.models.architectures import Classifier
+
+    ensemble = not isinstance(checkpoint.model, Classifier)
+    if name == "retrain":
+        return None
+    if name == "sisa":
+        if ensemble and "sisa.shard" in checkpoint.extra:
+            return None
+        return "sisa needs a SISA ensemble (`puma train --shards 5`)"
+    if ensemble:
+        return f"{name} needs a single model, and this is a SISA ensemble: use sisa or retrain"
+    if name == "amnesiac" and "updates" not in checkpoint.sidecars:
+        return "amnesiac needs the updates recorded at training (`puma train --record-updates`)"
+    return None
+
+
 def get_method(name: str) -> Method:
     # Importing the modules fills the registry.
     from puma_cli.unlearn import amnesiac, finetuning, puma, retrain, sisa, ssd  # noqa: F401

@@ -206,15 +206,19 @@ def random_labels(request: RemovalRequest) -> RemovalResult:
 
 
 def saliency_mask(model: torch.nn.Module, X: Tensor, y: Tensor, share: float) -> list[Tensor]:
-    """Per parameter tensor, True where |d loss_marked / d w| is in the top `share` of all
-    the model's weights (one threshold over the whole model, as in SalUn)."""
+    """Per parameter tensor, True where |d loss_marked / d w| is among the largest `share`
+    of all the model's weights (one ranking over the whole model, as in SalUn). Exactly
+    that many: ties (a fitted model has many zero gradients) are broken by position."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(F.cross_entropy(model(X), y), params)
     magnitude = torch.cat([g.abs().reshape(-1) for g in grads])
     keep = max(1, round(share * magnitude.numel()))
-    threshold = torch.topk(magnitude, keep, sorted=True).values[-1]
-    return [g.abs() >= threshold for g in grads]
+    flat = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    flat[torch.topk(magnitude, keep, sorted=False).indices] = True
+    return [
+        m.view_as(g) for m, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+    ]
 
 
 @register("salun")
