@@ -44,9 +44,11 @@ from puma_cli.jobs import train as train_job
 from puma_cli.jobs.attack import attack
 from puma_cli.models.predict import predict_logits
 from puma_cli.models.training import TrainRecipe
+from puma_cli.unlearn import RemovalOptions
 
 DATASETS = ("radial", "rectangular", "german-credit", "breast-cancer")
 METHODS = ("retrain", "sisa", "amnesiac", "ssd", "influence", "puma")
+PAPER = RemovalOptions(forget="none")  # the paper's Algorithm 1 and its guarded step
 SHARDS = 5
 SHADOWS = 8
 
@@ -90,7 +92,7 @@ def run_case(
         source = sisa if method == "sisa" else single
         out = work / f"out-{method}.safetensors"
         report = remove_job.remove(
-            source, ids_file, out, method=method, use_cache=False, overwrite=True
+            source, ids_file, out, method=method, options=PAPER, use_cache=False, overwrite=True
         )
         shokri = attack(out, ids_file, method="shokri", shadows=SHADOWS, seed=seed)
         lira = attack(out, ids_file, method="lira", shadows=SHADOWS, seed=seed)

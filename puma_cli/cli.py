@@ -566,6 +566,12 @@ class Method(str, enum.Enum):
 TUNING = (Method.finetune, Method.neggrad, Method.random_labels, Method.salun, Method.scrub)
 
 
+class Forget(str, enum.Enum):
+    step = "step"
+    repair = "repair"
+    none = "none"
+
+
 class Solver(str, enum.Enum):
     cg = "cg"
     lissa = "lissa"
@@ -685,6 +691,14 @@ def remove(
     mask_share: Annotated[
         float, typer.Option("--mask-share", help="salun: share of the weights it may move.")
     ] = 0.5,
+    forget: Annotated[
+        Forget,
+        typer.Option(
+            "--forget",
+            help="puma, influence: step (the --eta auto step guarded by accuracy, not by the "
+            "remaining rows' loss), repair (then a short fine-tune) or none (the paper's).",
+        ),
+    ] = Forget.step,
     criterion_data: CriterionDataOpt = None,
     no_cache: NoCacheOpt = False,
     seed: SeedOpt = 0,
@@ -721,6 +735,7 @@ def remove(
         epochs=epochs,
         lr=lr,
         mask_share=mask_share,
+        forget=forget.value,
         **tuning,  # type: ignore[arg-type]
         seed=seed,
         curvature=curvature.value,
@@ -844,11 +859,20 @@ def compare(
             console.warn(f"{r.method} refused: {r.refused}")
 
 
+ULIRA_DEFAULT = 16
+
+
+def default_shadows(attack: str) -> int:
+    """--shadows when not given: LiRA's 16; U-LiRA's measured (benchmarks/forgetting.py)."""
+    return ULIRA_DEFAULT if attack == "u-lira" else 16
+
+
 class Attack(str, enum.Enum):
     loss = "loss"
     lira = "lira"
     lira_online = "lira-online"
     shokri = "shokri"
+    u_lira = "u-lira"
 
 
 @app.command()
@@ -861,7 +885,13 @@ def attack(
         Path, typer.Option("--targets", help="Ids of the training file to test.", readable=False)
     ],
     method: Annotated[
-        Attack, typer.Option("--attack", help="loss, lira, lira-online or shokri.")
+        Attack,
+        typer.Option(
+            "--attack",
+            help="loss, lira, lira-online, shokri, or u-lira (audits the removal that made "
+            "the model: the same method on shadow models, against shadows that never saw "
+            "the targets).",
+        ),
     ] = Attack.loss,
     nonmembers: Annotated[
         Path | None,
@@ -870,9 +900,13 @@ def attack(
         ),
     ] = None,
     shadows: Annotated[
-        int,
-        typer.Option("--shadows", help="Shadow models for lira/shokri (cached beside the model)."),
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--shadows",
+            help=f"Shadow models for lira/shokri (16) and u-lira ({ULIRA_DEFAULT}), cached beside "
+            "the model.",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG: the ROC curve, log axes.", readable=False)
     ] = None,
@@ -895,7 +929,7 @@ def attack(
             targets,
             method=method.value,
             nonmembers=nonmembers,
-            shadows=shadows,
+            shadows=shadows if shadows is not None else default_shadows(method.value),
             plot=plot,
             seed=seed,
             device=torch_device,

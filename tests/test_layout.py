@@ -213,6 +213,7 @@ def test_every_command_is_listed() -> None:
         ("Curvature", "curvatures"),
         ("Attack", "attacks"),
         ("Score", "scores"),
+        ("Forget", "forgetting"),
     ],
 )
 def test_cli_choices_match_the_library(choices: str, library: str) -> None:
@@ -222,7 +223,7 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
     from puma_cli.engine.solvers import SOLVERS
     from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES
     from puma_cli.quality.label_ranking import SCORES
-    from puma_cli.unlearn import METHODS, get_method
+    from puma_cli.unlearn import FORGETTING, METHODS, get_method
 
     get_method("puma")  # fills the registry
     known = {
@@ -234,6 +235,7 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
         "curvatures": set(CURVATURES),
         "attacks": set(ATTACKS),
         "scores": set(SCORES),
+        "forgetting": set(FORGETTING),
     }[library]
     value = getattr(cli, choices)
     offered = set(value) if isinstance(value, tuple) else {member.value for member in value}

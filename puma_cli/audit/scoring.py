@@ -26,6 +26,9 @@ class AttackReport:
     nonmember_rate: float
     threshold: float
     notes: list[str] = field(default_factory=list)
+    accuracy: float | None = None  # balanced: (member rate + 1 - non-member rate) / 2
+    forgetting_score: float | None = None  # u-lira: the unlearning challenge's F
+    model_flagged: float | None = None  # u-lira: share of targets the model gives away
 
 
 def roc_curve(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +76,8 @@ def score_report(
         nonmember_rate=float((nonmembers >= threshold).mean()),
         threshold=threshold,
         notes=notes,
+        accuracy=0.5
+        * (float((members >= threshold).mean()) + 1 - float((nonmembers >= threshold).mean())),
     )
 
 

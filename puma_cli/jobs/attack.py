@@ -5,6 +5,8 @@ The shadow models (LiRA, Shokri) are cached beside the checkpoint by `audit.shad
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +35,9 @@ from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import predict_logits
+from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
 
 Progress = Callable[[int, int, float], None]
 
@@ -57,6 +61,10 @@ def attack(
     if method != "loss":
         require_range("--shadows", shadows, 2, MAX_SHADOWS)
     require_range("--seed", seed, 0, SEED_MAX)
+    if plot is not None and method == "u-lira":
+        raise PumaError(
+            "--plot draws a membership ROC curve, which u-lira has none of: drop --plot"
+        )
     check_outputs([plot], [model, targets, nonmembers], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     recorded.protect_recorded([plot], checkpoint)
@@ -67,7 +75,11 @@ def attack(
     target_rows = rows_for_ids(dataset, ids, targets)
     other = _nonmembers(checkpoint, model, nonmembers)
     cache: Cache | None = None
-    if method == "loss":
+    if method == "u-lira":
+        report, cache = _ulira(checkpoint, model, dataset, other, target_rows, shadows, seed,
+                               device, progress)  # fmt: skip
+        members = outsiders = np.zeros(0)
+    elif method == "loss":
         trained = dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
         report = loss_attack(checkpoint.model, dataset.subset(target_rows), other, trained)
         if plot is not None:  # the scores again, for the curve only
@@ -101,6 +113,120 @@ def attack(
         write_atomically({plot: lambda tmp: save_roc(tmp, fpr, tpr, report.auc, method)}, overwrite)
     notes = commit_all([cache])
     return replace(report, notes=[*report.notes, *notes]) if notes else report
+
+
+ULIRA_METHODS = ("puma", "influence", "retrain", "finetune", "neggrad", "random-labels",
+                 "salun", "scrub", "ssd")  # fmt: skip
+
+
+def _ulira(
+    checkpoint: ckpt.Checkpoint,
+    model: Path,
+    dataset: Dataset,
+    other: Dataset,
+    target_rows: np.ndarray,
+    shadows: int,
+    seed: int,
+    device: torch.device | str,
+    progress: Progress | None,
+) -> tuple[AttackReport, Cache]:
+    """U-LiRA on the removal that made `model`: the same method and options applied to
+    shadows that held each target, against shadows that never did (`audit.ulira`)."""
+    from puma_cli.audit.ulira import (
+        MIN_SHADOWS,
+        forgetting_score,
+        game_scores,
+        model_scores,
+        unlearned_shadows,
+    )
+
+    require_range("--shadows", shadows, MIN_SHADOWS, MAX_SHADOWS)
+    removals = [e for e in checkpoint.provenance if e.get("op") == "remove"]
+    if not removals:
+        raise PumaError(
+            f"--attack u-lira audits a removal, and {model} records none: give a model "
+            "written by `puma remove` and the ids it removed"
+        )
+    entry = removals[-1]
+    method = str(entry.get("method"))
+    if method not in ULIRA_METHODS:
+        raise PumaError(
+            f"--attack u-lira repeats the removal on shadow models (single models of the "
+            f"recipe), which --method {method} cannot run on; it audits "
+            f"{', '.join(ULIRA_METHODS)}"
+        )
+    still = int((checkpoint.roles[target_rows] != ckpt.ROLE_REMOVED).sum())
+    if still:
+        raise PumaError(
+            f"{still} of the {target_rows.size} targets were not removed from {model}: "
+            "u-lira audits a removal; give the ids file that `puma remove` was given"
+        )
+    notes = []
+    if "options" not in entry:
+        notes.append(
+            "the removal's options were not recorded (an older puma): its defaults are used"
+        )
+    options = RemovalOptions.from_record(entry.get("options", {}))
+    options = replace(options, seed=seed, cache=None, factor_cache=None)
+    pool = attack_pool(dataset, other)
+    key = json.dumps([method, options.recordable(), shadows, seed, target_rows.tolist(),
+                      checkpoint.recipe], sort_keys=True, default=str)  # fmt: skip
+    digest = hashlib.sha256(key.encode())
+    for array in (pool.X, pool.y):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    cache = Cache(model.parent / f"puma-ulira-{digest.hexdigest()[:16]}.safetensors")
+    unlearn = _shadow_unlearner(checkpoint, pool, method, options, device, seed)
+    found = unlearned_shadows(checkpoint, pool, target_rows, shadows, seed, device, unlearn,
+                              cache, progress)  # fmt: skip
+    unlearned, never = game_scores(found)
+    report = score_report("u-lira", unlearned, never, 0.0)
+    logits = predict_logits(checkpoint.model, pool.X[target_rows])
+    phi = logit_confidence(logits, torch.as_tensor(pool.y[target_rows]))
+    flagged = float((model_scores(found, phi) > 0).mean())
+    score, _ = forgetting_score(found)
+    per_side = shadows // 2
+    notes.append(
+        f"{shadows} shadow models, {per_side} a side per target, repeating --method {method}: "
+        f"the scores are over {unlearned.size} unlearned and {never.size} never-trained "
+        "(shadow, target) pairs; 0.5 accuracy and AUC mean indistinguishable from retraining"
+    )
+    if per_side < 16:
+        notes.append(
+            f"with {per_side} shadows a side the forgetting score is coarse and biased low "
+            f"(epsilon cannot exceed {np.log(2 * (per_side + 1)):.2f}, and its noisy estimate "
+            "runs high, even for retraining): compare it with `--method retrain`'s at the same "
+            "--shadows, or give --shadows 32 or more"
+        )
+    report = replace(report, notes=[*report.notes, *notes], forgetting_score=score,
+                     model_flagged=flagged)  # fmt: skip
+    return report, cache
+
+
+def _shadow_unlearner(
+    checkpoint: ckpt.Checkpoint,
+    pool: Dataset,
+    method: str,
+    options: RemovalOptions,
+    device: torch.device | str,
+    seed: int,
+) -> Callable[[torch.nn.Module, np.ndarray, np.ndarray], torch.nn.Module]:
+    """The removal under audit, for a shadow trained on `rows` of the pool: its criterion
+    (PUMA's held-out data) is a tenth as many rows the shadow never saw, targets excluded."""
+    run = get_method(method)
+    rng = np.random.default_rng(seed)
+
+    def unlearn(shadow: torch.nn.Module, rows: np.ndarray, held: np.ndarray) -> torch.nn.Module:
+        assert isinstance(shadow, Classifier)
+        roles = np.full(len(pool), ckpt.ROLE_VALIDATION, dtype=checkpoint.roles.dtype)
+        roles[rows] = ckpt.ROLE_TRAINED
+        outside = np.setdiff1d(np.flatnonzero(roles != ckpt.ROLE_TRAINED), held)
+        picked = rng.choice(outside, max(1, min(outside.size, rows.size // 9)), replace=False)
+        own = replace(checkpoint, model=shadow, roles=roles, path=None, provenance=[],
+                      extra={}, sidecars={})  # fmt: skip
+        request = RemovalRequest(own, pool, held, pool.subset(np.sort(picked)), options, device)
+        return run(request).model
+
+    return unlearn
 
 
 def _nonmembers(checkpoint: ckpt.Checkpoint, model: Path, nonmembers: Path | None) -> Dataset:

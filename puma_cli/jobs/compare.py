@@ -8,7 +8,8 @@ per method: test accuracy, accuracy on the remaining and the marked rows, the ma
 loss, the mean KL divergence of the retrained model's softmax from the method's (on the
 marked rows and on the test rows), the loss attack's AUC on the marked rows against the
 test rows, LiRA's (with `--shadows K`, shared through the shadow cache), and the method's
-time as a ratio to retraining's in this run.
+time as a ratio to retraining's in this run. Every method runs cold (no cache of v or
+of K-FAC factors is read or written), so that the times compare.
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def compare(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     phases: Phases | None = None,
+    variants: dict[str, tuple[str, RemovalOptions]] | None = None,
 ) -> CompareReport:
-    """Run each method on the marked ids, write its model to `out_dir`, and measure all."""
+    """Run each method on the marked ids, write its model to `out_dir`, and measure all.
+
+    variants (the library's, for benchmarks): more rows, label -> (method, its options)."""
     started = time.perf_counter()
     require_range("--seed", seed, 0, SEED_MAX)
     if shadows:
@@ -138,7 +142,10 @@ def compare(
     _check_out_dir(out_dir, overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     chosen, notes = _choose(methods, checkpoint)
-    names = [REFERENCE, *[m for m in chosen if m != REFERENCE]]
+    settings = {name: (name, RemovalOptions(seed=seed)) for name in chosen}
+    settings.update(variants or {})
+    settings[REFERENCE] = (REFERENCE, RemovalOptions(seed=seed))
+    names = [REFERENCE, *[m for m in settings if m != REFERENCE]]
     outputs = {name: out_dir / f"{name}.safetensors" for name in names}
     if out_dir.exists():
         check_outputs([*outputs.values(), plot], [model, marked], overwrite)
@@ -157,8 +164,9 @@ def compare(
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
     try:
-        return _run(model, marked, checkpoint, dataset, rows, test, names, outputs, written,
-                    notes, shadows, plot, seed, device, overwrite, phases, started)  # fmt: skip
+        return _run(model, marked, checkpoint, dataset, rows, test, settings, names, outputs,
+                    written, notes, shadows, plot, seed, device, overwrite, phases,
+                    started)  # fmt: skip
     except BaseException:
         # Nothing half written: a compare that fails takes back the models it wrote.
         for path in written:
@@ -175,6 +183,7 @@ def _run(
     dataset: Dataset,
     rows: np.ndarray,
     test: Dataset | None,
+    settings: dict[str, tuple[str, RemovalOptions]],
     names: list[str],
     outputs: dict[str, Path],
     written: list[Path],
@@ -194,9 +203,10 @@ def _run(
         if phases is not None:
             phases("methods", i, len(names))
         try:
-            done = remove(model, marked, outputs[name], method=name,
-                            options=RemovalOptions(seed=seed), device=device,
-                            overwrite=overwrite)  # fmt: skip
+            method, options = settings[name]
+            # Cold, every one: no method reads a cache another one left.
+            done = remove(model, marked, outputs[name], method=method, options=options,
+                          use_cache=False, device=device, overwrite=overwrite)  # fmt: skip
         except PumaError as exc:
             if name == REFERENCE:
                 raise

@@ -147,7 +147,7 @@ def remove(
         warnings=warnings,
         skipped=skipped,
     )
-    entry = _provenance_entry(report, ids)
+    entry = _provenance_entry(report, ids, options)
     new = replace(
         checkpoint,
         model=result.model,
@@ -204,11 +204,15 @@ _RECORDED_METRICS = (
 )
 
 
-def _provenance_entry(report: RemoveReport, ids: list[str]) -> dict[str, Any]:
-    """What the checkpoint keeps of a removal: never the ids, only their count and sha256."""
+def _provenance_entry(
+    report: RemoveReport, ids: list[str], options: RemovalOptions
+) -> dict[str, Any]:
+    """What the checkpoint keeps of a removal: never the ids, only their count and sha256;
+    the options as given, so that an audit (`attack --attack u-lira`) can repeat it."""
     return {
         "op": "remove",
         "method": report.method,
+        "options": options.recordable(),
         "parameters": report.parameters,
         "removed": report.removed,
         "ids_count": len(ids),

@@ -21,6 +21,8 @@ from puma_cli.io.cache import Cache
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.models.architectures import Model
 
+FORGETTING = ("step", "repair", "none")  # RemovalOptions.forget
+
 
 @dataclass(frozen=True)
 class RemovalOptions:
@@ -38,6 +40,10 @@ class RemovalOptions:
         at its learning rate).
     neggrad_alpha: NegGrad+'s weight on the remaining rows' loss (1 - it on the marked).
     mask_share: SalUn's share of the weights its saliency mask lets move.
+    forget: how PUMA makes up for what first-order removal leaves (`unlearn.puma`): step
+        (the default: the step size guarded by accuracy, not by the remaining rows' loss),
+        repair (the patch, then a short fine-tune on the remaining rows) or none (the
+        paper's Algorithm 1 with the loss-guarded step).
     """
 
     eta: float | str = "auto"
@@ -54,6 +60,7 @@ class RemovalOptions:
     lr: float | None = None
     neggrad_alpha: float = 0.999
     mask_share: float = 0.5
+    forget: str = "step"  # puma, influence: step, repair or none (Algorithm 1's guard)
     seed: int = 0
     curvature: str = "auto"
     curvature_samples: int = 0
@@ -76,8 +83,24 @@ class RemovalOptions:
             require_range("--lr", self.lr, 0, low_open=True)
         require_range("--alpha", self.neggrad_alpha, 0, 1)
         require_range("--mask-share", self.mask_share, 0, 1, low_open=True)
+        if self.forget not in FORGETTING:
+            raise PumaError(f"--forget {self.forget!r}: choose {', '.join(FORGETTING)}")
         self.solver_settings().validate()
         require_range("--seed", self.seed, 0, SEED_MAX)
+
+    def recordable(self) -> dict[str, Any]:
+        """The options as plain values (the caches left out), for the provenance."""
+        return {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("cache", "factor_cache")
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RemovalOptions:
+        """Options back from `recordable` (unknown keys ignored, missing ones default)."""
+        known = set(cls.__dataclass_fields__) - {"cache", "factor_cache"}
+        return cls(**{k: v for k, v in record.items() if k in known})
 
     def solver_settings(self) -> SolverSettings:
         return SolverSettings(

@@ -28,6 +28,7 @@ from puma_cli.models.predict import as_tensor
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+FORGET_SCALES = tuple(2.0**k for k in range(13))  # --forget step: up to 4096 / N
 GUARD_ROWS = 8192  # remaining rows the `auto` guard checks the training loss on
 INTERPOLATED_LOSS = 1e-4
 
@@ -131,6 +132,16 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     if not torch.isfinite(delta).all():
         raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
     model = _as_classifier(engine.patched_module(delta))
+    repair: dict[str, object] = {}
+    if options.forget == "repair":  # a short fine-tune of the patched model on what remains
+        from dataclasses import replace
+
+        from puma_cli.unlearn.finetuning import finetune
+
+        patched = replace(request, checkpoint=replace(request.checkpoint, model=model))
+        tuned = finetune(patched)
+        model = _as_classifier(tuned.model)
+        repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
     warnings = list(guard)
     warnings.extend(curvature_notes(engine))
     interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
@@ -158,6 +169,8 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             "upweighted": upweighted,
             "reweight_residual": residual if reweight_others else None,
             "interpolated_marked": interpolated,
+            "forget": options.forget,
+            **repair,
         },
         eta=scale / n,
         predicted_criterion_change=(scale / n) * unit_change,
@@ -204,36 +217,47 @@ def _choose_scale(
 
     step = engine.chunk_size
 
-    def figures(scale: float) -> tuple[float, float, float]:
+    def figures(scale: float) -> tuple[float, float, float, float]:
         delta = (scale / n) * x
         with torch.no_grad():
             theta = (engine.theta.double() + delta).to(engine.dtype)
-            total = sum(
-                float(engine.losses(theta, X_keep[i : i + step], y_keep[i : i + step]).sum())
-                for i in range(0, int(y_keep.shape[0]), step)
-            )
-            fit = total / max(int(y_keep.shape[0]), 1)
+            total, right = 0.0, 0.0
+            for i in range(0, int(y_keep.shape[0]), step):
+                logits = engine.logits(theta, X_keep[i : i + step])
+                target = y_keep[i : i + step]
+                total += float(F.cross_entropy(logits, target, reduction="sum"))
+                right += float((logits.argmax(1) == target).sum())
+            rows = max(int(y_keep.shape[0]), 1)
         loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc)
-        return fit, loss, accuracy
+        return total / rows, right / rows, loss, accuracy
 
-    fit0, loss0, accuracy0 = figures(0.0)
+    fit0, fit_accuracy0, loss0, accuracy0 = figures(0.0)
+    # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
+    # of it trips the guard; their accuracy is what must hold, as on the held-out rows.
+    by_accuracy = request.options.forget == "step"
+    scales = FORGET_SCALES if by_accuracy else AUTO_SCALES
 
     def passes(scale: float) -> bool:
-        fit, loss, accuracy = figures(scale)
+        fit, fit_accuracy, loss, accuracy = figures(scale)
+        remaining_hold = (
+            fit_accuracy0 - fit_accuracy <= max_drop
+            if by_accuracy
+            else fit <= fit0 * (1 + tolerance) + 1e-9
+        )
         return (
-            fit <= fit0 * (1 + tolerance) + 1e-9
+            remaining_hold
             and loss <= loss0 * (1 + tolerance) + 1e-9
             and accuracy0 - accuracy <= max_drop
         )
 
-    if passes(AUTO_SCALES[0]):
-        chosen = AUTO_SCALES[0]
-        for scale in AUTO_SCALES[1:]:
+    if passes(scales[0]):
+        chosen = scales[0]
+        for scale in scales[1:]:
             if not passes(scale):
                 break
             chosen = scale
         return chosen, []
-    scale = AUTO_SCALES[0]
+    scale = scales[0]
     for _ in range(6):
         scale /= 2
         if passes(scale):
