@@ -11,6 +11,10 @@ the marked rows, and time as a ratio to retraining measured in the same run. The
 targets: PUMA's marked-loss gap against the paper's (`--forget none`), its time and accuracy,
 and `compare`'s own overhead: (its wall time - the methods' own) / one retraining.
 
+A U-LiRA section follows: on German Credit and Breast Cancer (5 % at random, seed 0),
+each method's removal audited with `attack --attack u-lira` (8, 16 and 32 shadows for
+retraining and PUMA, to choose the default count; 16 for the others).
+
     python benchmarks/forgetting.py                          # everything
     python benchmarks/forgetting.py --datasets radial --seeds 1 --out /tmp/f.md
 """
@@ -109,6 +113,63 @@ def run_case(name: str, marking: str, seed: int, work: Path) -> list[dict[str, A
     return rows
 
 
+ULIRA_SETS = ("german-credit", "breast-cancer")
+ULIRA_METHODS = ("retrain", "puma", "puma-none", "finetune", "neggrad", "random-labels", "salun",
+                 "scrub", "ssd")  # fmt: skip
+ULIRA_SHADOWS = (8, 16, 32)  # for retrain and puma; the others at 16
+
+
+def run_ulira(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
+    """U-LiRA on each method's removal of 5 % at random (a membership signal to hide)."""
+    from puma_cli.jobs.attack import attack
+    from puma_cli.jobs.remove import remove
+
+    stem, suffix, arch = DATASETS[name]
+    train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
+    model = work / f"{name}-ulira.safetensors"
+    train_job.train(train_path, model, TrainRecipe(arch=arch, seed=seed), test=test_path,
+                    overwrite=True)  # fmt: skip
+    checkpoint = load_checkpoint(model)
+    train = load_dataset(train_path)
+    ids_file = work / f"{name}-ulira.txt"
+    write_ids(ids_file, marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)),
+                                   "random5", seed))  # fmt: skip
+    rows = []
+    for label in ULIRA_METHODS:
+        method, extra = VARIANTS.get(label, (label, {}))
+        out = work / f"{name}-ulira-{label}.safetensors"
+        remove(model, ids_file, out, method=method, options=RemovalOptions(seed=seed, **extra),
+               use_cache=False, overwrite=True)  # fmt: skip
+        for count in ULIRA_SHADOWS if label in ("retrain", "puma") else (16,):
+            started = time.perf_counter()
+            report = attack(out, ids_file, method="u-lira", shadows=count, seed=seed)
+            rows.append({"dataset": name, "method": label, "shadows": count,
+                         "accuracy": report.accuracy, "auc": report.auc,
+                         "forgetting_score": report.forgetting_score,
+                         "model_flagged": report.model_flagged,
+                         "seconds": time.perf_counter() - started})  # fmt: skip
+    return rows
+
+
+def ulira_section(rows: list[dict[str, Any]]) -> str:
+    body = [[r["dataset"], r["method"], r["shadows"], cell(r["accuracy"]), cell(r["auc"]),
+             cell(r["forgetting_score"]), cell(r["model_flagged"]), f"{r['seconds']:.0f}"]
+            for r in rows]  # fmt: skip
+    text = table(["dataset", "method", "shadows", "U-LiRA accuracy", "AUC", "forgetting score",
+                  "targets flagged on the model", "seconds"], body)  # fmt: skip
+    lines = ["", "## U-LiRA (5 % marked at random, seed 0)", "",
+             "Accuracy and AUC 0.5: the attacker cannot tell the method's removal from "
+             "retraining. The forgetting score is biased low at these shadow counts (see the "
+             "README): read it against retraining's at the same count.", "", text, ""]  # fmt: skip
+    for dataset in ULIRA_SETS:
+        at = {(r["method"], r["shadows"]): r["accuracy"] for r in rows if r["dataset"] == dataset}
+        if ("puma", 16) in at and ("retrain", 16) in at:
+            gap = abs(at[("puma", 16)] - at[("retrain", 16)])
+            lines.append(f"- {dataset}: |U-LiRA accuracy against puma - against retraining| at "
+                         f"16 shadows = {gap:.3f} (target: within 0.1).")  # fmt: skip
+    return "\n".join(lines)
+
+
 def mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
@@ -199,7 +260,9 @@ def main() -> None:
     started = time.perf_counter()
     cases = [(d, m, s) for d in args.datasets for m in args.markings for s in range(args.seeds)]
     rows = run_cases(cases, run_case)
-    write_results(args.out, summarise(rows, time.perf_counter() - started), rows)
+    audits = run_cases([(d, 0) for d in ULIRA_SETS if d in args.datasets], run_ulira)
+    text = summarise(rows, time.perf_counter() - started) + ulira_section(audits)  # both parts
+    write_results(args.out, text, [*rows, *audits])
 
 
 if __name__ == "__main__":

@@ -796,8 +796,18 @@ def compare(
     ] = None,
     shadows: Annotated[
         int,
-        typer.Option("--shadows", help="Shadow models for LiRA's column (0: leave LiRA out)."),
+        typer.Option(
+            "--shadows",
+            help="Shadow models for LiRA's column (0: leave LiRA out) and --audit's (16).",
+        ),
     ] = 0,
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit",
+            help="Also run U-LiRA on each method (its removal repeated on the shadow models).",
+        ),
+    ] = False,
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="PNG: marked loss and KL per method.", readable=False),
@@ -830,6 +840,7 @@ def compare(
             device=resolve_device(device),
             overwrite=overwrite,
             phases=phases,
+            audit=audit,
         )
     payload = asdict(report)
     if as_json:
@@ -837,7 +848,7 @@ def compare(
         return
     for note in report.notes:
         console.warn(note)
-    header = ["method", "test", "remain", "marked", "m.loss", "KL m", "KL test", "loss",
+    header = ["method", "test", "remain", "marked", "m.loss", "KL m", "KL t", "loss",
               "LiRA", "time"]  # fmt: skip
     rows = [
         [r.method, r.test_accuracy, r.remaining_accuracy, r.marked_accuracy, r.marked_loss,
@@ -846,11 +857,22 @@ def compare(
     ]  # fmt: skip
     rows.append(["seed to seed", None, None, None, None, report.noise_floor_kl_marked,
                  report.noise_floor_kl_test, None, None, None])  # fmt: skip
+    if audit:
+        header += ["U-LiRA acc", "F"]
+        audited = [r for r in report.methods if r.refused is None]
+        for row, r in zip(rows, audited, strict=False):
+            row += [r.ulira_accuracy, r.forgetting_score]
+        rows[-1] += [None, None]
     console.grid(
         f"{report.n_marked} marked rows removed from {model}, models in {report.out_dir}: "
         "accuracy on test, remaining and marked rows; the marked rows' loss; KL from the "
         "retrained model on marked and test rows; the loss attack's and LiRA's AUC on the "
-        f"marked rows; time / retraining's ({report.retrain_seconds:.2f} s)",
+        f"marked rows; time / retraining's ({report.retrain_seconds:.2f} s)"
+        + (
+            f"; U-LiRA's accuracy and forgetting score, {report.audit_shadows} shadows"
+            if audit
+            else ""
+        ),
         header,
         rows,
     )

@@ -72,9 +72,13 @@ def grid(title: str, header: list[str], rows: list[list[Any]]) -> None:
     for name in header:
         first = name == header[0]
         view.add_column(name, justify="left" if first else "right", no_wrap=first)
-    for row in rows:
-        view.add_row(*(f"{v:.3f}" if isinstance(v, float) else _fmt(v) for v in row))
-    _stdout().print(view)
+    cells = [[f"{v:.3f}" if isinstance(v, float) else _fmt(v) for v in row] for row in rows]
+    for row in cells:
+        view.add_row(*row)
+    # Never squeeze the figures into ellipses: as wide as the widest cell of each column.
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    console = _stdout()
+    console.print(view, width=max(console.width, sum(widths) + 2 * len(widths)))
 
 
 def _fmt(value: Any) -> str:

@@ -46,6 +46,13 @@ step puma eval --model "$out/german.safetensors" --data sample_data/german-credi
 step puma remove --model "$out/german.safetensors" --marked "$out/german-marked.txt" --overwrite
 step puma info "$out/german.removed.safetensors"
 
+# Every method on one request, side by side with retraining; then the unlearning audit:
+# could an attacker tell PUMA's removal from retraining? (U-LiRA, 8 shadow models.)
+step puma compare --model "$out/radial.safetensors" --marked "$out/marked.txt" \
+    --methods puma,finetune,neggrad,scrub --out-dir "$out/compare" --plot "$out/compare.png" --overwrite
+step puma attack --model "$out/radial.removed.safetensors" --targets "$out/marked.txt" \
+    --attack u-lira --shadows 8
+
 # The same engine on mislabelled data: 10 % of the labels flipped, then found and recalibrated.
 step puma make-data moons -o "$out/noisy.csv" --n 500 --flip-labels 0.1 --seed 2 --overwrite
 step puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --overwrite

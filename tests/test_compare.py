@@ -101,6 +101,7 @@ def test_the_table_says_what_each_column_is(work: Path, tmp_path: Path) -> None:
         (["--methods", "sisa"], "sisa needs a SISA ensemble"),
         (["--methods", "amnesiac"], "amnesiac needs the updates recorded at training"),
         (["--shadows", "1"], "--shadows 1 is out of range"),
+        (["--audit", "--shadows", "4"], "--shadows 4 is out of range"),
         (["--seed", "-1"], "--seed -1 is out of range"),
     ],
 )
@@ -141,3 +142,13 @@ def test_missing_inputs_are_clean_errors(work: Path, tmp_path: Path) -> None:
                  "--out-dir", tmp_path / "o")  # fmt: skip
     assert_clean_error(result, "names no ids")
     assert not (tmp_path / "o").exists()
+
+
+def test_audit_runs_u_lira_on_each_method(work: Path, tmp_path: Path) -> None:
+    report = _compare(work, tmp_path / "o", "--methods", "influence", "--audit", "--shadows", "8")
+    by = {r["method"]: r for r in report["methods"]}
+    assert report["audit_shadows"] == 8
+    assert by["original"]["ulira_accuracy"] is None  # nothing was removed from it
+    for name in ("retrain", "influence"):
+        assert 0 <= by[name]["ulira_accuracy"] <= 1 and 0 <= by[name]["forgetting_score"] <= 1
+    assert len(list((tmp_path / "o").glob("puma-ulira-*.safetensors"))) == 2

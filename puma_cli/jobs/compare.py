@@ -24,7 +24,7 @@ import torch
 
 from puma_cli.audit.lira import lira_scores
 from puma_cli.audit.loss import loss_attack
-from puma_cli.audit.scoring import auc_score
+from puma_cli.audit.scoring import AttackReport, auc_score
 from puma_cli.audit.shadows import (
     MAX_SHADOWS,
     attack_pool,
@@ -32,6 +32,7 @@ from puma_cli.audit.shadows import (
     shadow_cache_path,
     train_shadows,
 )
+from puma_cli.audit.ulira import MIN_SHADOWS
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, DataError, PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
@@ -39,6 +40,7 @@ from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.jobs.attack import ULIRA_METHODS, attack
 from puma_cli.jobs.remove import remove
 from puma_cli.models.predict import predict_logits
 from puma_cli.quality.agreement import mean_kl
@@ -58,6 +60,7 @@ DEFAULT_METHODS = (
     "amnesiac",
 )
 REFERENCE = "retrain"
+ULIRA_SHADOWS = 16  # --audit without --shadows
 Phases = Callable[[str, int, int], None]
 
 
@@ -80,6 +83,9 @@ class MethodFigures:
     cached: bool
     refused: str | None
     warnings: list[str]
+    ulira_accuracy: float | None = None  # --audit: U-LiRA on this method (0.5: retraining)
+    ulira_auc: float | None = None
+    forgetting_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class CompareReport:
     n_marked: int
     n_remaining: int
     shadows: int
+    audit_shadows: int
     out_dir: Path
     plot: Path | None
     seconds: float
@@ -130,6 +137,7 @@ def compare(
     overwrite: bool = False,
     phases: Phases | None = None,
     variants: dict[str, tuple[str, RemovalOptions]] | None = None,
+    audit: bool = False,
 ) -> CompareReport:
     """Run each method on the marked ids, write its model to `out_dir`, and measure all.
 
@@ -137,7 +145,8 @@ def compare(
     started = time.perf_counter()
     require_range("--seed", seed, 0, SEED_MAX)
     if shadows:
-        require_range("--shadows", shadows, 2, MAX_SHADOWS)
+        require_range("--shadows", shadows, MIN_SHADOWS if audit else 2, MAX_SHADOWS)
+    audit_shadows = (shadows or ULIRA_SHADOWS) if audit else 0
     out_dir = out_dir or default_out_dir(model)
     _check_out_dir(out_dir, overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
@@ -165,8 +174,8 @@ def compare(
     written: list[Path] = []
     try:
         return _run(model, marked, checkpoint, dataset, rows, test, settings, names, outputs,
-                    written, notes, shadows, plot, seed, device, overwrite, phases,
-                    started)  # fmt: skip
+                    written, notes, shadows, audit_shadows, plot, seed, device, overwrite,
+                    phases, started)  # fmt: skip
     except BaseException:
         # Nothing half written: a compare that fails takes back the models it wrote.
         for path in written:
@@ -189,6 +198,7 @@ def _run(
     written: list[Path],
     notes: list[str],
     shadows: int,
+    audit_shadows: int,
     plot: Path | None,
     seed: int,
     device: torch.device | str,
@@ -228,6 +238,8 @@ def _run(
 
     def figures(name: str, net: torch.nn.Module, output: Path | None) -> MethodFigures:
         seconds, cached, warnings = results.get(name, (0.0, False, []))
+        audited = _audit(output, marked, settings.get(name, ("", None))[0], audit_shadows,
+                         seed, device)  # fmt: skip
         return MethodFigures(
             method=name,
             output=output,
@@ -246,6 +258,9 @@ def _run(
             cached=cached,
             refused=None,
             warnings=warnings,
+            ulira_accuracy=audited.accuracy if audited else None,
+            ulira_auc=audited.auc if audited else None,
+            forgetting_score=audited.forgetting_score if audited else None,
         )
 
     rows_out = [figures("original", checkpoint.model, None)]
@@ -264,6 +279,7 @@ def _run(
         n_marked=int(trained_marked.size),
         n_remaining=len(remaining),
         shadows=shadows,
+        audit_shadows=audit_shadows,
         out_dir=outputs[REFERENCE].parent,
         plot=plot,
         seconds=time.perf_counter() - started,
@@ -285,6 +301,21 @@ def _run(
         )  # fmt: skip
     report.notes.extend(commit_all([lira.cache]))
     return report
+
+
+def _audit(
+    output: Path | None,
+    marked: Path,
+    method: str,
+    shadows: int,
+    seed: int,
+    device: torch.device | str,
+) -> AttackReport | None:
+    """U-LiRA on one method's model (`attack --attack u-lira`), when --audit asks for it and
+    the method can be repeated on shadow models."""
+    if not shadows or output is None or method not in ULIRA_METHODS:
+        return None
+    return attack(output, marked, method="u-lira", shadows=shadows, seed=seed, device=device)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
