@@ -165,3 +165,22 @@ def test_a_sisa_ensemble_is_refused_with_what_to_do(
                  "-o", tmp_path / "o.safetensors", "--method", method)  # fmt: skip
     assert_clean_error(result, "--method sisa")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_forget_modes_of_puma(work: Path, tmp_path: Path) -> None:
+    """step (default) guards by accuracy and may step further than the paper's guard
+    (none); repair fine-tunes after the patch; each mode is recorded for an audit."""
+    by = {
+        mode: _remove(work, tmp_path / f"{mode}.safetensors", "--forget", mode)
+        for mode in ("step", "none", "repair")
+    }
+    assert by["step"]["eta_scale"] >= by["none"]["eta_scale"]
+    assert by["repair"]["parameters"]["repair_epochs"] == 4
+    for mode, report in by.items():
+        assert report["parameters"]["forget"] == mode
+        entry = load_checkpoint(tmp_path / f"{mode}.safetensors").provenance[-1]
+        assert entry["options"]["forget"] == mode
+    default = _remove(work, tmp_path / "default.safetensors")
+    assert default["parameters"]["forget"] == "step"
+    assert run("remove", "-m", work / "model.safetensors", "--marked", work / "ids.txt",
+               "--forget", "maybe").exit_code == 2  # fmt: skip
