@@ -29,25 +29,18 @@ from typing import Any
 
 import numpy as np
 from harness import DATA, arguments, invocation, run_cases, table, write_results
+from removal import DATASETS, marked_ids
 
-from puma_cli.data.dataset import Dataset
-from puma_cli.data.marking import all_classes_marking, random_marking
 from puma_cli.io.checkpoint import load_checkpoint
 from puma_cli.io.datasets import load_dataset
 from puma_cli.io.ids import write_ids
 from puma_cli.jobs import train as train_job
+from puma_cli.jobs.attack import attack
 from puma_cli.jobs.compare import compare
+from puma_cli.jobs.remove import remove
 from puma_cli.models.training import TrainRecipe
 from puma_cli.unlearn import RemovalOptions
 
-DATASETS = {
-    "radial": ("radial", ".csv", "mlp"),
-    "rectangular": ("rectangular", ".csv", "mlp"),
-    "breast-cancer": ("breast-cancer", ".csv", "mlp"),
-    "breast-cancer-diagnostic": ("breast-cancer-diagnostic", ".csv", "mlp"),
-    "german-credit": ("german-credit", ".csv", "mlp"),
-    "digits": ("digits", ".npz", "cnn"),
-}
 MARKINGS = ("kmeans", "random5")
 VARIANTS = {  # `puma` itself runs at its default, --forget step
     "puma-none": ("puma", {"forget": "none"}),  # the paper's Algorithm 1, as before
@@ -57,15 +50,8 @@ VARIANTS = {  # `puma` itself runs at its default, --forget step
 }
 
 
-def marked_ids(train: Dataset, marking: str, seed: int) -> list[str]:
-    if marking == "kmeans":
-        rows = all_classes_marking(train, clusters=8, seed=seed)
-    else:
-        rows = random_marking(train, 0.05, seed)
-    return train.ids[rows].tolist()
-
-
-def run_case(name: str, marking: str, seed: int, work: Path) -> list[dict[str, Any]]:
+def train_and_mark(name: str, marking: str, seed: int, work: Path) -> tuple[Path, Path]:
+    """The paper's model of `name`, trained with `seed`, and an ids file of its marking."""
     stem, suffix, arch = DATASETS[name]
     train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
     model = work / f"{name}-{marking}-{seed}.safetensors"
@@ -73,9 +59,14 @@ def run_case(name: str, marking: str, seed: int, work: Path) -> list[dict[str, A
                     overwrite=True)  # fmt: skip
     checkpoint = load_checkpoint(model)
     train = load_dataset(train_path)
-    ids = marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)), marking, seed)
     ids_file = work / f"{name}-{marking}-{seed}.txt"
-    write_ids(ids_file, ids)
+    write_ids(ids_file, marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)),
+                                   marking, seed))  # fmt: skip
+    return model, ids_file
+
+
+def run_case(name: str, marking: str, seed: int, work: Path) -> list[dict[str, Any]]:
+    model, ids_file = train_and_mark(name, marking, seed, work)
     variants = {label: (method, RemovalOptions(seed=seed, **extra))
                 for label, (method, extra) in VARIANTS.items()}  # fmt: skip
     started = time.perf_counter()
@@ -114,28 +105,16 @@ def run_case(name: str, marking: str, seed: int, work: Path) -> list[dict[str, A
 
 
 ULIRA_SETS = ("german-credit", "breast-cancer")
-ULIRA_METHODS = ("retrain", "puma", "puma-none", "finetune", "neggrad", "random-labels", "salun",
+AUDITED = ("retrain", "puma", "puma-none", "finetune", "neggrad", "random-labels", "salun",
                  "scrub", "ssd")  # fmt: skip
 ULIRA_SHADOWS = (8, 16, 32)  # for retrain and puma; the others at 16
 
 
 def run_ulira(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
     """U-LiRA on each method's removal of 5 % at random (a membership signal to hide)."""
-    from puma_cli.jobs.attack import attack
-    from puma_cli.jobs.remove import remove
-
-    stem, suffix, arch = DATASETS[name]
-    train_path, test_path = DATA / f"{stem}-train{suffix}", DATA / f"{stem}-test{suffix}"
-    model = work / f"{name}-ulira.safetensors"
-    train_job.train(train_path, model, TrainRecipe(arch=arch, seed=seed), test=test_path,
-                    overwrite=True)  # fmt: skip
-    checkpoint = load_checkpoint(model)
-    train = load_dataset(train_path)
-    ids_file = work / f"{name}-ulira.txt"
-    write_ids(ids_file, marked_ids(train.subset(np.flatnonzero(checkpoint.roles == 0)),
-                                   "random5", seed))  # fmt: skip
+    model, ids_file = train_and_mark(name, "random5", seed, work)
     rows = []
-    for label in ULIRA_METHODS:
+    for label in AUDITED:
         method, extra = VARIANTS.get(label, (label, {}))
         out = work / f"{name}-ulira-{label}.safetensors"
         remove(model, ids_file, out, method=method, options=RemovalOptions(seed=seed, **extra),

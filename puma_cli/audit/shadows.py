@@ -65,16 +65,42 @@ def attack_pool(dataset: Dataset, other: Dataset) -> Dataset:
     )
 
 
+def pool_digest(pool: Dataset, key: object) -> str:
+    """A short sha256 of the attacker's pool and a JSON-able key: the name of a cache of
+    shadow models, which depend on nothing else."""
+    digest = hashlib.sha256()
+    for array in (pool.X, pool.y):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(key, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def shadow_cache_path(
     folder: Path, checkpoint: Checkpoint, pool: Dataset, count: int, size: int, seed: int
 ) -> Path:
     """Named after what the shadows depend on: the pool, the recipe, their number, the seed."""
     recipe = TrainRecipe.from_dict(checkpoint.recipe)
-    digest = hashlib.sha256()
-    for array in (pool.X, pool.y):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(json.dumps([recipe.to_dict(), count, size, seed], sort_keys=True).encode())
-    return folder / f"puma-shadows-{digest.hexdigest()[:16]}.safetensors"
+    key = pool_digest(pool, [recipe.to_dict(), count, size, seed])
+    return folder / f"puma-shadows-{key}.safetensors"
+
+
+def shadows_beside(
+    model: Path,
+    checkpoint: Checkpoint,
+    pool: Dataset,
+    train_rows: int,
+    count: int,
+    seed: int,
+    device: torch.device | str,
+    progress: Progress | None = None,
+) -> tuple[ShadowSet, Cache]:
+    """The shadow set of `train_shadows` for a model, its cache beside the model file (the
+    caller commits it once its outputs are written), each shadow sized like the training
+    set as first trained (recorded; else `train_rows`, the training file's), so that every
+    model of a removal chain shares one set."""
+    size = int(checkpoint.metrics.get("train", {}).get("n", train_rows))
+    cache = Cache(shadow_cache_path(model.parent, checkpoint, pool, count, size, seed))
+    return train_shadows(checkpoint, pool, count, size, seed, cache, device, progress), cache
 
 
 def train_shadows(

@@ -5,8 +5,6 @@ The shadow models (LiRA, Shokri) are cached beside the checkpoint by `audit.shad
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +21,9 @@ from puma_cli.audit.shadows import (
     MAX_SHADOWS,
     attack_pool,
     logit_confidence,
-    shadow_cache_path,
+    pool_digest,
+    shadows_beside,
     sorted_log_softmax,
-    train_shadows,
 )
 from puma_cli.audit.shokri import shokri_scores
 from puma_cli.data.dataset import Dataset
@@ -87,11 +85,9 @@ def attack(
             outsiders = -per_point_loss(checkpoint.model, other)
     else:
         pool = attack_pool(dataset, other)
-        # The training-set size as first trained (recorded), so that every model in a
-        # removal chain shares one set of shadows.
-        size = int(checkpoint.metrics.get("train", {}).get("n", len(dataset)))
-        cache = Cache(shadow_cache_path(model.parent, checkpoint, pool, shadows, size, seed))
-        shadow_set = train_shadows(checkpoint, pool, shadows, size, seed, cache, device, progress)
+        shadow_set, cache = shadows_beside(
+            model, checkpoint, pool, len(dataset), shadows, seed, device, progress
+        )
         logits = predict_logits(checkpoint.model, pool.X)
         if method == "shokri":
             scores = shokri_scores(shadow_set, sorted_log_softmax(logits), seed)
@@ -169,12 +165,9 @@ def _ulira(
     options = RemovalOptions.from_record(entry.get("options", {}))
     options = replace(options, seed=seed, cache=None, factor_cache=None)
     pool = attack_pool(dataset, other)
-    key = json.dumps([method, options.recordable(), shadows, seed, target_rows.tolist(),
-                      checkpoint.recipe], sort_keys=True, default=str)  # fmt: skip
-    digest = hashlib.sha256(key.encode())
-    for array in (pool.X, pool.y):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    cache = Cache(model.parent / f"puma-ulira-{digest.hexdigest()[:16]}.safetensors")
+    key = pool_digest(pool, [method, options.recordable(), shadows, seed, target_rows.tolist(),
+                             checkpoint.recipe])  # fmt: skip
+    cache = Cache(model.parent / f"puma-ulira-{key}.safetensors")
     unlearn = _shadow_unlearner(checkpoint, pool, method, options, device, seed)
     found = unlearned_shadows(checkpoint, pool, target_rows, shadows, seed, device, unlearn,
                               cache, progress)  # fmt: skip

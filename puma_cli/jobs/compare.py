@@ -29,8 +29,7 @@ from puma_cli.audit.shadows import (
     MAX_SHADOWS,
     attack_pool,
     logit_confidence,
-    shadow_cache_path,
-    train_shadows,
+    shadows_beside,
 )
 from puma_cli.audit.ulira import MIN_SHADOWS
 from puma_cli.data.dataset import Dataset
@@ -240,6 +239,7 @@ def _run(
         seconds, cached, warnings = results.get(name, (0.0, False, []))
         audited = _audit(output, marked, settings.get(name, ("", None))[0], audit_shadows,
                          seed, device)  # fmt: skip
+        on_marked = evaluate(net, marked_set)
         return MethodFigures(
             method=name,
             output=output,
@@ -247,8 +247,8 @@ def _run(
             time_ratio=seconds / results[REFERENCE][0] if output is not None else None,
             test_accuracy=evaluate(net, test).accuracy if test is not None else None,
             remaining_accuracy=evaluate(net, remaining).accuracy,
-            marked_accuracy=evaluate(net, marked_set).accuracy,
-            marked_loss=evaluate(net, marked_set).loss,
+            marked_accuracy=on_marked.accuracy,
+            marked_loss=on_marked.loss,
             kl_marked=mean_kl(reference, net, marked_set.X),
             kl_test=mean_kl(reference, net, test.X) if test is not None else None,
             loss_auc=loss_attack(net, marked_set, test, remaining).auc
@@ -389,11 +389,8 @@ class _LiRA:
             return
         self.pool = attack_pool(dataset, test)
         self.n_train = len(dataset)
-        size = int(checkpoint.metrics.get("train", {}).get("n", len(dataset)))
-        path = shadow_cache_path(model.parent, checkpoint, self.pool, shadows, size, seed)
-        self.cache = Cache(path)
-        self.shadow_set = train_shadows(
-            checkpoint, self.pool, shadows, size, seed, self.cache, device, None
+        self.shadow_set, self.cache = shadows_beside(
+            model, checkpoint, self.pool, len(dataset), shadows, seed, device
         )
 
     def auc(self, net: torch.nn.Module) -> float | None:

@@ -14,6 +14,8 @@ lambda = 0: it removes the marked points and lets the criterion drift.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from puma_cli.errors import PumaError
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import as_tensor
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
+from puma_cli.unlearn.finetuning import finetune
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 FORGET_SCALES = tuple(2.0**k for k in range(13))  # --forget step: up to 4096 / N
@@ -134,10 +137,6 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     model = _as_classifier(engine.patched_module(delta))
     repair: dict[str, object] = {}
     if options.forget == "repair":  # a short fine-tune of the patched model on what remains
-        from dataclasses import replace
-
-        from puma_cli.unlearn.finetuning import finetune
-
         patched = replace(request, checkpoint=replace(request.checkpoint, model=model))
         tuned = finetune(patched)
         model = _as_classifier(tuned.model)
