@@ -166,6 +166,7 @@ IdColOpt = Annotated[str, typer.Option("--id-col", help="Name of the id column, 
 # The choices below mirror the library's registries (tests hold them equal); they are
 # spelled out here so that building the command line imports no job.
 KINDS = ("radial", "rectangular", "moons", "spiral")
+UPWEIGHT_SAMPLE = 8192  # unlearn.UPWEIGHT_SAMPLE, the default of --upweight-sample
 Kind = enum.Enum("Kind", {name: name for name in KINDS}, type=str)  # type: ignore[misc]
 
 
@@ -657,8 +658,12 @@ def remove(
     curvature: CurvatureOpt = Curvature.auto,
     curvature_samples: CurvatureSamplesOpt = 0,
     upweight_sample: Annotated[
-        int, typer.Option("--upweight-sample", help="Reweight this many random points (0: all).")
-    ] = 0,
+        int,
+        typer.Option(
+            "--upweight-sample",
+            help="Reweight this many random remaining points (0: all of them).",
+        ),
+    ] = UPWEIGHT_SAMPLE,
     lambda_cap: Annotated[
         float, typer.Option("--lambda-cap", help="Largest weight one remaining point may get.")
     ] = 1.0,

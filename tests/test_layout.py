@@ -240,3 +240,9 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
     value = getattr(cli, choices)
     offered = set(value) if isinstance(value, tuple) else {member.value for member in value}
     assert offered == known
+
+
+def test_cli_defaults_match_the_library() -> None:
+    from puma_cli.unlearn import UPWEIGHT_SAMPLE, RemovalOptions
+
+    assert cli.UPWEIGHT_SAMPLE == UPWEIGHT_SAMPLE == RemovalOptions().upweight_sample

@@ -328,18 +328,60 @@ def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
 ) -> None:
     from puma_cli.unlearn import puma as puma_method
 
-    real = puma_method._criterion_figures
-    calls = []
+    dampings = []
 
-    def degrading(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        loss, accuracy = real(model, X, y)
-        calls.append(loss)
-        return (loss, accuracy) if len(calls) == 1 else (loss * 10 + 1, accuracy)
+    def never_safe(request, engine, x, *rest):  # type: ignore[no-untyped-def]
+        dampings.append(float(x.norm()))
+        raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
 
-    monkeypatch.setattr(puma_method, "_criterion_figures", degrading)
+    monkeypatch.setattr(puma_method, "_choose_scale", never_safe)
     result = run(
         "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
         "-o", workspace / "r.safetensors", "--no-cache",
     )  # fmt: skip
     assert_clean_error(result, "no step keeps the model's performance")
+    assert "damping raised up to 1e+06" in result.output
     assert not (workspace / "r.safetensors").exists()
+    # Levenberg-Marquardt: 100 times the damping each time, up to 1e6 x lambda_max
+    # (CG may raise it tenfold on the way), each try a shorter step
+    assert 4 <= len(dampings) <= 5 and dampings == sorted(dampings, reverse=True)
+
+
+def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from puma_cli.unlearn import puma as puma_method
+
+    real, tries = puma_method._choose_scale, []
+
+    def first_unsafe(*args):  # type: ignore[no-untyped-def]
+        tries.append(1)
+        if len(tries) == 1:
+            raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
+        return real(*args)
+
+    plain = run_json(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
+        "-o", workspace / "plain.safetensors", "--no-cache",
+    )  # fmt: skip
+    assert not any("damping was raised" in w for w in plain["warnings"])
+    raised = 100 * plain["parameters"]["damping"]  # (CG may have raised 0.01 already)
+    monkeypatch.setattr(puma_method, "_choose_scale", first_unsafe)
+    out = run_json(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
+        "-o", workspace / "r.safetensors",
+    )  # fmt: skip
+    assert len(tries) == 2 and out["parameters"]["damping"] == pytest.approx(raised)
+    assert any(f"damping was raised to {raised:g}" in w for w in out["warnings"])
+    info = run_json("info", workspace / "r.safetensors")
+    assert info["provenance"][-1]["parameters"]["damping"] == pytest.approx(raised)
+    # the cache keeps the raised damping under the requested one: the next request
+    # starts there and needs no retry
+    tries.clear()
+    monkeypatch.setattr(puma_method, "_choose_scale", lambda *a: tries.append(1) or real(*a))
+    again = run_json(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
+        "-o", workspace / "r2.safetensors",
+    )  # fmt: skip
+    assert len(tries) == 1 and again["cached"]
+    assert again["parameters"]["damping"] == pytest.approx(raised)

@@ -162,15 +162,19 @@ class InfluenceModel:
             out += gv.double()
         return parallel.all_reduce(out) / self.n + self.weight_decay * v
 
-    def weighted_gradient(self, weights: Tensor) -> Tensor:
-        """sum_i w_i grad L_i (P,) over the rows: one backward pass, no per-row gradients."""
+    def weighted_gradient(
+        self, weights: Tensor, X: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """sum_i w_i grad L_i (P,) over the rows (or over X, y, one weight each): one
+        backward pass, no per-row gradients."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
-        start = self.local_rows(self.n).start
-        for X, y in self._chunks(local=True):
-            w = weights[start : start + y.shape[0]].to(self.dtype)
-            start += int(y.shape[0])
+        start = self.local_rows(int((self.y if y is None else y).shape[0])).start
+        for Xc, yc in self._chunks(X, y, local=True):
+            w = weights[start : start + yc.shape[0]].to(self.dtype)
+            start += int(yc.shape[0])
             theta = self._leaf()
-            out += torch.autograd.grad((w * self.losses(theta, X, y)).sum(), theta)[0].double()
+            loss = (w * self.losses(theta, Xc.to(self.dtype), yc)).sum()
+            out += torch.autograd.grad(loss, theta)[0].double()
         return parallel.all_reduce(out)
 
     def directional_derivatives(

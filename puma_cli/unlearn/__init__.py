@@ -22,6 +22,9 @@ from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.models.architectures import Model
 
 FORGETTING = ("step", "repair", "none")  # RemovalOptions.forget
+# PUMA scores and reweights this many random remaining rows by default: past it, all of
+# them cost passes over the data and changed nothing measurable (benchmarks/scale.py).
+UPWEIGHT_SAMPLE = 8192
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class RemovalOptions:
     """eta: 'auto' or a multiple of 1/N (1 = first-order exact removal of the marked points).
 
     damping: mu as a share of the Hessian's largest eigenvalue (raised when needed).
-    upweight_sample: reweight only this many random remaining points (0: all of them).
+    upweight_sample: reweight only this many random remaining points (0: all of them);
+        the marked rows and these are the only ones PUMA scores and differentiates.
     lambda_cap: largest weight one remaining point may get (1 = counted twice).
     max_accuracy_drop: the `auto` guard, in accuracy points on the criterion data.
     fit_tolerance: the `auto` guard on the remaining points' training loss and the
@@ -49,7 +53,7 @@ class RemovalOptions:
     eta: float | str = "auto"
     damping: float = 0.01
     solver: str = "cg"
-    upweight_sample: int = 0
+    upweight_sample: int = UPWEIGHT_SAMPLE
     lambda_cap: float = 1.0
     max_accuracy_drop: float = 1.0
     fit_tolerance: float = 0.1

@@ -31,6 +31,9 @@ from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 from puma_cli.unlearn.finetuning import finetune
 
 AUTO_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+SMALLEST_SCALE = 1 / 64  # the guard's smallest step, before it raises the damping
+DAMPING_RAISE = 100.0
+MAX_DAMPING = 1e6  # x lambda_max: past it the step is a plain gradient step, only shorter
 FORGET_SCALES = tuple(2.0**k for k in range(13))  # --forget step: up to 4096 / N
 GUARD_ROWS = 8192  # remaining rows the `auto` guard checks the training loss on
 INTERPOLATED_LOSS = 1e-4
@@ -104,33 +107,53 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     n = engine.n
     Xc = as_tensor(request.criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
-    spectrum = criterion_direction(
-        engine, request.checkpoint, request.criterion, settings, options.cache
-    )
-    grad_c = spectrum.grad_c
-    psi = engine.directional_derivatives(spectrum.v).cpu().numpy()
-    target = float(psi[marked_in_trained].sum())
-    weights = np.zeros(n)
-    weights[marked_in_trained] = 1.0
-    residual = -target
-    upweighted = 0
-    if reweight_others:
-        candidates = np.flatnonzero(~marked_in_trained)
-        if 0 < options.upweight_sample < candidates.size:
-            rng = np.random.default_rng(options.seed)
-            candidates = np.sort(rng.choice(candidates, options.upweight_sample, replace=False))
-        lam, residual = reweight(psi[candidates], target, options.lambda_cap)
-        weights[candidates] = -lam
-        upweighted = int((lam > 0).sum())
-    direction = engine.weighted_gradient(torch.as_tensor(weights, device=engine.device))
-    step = solve(engine, direction, options.solver, spectrum.damping, spectrum.lambda_max)
-    unit_change = float(grad_c.dot(step.x))  # dC per unit of eta, to first order
+    rows = _scored_rows(marked_in_trained, reweight_others, options.upweight_sample, options.seed)
+    X_rows, y_rows = (None, None) if rows.size == n else (engine.X[rows], engine.y[rows])
+    marked_at = marked_in_trained[rows]  # the marked among the scored rows
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
+    notes: list[str] = []
+    at_least, top = 0.0, None
+    while True:  # Levenberg-Marquardt: more damping while no step keeps the performance
+        spectrum = criterion_direction(
+            engine, request.checkpoint, request.criterion, settings, options.cache, at_least, top
+        )
+        top = spectrum.lambda_max
+        psi = engine.directional_derivatives(spectrum.v, X_rows, y_rows).cpu().numpy()
+        target = float(psi[marked_at].sum())
+        weights = marked_at.astype(float)
+        residual, upweighted = -target, 0
+        if reweight_others:
+            lam, residual = reweight(psi[~marked_at], target, options.lambda_cap)
+            weights[~marked_at] = -lam
+            upweighted = int((lam > 0).sum())
+        direction = engine.weighted_gradient(
+            torch.as_tensor(weights, device=engine.device), X_rows, y_rows
+        )
+        step = solve(engine, direction, options.solver, spectrum.damping, top)
+        if not torch.isfinite(step.x).all():
+            raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
+        try:
+            scale = _choose_scale(request, engine, step.x, mask, Xc.float(), yc)
+            break
+        except NoSafeStep as refused:
+            raised = min(step.damping * DAMPING_RAISE, MAX_DAMPING)
+            if step.damping >= MAX_DAMPING:
+                raise PumaError(
+                    f"no step keeps the model's performance: down to eta {refused.scale:g}/N, "
+                    f"with the damping raised up to {step.damping:g} x lambda_max, the remaining "
+                    "rows' accuracy (their loss under --forget none) or the held-out loss or "
+                    "accuracy fell past the guard, so nothing was written; give --eta S to "
+                    "force a step, or use --method retrain"
+                ) from None
+            notes.append(
+                f"every step at damping {step.damping:g} x lambda_max broke the model (down to "
+                f"eta {refused.scale:g}/N): the damping was raised to {raised:g}, which makes "
+                "the patch closer to a plain gradient step"
+            )
+            at_least = raised
+    unit_change = float(spectrum.grad_c.dot(step.x))  # dC per unit of eta, to first order
     with torch.no_grad():
         marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
-    if not torch.isfinite(step.x).all():
-        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
-    scale, guard = _choose_scale(request, engine, step.x, mask, Xc.float(), yc)
     delta = (scale / n) * step.x
     if not torch.isfinite(delta).all():
         raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
@@ -141,7 +164,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         tuned = finetune(patched)
         model = _as_classifier(tuned.model)
         repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
-    warnings = list(guard)
+    warnings = notes
     warnings.extend(curvature_notes(engine))
     interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
     if interpolated:
@@ -160,11 +183,12 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             "solver": options.solver,
             **describe(engine),
             "precision": str(engine.dtype).removeprefix("torch."),
-            "damping": spectrum.damping,
-            "lambda_max": spectrum.lambda_max,
+            "damping": step.damping,
+            "lambda_max": top,
             "solver_iterations": step.iterations,
             "solver_residual": step.residual,
             "lambda_cap": options.lambda_cap if reweight_others else None,
+            "upweight_candidates": int((~marked_at).sum()) if reweight_others else None,
             "upweighted": upweighted,
             "reweight_residual": residual if reweight_others else None,
             "interpolated_marked": interpolated,
@@ -178,6 +202,24 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     )
 
 
+def _scored_rows(marked: np.ndarray, reweight_others: bool, sample: int, seed: int) -> np.ndarray:
+    """The positions whose scores the patch needs: the marked rows, and for PUMA the
+    remaining rows it may upweight (`sample` of them at random, seeded; 0: all)."""
+    if not reweight_others:
+        return np.flatnonzero(marked)
+    candidates = np.flatnonzero(~marked)
+    if 0 < sample < candidates.size:
+        candidates = np.random.default_rng(seed).choice(candidates, sample, replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(marked), candidates]))
+
+
+class NoSafeStep(Exception):
+    """Every step size the guard tried broke the model (down to `scale` / N)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+
 def _choose_scale(
     request: RemovalRequest,
     engine: InfluenceModel,
@@ -185,24 +227,26 @@ def _choose_scale(
     marked: torch.Tensor,
     Xc: torch.Tensor,
     yc: torch.Tensor,
-) -> tuple[float, list[str]]:
+) -> float:
     """The eta scale: as given, or a guarded line search (forward passes only).
 
     Damping shrinks the step along flat directions, and first-order removal understates
     what leaving a cluster out does, so s = 1 removes too little. `auto` doubles s from 1
-    while (a) the remaining points' training loss (on up to GUARD_ROWS of them, seeded)
-    rises by at most `fit_tolerance` (relative): they must stay learned; (b) held-out
+    while (a) the remaining points stay learned: their accuracy (on up to GUARD_ROWS of
+    them, seeded) drops by at most `max_accuracy_drop` points, or under --forget none
+    their training loss rises by at most `fit_tolerance` (relative); (b) held-out
     accuracy drops by at most `max_accuracy_drop` points; (c) held-out loss rises by at
     most `fit_tolerance`.
-    It takes the last s that passed; if s = 1 fails, it halves s instead, and refuses
-    (nothing is written) when no s down to 1/64 passes: such a patch only damages.
+    It takes the last s that passed; if s = 1 fails, it halves s instead, and raises
+    NoSafeStep when no s down to SMALLEST_SCALE passes (checked first): such a patch only
+    damages, and the caller raises the damping.
     """
     eta = request.options.eta
     if eta != "auto":
         scale = float(eta)
         if not np.isfinite(scale) or scale <= 0:
             raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
-        return scale, []
+        return scale
     n = engine.n
     keep = torch.nonzero(~marked).flatten()
     if keep.numel() > GUARD_ROWS:  # the mean loss's relative rise, on a seeded subsample
@@ -255,18 +299,13 @@ def _choose_scale(
             if not passes(scale):
                 break
             chosen = scale
-        return chosen, []
-    scale = scales[0]
-    for _ in range(6):
+        return chosen
+    if not passes(SMALLEST_SCALE):  # one look at the shortest step before halving to it
+        raise NoSafeStep(SMALLEST_SCALE)
+    scale = scales[0] / 2
+    while scale > SMALLEST_SCALE and not passes(scale):
         scale /= 2
-        if passes(scale):
-            return scale, []
-    raise PumaError(
-        f"no step keeps the model's performance: down to eta {scale:g}/N the remaining rows' "
-        "training loss or the held-out loss rose past the guard or held-out accuracy fell past "
-        "--max-accuracy-drop, so nothing was written; raise --damping, give --eta S to force a "
-        "step, or use --method retrain"
-    )
+    return scale
 
 
 def _as_classifier(module: torch.nn.Module) -> Classifier:
