@@ -203,9 +203,9 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
             f"{r['peak_mb_puma']:.0f}",
             f"{r['test_accuracy_before']:.3f}",
             f"{r['test_accuracy_after']:.3f}",
-            f"{r['marked_loss_before']:.3f}",
-            f"{r['marked_loss_puma']:.3f}",
-            f"{r['marked_loss_retrained']:.3f}",
+            f"{r['marked_loss_before']:.3g}",
+            f"{r['marked_loss_puma']:.3g}",
+            f"{r['marked_loss_retrained']:.3g}",
             f"{r.get('damping', float('nan')):g}",
         ]
         for r in rows

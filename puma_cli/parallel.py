@@ -89,15 +89,16 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def block(count: int, what: str) -> range:
+def block(count: int, what: str, idle_ok: bool = False) -> range:
     """This process's contiguous share of `count` units of work (chunks, batches, models).
 
     Every process needs at least one: a world larger than the work is refused, since the
-    extra processes would only wait."""
+    extra processes would only wait; with `idle_ok` (one short pass of a longer job, such
+    as the gradient of a few marked rows) they get an empty share instead."""
     world, me = size(), rank()
     if world == 1:
         return range(count)
-    if count < world:
+    if count < world and not idle_ok:
         raise PumaError(
             f"torchrun started {world} processes, but the {what} split into only {count} "
             f"parts: give --nproc-per-node at most {count}"

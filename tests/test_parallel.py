@@ -70,6 +70,24 @@ def test_two_processes_remove_what_one_removes(copy: Path, curvature: str) -> No
     assert again["cached"] is True
 
 
+def test_one_marked_row_splits_over_two_processes(copy: Path) -> None:
+    """influence differentiates the marked rows only: one of them leaves a process idle."""
+    one_id = (copy / "marked.txt").read_text().split()[0]
+    (copy / "one.txt").write_text(one_id + "\n")
+    common = ["--model", "model.safetensors", "--marked", "one.txt", "--eta", "1"]
+    common += ["--method", "influence", "--curvature", "kfac", "--device", "cpu", "--no-cache"]
+    one = run_json("remove", *common, "-o", "one.safetensors")
+    result = torchrun(copy, 2, "remove", *common, "-o", "two.safetensors", "--json")
+    assert result.returncode == 0, result.stderr
+    two = json.loads(result.stdout)
+    assert two["removed"] == one["removed"] == 1
+    assert two["marked_loss_after"] == pytest.approx(one["marked_loss_after"], rel=1e-4)
+    a, b = load_file(copy / "one.safetensors"), load_file(copy / "two.safetensors")
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
 def test_two_processes_train_the_shadows_one_trains(copy: Path) -> None:
     common = ["--model", "model.safetensors", "--targets", "marked.txt", "--attack", "lira"]
     common += ["--shadows", "4", "--device", "cpu"]
@@ -147,6 +165,10 @@ def test_blocks_cover_the_work_in_order(monkeypatch: pytest.MonkeyPatch) -> None
         assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
     with pytest.raises(parallel.PumaError, match="at most 3"):
         parallel.block(3, "shadow models")  # world 4, rank 3
+    # a pass over a few rows (the marked ones) leaves the extra processes idle
+    assert parallel.block(3, "rows", idle_ok=True) == range(3, 3)
+    monkeypatch.setattr(parallel, "rank", lambda: 0)
+    assert parallel.block(3, "rows", idle_ok=True) == range(0, 1)
 
 
 def test_sampled_kronecker_factors_do_not_depend_on_the_split(

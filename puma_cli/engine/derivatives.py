@@ -121,7 +121,7 @@ class InfluenceModel:
     @staticmethod
     def local_rows(count: int) -> range:
         """This process's contiguous block of `count` rows (all of them in one process)."""
-        return parallel.block(count, f"{count} rows")
+        return parallel.block(count, f"{count} rows", idle_ok=True)
 
     def objective(self, flat: Tensor) -> Tensor:
         """J(theta): mean loss over the rows plus weight_decay / 2 * |theta|^2 (differentiable,

@@ -169,7 +169,9 @@ def fit_kronecker(
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator
 
-        operator_class = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+        operator_class = _batched_type2(
+            EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+        )
         operator = operator_class(
             module,
             nn.CrossEntropyLoss(),
@@ -206,6 +208,33 @@ def fit_kronecker(
         factors[name] = (Qa, Qb, E.clamp_min(0))
     blocks, covered = _blocks(module, names, sizes, factors)
     return KroneckerCurvature(kind, blocks, sum(sizes), covered.to(blocks[0].E.device))
+
+
+def _batched_type2(base: type) -> type:
+    """curvlinops' operator, its type-2 Fisher for cross-entropy computed for the whole batch
+    at once: curvlinops 3.0.1 builds each row's Hessian square root in a Python loop, which
+    was a third of a cold removal on a 2k-parameter MLP over 9,000 rows. The same S, with
+    S S^T = diag(p) - p p^T row by row (tested equal to the library's own)."""
+
+    class Batched(base):
+        def _compute_loss_and_backward(self, output: Tensor, y: Tensor) -> None:
+            cross_entropy = isinstance(self._loss_func, nn.CrossEntropyLoss)
+            if self._fisher_type != "type-2" or not cross_entropy or output.ndim != 2:
+                return super()._compute_loss_and_backward(output, y)
+            p = output.detach().softmax(dim=1)
+            root = p.sqrt()
+            S = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # S[n, i, c]
+            if self._loss_func.reduction == "mean":
+                S.mul_(1.0 / output.shape[0])
+            classes = S.shape[-1]
+            for c in range(classes):  # one backward pass per column, all rows at once
+                torch.autograd.grad(
+                    (output * S[:, :, c]).sum(), self._params, retain_graph=c < classes - 1
+                )
+            return None
+
+    Batched.__name__ = f"Batched{base.__name__}"
+    return Batched
 
 
 def _accumulate(
