@@ -44,11 +44,12 @@ CASES: dict[str, tuple[str, int, int, str, str]] = {
     "cnn-digits-exact": ("digits", 0, 0, "", "exact"),
     "resnet18-w16-5k": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
     "resnet18-w16-5k-noisy": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
+    "resnet18-w16-50k-noisy": ("resnet18", 50_000, 32, '{"width": 16}', "auto"),
 }
 # Training labels flipped at random: the clean images are learnt to 100 % and the model
 # then generalises perfectly (a retrained model fits the marked rows as well as the
 # original: nothing to remove); flipped labels give rows only their own training explains.
-LABEL_NOISE = {"resnet18-w16-5k-noisy": 0.1}
+LABEL_NOISE = {"resnet18-w16-5k-noisy": 0.1, "resnet18-w16-50k-noisy": 0.1}
 
 
 def gaussian_mixture(n: int, d: int, seed: int) -> dict[str, np.ndarray]:

@@ -232,6 +232,15 @@ OptimizerOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+MixedPrecisionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--mixed-precision",
+        help="Train in bfloat16 autocast (weights and optimiser in float32): faster on a "
+        "GPU that has bfloat16; recorded, so retraining and shadow models use it too. "
+        "Removal's derivatives never do.",
+    ),
+]
 TestOpt = Annotated[
     Path | None, typer.Option("--test", help="Test file to report on.", readable=False)
 ]
@@ -309,6 +318,7 @@ def _recipe(
     batch_size: int,
     weight_decay: float,
     seed: int,
+    mixed_precision: bool = False,
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares)."""
     from puma_cli.models.training import TrainRecipe
@@ -323,6 +333,7 @@ def _recipe(
         batch_size=batch_size,
         weight_decay=weight_decay,
         seed=seed,
+        mixed_precision=mixed_precision,
     )
 
 
@@ -375,6 +386,7 @@ def train(
     optimizer: OptimizerOpt = Optimizer.adam,
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
+    mixed_precision: MixedPrecisionOpt = False,
     val_frac: Annotated[
         float,
         typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
@@ -418,8 +430,9 @@ def train(
     from puma_cli.jobs.train import train as job
 
     recipe = _recipe(
-        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed
-    )
+        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
+        mixed_precision,
+    )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices)
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
@@ -469,6 +482,7 @@ def import_(
     optimizer: OptimizerOpt = Optimizer.adam,
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
+    mixed_precision: MixedPrecisionOpt = False,
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Held-out data (the criterion for removal).", readable=False),
@@ -487,8 +501,9 @@ def import_(
     from puma_cli.jobs.import_weights import import_weights as job
 
     recipe = _recipe(
-        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed
-    )
+        arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
+        mixed_precision,
+    )  # fmt: skip
     torch_device = resolve_device(device)
     report = job(
         weights,

@@ -415,3 +415,31 @@ def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path: Path) -> No
     finally:
         os.umask(mask)
     assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_mixed_precision_training_is_recorded_and_retrains_the_same_way(
+    data_dir: Path, model_file: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "mp.safetensors"
+    out = run_json(
+        "train", data_dir / "radial.csv", "--test", data_dir / "radial-test.csv",
+        "-o", path, "--mixed-precision", *FAST,
+    )  # fmt: skip
+    plain = run_json("info", model_file)["metrics"]["test"]["accuracy"]
+    assert out["test_accuracy"] >= plain - 0.05  # bfloat16 forward passes, same recipe
+    assert run_json("info", path)["recipe"]["mixed_precision"] is True
+    assert run_json("info", model_file)["recipe"]["mixed_precision"] is False
+    from safetensors.torch import load_file
+
+    mixed, reference = load_file(path), load_file(model_file)
+    floats = [t.dtype for t in mixed.values() if t.is_floating_point()]
+    assert floats and set(floats) == {torch.float32}  # the weights stay float32
+    # the same recipe and seed otherwise: the bfloat16 forward passes did change the training
+    assert any(not torch.equal(mixed[k], reference[k]) for k in mixed if "net." in k)
+    ids = [line.split(",")[0] for line in (data_dir / "radial.csv").read_text().splitlines()[1:]]
+    (tmp_path / "ids.txt").write_text("\n".join(ids[:20]) + "\n")
+    retrained = tmp_path / "rt.safetensors"
+    run_json("remove", "-m", path, "--marked", tmp_path / "ids.txt", "--method", "retrain",
+             "-o", retrained, "--device", "cpu")  # fmt: skip
+    last = run_json("info", retrained)["provenance"][-1]
+    assert last["parameters"]["recipe"]["mixed_precision"] is True

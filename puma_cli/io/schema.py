@@ -152,8 +152,9 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
     for key in ("arch", "activation", "optimizer"):
         if key in recipe:
             f.text(recipe[key], f"recipe.{key}")
-    if not isinstance(recipe.get("standardize", True), bool):
-        raise f.fail("recipe.standardize", "is not true or false")
+    for key in ("standardize", "mixed_precision"):
+        if not isinstance(recipe.get(key, key == "standardize"), bool):
+            raise f.fail(f"recipe.{key}", "is not true or false")
     if "hidden" in recipe:
         f.integers(recipe["hidden"], "recipe.hidden", 1, range(MAX_LAYERS + 1))
     f.mapping(recipe.get("arch_args") or {}, "recipe.arch_args")

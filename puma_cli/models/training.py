@@ -42,6 +42,10 @@ class TrainRecipe:
     standardize: bool = True  # fit per-feature mean/std first; off for imported weights
     arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-args
     arch_source: UserSource | None = None  # arch "user": FILE.py:Class, with its sha256
+    # bfloat16 autocast for training's forward passes (weights, optimiser state and
+    # gradients stay float32; no loss scaling is needed at bfloat16's range). Recorded,
+    # so retraining, SISA and shadow models train the same way; derivatives never use it.
+    mixed_precision: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
@@ -168,6 +172,9 @@ def fit(
     if group is not None and group.size:
         grouped = np.zeros(n, dtype=bool)
         grouped[group] = True
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.mixed_precision
+    )
     model.train()
     for epoch in range(epochs):
         order = _epoch_order(n, recipe.batch_size, generator, grouped).to(device)
@@ -175,7 +182,8 @@ def fit(
         for start in range(0, n, recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
             before = parameters_to_vector(model.parameters()).detach() if on_step else None
-            loss = F.cross_entropy(model(X[batch]), y[batch])
+            with autocast:
+                loss = F.cross_entropy(model(X[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -118,11 +118,11 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             engine, request.checkpoint, request.criterion, settings, options.cache, at_least, top
         )
         top = spectrum.lambda_max
-        psi = engine.directional_derivatives(spectrum.v, X_rows, y_rows).cpu().numpy()
-        target = float(psi[marked_at].sum())
         weights = marked_at.astype(float)
-        residual, upweighted = -target, 0
-        if reweight_others:
+        residual, upweighted = 0.0, 0
+        if reweight_others:  # influence needs no scores: it lets the criterion drift
+            psi = engine.directional_derivatives(spectrum.v, X_rows, y_rows).cpu().numpy()
+            target = float(psi[marked_at].sum())
             lam, residual = reweight(psi[~marked_at], target, options.lambda_cap)
             weights[~marked_at] = -lam
             upweighted = int((lam > 0).sum())
