@@ -45,7 +45,11 @@ CASES: dict[str, tuple[str, int, int, str, str]] = {
     "resnet18-w16-5k": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
     "resnet18-w16-5k-noisy": ("resnet18", 5_000, 32, '{"width": 16}', "auto"),
     "resnet18-w16-50k-noisy": ("resnet18", 50_000, 32, '{"width": 16}', "auto"),
+    # The issue's GPU cases (--device cuda): not run by default.
+    "gpu-resnet18-50k": ("resnet18", 50_000, 32, '{"width": 64}', "auto"),
+    "gpu-densenet-60k": ("densenet", 60_000, 32, "{}", "auto"),
 }
+GRAY = {"gpu-densenet-60k"}  # the paper's DenseNet takes 1 x 32 x 32 images
 # Training labels flipped at random: the clean images are learnt to 100 % and the model
 # then generalises perfectly (a retrained model fits the marked rows as well as the
 # original: nothing to remove); flipped labels give rows only their own training explains.
@@ -61,24 +65,29 @@ def gaussian_mixture(n: int, d: int, seed: int) -> dict[str, np.ndarray]:
     return {"X": X.astype(np.float32), "y": y}
 
 
-def images(n: int, side: int, seed: int, flip: float = 0.0) -> dict[str, np.ndarray]:
+def images(
+    n: int, side: int, seed: int, flip: float = 0.0, channels: int = 3
+) -> dict[str, np.ndarray]:
     """Class-dependent colour and stripes plus noise: learnable, not trivially; `flip` of
     the labels replaced by another class at random."""
-    base = np.random.default_rng(side).integers(40, 215, (10, 3, 1, 1))
+    base = np.random.default_rng(side).integers(40, 215, (10, 3, 1, 1))[:, :channels]
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 10, n)
     stripes = (np.arange(side)[None, None, :, None] * (y[:, None, None, None] + 1)) % 7 < 3
-    X = base[y] + 30 * stripes + rng.normal(0, 40, (n, 3, side, side))
+    X = base[y] + 30 * stripes + rng.normal(0, 40, (n, channels, side, side))
     flipped = rng.random(n) < flip
     y = np.where(flipped, (y + rng.integers(1, 10, n)) % 10, y)
     return {"X": np.clip(X, 0, 255).astype(np.uint8), "y": y}
+
+
+DEVICE = "cpu"  # --device
 
 
 def run_puma(args: list[str]) -> tuple[dict[str, Any], float, float]:
     """One CLI run in a fresh process: its JSON, wall seconds and peak resident MB."""
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "puma_cli", *args, "--json", "--device", "cpu"],
+        [sys.executable, "-m", "puma_cli", *args, "--json", "--device", DEVICE],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
@@ -102,8 +111,9 @@ def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
         np.savez(test, **gaussian_mixture(2_000, size, 1))
         arch = ["--arch", "mlp", "--hidden", shape]
     else:
-        np.savez(train, **images(rows, size, 0, LABEL_NOISE.get(name, 0.0)))
-        np.savez(test, **images(1_000, size, 1))
+        channels = 1 if name in GRAY else 3
+        np.savez(train, **images(rows, size, 0, LABEL_NOISE.get(name, 0.0), channels))
+        np.savez(test, **images(1_000, size, 1, channels=channels))
         arch = ["--arch", kind, "--arch-args", shape]
     model = folder / f"{name}.safetensors"
     trained, train_wall, _ = run_puma(
@@ -216,14 +226,16 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
         "cached s", "cached / retrain", "peak MB", "test acc before", "test acc after",
         "marked loss before", "marked loss PUMA", "marked loss retrain", "damping",
     ]  # fmt: skip
+    defaults = [r for r in rows if CASES[r["case"]][4] == "auto"]
+    gpu = DEVICE != "cpu"
     targets = [
-        ("cold <= 0.1 x retrain", [r["cold_ratio"] <= 0.1 for r in rows]),
-        ("cached <= 0.3 s", [r["cached_seconds"] <= 0.3 for r in rows]),
-        (
-            "test accuracy within 1 point",
-            [r["test_accuracy_before"] - r["test_accuracy_after"] <= 0.01 + 1e-9 for r in rows],
-        ),
-    ]
+        (f"cold <= {0.03 if gpu else 0.1} x retrain",
+         [r["cold_ratio"] <= (0.03 if gpu else 0.1) for r in defaults]),
+        (f"cached <= {2 if gpu else 0.3} s",
+         [r["cached_seconds"] <= (2 if gpu else 0.3) for r in defaults]),
+        ("test accuracy within 1 point",
+         [r["test_accuracy_before"] - r["test_accuracy_after"] <= 0.01 + 1e-9 for r in defaults]),
+    ]  # fmt: skip
     met = [f"- {name}: met in {sum(ok)} of {len(ok)} cases" for name, ok in targets]
     growth = {
         "rows, 2k parameters": slope(rows, "rows", ["mlp-2k-10k", "mlp-2k-20k", "mlp-2k-40k"]),
@@ -239,7 +251,7 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
     ]
     return "\n".join(
         [
-            "# Removal at scale (CPU)",
+            f"# Removal at scale ({'CPU' if DEVICE == 'cpu' else 'GPU'})",
             "",
             f"Command: {invocation(__file__)} (its cases took {seconds / 60:.0f} min). Times are each "
             "job's own `seconds` (reading files excluded); ratios are to `--method retrain` "
@@ -247,7 +259,8 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
             "",
             table(header, lines),
             "",
-            "Targets (issue 10, CPU cases):",
+            "Targets (issue 10), at the default curvature (the -exact rows, the paper's "
+            "engine, are there for reference):",
             *met,
             "",
             "Growth of PUMA's cold cost:",
@@ -265,7 +278,10 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument(
+        "--cases", nargs="*", default=[c for c in CASES if not c.startswith("gpu-")]
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the gpu- cases")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.md")
     parser.add_argument(
@@ -274,6 +290,8 @@ def main() -> None:
         help="Rerun only --cases; keep the other rows of the JSON beside --out.",
     )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     started = time.perf_counter()
     rows = []
     if args.keep and args.out.with_suffix(".json").exists():
