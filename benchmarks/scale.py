@@ -197,7 +197,7 @@ def slope(rows: list[dict[str, Any]], x: str, names: list[str]) -> float | None:
     return float(np.polyfit(xs, ys, 1)[0])
 
 
-def report(rows: list[dict[str, Any]], seconds: float) -> str:
+def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
     refused = [r for r in rows if "refused" in r]
     rows = [r for r in rows if "refused" not in r]
     lines = [
@@ -253,11 +253,15 @@ def report(rows: list[dict[str, Any]], seconds: float) -> str:
         [
             f"# Removal at scale ({'CPU' if DEVICE == 'cpu' else 'GPU'})",
             "",
-            f"Command: {invocation(__file__)} (its cases took {seconds / 60:.0f} min). Times are each "
+            f"Command: {invocation(__file__)} (its cases took {seconds / 60:.0f} min"
+            + (f"; {kept} rows kept from earlier runs, each run whole" if kept else "")
+            + "). Times are each "
             "job's own `seconds` (reading files excluded); ratios are to `--method retrain` "
             "in the same run. 1 % of the rows marked at random; batch size 128.",
             "",
             table(header, lines),
+            "",
+            *(f"- {r['case']}: {r['note']}" for r in rows if r.get("note")),
             "",
             "Targets (issue 10), at the default curvature (the -exact rows, the paper's "
             "engine, are there for reference):",
@@ -295,15 +299,16 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     if args.keep and args.out.with_suffix(".json").exists():
-        kept = json.loads(args.out.with_suffix(".json").read_text())
-        rows = [r for r in kept if r["case"] not in args.cases]
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        rows = [r for r in previous if r["case"] not in args.cases]
+    kept = len(rows)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             t0 = time.perf_counter()
             rows.append(measure(name, args.epochs, Path(tmp)))
             print(f"{name}: {time.perf_counter() - t0:.0f} s", json.dumps(rows[-1]), flush=True)
     rows.sort(key=lambda r: list(CASES).index(r["case"]))
-    text = report(rows, time.perf_counter() - started)
+    text = report(rows, time.perf_counter() - started, kept)
     write_results(args.out, text, rows)
     if any(math.isnan(r.get("cold_ratio", 0.0)) for r in rows):
         sys.exit(1)

@@ -82,10 +82,10 @@ def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, fl
 
 
 def _criterion_figures(
-    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 2048
 ) -> tuple[float, float]:
     with torch.no_grad():
-        logits = model(X).double()
+        logits = torch.cat([model(X[i : i + chunk]).double() for i in range(0, len(X), chunk)])
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
@@ -271,7 +271,7 @@ def _choose_scale(
                 total += float(F.cross_entropy(logits, target, reduction="sum"))
                 right += float((logits.argmax(1) == target).sum())
             rows = max(int(y_keep.shape[0]), 1)
-        loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc)
+        loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc, step)
         return total / rows, right / rows, loss, accuracy
 
     fit0, fit_accuracy0, loss0, accuracy0 = figures(0.0)
