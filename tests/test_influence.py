@@ -183,3 +183,24 @@ def test_flush_denormals_is_scoped() -> None:
     with flush_denormals():
         assert _flushing()
     assert _flushing() == before
+
+
+def test_the_criterion_gradient_in_chunks_equals_one_batch() -> None:
+    """gradient_on takes J^T of the criterion's logit gradient chunk by chunk (memory): for
+    the mean cross-entropy and for a criterion that does not split over rows alike."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    net = net.double()
+    X = torch.randn(300, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (300,))
+    engine = InfluenceModel(net, X, y, 0.0, chunk_size=64)
+
+    def spread(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1).max(dim=1).values.std()  # not a sum over rows
+
+    for criterion in (None, spread):
+        theta = engine._leaf()
+        logits = engine.logits(theta, X)
+        value = spread(logits, y) if criterion else torch.nn.functional.cross_entropy(logits, y)
+        whole = torch.autograd.grad(value, theta)[0]
+        assert torch.allclose(engine.gradient_on(X, y, criterion), whole, atol=1e-14)

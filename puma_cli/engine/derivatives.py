@@ -218,7 +218,7 @@ class InfluenceModel:
         pieces = [
             (i, min(i + self.chunk_size, int(X.shape[0])))
             for i in range(0, int(X.shape[0]), self.chunk_size)
-        ]
+        ] or [(0, 0)]
         with torch.no_grad():
             logits = torch.cat([self.logits(self.theta, X[a:b]) for a, b in pieces])
         logits.requires_grad_(True)
