@@ -189,17 +189,21 @@ def criterion_direction(
     settings: SolverSettings,
     cache: Cache | None,
     at_least: float = 0.0,
-    lambda_max: float | None = None,
+    previous: CriterionDirection | None = None,
 ) -> CriterionDirection:
     """grad C on the criterion data and v = H^-1 grad C, from the cache when it fits.
 
     `at_least` is a damping share the caller has raised the requested one to (a removal
-    whose every step broke the model); the solve starts there and the cache, still keyed
-    by the requested damping, records the share used, so the next request starts from it.
+    whose every step broke the model), `previous` the direction it had before: its grad C
+    and eigenvalue are reused, and the solve starts at `at_least`. The cache, still keyed
+    by the requested damping, records the share used, so the next request starts there.
     A fresh solve is staged in `cache`; the job commits it once its outputs are written."""
-    X = as_tensor(criterion.X, torch.float64, engine.device)
-    y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
-    grad_c = engine.gradient_on(X, y)
+    if previous is not None:
+        grad_c = previous.grad_c
+    else:
+        X = as_tensor(criterion.X, torch.float64, engine.device)
+        y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
+        grad_c = engine.gradient_on(X, y)
     key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}
     if cache is not None:
         hit = cache.load(key, _check_direction(engine.n_parameters))
@@ -208,7 +212,7 @@ def criterion_direction(
             v = tensors["v"].to(engine.device)
             top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
             return CriterionDirection(v, grad_c, top, damping, True)
-    top = lambda_max if lambda_max is not None else largest_curvature(engine, seed=settings.seed)
+    top = previous.lambda_max if previous else largest_curvature(engine, seed=settings.seed)
     solved = solve(engine, grad_c, settings.solver, max(settings.damping, at_least), top)
     if cache is not None:
         meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}

@@ -82,7 +82,7 @@ def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, fl
 
 
 def _criterion_figures(
-    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 2048
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
 ) -> tuple[float, float]:
     with torch.no_grad():
         logits = torch.cat([model(X[i : i + chunk]).double() for i in range(0, len(X), chunk)])
@@ -112,11 +112,12 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     marked_at = marked_in_trained[rows]  # the marked among the scored rows
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
     notes: list[str] = []
-    at_least, top = 0.0, None
+    at_least, spectrum = 0.0, None
     while True:  # Levenberg-Marquardt: more damping while no step keeps the performance
         spectrum = criterion_direction(
-            engine, request.checkpoint, request.criterion, settings, options.cache, at_least, top
-        )
+            engine, request.checkpoint, request.criterion, settings, options.cache, at_least,
+            spectrum,
+        )  # fmt: skip
         top = spectrum.lambda_max
         weights = marked_at.astype(float)
         residual, upweighted = 0.0, 0
