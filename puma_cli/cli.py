@@ -232,6 +232,12 @@ OptimizerOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+RemovalModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False)
+]
+MarkedOpt = Annotated[
+    Path, typer.Option("--marked", help="Ids file of the points to remove.", readable=False)
+]
 MixedPrecisionOpt = Annotated[
     bool,
     typer.Option(
@@ -652,13 +658,8 @@ def _eta(text: str) -> float | str:
 @app.command()
 @domain_errors
 def remove(
-    model: Annotated[
-        Path,
-        typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False),
-    ],
-    marked: Annotated[
-        Path, typer.Option("--marked", help="Ids file of the points to remove.", readable=False)
-    ],
+    model: RemovalModelOpt,
+    marked: MarkedOpt,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="Default: <stem>.removed.safetensors.", readable=False),
@@ -793,13 +794,8 @@ def remove(
 @app.command()
 @domain_errors
 def compare(
-    model: Annotated[
-        Path,
-        typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False),
-    ],
-    marked: Annotated[
-        Path, typer.Option("--marked", help="Ids file of the points to remove.", readable=False)
-    ],
+    model: RemovalModelOpt,
+    marked: MarkedOpt,
     methods: Annotated[
         str | None,
         typer.Option(

@@ -328,10 +328,10 @@ def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
 ) -> None:
     from puma_cli.unlearn import puma as puma_method
 
-    dampings = []
+    step_norms = []
 
     def never_safe(request, engine, x, *rest):  # type: ignore[no-untyped-def]
-        dampings.append(float(x.norm()))
+        step_norms.append(float(x.norm()))
         raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
 
     monkeypatch.setattr(puma_method, "_choose_scale", never_safe)
@@ -344,7 +344,7 @@ def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
     assert not (workspace / "r.safetensors").exists()
     # Levenberg-Marquardt: 100 times the damping each time, up to 1e6 x lambda_max
     # (CG may raise it tenfold on the way), each try a shorter step
-    assert 4 <= len(dampings) <= 5 and dampings == sorted(dampings, reverse=True)
+    assert 4 <= len(step_norms) <= 5 and step_norms == sorted(step_norms, reverse=True)
 
 
 def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
