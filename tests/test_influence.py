@@ -55,6 +55,44 @@ def test_per_sample_gradients_equal_a_loop_and_feed_psi_and_weighted_sums() -> N
     torch.testing.assert_close(engine.weighted_gradient(w), G.T @ w)
 
 
+SKIPPED_DECOMPOSITIONS = """
+import os, sys
+import torch
+from torch import nn
+from puma_cli.engine.derivatives import InfluenceModel
+
+torch.manual_seed(0)
+model = nn.Sequential(
+    nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.LogSigmoid(), nn.Flatten(), nn.Linear(12, 3)
+)
+model[1].running_mean.normal_()  # eval-mode BatchNorm with statistics of its own
+X, y = torch.randn(9, 1, 4, 4, dtype=torch.float64), torch.arange(9) % 3
+engine = InfluenceModel(model, X, y, chunk_size=4)
+v = torch.randn(engine.n_parameters, dtype=torch.float64)
+torch.testing.assert_close(engine.directional_derivatives(v), engine.per_sample_gradients() @ v)
+engine.ggn_vp(v)
+assert "torch._decomp.decompositions_for_jvp" not in sys.modules
+assert "PYTORCH_JIT" not in os.environ
+print("ok")
+"""
+
+
+def test_forward_mode_skips_the_jvp_decompositions_and_stays_exact() -> None:
+    """A fresh process (the decompositions load once per process): scores through conv,
+    eval-mode BatchNorm and LogSigmoid equal per-row gradients times v, without torch's
+    TorchScript decompositions, and PYTORCH_JIT is left as it was (unset)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_JIT"}
+    done = subprocess.run(
+        [sys.executable, "-c", SKIPPED_DECOMPOSITIONS], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
 def test_cg_and_lissa_agree_with_the_exact_solve() -> None:
     model, X, y = _tiny(2)
     engine = InfluenceModel(model, X, y, weight_decay=0.05)

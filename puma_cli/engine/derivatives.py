@@ -13,9 +13,8 @@ which costs more than a whole removal on the sample data.
 from __future__ import annotations
 
 import copy
-import warnings
+import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,13 +32,22 @@ Phases = Callable[[str, int, int], None]
 """Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
 
 
-@contextmanager
-def _quiet_jit() -> Iterator[None]:
-    """Forward-mode AD registers torch's decompositions through torch.jit.script on first
-    use, which torch 2.13 deprecates with a warning: torch's business, not the user's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-        yield
+def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
+    """fwad.make_dual without the decompositions torch registers on a process's first call
+    unless PYTORCH_JIT=0: TorchScript versions of the jvp of backward ops
+    (nll_loss_backward, batch_norm_backward, ...), which forward-over-reverse needs and
+    0.2-0.3 s of every process paid for (through torch.jit.script, which torch 2.13
+    deprecates with a warning). Every forward-mode pass here differentiates a forward
+    computation. The variable is set for this call only: TorchScript read it at import."""
+    previous = os.environ.get("PYTORCH_JIT")
+    os.environ["PYTORCH_JIT"] = "0"
+    try:
+        return fwad.make_dual(primal, tangent)
+    finally:
+        if previous is None:
+            del os.environ["PYTORCH_JIT"]
+        else:
+            os.environ["PYTORCH_JIT"] = previous
 
 
 class InfluenceModel:
@@ -152,8 +160,8 @@ class InfluenceModel:
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
         for X, _ in self._chunks(local=True):
-            with torch.no_grad(), _quiet_jit(), fwad.dual_level():
-                dual = fwad.unpack_dual(self.logits(fwad.make_dual(self.theta, v_in), X))
+            with torch.no_grad(), fwad.dual_level():
+                dual = fwad.unpack_dual(self.logits(_dual(self.theta, v_in), X))
                 logits, jv = dual.primal, dual.tangent
             p = torch.softmax(logits, dim=1)
             hjv = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
@@ -185,8 +193,8 @@ class InfluenceModel:
         parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         rows = self.local_rows(int((self.y if y is None else y).shape[0]))
         chunks = max(1, -(-len(rows) // self.chunk_size))
-        with torch.no_grad(), _quiet_jit(), fwad.dual_level():
-            theta = fwad.make_dual(self.theta, v.to(self.dtype))
+        with torch.no_grad(), fwad.dual_level():
+            theta = _dual(self.theta, v.to(self.dtype))
             for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
                 parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)
                 if self.phases is not None:
@@ -225,9 +233,12 @@ class InfluenceModel:
         value = criterion(logits, y) if criterion is not None else F.cross_entropy(logits, y)
         (upstream,) = torch.autograd.grad(value, logits)
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
+        # The gradient of a scalar: passing `upstream` as grad_outputs would make torch
+        # import sympy for its shape check, 0.5 s of every process's first request.
         for a, b in pieces:
             theta = self._leaf()
-            (part,) = torch.autograd.grad(self.logits(theta, X[a:b]), theta, upstream[a:b])
+            value = (self.logits(theta, X[a:b]) * upstream[a:b]).sum()
+            (part,) = torch.autograd.grad(value, theta)
             out += part.double()
         return out
 
