@@ -535,7 +535,12 @@ def mark(
         Path, typer.Option("-o", "--output", help="Ids file to write.", readable=False)
     ],
     cls: Annotated[
-        int | None, typer.Option("--class", help="Mark the smallest k-means cluster of this class.")
+        str | None,
+        typer.Option(
+            "--class",
+            help="Mark the smallest k-means cluster of this class: its number, or its name"
+            " where the labels are names.",
+        ),
     ] = None,
     clusters: Annotated[int, typer.Option("--clusters", help="k for k-means.")] = 8,
     all_classes: Annotated[

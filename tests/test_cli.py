@@ -186,6 +186,25 @@ def test_named_labels_are_mapped_and_carried_by_the_model(tmp_path: Path) -> Non
     assert_clean_error(result, "label 'eggs' is not one of the model's classes (ham, spam)")
 
 
+def test_mark_takes_a_class_by_name_or_number(tmp_path: Path) -> None:
+    rows = ["x,y,label"] + [f"{i % 7},{i % 5},{'spam' if i % 2 else 'ham'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    by_name = run_json(
+        "mark", tmp_path / "t.csv", "--class", "spam", "--clusters", "3", "-o", tmp_path / "a"
+    )
+    by_number = run_json(
+        "mark", tmp_path / "t.csv", "--class", "1", "--clusters", "3", "-o", tmp_path / "b"
+    )
+    assert by_name["method"] == "kmeans class spam (1), 3 clusters"
+    assert by_number["method"] == "kmeans class 1, 3 clusters"
+    ids = [line for line in (tmp_path / "a").read_text().splitlines() if not line.startswith("#")]
+    assert ids and all(int(i) % 2 == 1 for i in ids)  # spam rows only
+    assert ids == [line for line in (tmp_path / "b").read_text().splitlines() if line[0] != "#"]
+    result = run("mark", tmp_path / "t.csv", "--class", "eggs", "-o", tmp_path / "c")
+    assert_clean_error(result, "t.csv has no such class (its classes: ham, spam)")
+    assert not (tmp_path / "c").exists()
+
+
 def test_config_file_sets_defaults_and_flags_win(data_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "puma.yaml"
     config.write_text("seed: 7\ntrain:\n  epochs: 2\n  hidden: [8, 4]\n  batch-size: 16\n")

@@ -15,6 +15,20 @@ from puma_cli.errors import PumaError
 MAX_CLUSTERS = 10_000  # k-means past this many clusters marks single points: use --random
 
 
+def class_number(dataset: Dataset, value: str | int) -> int:
+    """The class `value` names: one of the data's class names, or a class number."""
+    names = dataset.class_names
+    if names is not None and str(value) in names:
+        return names.index(str(value))
+    try:
+        return int(value)
+    except ValueError:
+        classes = ", ".join(names) if names is not None else f"0..{dataset.n_classes - 1}"
+        raise PumaError(
+            f"--class {value}: {dataset.name} has no such class (its classes: {classes})"
+        ) from None
+
+
 def kmeans_marking(dataset: Dataset, cls: int, clusters: int = 8, seed: int = 0) -> np.ndarray:
     """Rows of the smallest of `clusters` k-means clusters among class `cls` (Listing 3).
 

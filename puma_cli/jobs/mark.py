@@ -11,6 +11,7 @@ from puma_cli.data.marking import (
     MAX_CLUSTERS,
     all_classes_marking,
     check_marking,
+    class_number,
     kmeans_marking,
     random_marking,
 )
@@ -32,7 +33,7 @@ def mark(
     data: Path,
     output: Path,
     *,
-    cls: int | None = None,
+    cls: str | int | None = None,
     clusters: int = 8,
     all_classes: bool = False,
     random_frac: float | None = None,
@@ -43,7 +44,10 @@ def mark(
     """Mark by k-means cluster (one class, or every class) or at random; write the ids."""
     chosen = [cls is not None, all_classes, random_frac is not None]
     if sum(chosen) != 1:
-        raise PumaError("choose exactly one marking: --class Y, --all-classes or --random FRAC")
+        raise PumaError(
+            "choose exactly one marking: --class Y (a number or a class name), --all-classes"
+            " or --random FRAC"
+        )
     require_range("--clusters", clusters, 1, MAX_CLUSTERS)
     check_outputs([output], [data], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col)
@@ -54,8 +58,10 @@ def mark(
         method = f"kmeans all classes, {clusters} clusters"
     else:
         assert cls is not None
-        rows = kmeans_marking(dataset, cls, clusters, seed)
-        method = f"kmeans class {cls}, {clusters} clusters"
+        number = class_number(dataset, cls)
+        rows = kmeans_marking(dataset, number, clusters, seed)
+        named = f"{cls} ({number})" if str(cls) != str(number) else str(number)
+        method = f"kmeans class {named}, {clusters} clusters"
     check_marking(rows, dataset)
     ids = dataset.ids[np.sort(rows)].tolist()
     note = (
