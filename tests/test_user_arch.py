@@ -79,6 +79,31 @@ def test_a_user_architecture_goes_through_every_command(
     assert run_json("eval", "-m", tmp_path / "retrain.safetensors")["n"] == 40
 
 
+def test_batchnorm_trains_when_a_batch_would_hold_one_row(
+    data_dir: Path, arch: Path, tmp_path: Path
+) -> None:
+    """BatchNorm cannot normalise one row in training mode (torch raises): a last batch of
+    one row joins the batch before it (144 trained rows in batches of 13), and a baseline
+    that trains on one marked row alone runs its norm layers on their running statistics
+    for that batch."""
+    model = tmp_path / "m.safetensors"
+    assert _train(data_dir, arch, model, "--batch-size", "13")["n_train"] == 144
+    (tmp_path / "one.txt").write_text(
+        (data_dir / "radial.csv").read_text().splitlines()[1].split(",", 1)[0] + "\n"
+    )
+    for method in ("retrain", "finetune", "neggrad", "random-labels", "salun", "scrub"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "one.txt", "--method", method,
+            "-o", tmp_path / f"{method}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] == 1, method
+    shadows = run_json(
+        "attack", "-m", tmp_path / "retrain.safetensors", "--targets", tmp_path / "one.txt",
+        "--attack", "lira", "--shadows", "8",
+    )  # fmt: skip
+    assert 0 <= shadows["auc"] <= 1
+
+
 def test_derivatives_are_taken_in_eval_mode(data_dir: Path, arch: Path, tmp_path: Path) -> None:
     """BatchNorm uses its running statistics and dropout is off: the engine's logits are
     the deployed model's, and the same on every call."""

@@ -179,11 +179,11 @@ def fit(
     for epoch in range(epochs):
         order = _epoch_order(n, recipe.batch_size, generator, grouped).to(device)
         total = 0.0
-        for start in range(0, n, recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
+        for start, stop in batch_bounds(n, recipe.batch_size):
+            batch = order[start:stop]
             before = parameters_to_vector(model.parameters()).detach() if on_step else None
             with autocast:
-                loss = F.cross_entropy(model(X[batch]), y[batch])
+                loss = F.cross_entropy(train_forward(model, X[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,6 +195,34 @@ def fit(
         if progress is not None:
             progress(epoch + 1, epochs, total / n)
     return model.eval()
+
+
+def batch_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of `size` over n rows in order; a last batch of one row
+    joins the one before it (BatchNorm cannot normalise one row in training mode), so
+    every row is still trained on in every epoch."""
+    bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def train_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """model(X) in training mode; for a batch of one row (one marked row alone) the
+    BatchNorm layers use their running statistics, since torch cannot normalise a single
+    row by its own (it raises)."""
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if X.shape[0] > 1 or not norms:
+        return model(X)
+    for m in norms:
+        m.eval()
+    try:
+        return model(X)
+    finally:
+        for m in norms:
+            m.train()
 
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:

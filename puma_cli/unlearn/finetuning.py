@@ -35,7 +35,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import TrainRecipe, make_optimizer
+from puma_cli.models.training import TrainRecipe, batch_bounds, make_optimizer, train_forward
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 Tensor = torch.Tensor
@@ -62,8 +62,11 @@ class Tuning:
 
     def batches(self, rows: Tensor) -> list[Tensor]:
         order = rows[torch.randperm(rows.numel(), generator=self.generator)]
-        size = self.recipe.batch_size
-        return [order[i : i + size] for i in range(0, order.numel(), size)]
+        return [order[a:b] for a, b in batch_bounds(order.numel(), self.recipe.batch_size)]
+
+    def forward(self, rows: Tensor) -> Tensor:
+        """The model's logits on these rows, in training mode (`train_forward`)."""
+        return train_forward(self.model, self.X[rows])
 
     def optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, replace(self.recipe, lr=self.lr))
@@ -133,8 +136,7 @@ def finetune(request: RemovalRequest) -> RemovalResult:
     t.model.train()
     for epoch in range(t.epochs):
         losses = [
-            _step(optimizer, F.cross_entropy(t.model(t.X[b]), t.y[b]))
-            for b in t.batches(t.remaining)
+            _step(optimizer, F.cross_entropy(t.forward(b), t.y[b])) for b in t.batches(t.remaining)
         ]
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "finetune")
@@ -151,8 +153,8 @@ def neggrad(request: RemovalRequest) -> RemovalResult:
         losses = []
         for b in t.batches(t.remaining):
             f = next(forget)
-            descent = F.cross_entropy(t.model(t.X[b]), t.y[b])
-            ascent = F.cross_entropy(t.model(t.X[f]), t.y[f])
+            descent = F.cross_entropy(t.forward(b), t.y[b])
+            ascent = F.cross_entropy(t.forward(f), t.y[f])
             losses.append(_step(optimizer, alpha * descent - (1 - alpha) * ascent))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "neggrad", alpha=alpha)
@@ -192,7 +194,7 @@ def _relabelled_training(
     for epoch in range(t.epochs):
         losses = []
         for b in t.batches(rows):
-            losses.append(_step(optimizer, F.cross_entropy(t.model(t.X[b]), labels[b])))
+            losses.append(_step(optimizer, F.cross_entropy(t.forward(b), labels[b])))
             if after_step is not None:
                 after_step()
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
@@ -267,11 +269,11 @@ def scrub(request: RemovalRequest) -> RemovalResult:
             for b in t.batches(t.marked):
                 with torch.no_grad():
                     target = teacher(t.X[b])
-                losses.append(_step(optimizer, -_kl(t.model(t.X[b]), target)))
+                losses.append(_step(optimizer, -_kl(t.forward(b), target)))
         for b in t.batches(t.remaining):  # min steps: stay with it on the remaining rows
             with torch.no_grad():
                 target = teacher(t.X[b])
-            out = t.model(t.X[b])
+            out = t.forward(b)
             loss = SCRUB_GAMMA * F.cross_entropy(out, t.y[b]) + SCRUB_ALPHA * _kl(out, target)
             losses.append(_step(optimizer, loss))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
