@@ -34,34 +34,45 @@ def _remove(folder: Path, out: str) -> dict:
     )  # fmt: skip
 
 
-def _rewrite_v(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+def _rewrite(path: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
     with open(path, "rb") as handle:
         import json
 
         meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
     tensors = load_file(str(path))
-    save_file({"v": change(tensors["v"])}, str(path), metadata=meta)
+    save_file({**tensors, name: change(tensors[name])}, str(path), metadata=meta)
 
 
 @pytest.mark.parametrize(
-    ("change", "note"),
+    ("name", "change", "note"),
     [
-        (lambda v: v[:-1].clone(), "does not hold v as a"),
-        (lambda v: torch.full_like(v, float("nan")), "holds NaN or inf"),
-        (lambda v: v[:, None].clone(), "does not hold v as a"),
+        ("v", lambda v: v[:-1].clone(), "does not hold v as a"),
+        ("v", lambda v: torch.full_like(v, float("nan")), "holds NaN or inf"),
+        ("v", lambda v: v[:, None].clone(), "does not hold v as a"),
+        ("grad_c", lambda g: g[:-1].clone(), "does not hold grad_c as a"),
+        ("grad_c", lambda g: torch.full_like(g, float("inf")), "holds NaN or inf"),
     ],
 )
-def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, change, note) -> None:  # type: ignore[no-untyped-def]
+def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, name, change, note) -> None:  # type: ignore[no-untyped-def]
     first = _remove(folder, "a.safetensors")
     assert not first["cached"] and first["warnings"] == []
     cache = folder / "m.influence.safetensors"
-    _rewrite_v(cache, change)
+    _rewrite(cache, name, change)
     second = _remove(folder, "b.safetensors")
     assert not second["cached"]
     assert any(note in w and "recomputed it" in w for w in second["warnings"]), second
     a, b = (run_json("eval", "-m", folder / f"{x}.safetensors", "--on", "test") for x in "ab")
     assert a == {**b, "model": a["model"]}  # no NaN reached the model
     assert _remove(folder, "c.safetensors")["cached"]  # the rebuilt cache is good
+
+
+def test_a_cache_hit_gives_the_cold_result(folder: Path) -> None:
+    """v and grad C both come from the cache: the cached removal writes the same model."""
+    cold, cached = _remove(folder, "a.safetensors"), _remove(folder, "b.safetensors")
+    assert not cold["cached"] and cached["cached"]
+    a, b = (load_file(str(folder / f"{x}.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cold["marked_loss_after"] == cached["marked_loss_after"]
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning(

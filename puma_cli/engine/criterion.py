@@ -197,26 +197,28 @@ def criterion_direction(
     whose every step broke the model), `previous` the direction it had before: its grad C
     and eigenvalue are reused, and the solve starts at `at_least`. The cache, still keyed
     by the requested damping, records the share used, so the next request starts there.
-    A fresh solve is staged in `cache`; the job commits it once its outputs are written."""
+    A fresh solve is staged in `cache`, grad C with it (a forward and backward pass over
+    the criterion split: 5,000 images of a ResNet-18 cost more than the rest of a cached
+    request); the job commits it once its outputs are written."""
+    key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}
+    if cache is not None:
+        hit = cache.load(key, _check_direction(engine.n_parameters))
+        if hit is not None and float(hit[1]["damping_used"]) >= at_least:
+            tensors, meta = hit
+            v, grad_c = (tensors[name].to(engine.device) for name in ("v", "grad_c"))
+            top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
+            return CriterionDirection(v, grad_c.double(), top, damping, True)
     if previous is not None:
         grad_c = previous.grad_c
     else:
         X = as_tensor(criterion.X, torch.float64, engine.device)
         y = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
         grad_c = engine.gradient_on(X, y)
-    key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}
-    if cache is not None:
-        hit = cache.load(key, _check_direction(engine.n_parameters))
-        if hit is not None and float(hit[1]["damping_used"]) >= at_least:
-            tensors, meta = hit
-            v = tensors["v"].to(engine.device)
-            top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
-            return CriterionDirection(v, grad_c, top, damping, True)
     top = previous.lambda_max if previous else largest_curvature(engine, seed=settings.seed)
     solved = solve(engine, grad_c, settings.solver, max(settings.damping, at_least), top)
     if cache is not None:
         meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
-        cache.stage({"v": solved.x}, meta)
+        cache.stage({"v": solved.x, "grad_c": grad_c}, meta)
     return CriterionDirection(solved.x, grad_c, top, solved.damping, False)
 
 
@@ -226,6 +228,7 @@ def _cache_key(
     if checkpoint.path is None:
         raise ValueError("a cached solve needs the checkpoint's path")
     return {
+        "holds": "v, grad_c",  # a cache of v alone (before 0.1.0) is solved again
         "checkpoint_sha256": sha256_file(checkpoint.path),
         "criterion_sha256": criterion.sha256 or "",
         "criterion_rows": str(len(criterion)),
@@ -238,15 +241,16 @@ def _cache_key(
 
 
 def _check_direction(size: int) -> Check:
-    """A cached v is one finite float vector of the model's size, with a positive
+    """A cached v and grad C are finite float vectors of the model's size, with a positive
     eigenvalue and damping: anything else would put garbage into a written model."""
 
     def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
-        v = tensors.get("v")
-        if v is None or v.dtype not in (torch.float32, torch.float64) or v.shape != (size,):
-            return f"does not hold v as a ({size},) float vector"
-        if not bool(torch.isfinite(v).all()):
-            return "holds NaN or inf"
+        for name in ("v", "grad_c"):
+            x = tensors.get(name)
+            if x is None or x.dtype not in (torch.float32, torch.float64) or x.shape != (size,):
+                return f"does not hold {name} as a ({size},) float vector"
+            if not bool(torch.isfinite(x).all()):
+                return "holds NaN or inf"
         try:
             numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
         except (KeyError, ValueError):

@@ -255,25 +255,19 @@ def _choose_scale(
             keep.numel(), GUARD_ROWS, replace=False
         )
         keep = keep[torch.as_tensor(np.sort(picked), device=keep.device)]
-    X_keep, y_keep = engine.X[keep], engine.y[keep]
+    X_keep, y_keep = engine.X[keep].float(), engine.y[keep]
     tolerance = request.options.fit_tolerance
     max_drop = request.options.max_accuracy_drop / 100 + 1e-12
 
     step = engine.chunk_size
 
     def figures(scale: float) -> tuple[float, float, float, float]:
-        delta = (scale / n) * x
-        with torch.no_grad():
-            theta = (engine.theta.double() + delta).to(engine.dtype)
-            total, right = 0.0, 0.0
-            for i in range(0, int(y_keep.shape[0]), step):
-                logits = engine.logits(theta, X_keep[i : i + step])
-                target = y_keep[i : i + step]
-                total += float(F.cross_entropy(logits, target, reduction="sum"))
-                right += float((logits.argmax(1) == target).sum())
-            rows = max(int(y_keep.shape[0]), 1)
-        loss, accuracy = _criterion_figures(engine.patched_module(delta), Xc, yc, step)
-        return total / rows, right / rows, loss, accuracy
+        # Both checks on the float32 model that would be written (half the cost of a
+        # float64 engine's forward passes), its logits summed in float64.
+        patched = engine.patched_module((scale / n) * x)
+        fit, fit_accuracy = _criterion_figures(patched, X_keep, y_keep, step)
+        loss, accuracy = _criterion_figures(patched, Xc, yc, step)
+        return fit, fit_accuracy, loss, accuracy
 
     fit0, fit_accuracy0, loss0, accuracy0 = figures(0.0)
     # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
