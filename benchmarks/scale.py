@@ -254,7 +254,11 @@ def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
             f"# Removal at scale ({'CPU' if DEVICE == 'cpu' else 'GPU'})",
             "",
             f"Command: {invocation(__file__)} (its cases took {seconds / 60:.0f} min"
-            + (f"; {kept} rows kept from earlier runs, each run whole" if kept else "")
+            + (
+                f"; {kept} row{'s' if kept > 1 else ''} kept from earlier runs, each run whole"
+                if kept
+                else ""
+            )
             + "). Times are each "
             "job's own `seconds` (reading files excluded); ratios are to `--method retrain` "
             "in the same run. 1 % of the rows marked at random; batch size 128.",
