@@ -127,8 +127,11 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             lam, residual = reweight(psi[~marked_at], target, options.lambda_cap)
             weights[~marked_at] = -lam
             upweighted = int((lam > 0).sum())
+        # Only the rows with a weight: the reweighting leaves most candidates at zero.
+        weighted = np.flatnonzero(weights)
+        at = torch.as_tensor(rows[weighted], device=engine.device)
         direction = engine.weighted_gradient(
-            torch.as_tensor(weights, device=engine.device), X_rows, y_rows
+            torch.as_tensor(weights[weighted], device=engine.device), engine.X[at], engine.y[at]
         )
         step = solve(engine, direction, options.solver, spectrum.damping, top)
         if not torch.isfinite(step.x).all():
@@ -261,32 +264,28 @@ def _choose_scale(
 
     step = engine.chunk_size
 
-    def figures(scale: float) -> tuple[float, float, float, float]:
-        # Both checks on the float32 model that would be written (half the cost of a
-        # float64 engine's forward passes), its logits summed in float64.
-        patched = engine.patched_module((scale / n) * x)
-        fit, fit_accuracy = _criterion_figures(patched, X_keep, y_keep, step)
-        loss, accuracy = _criterion_figures(patched, Xc, yc, step)
-        return fit, fit_accuracy, loss, accuracy
+    # Every check runs on the float32 model that would be written (half the cost of a
+    # float64 engine's forward passes), its logits summed in float64.
+    def patched(scale: float) -> torch.nn.Module:
+        return engine.patched_module((scale / n) * x)
 
-    fit0, fit_accuracy0, loss0, accuracy0 = figures(0.0)
+    original = patched(0.0)
+    fit0, fit_accuracy0 = _criterion_figures(original, X_keep, y_keep, step)
+    loss0, accuracy0 = _criterion_figures(original, Xc, yc, step)
     # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
     # of it trips the guard; their accuracy is what must hold, as on the held-out rows.
     by_accuracy = request.options.forget == "step"
     scales = FORGET_SCALES if by_accuracy else AUTO_SCALES
 
     def passes(scale: float) -> bool:
-        fit, fit_accuracy, loss, accuracy = figures(scale)
-        remaining_hold = (
-            fit_accuracy0 - fit_accuracy <= max_drop
-            if by_accuracy
-            else fit <= fit0 * (1 + tolerance) + 1e-9
-        )
-        return (
-            remaining_hold
-            and loss <= loss0 * (1 + tolerance) + 1e-9
-            and accuracy0 - accuracy <= max_drop
-        )
+        model = patched(scale)
+        loss, accuracy = _criterion_figures(model, Xc, yc, step)  # the smaller pass first
+        if loss > loss0 * (1 + tolerance) + 1e-9 or accuracy0 - accuracy > max_drop:
+            return False
+        fit, fit_accuracy = _criterion_figures(model, X_keep, y_keep, step)
+        if by_accuracy:
+            return fit_accuracy0 - fit_accuracy <= max_drop
+        return fit <= fit0 * (1 + tolerance) + 1e-9
 
     if passes(scales[0]):
         chosen = scales[0]
