@@ -211,11 +211,11 @@ def train_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
     """model(X) in training mode; for a batch of one row (one marked row alone) the
     BatchNorm layers use their running statistics, since torch cannot normalise a single
     row by its own (it raises)."""
+    if X.shape[0] > 1:
+        return model(X)
     norms = [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
     ]
-    if X.shape[0] > 1 or not norms:
-        return model(X)
     for m in norms:
         m.eval()
     try:

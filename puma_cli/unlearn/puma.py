@@ -279,7 +279,7 @@ def _choose_scale(
 
     def passes(scale: float) -> bool:
         model = patched(scale)
-        loss, accuracy = _criterion_figures(model, Xc, yc, step)  # the smaller pass first
+        loss, accuracy = _criterion_figures(model, Xc, yc, step)  # held-out first
         if loss > loss0 * (1 + tolerance) + 1e-9 or accuracy0 - accuracy > max_drop:
             return False
         fit, fit_accuracy = _criterion_figures(model, X_keep, y_keep, step)
