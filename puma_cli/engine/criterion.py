@@ -125,7 +125,8 @@ def training_engine(
             factor_cache = None  # a cache is keyed by the checkpoint's file
         elif factor_cache is not None and choice.name in KINDS:  # hash only where it is read
             key["checkpoint_sha256"] = sha256_file(path)
-        attach_curvature(engine, choice, key, settings.seed, factor_cache)
+        fit_dtype = torch.float64 if precision == "float64" else torch.float32
+        attach_curvature(engine, choice, key, settings.seed, factor_cache, fit_dtype)
     return engine
 
 

