@@ -1152,7 +1152,11 @@ def eval_(
     ] = None,
     on: Annotated[
         str | None,
-        typer.Option("--on", help="Or a file the checkpoint recorded: train, val or test."),
+        typer.Option(
+            "--on",
+            help="Or a file the checkpoint recorded: train (the rows trained on; with --ids, "
+            "any row of it, removed ones too), val or test.",
+        ),
     ] = None,
     ids: Annotated[
         Path | None, typer.Option("--ids", help="Only these ids of the data.", readable=False)

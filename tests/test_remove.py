@@ -132,6 +132,27 @@ def test_a_second_removal_works_on_what_remains(workspace: Path, data_dir: Path)
     assert info["rows"]["removed"] >= first["removed"] + second["removed"]
 
 
+def test_eval_on_train_with_ids_evaluates_removed_rows(workspace: Path, data_dir: Path) -> None:
+    """`eval --on train --ids` after a removal: the marked rows are no longer trained on,
+    but they are in the recorded training file, which is where a user looks for them; the
+    same figures as `--data` with the file itself. Without --ids: the trained rows only."""
+    out = run_json("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt")
+    removed, ids = workspace / "m.removed.safetensors", workspace / "ids.txt"
+    on_train = run_json("eval", "-m", removed, "--on", "train", "--ids", ids)
+    on_file = run_json("eval", "-m", removed, "--data", data_dir / "radial.csv", "--ids", ids)
+    assert on_train["n"] == on_file["n"] == out["removed"]
+    assert on_train["loss"] == pytest.approx(on_file["loss"])
+    assert on_train["loss"] == pytest.approx(out["marked_loss_after"], rel=1e-4)
+    trained = run_json("eval", "-m", removed, "--on", "train")
+    before = run_json("eval", "-m", workspace / "m.safetensors", "--on", "train")
+    assert trained["n"] == before["n"] - out["removed"]
+    (workspace / "bogus.txt").write_text("no-such-id\n")
+    assert_clean_error(
+        run("eval", "-m", removed, "--on", "train", "--ids", workspace / "bogus.txt"),
+        "not in",
+    )
+
+
 @pytest.mark.parametrize("solver", ["exact", "lissa"])
 def test_other_solvers_agree_with_cg(workspace: Path, solver: str) -> None:
     common = [

@@ -43,7 +43,7 @@ def evaluate_model(
     """Evaluate on a file, or on a file the checkpoint recorded (`on`: train, val or test)."""
     require_range("--bins", bins, 1, MAX_BINS)
     checkpoint = ckpt.load_checkpoint(model, device)
-    dataset = _eval_dataset(checkpoint, data, on, options)
+    dataset = _eval_dataset(checkpoint, data, on, options, every_row=ids is not None)
     dataset = recorded.fit_to_model(checkpoint, dataset)
     if ids is not None:
         wanted = read_ids(ids)
@@ -55,8 +55,15 @@ def evaluate_model(
 
 
 def _eval_dataset(
-    checkpoint: ckpt.Checkpoint, data: Path | None, on: str | None, options: DataOptions | None
+    checkpoint: ckpt.Checkpoint,
+    data: Path | None,
+    on: str | None,
+    options: DataOptions | None,
+    every_row: bool = False,
 ) -> Dataset:
+    """The data to evaluate on. `--on train` is the rows trained on, or with `every_row`
+    (ids given) every row of the recorded training file: after a removal the marked rows
+    are no longer trained on, and `--on train --ids marked.txt` is how one asks for them."""
     if data is not None and on is not None:
         raise PumaError("give --data FILE or --on train|val|test, not both")
     if data is not None:
@@ -81,6 +88,6 @@ def _eval_dataset(
             raise PumaError(f"{checkpoint.path} was trained without a validation split")
         return dataset.subset(rows)
     dataset = recorded.load_recorded_dataset(checkpoint, role)
-    if role == "train":
+    if role == "train" and not every_row:
         return dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
     return dataset
