@@ -67,12 +67,19 @@ def test_kronecker_equals_the_exact_ggn_on_one_row_of_a_linear_model(kind: str) 
     assert curvature.uncovered == 0
 
 
+def _no_bias(seed: int) -> nn.Module:
+    """A layer without a bias (ResNet-18's and DenseNet's convolutions have none), one with."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-def test_our_closed_form_blocks_match_curvlinops_and_invert(kind: str) -> None:
+def test_our_closed_form_blocks_match_curvlinops_and_invert(kind: str, bias: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator
-    net = _mlp(2)
+    net = _mlp(2) if bias else _no_bias(2)
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (20,))
     batches = [(X[:8], y[:8]), (X[8:], y[8:])]

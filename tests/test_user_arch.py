@@ -211,11 +211,17 @@ def test_the_built_in_image_networks_train_and_unlearn(
     with np.load(DIGITS) as digits:
         ids = digits["ids"][:20].tolist()
     (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    out = run_json(
-        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "r.safetensors",
-        "--device", "cpu",
-    )  # fmt: skip
-    assert out["removed"] <= 20 and out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    # Their convolutions have no bias: EK-FAC keeps those layers' eigenvalues apart.
+    for curvature in ("auto", "kfac", "ekfac"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] <= 20
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+        if curvature != "auto":
+            assert out["parameters"]["curvature"] == curvature
+            assert out["parameters"]["uncovered_parameters"] > 0  # BatchNorm's
 
 
 def test_help_says_that_a_user_file_is_imported() -> None:

@@ -200,7 +200,7 @@ def fit_kronecker(
         if kind == "ekfac":
             Qa = state["input_covariances_eigenvectors"][name].double()
             Qb = state["gradient_covariances_eigenvectors"][name].double()
-            E = state["corrected_eigenvalues"][name].double()
+            E = _joint_eigenvalues(state["corrected_eigenvalues"][name])
         else:
             la, Qa = torch.linalg.eigh(state["input_covariances"][name].double())
             lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name].double())
@@ -208,6 +208,20 @@ def fit_kronecker(
         factors[name] = (Qa, Qb, E.clamp_min(0))
     blocks, covered = _blocks(module, names, sizes, factors)
     return KroneckerCurvature(kind, blocks, sum(sizes), covered.to(blocks[0].E.device))
+
+
+def _joint_eigenvalues(value: Tensor | dict[int, Tensor]) -> Tensor:
+    """A layer's EK-FAC eigenvalues as one (out, in') tensor. curvlinops 3.0.1 keeps them
+    as one tensor for a weight and bias taken together, and as a dict by parameter
+    position for a layer without a bias (every convolution of ResNet-18 and DenseNet):
+    then its one entry, the weight's."""
+    if isinstance(value, Tensor):
+        return value.double()
+    if len(value) != 1:
+        raise PumaError(
+            f"EK-FAC returned {len(value)} eigenvalue sets for one layer; use --curvature kfac"
+        )
+    return next(iter(value.values())).double()
 
 
 def _batched_type2(base: type) -> type:
