@@ -73,6 +73,43 @@ def _no_bias(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).double().eval()
 
 
+class _PooledConv(nn.Module):
+    """One convolution, then the mean over positions: linear in its weights, one loss per
+    image (the setting of a classifier), the weights shared over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kronecker_is_exact_on_one_image_of_a_pooled_convolution(kind: str) -> None:
+    """K-FAC-reduce (Eschenhagen et al. 2023), the approximation used for shared weights,
+    is the exact GGN of one image through a linear convolution and pooling; K-FAC-expand,
+    curvlinops' default, is not (it treats every position as its own example)."""
+    torch.manual_seed(4)
+    net = _PooledConv().double().eval()
+    X = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([1])
+    engine = InfluenceModel(net, X, y)
+    exact = _dense(engine.ggn_vp, engine.n_parameters)
+    curvature = fit_kronecker(kind, net, *_layout(net), [(X, y)], fisher="type-2")
+    assert torch.allclose(_dense(curvature.matvec, engine.n_parameters), exact, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from curvlinops import KFACLinearOperator
+
+        expand = KFACLinearOperator(
+            net, nn.CrossEntropyLoss(), list(net.parameters()), [(X, y)], fisher_type="type-2",
+            separate_weight_and_bias=False, check_deterministic=False,
+        )  # fmt: skip
+    dense_expand = expand @ torch.eye(engine.n_parameters, dtype=torch.float64)
+    assert not torch.allclose(dense_expand, exact, atol=1e-6)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_our_closed_form_blocks_match_curvlinops_and_invert(kind: str, bias: bool) -> None:

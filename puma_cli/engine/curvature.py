@@ -24,6 +24,7 @@ import torch
 
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.kronecker import (
+    APPROXIMATION,
     KINDS,
     KroneckerCurvature,
     fit_kronecker,
@@ -95,7 +96,7 @@ def attach_curvature(
     full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
                 "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
                 "labels": "seeded per batch", "batch": str(_fit_batch(engine, choice)),
-                "fit_precision": str(fit_dtype)}  # fmt: skip
+                "fit_precision": str(fit_dtype), "shared_weights": APPROXIMATION}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
 
@@ -148,6 +149,7 @@ def describe(engine: InfluenceModel) -> dict[str, object]:
     info: dict[str, object] = {"curvature": engine.curvature}
     if engine.kronecker is not None:
         info["uncovered_parameters"] = engine.kronecker.uncovered
+        info["shared_weights"] = f"K-FAC-{APPROXIMATION}"
         info["curvature_cached"] = engine.kronecker_cached
     return info
 

@@ -3,7 +3,8 @@
 For each Linear and Conv2d layer, with its weight and bias taken together as one matrix
 M (out, in + 1), K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions)
 approximates the layer's block of the GGN as A (x) B: A the inputs' second moment,
-B that of the gradients at the layer's output. With A = Qa diag(la) Qa^T and
+B that of the gradients at the layer's output (for shared weights, the reduce variant:
+see APPROXIMATION). With A = Qa diag(la) Qa^T and
 B = Qb diag(lb) Qb^T, every block is diagonal in the eigenbasis Qb (x) Qa with
 eigenvalues lb la^T; EK-FAC (George et al. 2018) keeps the basis and refits those
 eigenvalues to the data, which is exact for a single row. So
@@ -38,6 +39,15 @@ from puma_cli.errors import PumaError
 Tensor = torch.Tensor
 KINDS = ("kfac", "ekfac")
 FISHER = ("type-2", "mc")  # the exact GGN per row, or one sampled label per row
+# Weights shared over positions (a convolution, a Linear on tokens) with one loss per row:
+# K-FAC-reduce (Eschenhagen et al. 2023) averages the inputs over positions and sums the
+# output gradients, which is exact for one image through a linear layer and pooling;
+# K-FAC-expand (curvlinops' default) counts every position as a row. Measured on a ResNet-18
+# (width 16, 1,000 images, against CG on the exact GGN): cosine 0.38 against 0.17 at
+# damping 0.01, rank correlation of the scores 0.75 against 0.50, the fit 4x faster
+# (3.1 s against 13.1 s); the same on the digits CNN (0.62-0.72 for both). For a Linear
+# layer on (rows, features) the two are the same.
+APPROXIMATION = "reduce"
 
 
 @dataclass
@@ -183,6 +193,7 @@ def fit_kronecker(
             seed=seed,
             num_data=total,
             num_per_example_loss_terms=1,
+            kfac_approx=APPROXIMATION,
         )
         # One batch at a time, each with its own seed for the sampled labels, so that the
         # sums (all-reduced under torchrun) do not depend on how the batches are split.
