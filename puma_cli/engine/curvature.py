@@ -92,10 +92,10 @@ def attach_curvature(
     engine.curvature = choice.name
     if choice.name not in KINDS:
         return
-    fit_dtype = torch.promote_types(fit_dtype, torch.float32)  # never below float32
+    size = _fit_batch(engine, choice)
     full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
                 "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
-                "labels": "seeded per batch", "batch": str(_fit_batch(engine, choice)),
+                "labels": "seeded per batch", "batch": str(size),
                 "fit_precision": str(fit_dtype), "shared_weights": APPROXIMATION}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
@@ -119,7 +119,6 @@ def attach_curvature(
     rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
     index = torch.as_tensor(rows, device=engine.device)
     X, y = engine.X[index].to(fit_dtype), engine.y[index]
-    size = _fit_batch(engine, choice)
     batches = [(X[i : i + size], y[i : i + size]) for i in range(0, len(rows), size)]
     module = engine.module
     if fit_dtype != engine.dtype:
