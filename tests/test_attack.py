@@ -169,6 +169,10 @@ def test_lira_through_the_cli_shares_shadows_along_a_removal_chain(
             "4",
         )
         assert out["attack"] == attack and 0 <= out["auc"] <= 1
+        assert out["shadows"] == 4
+        assert any(
+            "only 4 shadow models" in note and "--shadows 16" in note for note in out["notes"]
+        )
     caches = sorted(tmp_path.glob("puma-shadows-*.safetensors"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns

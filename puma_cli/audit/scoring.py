@@ -29,6 +29,7 @@ class AttackReport:
     accuracy: float | None = None  # balanced: (member rate + 1 - non-member rate) / 2
     forgetting_score: float | None = None  # u-lira: the unlearning challenge's F
     model_flagged: float | None = None  # u-lira: share of targets the model gives away
+    shadows: int | None = None  # the shadow models the scores rest on (lira, shokri)
 
 
 def roc_curve(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

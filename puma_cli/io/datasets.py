@@ -219,7 +219,10 @@ def _read_npz(path: Path, class_names: Sequence[str] | None) -> Dataset:
     arrays = read_npz_arrays(path)
     for key in ("X", "y"):
         if key not in arrays:
-            raise DataError(f"{path} has no array '{key}' (arrays: {', '.join(arrays)})")
+            raise DataError(
+                f"{path} has no array '{key}' (arrays: {', '.join(arrays) or 'none'}); save "
+                "the features as X and the labels as y: np.savez(path, X=..., y=...)"
+            )
     X, y = arrays["X"], arrays["y"]
     if X.ndim not in (2, 4):
         raise DataError(f"{path}: X has shape {X.shape}; expected (n, d) or (n, C, H, W)")

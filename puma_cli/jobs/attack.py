@@ -38,6 +38,7 @@ from puma_cli.models.predict import predict_logits
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
 
 Progress = Callable[[int, int, float], None]
+FEW_SHADOWS = 16  # the default; fewer leave each point's mean on a handful of models
 
 
 def attack(
@@ -46,7 +47,7 @@ def attack(
     *,
     method: str = "loss",
     nonmembers: Path | None = None,
-    shadows: int = 16,
+    shadows: int = FEW_SHADOWS,
     plot: Path | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -99,7 +100,14 @@ def attack(
         members = scores[target_rows]
         outsiders = scores[len(dataset) :]
         report = score_report(method, members, outsiders, threshold)
-        report = replace(report, notes=[*report.notes, f"{shadows} shadow models"])
+        notes = list(report.notes)
+        if shadows < FEW_SHADOWS:
+            notes.append(
+                f"only {shadows} shadow models: each point's mean rests on about "
+                f"{max(1, shadows // 2)} of them a side; --shadows {FEW_SHADOWS} or more steadies "
+                "the scores"
+            )
+        report = replace(report, notes=notes, shadows=shadows)
     if not parallel.leader():  # under torchrun, rank 0 writes the plot and the cache
         return report
     if plot is not None:
