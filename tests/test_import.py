@@ -159,3 +159,19 @@ def test_import_refuses_what_it_cannot_wrap(
     assert_clean_error(result, "--lr 0 is out of range")
     assert list(tmp_path.iterdir()) == []
     assert np.isfinite(load_file(str(elsewhere / "w.safetensors"))["out.weight"].numpy()).all()
+
+
+def test_an_import_without_validation_data_says_how_to_give_it(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    result = run(
+        "import", elsewhere / "w.safetensors", "--arch", f"{elsewhere / 'net.py'}:Net",
+        "--data", data_dir / "radial.csv", "-o", model,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (tmp_path / "ids.txt").write_text("0\n2\n")
+    result = run("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--arch-file",
+                 elsewhere / "net.py")  # fmt: skip
+    assert_clean_error(result, "--criterion-data FILE (rows it was not trained on) or import it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "m.safetensors"]

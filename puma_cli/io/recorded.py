@@ -141,9 +141,11 @@ def criterion_set(
         return load_recorded_dataset(checkpoint, "val")
     rows = np.flatnonzero(roles == ROLE_VALIDATION)
     if rows.size == 0:
+        imported = bool(checkpoint.provenance) and checkpoint.provenance[0].get("op") == "import"
+        again = "import it again with --val FILE" if imported else "retrain with --val-frac 0.1"
         raise PumaError(
             f"{checkpoint.path} has no held-out validation data for the criterion C; "
-            "pass --criterion-data FILE or retrain with --val-frac 0.1"
+            f"pass --criterion-data FILE (rows it was not trained on) or {again}"
         )
     return dataset.subset(rows)
 
