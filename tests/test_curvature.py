@@ -259,3 +259,67 @@ def test_factors_fitted_in_float32_match_float64(kind: str) -> None:
     torch.testing.assert_close(fitted[torch.float64].inverse(v, 0.1), exact, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fitted[torch.float32].inverse(v, 0.1), exact, rtol=1e-4, atol=1e-6)
     assert next(engine.module.parameters()).dtype == torch.float64  # the engine is untouched
+
+
+class _OffInput(nn.Module):
+    """A layer whose output does not depend on the input (a learnt class prior through a
+    Linear) beside one that does, and a forward that can write into its input."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.prior = nn.Linear(2, 3)
+        self.code = nn.Parameter(torch.randn(2))
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            x.mul_(0.5)
+        return self.body(x.tanh()) + self.prior(self.code.expand(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("model", ["mlp", "off-input", "in-place"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_factors_taken_through_the_input_equal_curvlinops_or_fall_back(
+    kind: str, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit backpropagates to the input, not the weights; where a layer's output does
+    not depend on the input, or the forward writes into it, it takes the weights' path.
+    Each equals curvlinops' own operator."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from curvlinops import EKFACLinearOperator, KFACLinearOperator
+    torch.manual_seed(4)
+    net = _mlp(4) if model == "mlp" else _OffInput(model == "in-place").double()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    reference_class = EKFACLinearOperator if kind == "ekfac" else KFACLinearOperator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = reference_class(
+            net, nn.CrossEntropyLoss(), params, [(X.clone(), y)], fisher_type="type-2",
+            separate_weight_and_bias=False, check_deterministic=False,
+        )  # fmt: skip
+    targets: list[tuple[int, ...]] = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, **kwargs):  # type: ignore[no-untyped-def]
+        targets.append(tuple(inputs[0].shape))
+        return grad(outputs, inputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    curvature = fit_kronecker(kind, net, *_layout(net), [(X.clone(), y)], fisher="type-2")
+    monkeypatch.undo()
+    # The last fit's backward passes went to the input (12 x 3) or, falling back, the weights.
+    assert (targets[-1] == (12, 3)) == (model == "mlp")
+    names = [n for n, _ in net.named_parameters()]
+    covered = [i for i, (n, _) in enumerate(net.named_parameters()) if n != "code"]
+    v = torch.randn(curvature.size, dtype=torch.float64)
+    sizes = [p.numel() for p in net.parameters()]
+    parts = list(torch.split(v, sizes))
+    mine = torch.split(curvature.matvec(v), sizes)
+    ours = [mine[i] for i in covered]
+    theirs = reference @ torch.cat([parts[i] for i in covered if names[i] != "code"])
+    assert torch.allclose(torch.cat(ours), theirs, atol=1e-12)
