@@ -261,21 +261,34 @@ def test_factors_fitted_in_float32_match_float64(kind: str) -> None:
     assert next(engine.module.parameters()).dtype == torch.float64  # the engine is untouched
 
 
-class _OffInput(nn.Module):
-    """A layer whose output does not depend on the input (a learnt class prior through a
-    Linear) beside one that does, and a forward that can write into its input."""
+class _Unusual(nn.Module):
+    """off-input: a layer whose output does not depend on the input (a learnt class prior
+    through a Linear) beside one that does; in-place: a forward that writes into its input
+    (the prior then takes a row of the input)."""
 
-    def __init__(self, in_place: bool) -> None:
+    def __init__(self, model: str) -> None:
         super().__init__()
         self.body = nn.Linear(3, 3)
         self.prior = nn.Linear(2, 3)
         self.code = nn.Parameter(torch.randn(2))
-        self.in_place = in_place
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_place:
+        if self.model == "in-place":
             x.mul_(0.5)
+            return self.body(x.tanh()) + self.prior(x[:, :2] * self.code)
         return self.body(x.tanh()) + self.prior(self.code.expand(x.shape[0], -1))
+
+
+class _Fresh:
+    """One batch, given afresh on every pass over the data (a forward that writes into
+    its input would otherwise change it for curvlinops' next pass)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield self.X.clone(), self.y
 
 
 @pytest.mark.parametrize("model", ["mlp", "off-input", "in-place"])
@@ -283,14 +296,14 @@ class _OffInput(nn.Module):
 def test_factors_taken_through_the_input_equal_curvlinops_or_fall_back(
     kind: str, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fit backpropagates to the input, not the weights; where a layer's output does
-    not depend on the input, or the forward writes into it, it takes the weights' path.
-    Each equals curvlinops' own operator."""
+    """The fit backpropagates to the input, not the weights, also where the forward
+    writes into its input; where a layer's output does not depend on the input, it takes
+    the weights' path. Each equals curvlinops' own operator, and leaves no hook behind."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator
     torch.manual_seed(4)
-    net = _mlp(4) if model == "mlp" else _OffInput(model == "in-place").double()
+    net = _mlp(4) if model == "mlp" else _Unusual(model).double()
     X = torch.randn(12, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (12,))
     layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
@@ -299,7 +312,7 @@ def test_factors_taken_through_the_input_equal_curvlinops_or_fall_back(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = reference_class(
-            net, nn.CrossEntropyLoss(), params, [(X.clone(), y)], fisher_type="type-2",
+            net, nn.CrossEntropyLoss(), params, _Fresh(X, y), fisher_type="type-2",
             separate_weight_and_bias=False, check_deterministic=False,
         )  # fmt: skip
     targets: list[tuple[int, ...]] = []
@@ -313,7 +326,8 @@ def test_factors_taken_through_the_input_equal_curvlinops_or_fall_back(
     curvature = fit_kronecker(kind, net, *_layout(net), [(X.clone(), y)], fisher="type-2")
     monkeypatch.undo()
     # The last fit's backward passes went to the input (12 x 3) or, falling back, the weights.
-    assert (targets[-1] == (12, 3)) == (model == "mlp")
+    assert (targets[-1] == (12, 3)) == (model != "off-input")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     names = [n for n, _ in net.named_parameters()]
     covered = [i for i, (n, _) in enumerate(net.named_parameters()) if n != "code"]
     v = torch.randn(curvature.size, dtype=torch.float64)

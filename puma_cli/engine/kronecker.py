@@ -198,26 +198,25 @@ def fit_kronecker(
                 num_per_example_loss_terms=1,
                 kfac_approx=APPROXIMATION,
             )
-            operator._through_input = through_input
             # One batch at a time, each with its own seed for the sampled labels, so that
             # the sums (all-reduced under torchrun) do not depend on how the batches are
             # split. curvlinops 3.0.1 accumulates the factors over calls; pinned for that.
-            _accumulate(operator, operator.compute_kronecker_factors, batches, mine, seed)
+            compute = operator.compute_kronecker_factors
+            _accumulate(operator, compute, batches, mine, seed, through_input)
             return operator
 
-        try:
-            operator = fitted(through_input=True)
-            # A layer whose output does not depend on the input got no gradient there.
-            complete = set(operator._mapping) <= set(operator._gradient_covariances)
-        except RuntimeError:  # a forward that writes into its input in place
-            complete = False
-        if not complete:
-            operator = fitted(through_input=False)
+        through_input = True
+        operator = fitted(through_input)
+        # A layer whose output does not depend on the input got no gradient at it.
+        if not set(operator._mapping) <= set(operator._gradient_covariances):
+            through_input = False
+            operator = fitted(through_input)
         parallel_sum(operator._input_covariances)
         parallel_sum(operator._gradient_covariances)
         if kind == "ekfac":
             operator._compute_eigenvectors()
-            _accumulate(operator, operator.compute_eigenvalue_correction, batches, mine, seed)
+            compute = operator.compute_eigenvalue_correction
+            _accumulate(operator, compute, batches, mine, seed, through_input)
             parallel_sum(operator._corrected_eigenvalues)
         state = operator.state_dict()
     factors: dict[str, tuple[Tensor, ...]] = {}
@@ -256,8 +255,7 @@ def _batched_type2(base: type) -> type:
     S S^T = diag(p) - p p^T row by row (tested equal to the library's own)."""
 
     class Batched(base):
-        _through_input = False
-        _fit_targets: list[Tensor] | None = None
+        _fit_targets: list[Tensor] | None = None  # set by `_accumulate`
 
         def _compute_loss_and_backward(self, output: Tensor, y: Tensor) -> None:
             cross_entropy = isinstance(self._loss_func, nn.CrossEntropyLoss)
@@ -271,7 +269,7 @@ def _batched_type2(base: type) -> type:
             classes = S.shape[-1]
             # The factors need only the gradients at the layers' outputs (their hooks take
             # them on the way): a backward pass to the input computes those and no weight
-            # gradient, a fifth less work on an MLP (see `fitted`).
+            # gradient, a fifth less work on an MLP (see `_accumulate`).
             targets = self._fit_targets or self._params
             for c in range(classes):  # one backward pass per column, all rows at once
                 torch.autograd.grad(
@@ -289,14 +287,17 @@ def _accumulate(
     batches: list[tuple[Tensor, Tensor]],
     mine: range,
     seed: int,
+    through_input: bool,
 ) -> None:
+    """Run `compute` over this process's batches. `through_input`: the backward passes go
+    to each batch (the layers' output gradients, all the factors need, and no weight
+    gradient); the model is given a copy, so that a forward writing into its input works
+    and each pass sees the batch as it was."""
     for i in mine:
         X, y = batches[i]
-        leaf = None
-        if getattr(operator, "_through_input", False) and X.is_floating_point():
-            leaf = X.detach().requires_grad_(True)
-        operator._data = [(X if leaf is None else leaf, y)]  # type: ignore[attr-defined]
-        operator._fit_targets = None if leaf is None else [leaf]  # type: ignore[attr-defined]
+        start = X.detach().requires_grad_(True) if through_input and X.is_floating_point() else None
+        operator._data = [(X if start is None else start.clone(), y)]  # type: ignore[attr-defined]
+        operator._fit_targets = None if start is None else [start]  # type: ignore[attr-defined]
         operator._seed = seed + i  # type: ignore[attr-defined]
         compute()
 
