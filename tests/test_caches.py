@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
@@ -51,6 +52,9 @@ def _rewrite(path: Path, name: str, change) -> None:  # type: ignore[no-untyped-
         ("v", lambda v: v[:, None].clone(), "does not hold v as a"),
         ("grad_c", lambda g: g[:-1].clone(), "does not hold grad_c as a"),
         ("grad_c", lambda g: torch.full_like(g, float("inf")), "holds NaN or inf"),
+        ("psi", lambda s: s[:-1].clone(), "does not hold its scores as a"),
+        ("psi", lambda s: s.float(), "does not hold its scores as a"),
+        ("psi", lambda s: torch.full_like(s, float("inf")), "holds an infinite score"),
     ],
 )
 def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, name, change, note) -> None:  # type: ignore[no-untyped-def]
@@ -73,6 +77,90 @@ def test_a_cache_hit_gives_the_cold_result(folder: Path) -> None:
     a, b = (load_file(str(folder / f"{x}.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cold["marked_loss_after"] == cached["marked_loss_after"]
+
+
+def _trained_ids(folder: Path) -> list[str]:
+    from puma_cli.io.checkpoint import ROLE_TRAINED, load_checkpoint
+    from puma_cli.io.recorded import load_recorded_dataset
+
+    checkpoint = load_checkpoint(folder / "m.safetensors", "cpu")
+    ids = load_recorded_dataset(checkpoint, "train").ids
+    return [str(ids[i]) for i in np.flatnonzero(checkpoint.roles == ROLE_TRAINED)]
+
+
+def _known_scores(folder: Path) -> np.ndarray:
+    return ~np.isnan(load_file(str(folder / "m.influence.safetensors"))["psi"].numpy())
+
+
+def test_a_later_request_scores_only_rows_no_earlier_one_did(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores v . g_i do not depend on the marking: a request that marks other points
+    finds those of the rows an earlier one scored in the cache, computes only the others,
+    and writes what a request without the cache writes."""
+    from puma_cli.engine.derivatives import InfluenceModel
+
+    scored: list[int] = []
+    original = InfluenceModel.directional_derivatives
+
+    def counting(self, v, X=None, y=None):  # type: ignore[no-untyped-def]
+        out = original(self, v, X, y)
+        scored.append(int(out.shape[0]))
+        return out
+
+    monkeypatch.setattr(InfluenceModel, "directional_derivatives", counting)
+    trained = _trained_ids(folder)
+    (folder / "a.txt").write_text("\n".join(trained[:3]) + "\n")
+    (folder / "b.txt").write_text("\n".join(trained[3:6]) + "\n")
+
+    def remove(marked: str, out: str, *extra: str) -> dict:
+        return run_json(
+            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
+            "-o", folder / out, "--upweight-sample", "10", *extra,
+        )  # fmt: skip
+
+    first = remove("a.txt", "a.safetensors")
+    assert not first["cached"] and scored == [13]  # 3 marked, 10 candidates
+    known = _known_scores(folder)
+    assert known.sum() == 13
+    scored.clear()
+    second = remove("b.txt", "b.safetensors")
+    assert second["cached"]
+    # the new marked rows, and candidates the first sample lacked: at most one per new
+    # marked row (each pushes one more row of the seeded order into the sample)
+    assert len(scored) == 1 and 0 < scored[0] <= 6
+    assert _known_scores(folder).sum() == 13 + scored[0]  # each stored, none twice
+    cold = remove("b.txt", "c.safetensors", "--no-cache")
+    assert cold["parameters"]["upweighted"] == second["parameters"]["upweighted"]
+    b, c = (load_file(str(folder / f"{x}.safetensors")) for x in "bc")
+    assert all(torch.allclose(b[k], c[k], rtol=1e-6, atol=1e-9) for k in b)
+
+
+def test_label_debugging_fills_the_scores_removal_reuses(
+    folder: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """debug-labels --score puma --full-criterion scores every row along the v removal
+    solves (its default criterion, the rows the model agrees with, has a v of its own): a
+    removal after it computes no score, and writes the model it writes without the cache."""
+    from puma_cli.engine.derivatives import InfluenceModel
+
+    (folder / "ids.txt").write_text("\n".join(_trained_ids(folder)[:3]) + "\n")
+    run_json(
+        "debug-labels", "-m", folder / "m.safetensors", "-o", folder / "ranked.csv",
+        "--full-criterion",
+    )  # fmt: skip
+    assert _known_scores(folder).all()
+    calls: list[int] = []
+    monkeypatch.setattr(InfluenceModel, "directional_derivatives", lambda *a, **k: calls.append(1))
+    cached = _remove(folder, "a.safetensors")
+    assert cached["cached"] and calls == []
+    monkeypatch.undo()
+    run_json(
+        "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+        "-o", folder / "b.safetensors", "--no-cache",
+    )  # fmt: skip
+    a, b = (load_file(str(folder / f"{x}.safetensors")) for x in "ab")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning(

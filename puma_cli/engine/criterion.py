@@ -5,7 +5,10 @@ Removal (Algorithm 1) and label debugging (Algorithm 2) both start from it. The 
 `<stem>.influence.safetensors`, holds v and the damping that worked, keyed by the
 checkpoint's and the criterion data's sha256 and the solver settings; a cache that does
 not match, cannot be read or fails its check is rebuilt (`io.cache`), and one that cannot
-be written only costs time.
+be written only costs time. Beside v it keeps the scores psi_i = v . g_i of the trained
+rows computed so far (NaN where none was asked for): they depend on the model and v
+only, not on which points a request marks, so a later request scores only rows no
+earlier one did (`scores`).
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ class SolverSettings:
 
 @dataclass
 class CriterionDirection:
-    """v (P,) float64, H's largest eigenvalue, the damping share used, whether it was cached."""
+    """v (P,) float64, H's largest eigenvalue, the damping share used, whether it was cached;
+    the scores v . g_i known so far for the engine's rows ((n,) float64, NaN where unknown)
+    and the cache metadata they are staged under (None without a cache)."""
 
     v: torch.Tensor
     grad_c: torch.Tensor
     lambda_max: float
     damping: float
     cached: bool
+    psi: np.ndarray | None = None
+    meta: dict[str, str] | None = None
 
 
 def cache_path_for(checkpoint: Path) -> Path:
@@ -203,12 +210,13 @@ def criterion_direction(
     request); the job commits it once its outputs are written."""
     key = _cache_key(checkpoint, criterion, settings, engine) if cache is not None else {}
     if cache is not None:
-        hit = cache.load(key, _check_direction(engine.n_parameters))
+        hit = cache.load(key, _check_direction(engine.n_parameters, engine.n))
         if hit is not None and float(hit[1]["damping_used"]) >= at_least:
             tensors, meta = hit
             v, grad_c = (tensors[name].to(engine.device) for name in ("v", "grad_c"))
             top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
-            return CriterionDirection(v, grad_c.double(), top, damping, True)
+            psi = tensors["psi"].numpy().copy() if "psi" in tensors else None
+            return CriterionDirection(v, grad_c.double(), top, damping, True, psi, meta)
     if previous is not None:
         grad_c = previous.grad_c
     else:
@@ -217,10 +225,41 @@ def criterion_direction(
         grad_c = engine.gradient_on(X, y)
     top = previous.lambda_max if previous else largest_curvature(engine, seed=settings.seed)
     solved = solve(engine, grad_c, settings.solver, max(settings.damping, at_least), top)
+    staged = None
     if cache is not None:
-        meta = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
-        cache.stage({"v": solved.x, "grad_c": grad_c}, meta)
-    return CriterionDirection(solved.x, grad_c, top, solved.damping, False)
+        staged = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
+        cache.stage({"v": solved.x, "grad_c": grad_c}, staged)
+    return CriterionDirection(solved.x, grad_c, top, solved.damping, False, None, staged)
+
+
+def scores(
+    engine: InfluenceModel,
+    direction: CriterionDirection,
+    rows: np.ndarray | None = None,
+    cache: Cache | None = None,
+) -> np.ndarray:
+    """psi_i = v . g_i (float64) for the given positions of the engine's rows (all: None).
+
+    Rows an earlier request scored come from `direction.psi`; the others take one
+    forward-mode pass, join it, and when there is a cache the whole of it is staged again
+    beside v (the job commits it), so that the next request finds them too."""
+    n = engine.n
+    known = direction.psi if direction.psi is not None else np.full(n, np.nan)
+    wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    missing = wanted[np.isnan(known[wanted])]
+    if missing.size:
+        if missing.size == n:
+            fresh = engine.directional_derivatives(direction.v)
+        else:
+            at = torch.as_tensor(missing, device=engine.device)
+            fresh = engine.directional_derivatives(direction.v, engine.X[at], engine.y[at])
+        known = known.copy()
+        known[missing] = fresh.cpu().numpy()
+        direction.psi = known
+        if cache is not None and direction.meta is not None:
+            psi = torch.from_numpy(known)
+            cache.stage({"v": direction.v, "grad_c": direction.grad_c, "psi": psi}, direction.meta)
+    return known[wanted]
 
 
 def _cache_key(
@@ -241,9 +280,11 @@ def _cache_key(
     }
 
 
-def _check_direction(size: int) -> Check:
+def _check_direction(size: int, rows: int) -> Check:
     """A cached v and grad C are finite float vectors of the model's size, with a positive
-    eigenvalue and damping: anything else would put garbage into a written model."""
+    eigenvalue and damping, and the scores (when there are any) a float64 vector of one
+    per trained row, NaN where unknown but never inf: anything else would put garbage
+    into a written model."""
 
     def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
         for name in ("v", "grad_c"):
@@ -252,6 +293,12 @@ def _check_direction(size: int) -> Check:
                 return f"does not hold {name} as a ({size},) float vector"
             if not bool(torch.isfinite(x).all()):
                 return "holds NaN or inf"
+        psi = tensors.get("psi")
+        if psi is not None:
+            if psi.dtype != torch.float64 or psi.shape != (rows,):
+                return f"does not hold its scores as a ({rows},) float64 vector"
+            if bool(torch.isinf(psi).any()):
+                return "holds an infinite score"
         try:
             numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
         except (KeyError, ValueError):

@@ -24,6 +24,7 @@ from puma_cli.engine.criterion import (
     EngineCaches,
     SolverSettings,
     engine_and_direction,
+    scores,
 )
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals, solve
@@ -117,7 +118,7 @@ def calibrate(
     grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
     v_ece = solve(engine, grad_ece, settings.solver, ce.damping, ce.lambda_max).x
     psi_ece = engine.directional_derivatives(v_ece).cpu().numpy()
-    psi_ce = engine.directional_derivatives(ce.v).cpu().numpy()
+    psi_ce = scores(engine, ce, None, caches.direction)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
     own = probs[np.arange(rows.size), dataset.y[rows]]
     k = k if k is not None else max(1, rows.size // 10)

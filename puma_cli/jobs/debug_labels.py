@@ -82,7 +82,7 @@ def debug_labels(
     engine, direction = engine_and_direction(
         checkpoint, dataset, rows, criterion, settings, caches, phases
     )
-    scores = suspicion_scores(engine, direction, score)
+    scores = suspicion_scores(engine, direction, score, caches.direction)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
     labels = dataset.y[rows]
     ranking = rank_labels(scores, probs, labels, k or rows.size, confidence_filter)

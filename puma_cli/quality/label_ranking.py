@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from puma_cli.engine.criterion import CriterionDirection
+from puma_cli.engine.criterion import CriterionDirection, scores
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_hessian
 from puma_cli.errors import PumaError
+from puma_cli.io.cache import Cache
 
 SCORES = ("puma", "ntk", "self-influence")
 
@@ -41,11 +42,12 @@ class LabelRanking:
 
 
 def suspicion_scores(
-    engine: InfluenceModel, direction: CriterionDirection, method: str
+    engine: InfluenceModel, direction: CriterionDirection, method: str, cache: Cache | None = None
 ) -> np.ndarray:
-    """One score per row of the engine's data (n,), lower = more suspicious."""
+    """One score per row of the engine's data (n,), lower = more suspicious (`puma`'s are
+    removal's psi, shared with it through `cache`)."""
     if method == "puma":
-        return engine.directional_derivatives(direction.v).cpu().numpy()
+        return scores(engine, direction, None, cache)
     if method == "ntk":
         return engine.directional_derivatives(direction.grad_c).cpu().numpy()
     if method == "self-influence":

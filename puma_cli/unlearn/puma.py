@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puma_cli.engine.criterion import criterion_direction, training_engine
+from puma_cli.engine.criterion import criterion_direction, scores, training_engine
 from puma_cli.engine.curvature import curvature_notes, describe
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import flush_denormals, solve
@@ -108,7 +108,6 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     Xc = as_tensor(request.criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
     rows = _scored_rows(marked_in_trained, reweight_others, options.upweight_sample, options.seed)
-    X_rows, y_rows = (None, None) if rows.size == n else (engine.X[rows], engine.y[rows])
     marked_at = marked_in_trained[rows]  # the marked among the scored rows
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
     notes: list[str] = []
@@ -122,7 +121,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         weights = marked_at.astype(float)
         residual, upweighted = 0.0, 0
         if reweight_others:  # influence needs no scores: it lets the criterion drift
-            psi = engine.directional_derivatives(spectrum.v, X_rows, y_rows).cpu().numpy()
+            psi = scores(engine, spectrum, rows, options.cache)
             target = float(psi[marked_at].sum())
             lam, residual = reweight(psi[~marked_at], target, options.lambda_cap)
             weights[~marked_at] = -lam
@@ -211,10 +210,19 @@ def _scored_rows(marked: np.ndarray, reweight_others: bool, sample: int, seed: i
     remaining rows it may upweight (`sample` of them at random, seeded; 0: all)."""
     if not reweight_others:
         return np.flatnonzero(marked)
-    candidates = np.flatnonzero(~marked)
-    if 0 < sample < candidates.size:
-        candidates = np.random.default_rng(seed).choice(candidates, sample, replace=False)
+    candidates = _unmarked_sample(marked, sample, seed)
     return np.sort(np.concatenate([np.flatnonzero(marked), candidates]))
+
+
+def _unmarked_sample(marked: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` unmarked positions at random (seeded; 0 or more than there are: all), sorted:
+    the first unmarked ones of one seeded order of every row, so that two requests that
+    mark different points draw nearly the same rows, and the second finds their scores in
+    the cache."""
+    if not 0 < size < int((~marked).sum()):
+        return np.flatnonzero(~marked)
+    order = np.random.default_rng(seed).permutation(marked.size)
+    return np.sort(order[~marked[order]][:size])
 
 
 class NoSafeStep(Exception):
@@ -252,12 +260,9 @@ def _choose_scale(
             raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
         return scale
     n = engine.n
-    keep = torch.nonzero(~marked).flatten()
-    if keep.numel() > GUARD_ROWS:  # the mean loss's relative rise, on a seeded subsample
-        picked = np.random.default_rng(request.options.seed).choice(
-            keep.numel(), GUARD_ROWS, replace=False
-        )
-        keep = keep[torch.as_tensor(np.sort(picked), device=keep.device)]
+    # The mean loss's relative rise, on a seeded subsample.
+    picked = _unmarked_sample(marked.cpu().numpy(), GUARD_ROWS, request.options.seed)
+    keep = torch.as_tensor(picked, device=marked.device)
     X_keep, y_keep = engine.X[keep].float(), engine.y[keep]
     tolerance = request.options.fit_tolerance
     max_drop = request.options.max_accuracy_drop / 100 + 1e-12
