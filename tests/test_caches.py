@@ -52,9 +52,11 @@ def _rewrite(path: Path, name: str, change) -> None:  # type: ignore[no-untyped-
         ("v", lambda v: v[:, None].clone(), "does not hold v as a"),
         ("grad_c", lambda g: g[:-1].clone(), "does not hold grad_c as a"),
         ("grad_c", lambda g: torch.full_like(g, float("inf")), "holds NaN or inf"),
-        ("psi", lambda s: s[:-1].clone(), "does not hold its scores as a"),
-        ("psi", lambda s: s.float(), "does not hold its scores as a"),
-        ("psi", lambda s: torch.full_like(s, float("inf")), "holds an infinite score"),
+        ("psi", lambda s: s[:-1].clone(), "does not hold psi as a"),
+        ("psi", lambda s: s.float(), "does not hold psi as a"),
+        ("psi", lambda s: torch.full_like(s, float("inf")), "holds an infinite value in psi"),
+        ("fit0", lambda f: f[:, :1].clone(), "does not hold fit0 as a"),
+        ("fit0", lambda f: torch.full_like(f, float("-inf")), "holds an infinite value in fit0"),
     ],
 )
 def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, name, change, note) -> None:  # type: ignore[no-untyped-def]
@@ -95,10 +97,12 @@ def _known_scores(folder: Path) -> np.ndarray:
 def test_a_later_request_scores_only_rows_no_earlier_one_did(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The scores v . g_i do not depend on the marking: a request that marks other points
-    finds those of the rows an earlier one scored in the cache, computes only the others,
-    and writes what a request without the cache writes."""
+    """The scores v . g_i and the guard's figures of the original model do not depend on
+    the marking: a request that marks other points finds those of the rows an earlier one
+    computed in the cache, computes only the others, and writes what a request without
+    the cache writes."""
     from puma_cli.engine.derivatives import InfluenceModel
+    from puma_cli.unlearn import puma as puma_method
 
     scored: list[int] = []
     original = InfluenceModel.directional_derivatives
@@ -119,13 +123,22 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
             "-o", folder / out, "--upweight-sample", "10", *extra,
         )  # fmt: skip
 
+    guarded: list[int] = []  # the rows the guard takes the original model's figures on
+    figures = puma_method._row_figures
+    monkeypatch.setattr(
+        puma_method, "_row_figures", lambda m, X, *a: guarded.append(len(X)) or figures(m, X, *a)
+    )
     first = remove("a.txt", "a.safetensors")
     assert not first["cached"] and scored == [13]  # 3 marked, 10 candidates
     known = _known_scores(folder)
     assert known.sum() == 13
+    n = known.size
+    assert guarded == [n - 3]  # every remaining row (fewer than GUARD_ROWS)
     scored.clear()
+    guarded.clear()
     second = remove("b.txt", "b.safetensors")
     assert second["cached"]
+    assert guarded == [3]  # only the rows the first request marked
     # the new marked rows, and candidates the first sample lacked: at most one per new
     # marked row (each pushes one more row of the seeded order into the sample)
     assert len(scored) == 1 and 0 < scored[0] <= 6

@@ -351,7 +351,7 @@ def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
 
     step_norms = []
 
-    def never_safe(request, engine, x, *rest):  # type: ignore[no-untyped-def]
+    def never_safe(request, engine, spectrum, x, *rest):  # type: ignore[no-untyped-def]
         step_norms.append(float(x.norm()))
         raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
 

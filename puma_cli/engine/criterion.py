@@ -5,16 +5,17 @@ Removal (Algorithm 1) and label debugging (Algorithm 2) both start from it. The 
 `<stem>.influence.safetensors`, holds v and the damping that worked, keyed by the
 checkpoint's and the criterion data's sha256 and the solver settings; a cache that does
 not match, cannot be read or fails its check is rebuilt (`io.cache`), and one that cannot
-be written only costs time. Beside v it keeps the scores psi_i = v . g_i of the trained
-rows computed so far (NaN where none was asked for): they depend on the model and v
-only, not on which points a request marks, so a later request scores only rows no
-earlier one did (`scores`).
+be written only costs time. Beside v it keeps what was computed so far per trained row,
+NaN where nothing was asked for: the scores psi_i = v . g_i (`scores`) and the removal
+guard's figures of the original model. Neither depends on which points a request marks,
+so a later request computes only rows no earlier one did (`per_row`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +58,19 @@ class SolverSettings:
 @dataclass
 class CriterionDirection:
     """v (P,) float64, H's largest eigenvalue, the damping share used, whether it was cached;
-    the scores v . g_i known so far for the engine's rows ((n,) float64, NaN where unknown)
-    and the cache metadata they are staged under (None without a cache)."""
+    the per-row values known so far (by name, PER_ROW: float64, one row per engine row,
+    NaN where unknown) and the cache metadata they are staged under (None: no cache)."""
 
     v: torch.Tensor
     grad_c: torch.Tensor
     lambda_max: float
     damping: float
     cached: bool
-    psi: np.ndarray | None = None
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, str] | None = None
+
+
+PER_ROW = {"psi": 1, "fit0": 2}  # name: columns (1: a vector)
 
 
 def cache_path_for(checkpoint: Path) -> Path:
@@ -215,8 +219,8 @@ def criterion_direction(
             tensors, meta = hit
             v, grad_c = (tensors[name].to(engine.device) for name in ("v", "grad_c"))
             top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
-            psi = tensors["psi"].numpy().copy() if "psi" in tensors else None
-            return CriterionDirection(v, grad_c.double(), top, damping, True, psi, meta)
+            rows = {name: tensors[name].numpy().copy() for name in PER_ROW if name in tensors}
+            return CriterionDirection(v, grad_c.double(), top, damping, True, rows, meta)
     if previous is not None:
         grad_c = previous.grad_c
     else:
@@ -229,7 +233,7 @@ def criterion_direction(
     if cache is not None:
         staged = {**key, "lambda_max": repr(top), "damping_used": repr(solved.damping)}
         cache.stage({"v": solved.x, "grad_c": grad_c}, staged)
-    return CriterionDirection(solved.x, grad_c, top, solved.damping, False, None, staged)
+    return CriterionDirection(solved.x, grad_c, top, solved.damping, False, {}, staged)
 
 
 def scores(
@@ -238,27 +242,48 @@ def scores(
     rows: np.ndarray | None = None,
     cache: Cache | None = None,
 ) -> np.ndarray:
-    """psi_i = v . g_i (float64) for the given positions of the engine's rows (all: None).
+    """psi_i = v . g_i (float64) for the given positions of the engine's rows (all: None),
+    those no earlier request scored by one forward-mode pass (`per_row`)."""
 
-    Rows an earlier request scored come from `direction.psi`; the others take one
-    forward-mode pass, join it, and when there is a cache the whole of it is staged again
-    beside v (the job commits it), so that the next request finds them too."""
-    n = engine.n
-    known = direction.psi if direction.psi is not None else np.full(n, np.nan)
+    def compute(at: np.ndarray) -> torch.Tensor:
+        if at.size == engine.n:
+            return engine.directional_derivatives(direction.v)
+        where = torch.as_tensor(at, device=engine.device)
+        return engine.directional_derivatives(direction.v, engine.X[where], engine.y[where])
+
+    return per_row(engine, direction, "psi", rows, compute, cache)
+
+
+def per_row(
+    engine: InfluenceModel,
+    direction: CriterionDirection,
+    name: str,
+    rows: np.ndarray | None,
+    compute: Callable[[np.ndarray], torch.Tensor | np.ndarray],
+    cache: Cache | None,
+) -> np.ndarray:
+    """The values `name` (PER_ROW) at the given positions of the engine's rows (all: None).
+
+    Rows an earlier request computed come from `direction.rows`; `compute(positions)`
+    gives the others, which join them, and when there is a cache all of it is staged
+    again beside v (the job commits it), so that the next request finds them too."""
+    n, columns = engine.n, PER_ROW[name]
+    shape = (n,) if columns == 1 else (n, columns)
+    known = direction.rows.get(name)
+    if known is None:
+        known = np.full(shape, np.nan)
     wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-    missing = wanted[np.isnan(known[wanted])]
+    unknown = np.isnan(known[wanted])
+    missing = wanted[unknown if columns == 1 else unknown.any(axis=1)]
     if missing.size:
-        if missing.size == n:
-            fresh = engine.directional_derivatives(direction.v)
-        else:
-            at = torch.as_tensor(missing, device=engine.device)
-            fresh = engine.directional_derivatives(direction.v, engine.X[at], engine.y[at])
+        fresh = compute(missing)
         known = known.copy()
-        known[missing] = fresh.cpu().numpy()
-        direction.psi = known
+        known[missing] = fresh.cpu().numpy() if isinstance(fresh, torch.Tensor) else fresh
+        direction.rows[name] = known
         if cache is not None and direction.meta is not None:
-            psi = torch.from_numpy(known)
-            cache.stage({"v": direction.v, "grad_c": direction.grad_c, "psi": psi}, direction.meta)
+            tensors = {"v": direction.v, "grad_c": direction.grad_c}
+            tensors.update({k: torch.from_numpy(x) for k, x in direction.rows.items()})
+            cache.stage(tensors, direction.meta)
     return known[wanted]
 
 
@@ -282,8 +307,8 @@ def _cache_key(
 
 def _check_direction(size: int, rows: int) -> Check:
     """A cached v and grad C are finite float vectors of the model's size, with a positive
-    eigenvalue and damping, and the scores (when there are any) a float64 vector of one
-    per trained row, NaN where unknown but never inf: anything else would put garbage
+    eigenvalue and damping, and the per-row values (where there are any) float64 with one
+    row per trained row, NaN where unknown but never inf: anything else would put garbage
     into a written model."""
 
     def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
@@ -293,12 +318,15 @@ def _check_direction(size: int, rows: int) -> Check:
                 return f"does not hold {name} as a ({size},) float vector"
             if not bool(torch.isfinite(x).all()):
                 return "holds NaN or inf"
-        psi = tensors.get("psi")
-        if psi is not None:
-            if psi.dtype != torch.float64 or psi.shape != (rows,):
-                return f"does not hold its scores as a ({rows},) float64 vector"
-            if bool(torch.isinf(psi).any()):
-                return "holds an infinite score"
+        for name, columns in PER_ROW.items():
+            x = tensors.get(name)
+            if x is None:
+                continue
+            shape = (rows,) if columns == 1 else (rows, columns)
+            if x.dtype != torch.float64 or tuple(x.shape) != shape:
+                return f"does not hold {name} as a {shape} float64 array"
+            if bool(torch.isinf(x).any()):
+                return f"holds an infinite value in {name}"
         try:
             numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
         except (KeyError, ValueError):

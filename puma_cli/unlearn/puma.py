@@ -20,7 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puma_cli.engine.criterion import criterion_direction, scores, training_engine
+from puma_cli.engine.criterion import (
+    CriterionDirection,
+    criterion_direction,
+    per_row,
+    scores,
+    training_engine,
+)
 from puma_cli.engine.curvature import curvature_notes, describe
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import flush_denormals, solve
@@ -89,6 +95,16 @@ def _criterion_figures(
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
+def _row_figures(
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
+) -> np.ndarray:
+    """(n, 2) float64: each row's cross-entropy and whether the model predicts its label."""
+    with torch.no_grad():
+        logits = torch.cat([model(X[i : i + chunk]).double() for i in range(0, len(X), chunk)])
+    losses = F.cross_entropy(logits, y, reduction="none")
+    return torch.stack([losses, (logits.argmax(1) == y).double()], dim=1).cpu().numpy()
+
+
 @flush_denormals()
 def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     options = request.options
@@ -136,7 +152,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         if not torch.isfinite(step.x).all():
             raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
         try:
-            scale = _choose_scale(request, engine, step.x, mask, Xc.float(), yc)
+            scale = _choose_scale(request, engine, spectrum, step.x, mask, Xc.float(), yc)
             break
         except NoSafeStep as refused:
             raised = min(step.damping * DAMPING_RAISE, MAX_DAMPING)
@@ -235,6 +251,7 @@ class NoSafeStep(Exception):
 def _choose_scale(
     request: RemovalRequest,
     engine: InfluenceModel,
+    spectrum: CriterionDirection,
     x: torch.Tensor,
     marked: torch.Tensor,
     Xc: torch.Tensor,
@@ -251,7 +268,8 @@ def _choose_scale(
     most `fit_tolerance`.
     It takes the last s that passed; if s = 1 fails, it halves s instead, and raises
     NoSafeStep when no s down to SMALLEST_SCALE passes (checked first): such a patch only
-    damages, and the caller raises the damping.
+    damages, and the caller raises the damping. The original model's figures on the
+    remaining rows are per row, and kept in the influence cache with v (`per_row`).
     """
     eta = request.options.eta
     if eta != "auto":
@@ -275,7 +293,14 @@ def _choose_scale(
         return engine.patched_module((scale / n) * x)
 
     original = patched(0.0)
-    fit0, fit_accuracy0 = _criterion_figures(original, X_keep, y_keep, step)
+
+    def figures0(at: np.ndarray) -> np.ndarray:
+        where = torch.as_tensor(at, device=engine.device)
+        return _row_figures(original, engine.X[where].float(), engine.y[where], step)
+
+    fit0, fit_accuracy0 = per_row(
+        engine, spectrum, "fit0", picked, figures0, request.options.cache
+    ).mean(axis=0)
     loss0, accuracy0 = _criterion_figures(original, Xc, yc, step)
     # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
     # of it trips the guard; their accuracy is what must hold, as on the held-out rows.
