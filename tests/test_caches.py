@@ -81,13 +81,40 @@ def test_a_cache_hit_gives_the_cold_result(folder: Path) -> None:
     assert cold["marked_loss_after"] == cached["marked_loss_after"]
 
 
-def _trained_ids(folder: Path) -> list[str]:
+def _trained_ids(folder: Path, role: int | None = None) -> list[str]:
     from puma_cli.io.checkpoint import ROLE_TRAINED, load_checkpoint
     from puma_cli.io.recorded import load_recorded_dataset
 
     checkpoint = load_checkpoint(folder / "m.safetensors", "cpu")
     ids = load_recorded_dataset(checkpoint, "train").ids
-    return [str(ids[i]) for i in np.flatnonzero(checkpoint.roles == ROLE_TRAINED)]
+    wanted = ROLE_TRAINED if role is None else role
+    return [str(ids[i]) for i in np.flatnonzero(checkpoint.roles == wanted)]
+
+
+def test_markings_that_drop_other_validation_rows_do_not_share_v(folder: Path) -> None:
+    """Marked validation rows leave the criterion: two markings that each drop one, but
+    not the same one, have criteria of the same size from the same file, and the second
+    must not take the first one's v (it would carry the gradient of a row the second
+    request deletes)."""
+    from puma_cli.io.checkpoint import ROLE_VALIDATION
+
+    trained, held_out = _trained_ids(folder), _trained_ids(folder, ROLE_VALIDATION)
+    (folder / "a.txt").write_text(f"{trained[0]}\n{held_out[0]}\n")
+    (folder / "b.txt").write_text(f"{trained[0]}\n{held_out[1]}\n")
+
+    def remove(marked: str, out: str, *extra: str) -> dict:
+        return run_json(
+            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
+            "-o", folder / out, *extra,
+        )  # fmt: skip
+
+    assert remove("a.txt", "a.safetensors")["skipped"]["validation"] == 1
+    second = remove("b.txt", "b.safetensors")
+    assert not second["cached"]
+    remove("b.txt", "c.safetensors", "--no-cache")
+    b, c = (load_file(str(folder / f"{x}.safetensors")) for x in "bc")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    assert remove("b.txt", "d.safetensors")["cached"]  # the same criterion again: a hit
 
 
 def _known_scores(folder: Path) -> np.ndarray:

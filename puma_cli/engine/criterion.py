@@ -13,6 +13,7 @@ so a later request computes only rows no earlier one did (`per_row`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -296,6 +297,9 @@ def _cache_key(
         "holds": "v, grad_c",  # a cache of v alone (before 0.1.0) is solved again
         "checkpoint_sha256": sha256_file(checkpoint.path),
         "criterion_sha256": criterion.sha256 or "",
+        # which rows of that file: marked validation rows leave the criterion, and two
+        # markings that drop as many, but not the same, must not share v
+        "criterion_ids_sha256": _ids_digest(criterion),
         "criterion_rows": str(len(criterion)),
         "solver": settings.solver,
         "damping": repr(settings.damping),
@@ -303,6 +307,10 @@ def _cache_key(
         "curvature": engine.curvature,
         "curvature_samples": str(settings.curvature_samples) if engine.kronecker else "",
     }
+
+
+def _ids_digest(data: Dataset) -> str:
+    return hashlib.sha256("\n".join(map(str, data.ids)).encode()).hexdigest()
 
 
 def _check_direction(size: int, rows: int) -> Check:
