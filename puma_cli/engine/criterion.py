@@ -3,7 +3,8 @@
 
 Removal (Algorithm 1) and label debugging (Algorithm 2) both start from it. The cache,
 `<stem>.influence.safetensors`, holds v and the damping that worked, keyed by the
-checkpoint's and the criterion data's sha256 and the solver settings; a cache that does
+checkpoint's and the criterion data's sha256, the criterion's row ids and the solver
+settings; a cache that does
 not match, cannot be read or fails its check is rebuilt (`io.cache`), and one that cannot
 be written only costs time. Beside v it keeps what was computed so far per trained row,
 NaN where nothing was asked for: the scores psi_i = v . g_i (`scores`) and the removal
