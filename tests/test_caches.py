@@ -151,10 +151,17 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
         )  # fmt: skip
 
     guarded: list[int] = []  # the rows the guard takes the original model's figures on
-    figures = puma_method._row_figures
-    monkeypatch.setattr(
-        puma_method, "_row_figures", lambda m, X, *a: guarded.append(len(X)) or figures(m, X, *a)
-    )
+    real_per_row = puma_method.per_row
+
+    def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
+        def counted(at):  # type: ignore[no-untyped-def]
+            guarded.append(len(at))
+            return compute(at)
+
+        chosen = counted if name == "fit0" else compute
+        return real_per_row(engine, direction, name, rows, chosen, cache)
+
+    monkeypatch.setattr(puma_method, "per_row", spying)
     first = remove("a.txt", "a.safetensors")
     assert not first["cached"] and scored == [13]  # 3 marked, 10 candidates
     known = _known_scores(folder)

@@ -90,9 +90,9 @@ def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, fl
 def _criterion_figures(
     model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
 ) -> tuple[float, float]:
-    with torch.no_grad():
-        logits = torch.cat([model(X[i : i + chunk]).double() for i in range(0, len(X), chunk)])
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
+    """The mean cross-entropy and the accuracy over the rows."""
+    loss, accuracy = _row_figures(model, X, y, chunk).mean(axis=0)
+    return float(loss), float(accuracy)
 
 
 def _row_figures(
@@ -152,7 +152,9 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         if not torch.isfinite(step.x).all():
             raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
         try:
-            scale = _choose_scale(request, engine, spectrum, step.x, mask, Xc.float(), yc)
+            scale = _choose_scale(
+                request, engine, spectrum, step.x, marked_in_trained, Xc.float(), yc
+            )
             break
         except NoSafeStep as refused:
             raised = min(step.damping * DAMPING_RAISE, MAX_DAMPING)
@@ -253,7 +255,7 @@ def _choose_scale(
     engine: InfluenceModel,
     spectrum: CriterionDirection,
     x: torch.Tensor,
-    marked: torch.Tensor,
+    marked: np.ndarray,
     Xc: torch.Tensor,
     yc: torch.Tensor,
 ) -> float:
@@ -279,8 +281,8 @@ def _choose_scale(
         return scale
     n = engine.n
     # The mean loss's relative rise, on a seeded subsample.
-    picked = _unmarked_sample(marked.cpu().numpy(), GUARD_ROWS, request.options.seed)
-    keep = torch.as_tensor(picked, device=marked.device)
+    picked = _unmarked_sample(marked, GUARD_ROWS, request.options.seed)
+    keep = torch.as_tensor(picked, device=engine.device)
     X_keep, y_keep = engine.X[keep].float(), engine.y[keep]
     tolerance = request.options.fit_tolerance
     max_drop = request.options.max_accuracy_drop / 100 + 1e-12
