@@ -16,7 +16,7 @@ from conftest import assert_clean_error, run, run_json
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.kronecker import fit_kronecker
+from puma_cli.engine.kronecker import fit_kronecker, kronecker_from_tensors
 from puma_cli.engine.solvers import solve
 
 
@@ -143,6 +143,10 @@ def test_parameters_outside_linear_and_conv_layers_are_left_unchanged() -> None:
     y = torch.randint(0, 3, (10,))
     curvature = fit_kronecker("kfac", net, *_layout(net), [(X, y)], fisher="type-2")
     assert curvature.uncovered == 8  # BatchNorm1d(4): weight and bias
+    assert curvature.left_out == {"BatchNorm1d": 8}
+    tensors = curvature.to_tensors()  # the cached factors name the same layers
+    again = kronecker_from_tensors("kfac", net, *_layout(net), tensors)
+    assert again is not None and again.left_out == {"BatchNorm1d": 8}
     b = torch.randn(curvature.size, dtype=torch.float64)
     x = curvature.inverse(b, 0.5)
     assert torch.equal(x[~curvature.covered], torch.zeros_like(x[~curvature.covered]))

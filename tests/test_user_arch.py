@@ -79,6 +79,43 @@ def test_a_user_architecture_goes_through_every_command(
     assert run_json("eval", "-m", tmp_path / "retrain.safetensors")["n"] == 40
 
 
+UNCOVERED_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=6):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.norm = nn.LayerNorm(width)
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.out = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.inp(x)))
+        return self.out(torch.relu(self.conv(h.unsqueeze(1))).flatten(1))
+"""
+
+
+def test_the_report_names_the_layers_kfac_leaves_out(data_dir: Path, tmp_path: Path) -> None:
+    arch = tmp_path / "uncovered.py"
+    arch.write_text(UNCOVERED_NET)
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    out = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "kfac",
+        "-o", tmp_path / "r.safetensors", "--device", "cpu",
+    )  # fmt: skip
+    # LayerNorm(12): weight and bias; Conv1d(1, 2, 3): 6 weights and 2 biases.
+    assert out["parameters"]["uncovered_layers"] == {"Conv1d": 8, "LayerNorm": 24}
+    assert out["parameters"]["uncovered_parameters"] == 32
+    (note,) = [w for w in out["warnings"] if "outside the Linear and Conv2d" in w]
+    assert "(Conv1d 8, LayerNorm 24)" in note and "--curvature ggn" in note
+
+
 def test_batchnorm_trains_when_a_batch_would_hold_one_row(
     data_dir: Path, arch: Path, tmp_path: Path
 ) -> None:

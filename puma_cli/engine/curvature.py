@@ -148,6 +148,7 @@ def describe(engine: InfluenceModel) -> dict[str, object]:
     info: dict[str, object] = {"curvature": engine.curvature}
     if engine.kronecker is not None:
         info["uncovered_parameters"] = engine.kronecker.uncovered
+        info["uncovered_layers"] = dict(sorted(engine.kronecker.left_out.items()))
         info["shared_weights"] = f"K-FAC-{APPROXIMATION}"
         info["curvature_cached"] = engine.kronecker_cached
     return info
@@ -158,8 +159,9 @@ def curvature_notes(engine: InfluenceModel) -> list[str]:
     kron = engine.kronecker
     if kron is None or not kron.uncovered:
         return []
+    layers = ", ".join(f"{kind} {count}" for kind, count in sorted(kron.left_out.items()))
     return [
-        f"{kron.uncovered} of {kron.size} parameters are outside the Linear and Conv2d layers "
-        f"{engine.curvature} approximates (BatchNorm and the like): the patch leaves them "
-        "unchanged"
+        f"{kron.uncovered} of {kron.size} parameters ({layers}) are outside the Linear and "
+        f"Conv2d layers {engine.curvature} approximates: the patch leaves them unchanged "
+        "(--curvature ggn covers every parameter)"
     ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,7 @@ class KroneckerCurvature:
     blocks: list[Block]
     size: int
     covered: Tensor  # (P,) bool: parameters inside a block
+    left_out: dict[str, int] = field(default_factory=dict)  # module class: parameters
 
     @property
     def uncovered(self) -> int:
@@ -131,6 +132,33 @@ def supported_layers(module: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
     return {n: (int(o), int(s)) for n, o, s in zip(names, offsets, sizes, strict=True)}
+
+
+def _left_out(
+    module: nn.Module, names: list[str], sizes: list[int], covered: Tensor
+) -> dict[str, int]:
+    """The parameters outside every block, counted by the class of the module holding them
+    (`LayerNorm`, `Conv1d`, ...), so that a report can say which layers a patch leaves."""
+    counts: dict[str, int] = {}
+    for name, (start, size) in _positions(names, sizes).items():
+        if bool(covered[start : start + size].any()):
+            continue
+        owner = name.rpartition(".")[0]
+        kind = type(module.get_submodule(owner)).__name__ if owner else type(module).__name__
+        counts[kind] = counts.get(kind, 0) + size
+    return counts
+
+
+def _curvature(
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    factors: dict[str, tuple[Tensor, ...]],
+) -> KroneckerCurvature:
+    blocks, covered = _blocks(module, names, sizes, factors)
+    left_out = _left_out(module, names, sizes, covered)
+    return KroneckerCurvature(kind, blocks, sum(sizes), covered, left_out)
 
 
 def _blocks(
@@ -230,8 +258,9 @@ def fit_kronecker(
             lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name].double())
             E = lb.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         factors[name] = (Qa, Qb, E.clamp_min(0))
-    blocks, covered = _blocks(module, names, sizes, factors)
-    return KroneckerCurvature(kind, blocks, sum(sizes), covered.to(blocks[0].E.device))
+    curvature = _curvature(kind, module, names, sizes, factors)
+    curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
+    return curvature
 
 
 def _joint_eigenvalues(value: Tensor | dict[int, Tensor]) -> Tensor:
@@ -328,7 +357,6 @@ def kronecker_from_tensors(
         if not all(bool(torch.isfinite(t).all()) for t in (Qa, Qb, E)) or float(E.min()) < 0:
             return None
         factors[name] = (Qa, Qb, E)
-    blocks, covered = _blocks(module, names, sizes, factors)
-    if not blocks:
+    if not factors:
         return None
-    return KroneckerCurvature(kind, blocks, sum(sizes), covered)
+    return _curvature(kind, module, names, sizes, factors)
