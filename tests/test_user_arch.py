@@ -116,6 +116,51 @@ def test_the_report_names_the_layers_kfac_leaves_out(data_dir: Path, tmp_path: P
     assert "(Conv1d 8, LayerNorm 24)" in note and "--curvature ggn" in note
 
 
+FROZEN_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A fixed random body (as a pretrained one would be) and a head that trains.\"\"\"
+
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, width), nn.Tanh())
+        self.body.requires_grad_(False)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
+def test_frozen_parameters_stay_where_training_left_them(data_dir: Path, tmp_path: Path) -> None:
+    arch = tmp_path / "frozen.py"
+    arch.write_text(FROZEN_NET)
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:9]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    before = load_checkpoint(model).model.state_dict()
+    for method, curvature in (("puma", "exact"), ("puma", "kfac"), ("ssd", "auto")):
+        out_path = tmp_path / f"{method}-{curvature}.safetensors"
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--method", method,
+            "--curvature", curvature, "-o", out_path, "--eta", "4", "--device", "cpu",
+        )  # fmt: skip
+        after = load_checkpoint(out_path).model.state_dict()
+        body = [k for k in before if ".body." in k]
+        assert len(body) == 2  # the body's weight and bias
+        for key in body:  # retraining never moves them either
+            assert torch.equal(after[key], before[key]), (method, curvature, key)
+        if method == "puma":
+            assert out["parameters"]["frozen_parameters"] == 2 * 12 + 12  # --arch-args width 12
+            assert not all(torch.equal(after[k], before[k]) for k in before if ".head." in k)
+        else:
+            assert out["parameters"]["parameters"] == 12 * 2 + 2  # SSD looks at the head only
+
+
 def test_batchnorm_trains_when_a_batch_would_hold_one_row(
     data_dir: Path, arch: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +236,10 @@ BAD_FILES = {
         "fails on a batch of shape (2, 2)",
     ),
     "not a module": ("class Net:\n    pass\n", "is not an nn.Module class"),
+    "nothing trains": (
+        NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),
+        "has no trainable parameters",
+    ),
 }
 
 

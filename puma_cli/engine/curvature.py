@@ -145,7 +145,10 @@ def _fit_batch(engine: InfluenceModel, choice: CurvatureChoice) -> int:
 
 def describe(engine: InfluenceModel) -> dict[str, object]:
     """What a report says about the curvature used."""
-    info: dict[str, object] = {"curvature": engine.curvature}
+    info: dict[str, object] = {
+        "curvature": engine.curvature,
+        "frozen_parameters": sum(int(p.numel()) for p in engine.frozen.values()),
+    }
     if engine.kronecker is not None:
         info["uncovered_parameters"] = engine.kronecker.uncovered
         info["uncovered_layers"] = dict(sorted(engine.kronecker.left_out.items()))

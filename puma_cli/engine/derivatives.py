@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from puma_cli import parallel
 from puma_cli.engine.kronecker import KroneckerCurvature
+from puma_cli.errors import PumaError
 from puma_cli.models.predict import as_tensor
 
 Tensor = torch.Tensor
@@ -71,7 +72,17 @@ class InfluenceModel:
         device = next(model.parameters()).device
         self.dtype = dtype
         self.module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        named = dict(self.module.named_parameters())
+        # theta holds the parameters the model trains; frozen ones (requires_grad False,
+        # as a user's class may set for a pretrained body) never learnt from the rows, so
+        # they stay fixed like buffers: retraining leaves them where they are, too.
+        everything = dict(self.module.named_parameters())
+        named = {k: p for k, p in everything.items() if p.requires_grad}
+        if not named:
+            raise PumaError(
+                "the model has no trainable parameters (every one has requires_grad False), "
+                "so no training row has any influence on it: nothing to remove"
+            )
+        self.frozen = {k: p.detach() for k, p in everything.items() if not p.requires_grad}
         self.names = list(named)
         self.shapes = [p.shape for p in named.values()]
         self.sizes = [p.numel() for p in named.values()]
@@ -79,6 +90,7 @@ class InfluenceModel:
         # (H, eigenvalues, eigenvectors), built once by the dense solver when it is used.
         self.dense_eigh: tuple[Tensor, Tensor, Tensor] | None = None
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
+        self.buffers.update(self.frozen)
         self.X = as_tensor(X, dtype, device) if isinstance(X, np.ndarray) else X.to(device, dtype)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         self.weight_decay = float(weight_decay)
@@ -247,6 +259,7 @@ class InfluenceModel:
         module = copy.deepcopy(self.module).double()
         with torch.no_grad():
             theta = self.theta.double() + delta
-            for p, part in zip(module.parameters(), torch.split(theta, self.sizes), strict=True):
-                p.copy_(part.view(p.shape))
+            named = dict(module.named_parameters())
+            for name, part in zip(self.names, torch.split(theta, self.sizes), strict=True):
+                named[name].copy_(part.view(named[name].shape))
         return module.float()

@@ -126,7 +126,13 @@ class KroneckerCurvature:
 
 
 def supported_layers(module: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
+    theta; one frozen in part gets no block, and its trainable part is left out)."""
+    return [
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and all(p.requires_grad for p in m.parameters())
+    ]
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
@@ -198,7 +204,7 @@ def fit_kronecker(
     if not layers:
         raise PumaError(
             f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
-            "none; use --curvature ggn or exact"
+            "none that trains; use --curvature ggn or exact"
         )
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)

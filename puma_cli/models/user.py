@@ -170,8 +170,13 @@ def construct(
 
 
 def check_logits(net: nn.Module, input_shape: tuple[int, ...], n_classes: int, label: str) -> None:
-    """Refuse a network that fails on a batch of the data's shape or does not return one
-    logit per class."""
+    """Refuse a network that has nothing to train, fails on a batch of the data's shape or
+    does not return one logit per class."""
+    if not any(p.requires_grad for p in net.parameters()):
+        raise PumaError(
+            f"{label} has no trainable parameters (none, or every one with requires_grad "
+            "False): nothing in it learns from the data; leave the layers it trains trainable"
+        )
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     if device.type == "meta":
         return
