@@ -242,3 +242,48 @@ def test_the_criterion_gradient_in_chunks_equals_one_batch() -> None:
         value = spread(logits, y) if criterion else torch.nn.functional.cross_entropy(logits, y)
         whole = torch.autograd.grad(value, theta)[0]
         assert torch.allclose(engine.gradient_on(X, y, criterion), whole, atol=1e-14)
+
+
+def test_the_guard_search_keeps_the_largest_grid_step_that_passes() -> None:
+    """Taking larger steps to harm more: every threshold gives the largest passing step of
+    the grid (powers of two from 1/64 up to the last scale), as the plain walk would."""
+    from puma_cli.unlearn.puma import AUTO_SCALES, SMALLEST_SCALE, NoSafeStep, _search
+
+    grid = sorted({SMALLEST_SCALE * 2.0**k for k in range(6)} | set(AUTO_SCALES))
+    for threshold in [*grid, 1e-3, 1e9, 0.3, 5.0]:
+        looks: list[float] = []
+
+        def passes(scale: float, threshold: float = threshold, looks: list = looks) -> bool:
+            looks.append(scale)
+            return scale <= threshold
+
+        if threshold < SMALLEST_SCALE:
+            with pytest.raises(NoSafeStep):
+                _search(passes, AUTO_SCALES)
+            assert looks == [1.0, 0.5, SMALLEST_SCALE]
+            continue
+        assert _search(passes, AUTO_SCALES) == max(g for g in grid if g <= threshold)
+        passing = [s for s in looks if s <= threshold]
+        if threshold < 1:  # down: at most two passing looks (each a pass over the rows)
+            one = threshold in (0.5, SMALLEST_SCALE)  # half, or the look at the shortest
+            assert len(passing) == (1 if one else 2), (threshold, looks)
+
+
+def test_the_guard_check_decides_as_the_full_figures_and_stops_a_broken_step_early() -> None:
+    from puma_cli.unlearn.puma import _criterion_figures, _Limits
+
+    model, X, y = _tiny(n=400)
+    net = model.float().eval()
+    Xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
+    loss, accuracy = _criterion_figures(net, Xt, yt, 32)
+    for bound in (loss * 0.9, loss, loss * 1.1, None):
+        for accuracy0, drop in ((accuracy, 0.0), (accuracy + 0.02, 0.01), (1.0, 0.5), (None, 0)):
+            full = (bound is None or loss <= bound) and (
+                accuracy0 is None or accuracy0 - accuracy <= drop
+            )
+            assert _Limits(bound, accuracy0, drop).hold(net, Xt, yt, 32) == full
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    wrong = (1 - yt).long()  # labels the model gets wrong wherever it got them right
+    assert not _Limits(None, 1.0, 0.01).hold(net, Xt, wrong, 32)
+    assert len(calls) < 400 // 32 / 2  # settled within the first chunks of 13

@@ -14,7 +14,8 @@ lambda = 0: it removes the marked points and lets the criterion drift.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -243,6 +244,39 @@ def _unmarked_sample(marked: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(order[~marked[order]][:size])
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """What the guard asks of a model on some rows: a mean cross-entropy of at most
+    `loss` and an accuracy at most `drop` below `accuracy0` (None: not asked)."""
+
+    loss: float | None
+    accuracy0: float | None
+    drop: float
+
+    def hold(self, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int) -> bool:
+        """The decision `_criterion_figures` over all the rows would give, taken chunk by
+        chunk and stopped at the first chunk after which it can only fail: losses are
+        non-negative, and the rows still to come can at most all be predicted right. A
+        broken step (most of those the search tries past the one it keeps) costs a few
+        chunks, not a pass."""
+        n = int(y.shape[0])
+        parts, total, correct = [], 0.0, 0
+        for start in range(0, n, chunk):
+            figures = _row_figures(model, X[start : start + chunk], y[start : start + chunk], chunk)
+            parts.append(figures)
+            total += float(figures[:, 0].sum())
+            correct += int(figures[:, 1].sum())
+            rest = n - start - len(figures)
+            if self.loss is not None and total / n > self.loss * (1 + 1e-9) + 1e-12:
+                return False
+            if self.accuracy0 is not None and self.accuracy0 - (correct + rest) / n > self.drop:
+                return False
+        loss, accuracy = np.concatenate(parts).mean(axis=0) if parts else (0.0, 0.0)
+        if self.loss is not None and loss > self.loss:
+            return False
+        return self.accuracy0 is None or self.accuracy0 - accuracy <= self.drop
+
+
 class NoSafeStep(Exception):
     """Every step size the guard tried broke the model (down to `scale` / N)."""
 
@@ -268,10 +302,12 @@ def _choose_scale(
     their training loss rises by at most `fit_tolerance` (relative); (b) held-out
     accuracy drops by at most `max_accuracy_drop` points; (c) held-out loss rises by at
     most `fit_tolerance`.
-    It takes the last s that passed; if s = 1 fails, it halves s instead, and raises
-    NoSafeStep when no s down to SMALLEST_SCALE passes (checked first): such a patch only
-    damages, and the caller raises the damping. The original model's figures on the
-    remaining rows are per row, and kept in the influence cache with v (`per_row`).
+    It takes the last s that passed; if s = 1 fails, the largest power of two below it
+    that passes (`_search`), and raises NoSafeStep when none down to SMALLEST_SCALE does:
+    such a patch only damages, and the caller raises the damping. The original model's
+    figures on the remaining rows are per row, and kept in the influence cache with v
+    (`per_row`). Each check stops at the first chunk of rows that settles a failure
+    (`_Limits.hold`).
     """
     eta = request.options.eta
     if eta != "auto":
@@ -311,14 +347,26 @@ def _choose_scale(
 
     def passes(scale: float) -> bool:
         model = patched(scale)
-        loss, accuracy = _criterion_figures(model, Xc, yc, step)  # held-out first
-        if loss > loss0 * (1 + tolerance) + 1e-9 or accuracy0 - accuracy > max_drop:
+        held_out = _Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop)
+        if not held_out.hold(model, Xc, yc, step):  # held-out first
             return False
-        fit, fit_accuracy = _criterion_figures(model, X_keep, y_keep, step)
         if by_accuracy:
-            return fit_accuracy0 - fit_accuracy <= max_drop
-        return fit <= fit0 * (1 + tolerance) + 1e-9
+            return _Limits(None, fit_accuracy0, max_drop).hold(model, X_keep, y_keep, step)
+        return _Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0).hold(model, X_keep, y_keep, step)
 
+    return _search(passes, scales)
+
+
+def _search(passes: Callable[[float], bool], scales: tuple[float, ...]) -> float:
+    """The largest step the guard lets through, taking larger steps to harm more.
+
+    Up from scales[0] (doubling) while they pass. If scales[0] fails: half of it, where
+    most such searches end; failing that, SMALLEST_SCALE (NoSafeStep when it fails too:
+    the caller raises the damping), then halving from a quarter down to the first that
+    passes. A failing look is cheap (`_Limits.hold` stops early) and a passing one costs
+    a pass over the rows, so the walk down, with two passing looks at most (one when half
+    passes, which took two before), beats a bisection (up to four).
+    """
     if passes(scales[0]):
         chosen = scales[0]
         for scale in scales[1:]:
@@ -326,9 +374,11 @@ def _choose_scale(
                 break
             chosen = scale
         return chosen
+    if passes(scales[0] / 2):
+        return scales[0] / 2
     if not passes(SMALLEST_SCALE):  # one look at the shortest step before halving to it
         raise NoSafeStep(SMALLEST_SCALE)
-    scale = scales[0] / 2
+    scale = scales[0] / 4
     while scale > SMALLEST_SCALE and not passes(scale):
         scale /= 2
     return scale
