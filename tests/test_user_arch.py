@@ -260,6 +260,22 @@ def test_a_bad_architecture_file_is_one_clear_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_a_module_beside_the_file_is_named_in_the_error(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "layers.py").write_text("from torch import nn\nWIDTH = 16\n")
+    path = tmp_path / "net.py"
+    path.write_text("from layers import WIDTH\n" + NET)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(
+        "train", data_dir / "radial.csv", "--arch", f"{path}:Net", "-o", tmp_path / "m.safetensors",
+        "--epochs", "1",
+    )  # fmt: skip
+    assert_clean_error(result, "No module named 'layers'")
+    assert (
+        "puma imports net.py alone" in result.output and "not layers.py beside it" in result.output
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_arch_args_must_be_a_json_object(data_dir: Path, tmp_path: Path) -> None:
     for args, message in (("{width: 3}", "is not JSON"), ("[1]", "give a JSON object")):
         result = run(

@@ -119,7 +119,8 @@ def _import_class(path: Path, source: UserSource) -> type[nn.Module]:
         except Exception as exc:  # the user's code: any failure is theirs to fix
             del sys.modules[module_name]
             raise PumaError(
-                f"{path} raised {type(exc).__name__} on import ({_first_line(exc)}); fix the file"
+                f"{path} raised {type(exc).__name__} on import ({_first_line(exc)}); "
+                + _import_fix(exc, path)
             ) from exc
     found = getattr(module, source.name, None)
     if found is None:
@@ -206,6 +207,23 @@ def _sha256(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path} is not a regular file; give a .py file defining the class")
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_fix(exc: Exception, path: Path) -> str:
+    """How to mend a failed import: a module beside the file is not on the path, since
+    puma imports the one file whose sha256 the checkpoint records, nothing it reaches."""
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if name:
+        top = name.split(".")[0]
+        beside = path.parent / f"{top}.py"
+        if beside.exists() or (path.parent / top / "__init__.py").exists():
+            shown = beside.name if beside.exists() else f"{top}/"
+            return (
+                f"puma imports {path.name} alone (the file whose sha256 a model records), "
+                f"not {shown} beside it: put what it needs into {path.name}, or make {top} "
+                "an installed package (pip install -e its project) so that it imports anywhere"
+            )
+    return "fix the file"
 
 
 def _first_line(exc: BaseException) -> str:
