@@ -183,6 +183,73 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
     assert all(torch.allclose(b[k], c[k], rtol=1e-6, atol=1e-9) for k in b)
 
 
+def test_the_upweighted_rows_gradient_is_kept_beside_v(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PUMA's upweighting is lambda_j = clip(t psi_j, 0, cap): its gradient is t times the
+    cached sum of psi_j g_j, less the rows where the two differ. A later request takes a
+    backward pass over those and the marked rows only, and writes the model a request
+    without the cache writes."""
+    from puma_cli.engine.derivatives import InfluenceModel
+
+    passes: list[int] = []  # rows in each weighted gradient (one backward pass each)
+    original = InfluenceModel.weighted_gradient
+
+    def counting(self, weights, X=None, y=None):  # type: ignore[no-untyped-def]
+        passes.append(int(weights.shape[0]))
+        return original(self, weights, X, y)
+
+    monkeypatch.setattr(InfluenceModel, "weighted_gradient", counting)
+    trained = _trained_ids(folder)
+    (folder / "a.txt").write_text("\n".join(trained[:3]) + "\n")
+    (folder / "b.txt").write_text("\n".join(trained[3:6]) + "\n")
+
+    def remove(marked: str, out: str, *extra: str) -> dict:
+        return run_json(
+            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
+            "-o", folder / out, *extra,
+        )  # fmt: skip
+
+    first = remove("a.txt", "a.safetensors")
+    upweighted = first["parameters"]["upweighted"]
+    assert upweighted > 20 and len(passes) == 2  # the sum, then the marked and the capped
+    assert passes[0] >= upweighted and passes[1] < 10
+    tensors = load_file(str(folder / "m.influence.safetensors"))
+    (name,) = [k for k in ("sum+", "sum-") if k in tensors]
+    assert tensors[name].dtype == torch.float64
+    assert int(tensors[name.replace("sum", "in")].sum()) == passes[0]
+    passes.clear()
+    assert remove("a.txt", "a2.safetensors")["cached"]
+    a, a2 = (load_file(str(folder / f"{x}.safetensors")) for x in ("a", "a2"))
+    assert all(torch.equal(a[k], a2[k]) for k in a)
+    assert passes == [passes[0]] and passes[0] < 10
+    passes.clear()
+    second = remove("b.txt", "b.safetensors")
+    assert second["cached"]
+    tensors = load_file(str(folder / "m.influence.safetensors"))
+    if "sum+" in tensors and "sum-" in tensors:  # b's target has the other sign: its sum
+        other = "in-" if name == "sum+" else "in+"
+        assert passes[0] == int(tensors[other].sum())
+        passes.pop(0)
+    assert len(passes) == 1 and passes[0] < 20  # the marked, the moved and the capped rows
+    cold = remove("b.txt", "c.safetensors", "--no-cache")
+    assert cold["parameters"]["upweighted"] == second["parameters"]["upweighted"]
+    b, c = (load_file(str(folder / f"{x}.safetensors")) for x in "bc")
+    assert all(torch.allclose(b[k], c[k], rtol=1e-6, atol=1e-9) for k in b)
+    # a damaged sum is rebuilt, with a note, and never reaches a model
+    for change, note in (
+        (lambda x: x[:-1].clone(), f"does not hold {name} as a"),
+        (lambda x: x.float(), f"does not hold {name} as a"),
+        (lambda x: torch.full_like(x, float("nan")), f"holds NaN or inf in {name}"),
+    ):
+        _rewrite(folder / "m.influence.safetensors", name, change)
+        again = remove("a.txt", "d.safetensors", "--overwrite")
+        assert not again["cached"]
+        assert any(note in w and "recomputed it" in w for w in again["warnings"]), again
+        d = load_file(str(folder / "d.safetensors"))
+        assert all(torch.allclose(a[k], d[k], rtol=1e-6, atol=1e-9) for k in a)
+
+
 def test_label_debugging_fills_the_scores_removal_reuses(
     folder: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

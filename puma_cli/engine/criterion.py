@@ -70,9 +70,12 @@ class CriterionDirection:
     cached: bool
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, str] | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # SUMS: (P,) float64
 
 
-PER_ROW = {"psi": 1, "fit0": 2}  # name: columns (1: a vector)
+# name: columns (1: a vector). in+ / in-: 1 for the rows in sum+ / sum- (SUMS), else 0.
+PER_ROW = {"psi": 1, "fit0": 2, "in+": 1, "in-": 1}
+SUMS = {"sum+": "in+", "sum-": "in-"}  # sum of psi_j g_j over the rows a mask holds
 
 
 def cache_path_for(checkpoint: Path) -> Path:
@@ -222,7 +225,12 @@ def criterion_direction(
             v, grad_c = (tensors[name].to(engine.device) for name in ("v", "grad_c"))
             top, damping = float(meta["lambda_max"]), float(meta["damping_used"])
             rows = {name: tensors[name].numpy().copy() for name in PER_ROW if name in tensors}
-            return CriterionDirection(v, grad_c.double(), top, damping, True, rows, meta)
+            sums = {
+                name: tensors[name].to(engine.device)
+                for name, mask in SUMS.items()
+                if name in tensors and mask in rows
+            }
+            return CriterionDirection(v, grad_c.double(), top, damping, True, rows, meta, sums)
     if previous is not None:
         grad_c = previous.grad_c
     else:
@@ -282,11 +290,48 @@ def per_row(
         known = known.copy()
         known[missing] = fresh.cpu().numpy() if isinstance(fresh, torch.Tensor) else fresh
         direction.rows[name] = known
-        if cache is not None and direction.meta is not None:
-            tensors = {"v": direction.v, "grad_c": direction.grad_c}
-            tensors.update({k: torch.from_numpy(x) for k, x in direction.rows.items()})
-            cache.stage(tensors, direction.meta)
+        _restage(direction, cache)
     return known[wanted]
+
+
+def psi_weighted_sum(
+    engine: InfluenceModel,
+    direction: CriterionDirection,
+    sign: float,
+    rows: np.ndarray,
+    psi: np.ndarray,
+    cache: Cache | None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """S = sum_j psi_j g_j over the rows j whose sign * psi_j > 0, and the positions it sums:
+    an earlier request's (kept beside v, whatever rows it summed) or, when there is none,
+    over `rows` (their scores `psi`) by one backward pass, staged for the next request.
+
+    PUMA's upweighting is lambda_j = clip(t psi_j, 0, cap), so its gradient is t S less
+    the rows where the two differ (`unlearn.puma`): a later request pays a backward pass
+    over those few rows, not over every upweighted one."""
+    name = "sum+" if sign > 0 else "sum-"
+    mask = SUMS[name]
+    if name in direction.sums and mask in direction.rows:
+        return direction.sums[name], np.flatnonzero(direction.rows[mask] > 0.5)
+    side = sign * psi > 0
+    summed = rows[side]  # positions, sorted as `rows` is
+    at = torch.as_tensor(summed, device=engine.device)
+    weights = torch.as_tensor(psi[side], device=engine.device)
+    total = engine.weighted_gradient(weights, engine.X[at], engine.y[at])
+    inside = np.zeros(engine.n)
+    inside[summed] = 1.0
+    direction.sums[name], direction.rows[mask] = total, inside
+    _restage(direction, cache)
+    return total, summed
+
+
+def _restage(direction: CriterionDirection, cache: Cache | None) -> None:
+    """Stage v with every per-row value and sum known so far (the job commits it)."""
+    if cache is None or direction.meta is None:
+        return
+    tensors = {"v": direction.v, "grad_c": direction.grad_c, **direction.sums}
+    tensors.update({k: torch.from_numpy(x) for k, x in direction.rows.items()})
+    cache.stage(tensors, direction.meta)
 
 
 def _cache_key(
@@ -336,6 +381,14 @@ def _check_direction(size: int, rows: int) -> Check:
                 return f"does not hold {name} as a {shape} float64 array"
             if bool(torch.isinf(x).any()):
                 return f"holds an infinite value in {name}"
+        for name in SUMS:
+            x = tensors.get(name)
+            if x is None:
+                continue
+            if x.dtype != torch.float64 or tuple(x.shape) != (size,):
+                return f"does not hold {name} as a ({size},) float64 vector"
+            if not bool(torch.isfinite(x).all()):
+                return f"holds NaN or inf in {name}"
         try:
             numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
         except (KeyError, ValueError):
