@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,21 @@ def _known_scores(folder: Path) -> np.ndarray:
     return ~np.isnan(load_file(str(folder / "m.influence.safetensors"))["psi"].numpy())
 
 
+def _two_markings(folder: Path, *options: str) -> Callable[..., dict]:
+    """a.txt and b.txt, three trained rows each, and `remove(marked, out, *extra)`."""
+    trained = _trained_ids(folder)
+    (folder / "a.txt").write_text("\n".join(trained[:3]) + "\n")
+    (folder / "b.txt").write_text("\n".join(trained[3:6]) + "\n")
+
+    def remove(marked: str, out: str, *extra: str) -> dict:
+        return run_json(
+            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
+            "-o", folder / out, *options, *extra,
+        )  # fmt: skip
+
+    return remove
+
+
 def test_a_later_request_scores_only_rows_no_earlier_one_did(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,15 +156,7 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
         return out
 
     monkeypatch.setattr(InfluenceModel, "directional_derivatives", counting)
-    trained = _trained_ids(folder)
-    (folder / "a.txt").write_text("\n".join(trained[:3]) + "\n")
-    (folder / "b.txt").write_text("\n".join(trained[3:6]) + "\n")
-
-    def remove(marked: str, out: str, *extra: str) -> dict:
-        return run_json(
-            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
-            "-o", folder / out, "--upweight-sample", "10", *extra,
-        )  # fmt: skip
+    remove = _two_markings(folder, "--upweight-sample", "10")
 
     guarded: list[int] = []  # the rows the guard takes the original model's figures on
     real_per_row = puma_method.per_row
@@ -200,15 +208,7 @@ def test_the_upweighted_rows_gradient_is_kept_beside_v(
         return original(self, weights, X, y)
 
     monkeypatch.setattr(InfluenceModel, "weighted_gradient", counting)
-    trained = _trained_ids(folder)
-    (folder / "a.txt").write_text("\n".join(trained[:3]) + "\n")
-    (folder / "b.txt").write_text("\n".join(trained[3:6]) + "\n")
-
-    def remove(marked: str, out: str, *extra: str) -> dict:
-        return run_json(
-            "remove", "-m", folder / "m.safetensors", "--marked", folder / marked,
-            "-o", folder / out, *extra,
-        )  # fmt: skip
+    remove = _two_markings(folder)
 
     first = remove("a.txt", "a.safetensors")
     upweighted = first["parameters"]["upweighted"]

@@ -79,6 +79,17 @@ def test_a_user_architecture_goes_through_every_command(
     assert run_json("eval", "-m", tmp_path / "retrain.safetensors")["n"] == 40
 
 
+def _user_model(data_dir: Path, tmp_path: Path, source: str, marked: int) -> Path:
+    """`source` trained as Net on radial.csv, and its first `marked` rows in ids.txt."""
+    arch = tmp_path / "net.py"
+    arch.write_text(source)
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1 : 1 + marked]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    return model
+
+
 UNCOVERED_NET = """
 import torch
 from torch import nn
@@ -99,12 +110,7 @@ class Net(nn.Module):
 
 
 def test_the_report_names_the_layers_kfac_leaves_out(data_dir: Path, tmp_path: Path) -> None:
-    arch = tmp_path / "uncovered.py"
-    arch.write_text(UNCOVERED_NET)
-    model = tmp_path / "m.safetensors"
-    _train(data_dir, arch, model)
-    rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
-    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    model = _user_model(data_dir, tmp_path, UNCOVERED_NET, 4)
     out = run_json(
         "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "kfac",
         "-o", tmp_path / "r.safetensors", "--device", "cpu",
@@ -136,12 +142,7 @@ class Net(nn.Module):
 
 
 def test_frozen_parameters_stay_where_training_left_them(data_dir: Path, tmp_path: Path) -> None:
-    arch = tmp_path / "frozen.py"
-    arch.write_text(FROZEN_NET)
-    model = tmp_path / "m.safetensors"
-    _train(data_dir, arch, model)
-    rows = (data_dir / "radial.csv").read_text().splitlines()[1:9]
-    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    model = _user_model(data_dir, tmp_path, FROZEN_NET, 8)
     before = load_checkpoint(model).model.state_dict()
     for method, curvature in (("puma", "exact"), ("puma", "kfac"), ("ssd", "auto")):
         out_path = tmp_path / f"{method}-{curvature}.safetensors"
