@@ -341,3 +341,17 @@ def test_factors_taken_through_the_input_equal_curvlinops_or_fall_back(
     ours = [mine[i] for i in covered]
     theirs = reference @ torch.cat([parts[i] for i in covered if names[i] != "code"])
     assert torch.allclose(torch.cat(ours), theirs, atol=1e-12)
+
+
+def test_a_layer_frozen_in_part_gets_no_block_and_its_trainable_part_is_left_out() -> None:
+    net = _mlp(4)
+    net[0].weight.requires_grad_(False)  # its bias still trains
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    engine = InfluenceModel(net, X, y)
+    assert engine.names == ["0.bias", "2.weight", "2.bias"]  # the frozen weight is no theta
+    curvature = fit_kronecker("kfac", engine.module, engine.names, engine.sizes, [(X, y)])
+    assert [b.module for b in curvature.blocks] == ["2"]
+    assert curvature.uncovered == 4 and curvature.left_out == {"Linear": 4}
+    x = curvature.inverse(torch.ones(curvature.size, dtype=torch.float64), 0.1)
+    assert torch.equal(x[:4], torch.zeros(4, dtype=torch.float64))  # the bias stays
