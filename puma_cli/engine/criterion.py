@@ -315,9 +315,7 @@ def psi_weighted_sum(
         return direction.sums[name], np.flatnonzero(direction.rows[mask] > 0.5)
     side = sign * psi > 0
     summed = rows[side]  # positions, sorted as `rows` is
-    at = torch.as_tensor(summed, device=engine.device)
-    weights = torch.as_tensor(psi[side], device=engine.device)
-    total = engine.weighted_gradient(weights, engine.X[at], engine.y[at])
+    total = engine.gradient_at(summed, psi[side])
     inside = np.zeros(engine.n)
     inside[summed] = 1.0
     direction.sums[name], direction.rows[mask] = total, inside
@@ -365,13 +363,19 @@ def _check_direction(size: int, rows: int) -> Check:
     row per trained row, NaN where unknown but never inf: anything else would put garbage
     into a written model."""
 
+    def vector(name: str, x: torch.Tensor | None, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        kind = "float64" if dtypes == (torch.float64,) else "float"
+        if x is None or x.dtype not in dtypes or tuple(x.shape) != (size,):
+            return f"does not hold {name} as a ({size},) {kind} vector"
+        if not bool(torch.isfinite(x).all()):
+            return f"holds NaN or inf in {name}"
+        return None
+
     def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
         for name in ("v", "grad_c"):
-            x = tensors.get(name)
-            if x is None or x.dtype not in (torch.float32, torch.float64) or x.shape != (size,):
-                return f"does not hold {name} as a ({size},) float vector"
-            if not bool(torch.isfinite(x).all()):
-                return "holds NaN or inf"
+            fault = vector(name, tensors.get(name), (torch.float32, torch.float64))
+            if fault:
+                return fault
         for name, columns in PER_ROW.items():
             x = tensors.get(name)
             if x is None:
@@ -382,13 +386,9 @@ def _check_direction(size: int, rows: int) -> Check:
             if bool(torch.isinf(x).any()):
                 return f"holds an infinite value in {name}"
         for name in SUMS:
-            x = tensors.get(name)
-            if x is None:
-                continue
-            if x.dtype != torch.float64 or tuple(x.shape) != (size,):
-                return f"does not hold {name} as a ({size},) float64 vector"
-            if not bool(torch.isfinite(x).all()):
-                return f"holds NaN or inf in {name}"
+            fault = vector(name, tensors[name], (torch.float64,)) if name in tensors else None
+            if fault:
+                return fault
         try:
             numbers = [float(meta["lambda_max"]), float(meta["damping_used"])]
         except (KeyError, ValueError):

@@ -197,6 +197,12 @@ class InfluenceModel:
             out += torch.autograd.grad(loss, theta)[0].double()
         return parallel.all_reduce(out)
 
+    def gradient_at(self, positions: np.ndarray, weights: np.ndarray | Tensor) -> Tensor:
+        """sum_i w_i grad L_i (P,) over the engine's rows at `positions`, one weight each."""
+        at = torch.as_tensor(positions, device=self.device)
+        w = torch.as_tensor(weights, device=self.device)
+        return self.weighted_gradient(w, self.X[at], self.y[at])
+
     def directional_derivatives(
         self, v: Tensor, X: Tensor | None = None, y: Tensor | None = None
     ) -> Tensor:

@@ -66,7 +66,12 @@ def reweight(psi: np.ndarray, target: float, cap: float) -> tuple[np.ndarray, fl
     stay non-negative (a negative weight would silently remove other data) and spread in
     proportion to each point's score. Returns (lambda, residual psi . lambda - target).
     """
-    lam = np.clip(reweight_scale(psi, target, cap) * psi, 0.0, cap)
+    return reweighted(psi, reweight_scale(psi, target, cap), target, cap)
+
+
+def reweighted(psi: np.ndarray, t: float, target: float, cap: float) -> tuple[np.ndarray, float]:
+    """lambda = clip(t psi, 0, cap) and its residual psi . lambda - target."""
+    lam = np.clip(t * psi, 0.0, cap)
     return lam, float(psi @ lam - target)
 
 
@@ -150,8 +155,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             psi = scores(engine, spectrum, rows, options.cache)
             target = float(psi[marked_at].sum())
             t = reweight_scale(psi[~marked_at], target, options.lambda_cap)
-            lam = np.clip(t * psi[~marked_at], 0.0, options.lambda_cap)
-            residual = float(psi[~marked_at] @ lam - target)
+            lam, residual = reweighted(psi[~marked_at], t, target, options.lambda_cap)
             weights[~marked_at] = -lam
             upweighted = int((lam > 0).sum())
         direction = _patch_gradient(
@@ -252,22 +256,15 @@ def _patch_gradient(
     one (the noisy ResNet-18: ~45 rows, not ~2,300); the same in exact arithmetic."""
     weighted = np.flatnonzero(weights)
     if t != 0:
-        total, summed = psi_weighted_sum(engine, spectrum, t, rows[psi != 0], psi[psi != 0], cache)
+        total, summed = psi_weighted_sum(engine, spectrum, t, rows, psi, cache)
         every = np.union1d(rows, summed)
         w = np.zeros(len(every))
         w[np.searchsorted(every, rows)] = weights
         w[np.searchsorted(every, summed)] += t * scores(engine, spectrum, summed, cache)
         fix = np.flatnonzero(w)
         if len(fix) < len(weighted):  # else the plain sum is the cheaper (a new --seed)
-            at = torch.as_tensor(every[fix], device=engine.device)
-            part = engine.weighted_gradient(
-                torch.as_tensor(w[fix], device=engine.device), engine.X[at], engine.y[at]
-            )
-            return part - t * total
-    at = torch.as_tensor(rows[weighted], device=engine.device)
-    return engine.weighted_gradient(
-        torch.as_tensor(weights[weighted], device=engine.device), engine.X[at], engine.y[at]
-    )
+            return engine.gradient_at(every[fix], w[fix]) - t * total
+    return engine.gradient_at(rows[weighted], weights[weighted])
 
 
 def _scored_rows(marked: np.ndarray, reweight_others: bool, sample: int, seed: int) -> np.ndarray:
@@ -391,14 +388,17 @@ def _choose_scale(
     by_accuracy = request.options.forget == "step"
     scales = FORGET_SCALES if by_accuracy else AUTO_SCALES
 
+    held_out = _Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop)
+    if by_accuracy:
+        remaining = _Limits(None, fit_accuracy0, max_drop)
+    else:
+        remaining = _Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0)
+
     def passes(scale: float) -> bool:
         model = patched(scale)
-        held_out = _Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop)
         if not held_out.hold(model, Xc, yc, step):  # held-out first
             return False
-        if by_accuracy:
-            return _Limits(None, fit_accuracy0, max_drop).hold(model, X_keep, y_keep, step)
-        return _Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0).hold(model, X_keep, y_keep, step)
+        return remaining.hold(model, X_keep, y_keep, step)
 
     return _search(passes, scales)
 
