@@ -44,6 +44,7 @@ from puma_cli.unlearn import RemovalOptions
 MARKINGS = ("kmeans", "random5")
 VARIANTS = {  # `puma` itself runs at its default, --forget step
     "puma-none": ("puma", {"forget": "none"}),  # the paper's Algorithm 1, as before
+    "puma-match": ("puma", {"forget": "match"}),
     "puma-repair": ("puma", {"forget": "repair"}),
     "puma-ggn": ("puma", {"curvature": "ggn"}),
     "puma-kfac": ("puma", {"curvature": "kfac"}),
@@ -209,15 +210,21 @@ def _targets(rows: list[dict[str, Any]]) -> str:
         drops = [originals[(r["dataset"], r["marking"], r["seed"])] - r["test_accuracy"]
                  for r in rows if r["method"] == method and not r["refused"]]  # fmt: skip
         gap = mean(of(method, "gap"))
+        by_marking = [
+            cell(mean([r["gap"] for r in rows if r["method"] == method and not r["refused"]
+                       and r["marking"] == marking]))
+            for marking in MARKINGS
+        ]  # fmt: skip
         refused = sum(1 for r in rows if r["method"] == method and r["refused"])
         out.append([
-            method, cell(gap), cell(gap / today if gap is not None and today else None, 2),
+            method, cell(gap), *by_marking,
+            cell(gap / today if gap is not None and today else None, 2),
             cell(mean(of(method, "time_ratio"))),
             cell(max(of(method, "time_ratio"), default=None)),
             cell(100 * max(drops) if drops else None, 1), str(refused),
         ])  # fmt: skip
     overhead = [r["compare_overhead_ratio"] for r in rows if r["method"] == "retrain"]
-    text = table(["method", "mean gap", "gap / puma-none's", "mean time", "worst time",
+    text = table(["method", "mean gap", *(f"gap, {m}" for m in MARKINGS), "gap / puma-none's", "mean time", "worst time",
                   "worst test drop (points)", "refused"], out)  # fmt: skip
     text += (
         f"\n\n`compare`'s overhead, (wall time - the methods' own time) / one retraining: "

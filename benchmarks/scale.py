@@ -151,6 +151,9 @@ def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
         cached, cached_wall, _ = run_puma(
             [*base, "-o", str(folder / f"{name}-p2.safetensors"), *options]
         )
+        matched, _, _ = run_puma(  # --forget match: the step stopped at the held-out loss
+            [*base, "-o", str(folder / f"{name}-pm.safetensors"), *options, "--forget", "match"]
+        )
         other_ids = folder / f"{name}-ids2.txt"
         run_puma(
             ["mark", str(train), "--random", "0.01", "--seed", "1", "-o", str(other_ids),
@@ -197,6 +200,11 @@ def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
         "marked_loss_puma": cold["marked_loss_after"],
         "marked_loss_retrained": retrain["marked_loss_after"],
         "eta_scale": cold["parameters"].get("eta_scale"),
+        "match_seconds": matched["seconds"],
+        "match_eta_scale": matched["parameters"].get("eta_scale"),
+        "marked_loss_match": matched["marked_loss_after"],
+        "test_accuracy_match": matched["test_accuracy_after"],
+        "held_out_loss": cold["criterion_before"],
         "damping": cold["parameters"].get("damping"),
         "warnings": cold["warnings"],
         "uncovered_parameters": cold["parameters"].get("uncovered_parameters"),
@@ -210,6 +218,14 @@ def slope(rows: list[dict[str, Any]], x: str, names: list[str]) -> float | None:
     xs = np.log([r[x] for r in picked])
     ys = np.log([r["cold_seconds"] for r in picked])
     return float(np.polyfit(xs, ys, 1)[0])
+
+
+def _match_cells(r: dict[str, Any]) -> list[str]:
+    """The --forget match columns (a row kept from a run before them: dashes)."""
+    if "marked_loss_match" not in r:
+        return ["-"] * 4
+    return [f"{r['marked_loss_match']:.3g}", f"{r['match_eta_scale']:g}",
+            f"{r['test_accuracy_match']:.3f}", f"{r['held_out_loss']:.3g}"]  # fmt: skip
 
 
 def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
@@ -235,6 +251,8 @@ def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
             f"{r['marked_loss_before']:.3g}",
             f"{r['marked_loss_puma']:.3g}",
             f"{r['marked_loss_retrained']:.3g}",
+            f"{r['eta_scale']:g}" if r.get("eta_scale") else "-",
+            *_match_cells(r),
             f"{r.get('damping', float('nan')):g}",
         ]
         for r in rows
@@ -242,7 +260,8 @@ def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
     header = [
         "case", "rows", "params", "curvature", "retrain s", "PUMA cold s", "cold / retrain",
         "cached s", "cached / retrain", "other marking s", "peak MB", "test acc before", "test acc after",
-        "marked loss before", "marked loss PUMA", "marked loss retrain", "damping",
+        "marked loss before", "marked loss PUMA", "marked loss retrain", "eta",
+        "marked loss match", "match eta", "test acc match", "held-out loss", "damping",
     ]  # fmt: skip
     defaults = [r for r in rows if CASES[r["case"]][4] == "auto"]
     cold_max, cached_max = (0.1, 0.3) if DEVICE == "cpu" else (0.03, 2)  # issue 10's
@@ -277,7 +296,11 @@ def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
             )
             + "). Times are each "
             "job's own `seconds` (reading files excluded); ratios are to `--method retrain` "
-            "in the same run. 1 % of the rows marked at random; batch size 128.",
+            "in the same run. 1 % of the rows marked at random; batch size 128. `eta` is "
+            "the default's step (`--forget step`, a multiple of 1/N); the `match` columns are "
+            "`--forget match` (the step stopped where the marked rows' loss reaches the "
+            "held-out loss, run after the cached request), beside the original's held-out "
+            "loss.",
             "",
             table(header, lines),
             "",

@@ -595,6 +595,7 @@ TUNING = (Method.finetune, Method.neggrad, Method.random_labels, Method.salun, M
 
 class Forget(str, enum.Enum):
     step = "step"
+    match = "match"
     repair = "repair"
     none = "none"
 
@@ -722,7 +723,8 @@ def remove(
         typer.Option(
             "--forget",
             help="puma, influence: step (the --eta auto step guarded by accuracy, not by the "
-            "remaining rows' loss), repair (then a short fine-tune) or none (the paper's).",
+            "remaining rows' loss), match (step, stopped where the marked rows' loss reaches "
+            "the held-out loss), repair (then a short fine-tune) or none (the paper's).",
         ),
     ] = Forget.step,
     criterion_data: CriterionDataOpt = None,

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.io.checkpoint import ROLE_REMOVED, load_checkpoint
+from puma_cli.io.checkpoint import ROLE_REMOVED, ROLE_TRAINED, load_checkpoint
+from puma_cli.io.datasets import load_dataset
+from puma_cli.io.ids import write_ids
 from puma_cli.unlearn.finetuning import random_other_labels, saliency_mask
 
 METHODS = ["finetune", "neggrad", "random-labels", "salun", "scrub"]
@@ -172,9 +175,10 @@ def test_forget_modes_of_puma(work: Path, tmp_path: Path) -> None:
     (none); repair fine-tunes after the patch; each mode is recorded for an audit."""
     by = {
         mode: _remove(work, tmp_path / f"{mode}.safetensors", "--forget", mode)
-        for mode in ("step", "none", "repair")
+        for mode in ("step", "match", "none", "repair")
     }
     assert by["step"]["eta_scale"] >= by["none"]["eta_scale"]
+    assert by["step"]["eta_scale"] >= by["match"]["eta_scale"]  # match stops where step may not
     assert by["repair"]["parameters"]["repair_epochs"] == 4
     for mode, report in by.items():
         assert report["parameters"]["forget"] == mode
@@ -184,3 +188,94 @@ def test_forget_modes_of_puma(work: Path, tmp_path: Path) -> None:
     assert default["parameters"]["forget"] == "step"
     assert run("remove", "-m", work / "model.safetensors", "--marked", work / "ids.txt",
                "--forget", "maybe").exit_code == 2  # fmt: skip
+
+
+def _gap(report: dict) -> float:
+    """The marked rows' loss over the held-out rows' (both after the removal)."""
+    return report["marked_loss_after"] - report["criterion_after"]
+
+
+def test_match_keeps_the_step_nearest_the_held_out_loss(
+    work: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """On a random marking, --forget match keeps, of the last grid step whose marked loss is
+    below the held-out loss and the first at or above it, the nearer: checked against the
+    two steps given as --eta."""
+    ids = tmp_path / "random.txt"
+    run_json("mark", data_dir / "radial.csv", "--random", "0.1", "-o", ids)
+
+    def at(*args: str) -> dict:
+        return run_json("remove", "-m", work / "model.safetensors", "--marked", ids,
+                        "-o", tmp_path / "o.safetensors", "--overwrite", "--device", "cpu",
+                        *args)  # fmt: skip
+
+    match, step = at("--forget", "match"), at()
+    scale = match["parameters"]["eta_scale"]
+    assert match["marked_loss_after"] > match["marked_loss_before"]  # it removed something
+    assert scale < step["parameters"]["eta_scale"]  # step goes on past the held-out loss
+    below, above = (scale, 2 * scale) if _gap(match) < 0 else (scale / 2, scale)
+    low, high = at("--eta", f"{below:g}"), at("--eta", f"{above:g}")
+    assert _gap(low) < 0 <= _gap(high)
+    assert abs(_gap(match)) == pytest.approx(min(abs(_gap(low)), abs(_gap(high))))
+    assert abs(_gap(match)) < abs(_gap(step))
+
+
+def _train_losses(work: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The work model's training rows (positions), their losses, and the data's ids."""
+    model = load_checkpoint(work / "model.safetensors")
+    train = load_dataset(data_dir / "radial.csv")
+    trained = np.flatnonzero(model.roles == ROLE_TRAINED)
+    with torch.no_grad():
+        logits = model.model(torch.as_tensor(train.X[trained], dtype=torch.float32))
+    losses = torch.nn.functional.cross_entropy(
+        logits.double(), torch.as_tensor(train.y[trained]), reduction="none"
+    )
+    return trained, losses.numpy(), train.ids
+
+
+def test_match_crossing_below_the_shortest_step_keeps_that_step(
+    work: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Marked rows whose loss sits just under the held-out loss cross it at the guard's
+    shortest step already: that step is kept, and the damping is not raised (as it is when
+    the guard itself breaks there)."""
+    from puma_cli.unlearn import puma as puma_method
+
+    trained, losses, ids = _train_losses(work, data_dir)
+    held = run_json("remove", "-m", work / "model.safetensors", "--marked", work / "ids.txt",
+                    "-o", tmp_path / "x.safetensors", "--method", "retrain",
+                    "--device", "cpu")["criterion_before"]  # fmt: skip
+    order = np.argsort(losses)
+    means = np.array([losses[order[i : i + 20]].mean() for i in range(len(order) - 20)])
+    start = int(np.argmax(np.where(means < held, means, -np.inf)))  # the nearest under
+    marked = tmp_path / "near.txt"
+    write_ids(marked, ids[trained[order[start : start + 20]]])
+
+    def at(*args: str) -> dict:
+        return run_json("remove", "-m", work / "model.safetensors", "--marked", marked,
+                        "-o", tmp_path / "o.safetensors", "--overwrite", "--device", "cpu",
+                        *args)  # fmt: skip
+
+    crossing = next(s for s in (0.125, 0.25, 0.5) if _gap(at("--eta", str(s))) > 1e-4)
+    monkeypatch.setattr(puma_method, "SMALLEST_SCALE", crossing)
+    report = at("--forget", "match")
+    assert report["marked_loss_before"] < report["criterion_before"]
+    assert report["parameters"]["eta_scale"] == crossing
+    assert not any("damping was raised" in w for w in report["warnings"])
+
+
+def test_match_says_when_the_marked_rows_score_above_held_out_already(
+    work: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Rows the model gets wrong (mislabelled ones, say) have a loss above the held-out
+    rows' before any removal: match has nothing to aim at, says so and steps as step."""
+    trained, losses, all_ids = _train_losses(work, data_dir)
+    ids = tmp_path / "worst.txt"
+    write_ids(ids, all_ids[trained[np.argsort(-losses)[:8]]])
+    args = ["-m", work / "model.safetensors", "--marked", ids, "--device", "cpu"]
+    match = run_json("remove", *args, "-o", tmp_path / "m.safetensors", "--forget", "match")
+    step = run_json("remove", *args, "-o", tmp_path / "s.safetensors")
+    assert match["marked_loss_before"] > match["criterion_before"]
+    assert sum("--forget match: the marked rows' loss" in w for w in match["warnings"]) == 1
+    assert match["parameters"]["eta_scale"] == step["parameters"]["eta_scale"]
+    assert not any("--forget match" in w for w in step["warnings"])

@@ -21,7 +21,7 @@ from puma_cli.io.cache import Cache
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint
 from puma_cli.models.architectures import Model
 
-FORGETTING = ("step", "repair", "none")  # RemovalOptions.forget
+FORGETTING = ("step", "match", "repair", "none")  # RemovalOptions.forget
 # PUMA scores and reweights this many random remaining rows by default: past it, all of
 # them cost passes over the data and changed nothing measurable (benchmarks/scale.py).
 UPWEIGHT_SAMPLE = 8192
@@ -46,8 +46,9 @@ class RemovalOptions:
     mask_share: SalUn's share of the weights its saliency mask lets move.
     forget: how PUMA makes up for what first-order removal leaves (`unlearn.puma`): step
         (the default: the step size guarded by accuracy, not by the remaining rows' loss),
-        repair (the patch, then a short fine-tune on the remaining rows) or none (the
-        paper's Algorithm 1 with the loss-guarded step).
+        match (step, stopped where the marked rows' loss reaches the held-out loss), repair
+        (the patch, then a short fine-tune on the remaining rows) or none (the paper's
+        Algorithm 1 with the loss-guarded step).
     """
 
     eta: float | str = "auto"
@@ -64,7 +65,7 @@ class RemovalOptions:
     lr: float | None = None
     neggrad_alpha: float = 0.999
     mask_share: float = 0.5
-    forget: str = "step"  # puma, influence: step, repair or none (Algorithm 1's guard)
+    forget: str = "step"  # puma, influence: step, match, repair or none (Algorithm 1's guard)
     seed: int = 0
     curvature: str = "auto"
     curvature_samples: int = 0

@@ -166,7 +166,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
         try:
             scale = _choose_scale(
-                request, engine, spectrum, step.x, marked_in_trained, Xc.float(), yc
+                request, engine, spectrum, step.x, marked_in_trained, Xc.float(), yc, notes
             )
             break
         except NoSafeStep as refused:
@@ -302,6 +302,12 @@ class _Limits:
         non-negative, and the rows still to come can at most all be predicted right. A
         broken step (most of those the search tries past the one it keeps) costs a few
         chunks, not a pass."""
+        return self.held_loss(model, X, y, chunk) is not None
+
+    def held_loss(
+        self, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
+    ) -> float | None:
+        """`hold`'s check: the rows' mean cross-entropy where the limits hold, else None."""
         n = int(y.shape[0])
         parts, total, correct = [], 0.0, 0
         for start in range(0, n, chunk):
@@ -311,13 +317,15 @@ class _Limits:
             correct += int(figures[:, 1].sum())
             rest = n - start - len(figures)
             if self.loss is not None and total / n > self.loss * (1 + 1e-9) + 1e-12:
-                return False
+                return None
             if self.accuracy0 is not None and self.accuracy0 - (correct + rest) / n > self.drop:
-                return False
+                return None
         loss, accuracy = np.concatenate(parts).mean(axis=0) if parts else (0.0, 0.0)
         if self.loss is not None and loss > self.loss:
-            return False
-        return self.accuracy0 is None or self.accuracy0 - accuracy <= self.drop
+            return None
+        if self.accuracy0 is not None and self.accuracy0 - accuracy > self.drop:
+            return None
+        return float(loss)
 
 
 class NoSafeStep(Exception):
@@ -335,6 +343,7 @@ def _choose_scale(
     marked: np.ndarray,
     Xc: torch.Tensor,
     yc: torch.Tensor,
+    notes: list[str],
 ) -> float:
     """The eta scale: as given, or a guarded line search (forward passes only).
 
@@ -351,6 +360,11 @@ def _choose_scale(
     figures on the remaining rows are per row, and kept in the influence cache with v
     (`per_row`). Each check stops at the first chunk of rows that settles a failure
     (`_Limits.hold`).
+    --forget match also stops growing s once the marked rows' mean loss reaches the
+    held-out rows' (both under the patched model): a retrained model has never seen the
+    marked rows, and a random sample of them scores like held-out rows there. Of the last
+    s below and the first at or above, it keeps the one nearer the held-out loss (a note
+    in `notes`, and `step`'s search, when the marked rows' loss is there already).
     """
     eta = request.options.eta
     if eta != "auto":
@@ -385,7 +399,7 @@ def _choose_scale(
     loss0, accuracy0 = _criterion_figures(original, Xc, yc, step)
     # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
     # of it trips the guard; their accuracy is what must hold, as on the held-out rows.
-    by_accuracy = request.options.forget == "step"
+    by_accuracy = request.options.forget in ("step", "match")
     scales = FORGET_SCALES if by_accuracy else AUTO_SCALES
 
     held_out = _Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop)
@@ -393,14 +407,44 @@ def _choose_scale(
         remaining = _Limits(None, fit_accuracy0, max_drop)
     else:
         remaining = _Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0)
+    where = torch.as_tensor(marked, device=engine.device)
+    X_marked, y_marked = engine.X[where].float(), engine.y[where]
+    match = request.options.forget == "match"
+    if match:
+        marked0, _ = _criterion_figures(original, X_marked, y_marked, step)
+        if marked0 >= loss0:
+            match = False
+            note = (
+                f"--forget match: the marked rows' loss ({marked0:.3g}) is at or above the "
+                f"held-out loss ({loss0:.3g}) already, so it sets no step; the step was chosen "
+                "as under --forget step"
+            )
+            if note not in notes:  # once, however often the damping is raised
+                notes.append(note)
+    above: dict[float, float] = {}  # scale -> marked - held-out loss, where the held-out rows held
 
     def passes(scale: float) -> bool:
         model = patched(scale)
-        if not held_out.hold(model, Xc, yc, step):  # held-out first
+        held = held_out.held_loss(model, Xc, yc, step)  # held-out first
+        if held is None:
             return False
+        if match:  # the marked rows are few: looked at before the remaining rows
+            above[scale] = _criterion_figures(model, X_marked, y_marked, step)[0] - held
+            if above[scale] >= 0:
+                return False
         return remaining.hold(model, X_keep, y_keep, step)
 
-    return _search(passes, scales)
+    try:
+        chosen = _search(passes, scales)
+    except NoSafeStep:
+        if SMALLEST_SCALE not in above:  # the held-out rows broke: more damping
+            raise
+        if not remaining.hold(patched(SMALLEST_SCALE), X_keep, y_keep, step):
+            raise
+        return SMALLEST_SCALE  # the marked rows look held out at the shortest step already
+    up = 2 * chosen  # the first step past the held-out loss, when the guard held there
+    nearer = match and up in above and abs(above[up]) < abs(above[chosen])
+    return up if nearer and remaining.hold(patched(up), X_keep, y_keep, step) else chosen
 
 
 def _search(passes: Callable[[float], bool], scales: tuple[float, ...]) -> float:
