@@ -10,6 +10,7 @@ import contextlib
 import enum
 import functools
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,9 +54,23 @@ COMMANDS = (
 PARALLEL_COMMANDS = ("remove", "attack")  # what torchrun may start (`puma_cli.parallel`)
 
 
+FOLLOWER_GRACE = 5.0  # seconds a process of rank > 0 waits before reporting an error
+
+
 def _follower() -> bool:
     """A process of rank > 0 under torchrun: rank 0 reports; the input is the same in all."""
     return os.environ.get("RANK", "0") not in ("", "0")
+
+
+def _report(message: str) -> None:
+    """`Error: message`, once under torchrun. Every process meets the same input, so rank 0
+    says it, and torchrun stops the others as soon as rank 0 exits. A process of rank > 0
+    waits FOLLOWER_GRACE first: exiting at once would let torchrun stop rank 0 before it
+    had said anything (it may be a moment behind), and one still running after the wait
+    met an error of its own (its GPU, say), which it then says."""
+    if _follower():
+        time.sleep(FOLLOWER_GRACE)
+    console.error(message)
 
 
 def domain_errors(fn: F) -> F:
@@ -67,12 +82,10 @@ def domain_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except PumaError as exc:
-            if not _follower():
-                console.error(str(exc))
+            _report(str(exc))
             raise typer.Exit(1) from None
         except OSError as exc:
-            if not _follower():
-                console.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            _report(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -84,12 +97,11 @@ def _one_process_unless_parallel(ctx: typer.Context) -> None:
     would write one file K times."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world not in ("", "1") and ctx.invoked_subcommand not in PARALLEL_COMMANDS:
-        if not _follower():
-            console.error(
-                f"torchrun started {world} processes, but `puma {ctx.invoked_subcommand}` runs "
-                f"in one: torchrun splits {' and '.join(PARALLEL_COMMANDS)} only; run it "
-                "without torchrun"
-            )
+        _report(
+            f"torchrun started {world} processes, but `puma {ctx.invoked_subcommand}` runs "
+            f"in one: torchrun splits {' and '.join(PARALLEL_COMMANDS)} only; run it "
+            "without torchrun"
+        )
         raise typer.Exit(1)
 
 

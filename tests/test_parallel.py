@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run, run_json
+from conftest import assert_clean_error, run, run_json
 from safetensors.torch import load_file
 
 from puma_cli import parallel
 from puma_cli.engine import kronecker
 
 
-def torchrun(folder: Path, processes: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(
+    folder: Path, processes: int, *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(processes), "-m", "puma_cli", *map(str, args)]
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
@@ -143,6 +145,38 @@ def test_what_does_not_split_is_refused_once(
     assert len(errors) == 1 and message in errors[0], errors
     assert result.stdout == ""
     assert sorted(p.name for p in copy.iterdir()) == before  # nothing written
+
+
+def test_rank_0_reports_though_it_is_behind_the_others(copy: Path, tmp_path: Path) -> None:
+    """Rank 0 a second and a half behind rank 1 (a slow import, a loaded machine): rank 1
+    meets the error first, and had it exited at once torchrun would have stopped rank 0
+    before it said anything (no `Error:` line at all: seen once in a full test run)."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(1.5)\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")])}
+    result = torchrun(copy, 2, "train", "radial.csv", "-o", "t.safetensors", env=env)
+    assert result.returncode == 1
+    errors = puma_errors(result)
+    assert len(errors) == 1 and "`puma train` runs in one" in errors[0], result.stderr
+    assert not (copy / "t.safetensors").exists()
+
+
+def test_an_error_only_a_follower_meets_is_said_after_the_grace(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process of rank > 0 still running after the grace met an error rank 0 did not (it
+    would have been stopped otherwise): it says it then."""
+    from puma_cli import cli
+
+    waits: list[float] = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    result = run("remove", "-m", copy / "gone.safetensors", "--marked", copy / "marked.txt")
+    assert_clean_error(result, "gone.safetensors")
+    assert waits == [cli.FOLLOWER_GRACE]
 
 
 def test_a_world_size_that_is_not_a_number_is_an_error(
