@@ -407,10 +407,10 @@ def _choose_scale(
         remaining = _Limits(None, fit_accuracy0, max_drop)
     else:
         remaining = _Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0)
-    where = torch.as_tensor(marked, device=engine.device)
-    X_marked, y_marked = engine.X[where].float(), engine.y[where]
     match = request.options.forget == "match"
     if match:
+        where = torch.as_tensor(marked, device=engine.device)
+        X_marked, y_marked = engine.X[where].float(), engine.y[where]
         marked0, _ = _criterion_figures(original, X_marked, y_marked, step)
         if marked0 >= loss0:
             match = False
