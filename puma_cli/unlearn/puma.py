@@ -421,7 +421,9 @@ def _choose_scale(
             )
             if note not in notes:  # once, however often the damping is raised
                 notes.append(note)
-    above: dict[float, float] = {}  # scale -> marked - held-out loss, where the held-out rows held
+    # scale -> marked - held-out loss, where the held-out rows held; the remaining rows
+    # were checked there only where it is < 0 (a crossing fails the step before them)
+    above: dict[float, float] = {}
 
     def passes(scale: float) -> bool:
         model = patched(scale)
@@ -437,13 +439,16 @@ def _choose_scale(
     try:
         chosen = _search(passes, scales)
     except NoSafeStep:
-        if SMALLEST_SCALE not in above:  # the held-out rows broke: more damping
+        # more damping unless the shortest step failed by crossing alone (held-out rows
+        # held, remaining rows not yet asked)
+        if above.get(SMALLEST_SCALE, -1.0) < 0:
             raise
         if not remaining.hold(patched(SMALLEST_SCALE), X_keep, y_keep, step):
             raise
         return SMALLEST_SCALE  # the marked rows look held out at the shortest step already
     up = 2 * chosen  # the first step past the held-out loss, when the guard held there
-    nearer = match and up in above and abs(above[up]) < abs(above[chosen])
+    crossed = match and above.get(up, -1.0) >= 0  # (< 0: the remaining rows failed it)
+    nearer = crossed and abs(above[up]) < abs(above[chosen])
     return up if nearer and remaining.hold(patched(up), X_keep, y_keep, step) else chosen
 
 
