@@ -148,14 +148,14 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
     from puma_cli.unlearn import puma as puma_method
 
     scored: list[int] = []
-    original = InfluenceModel.directional_derivatives
+    original = InfluenceModel.scores_and_figures
 
     def counting(self, v, X=None, y=None):  # type: ignore[no-untyped-def]
         out = original(self, v, X, y)
-        scored.append(int(out.shape[0]))
+        scored.append(int(out[0].shape[0]))
         return out
 
-    monkeypatch.setattr(InfluenceModel, "directional_derivatives", counting)
+    monkeypatch.setattr(InfluenceModel, "scores_and_figures", counting)
     remove = _two_markings(folder, "--upweight-sample", "10")
 
     guarded: list[int] = []  # the rows the guard takes the original model's figures on
@@ -189,6 +189,45 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
     assert cold["parameters"]["upweighted"] == second["parameters"]["upweighted"]
     b, c = (load_file(str(folder / f"{x}.safetensors")) for x in "bc")
     assert all(torch.allclose(b[k], c[k], rtol=1e-6, atol=1e-9) for k in b)
+
+
+def test_a_float32_removal_takes_the_guards_figures_from_the_score_pass(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float32 engine's score pass yields the original model's figures on the rows it
+    scores: the guard takes a pass of its own only over the rows it checks that were not
+    scored, and the model written is the one the guard's own pass gives."""
+    from puma_cli.engine import criterion
+    from puma_cli.unlearn import puma as puma_method
+
+    guarded: list[int] = []
+    real_per_row = puma_method.per_row
+
+    def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
+        def counted(at):  # type: ignore[no-untyped-def]
+            guarded.append(len(at))
+            return compute(at)
+
+        chosen = counted if name == "fit0" else compute
+        return real_per_row(engine, direction, name, rows, chosen, cache)
+
+    monkeypatch.setattr(puma_method, "per_row", spying)
+    monkeypatch.setattr(criterion, "FLOAT64_MAX_PARAMETERS", 0)  # this MLP in float32
+    remove = _two_markings(folder, "--no-cache")
+    shared = remove("a.txt", "a.safetensors")
+    assert shared["parameters"]["precision"] == "float32"
+    assert guarded == []  # every remaining row was a candidate, and scored
+    remaining = len(_trained_ids(folder)) - 3
+    sampled = remove("a.txt", "b.safetensors", "--upweight-sample", "10")
+    assert guarded == [remaining - 10]  # the checked rows the 10 candidates leave
+    guarded.clear()
+    monkeypatch.setattr(criterion, "_learn", lambda *args: None)  # the guard's own pass
+    own = remove("a.txt", "c.safetensors")
+    assert guarded == [remaining]
+    assert own["parameters"]["eta_scale"] == shared["parameters"]["eta_scale"]
+    a, c = (load_file(str(folder / f"{x}.safetensors")) for x in "ac")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert sampled["parameters"]["upweight_candidates"] == 10
 
 
 def test_the_upweighted_rows_gradient_is_kept_beside_v(
@@ -265,7 +304,7 @@ def test_label_debugging_fills_the_scores_removal_reuses(
     )  # fmt: skip
     assert _known_scores(folder).all()
     calls: list[int] = []
-    monkeypatch.setattr(InfluenceModel, "directional_derivatives", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(InfluenceModel, "scores_and_figures", lambda *a, **k: calls.append(1))
     cached = _remove(folder, "a.safetensors")
     assert cached["cached"] and calls == []
     monkeypatch.undo()

@@ -55,6 +55,29 @@ def test_per_sample_gradients_equal_a_loop_and_feed_psi_and_weighted_sums() -> N
     torch.testing.assert_close(engine.weighted_gradient(w), G.T @ w)
 
 
+def test_the_score_pass_gives_the_guards_figures_of_the_float32_model() -> None:
+    """A float32 engine's forward-mode pass yields, beside the scores, the figures the
+    removal guard takes of the model it writes (per-row loss and correctness), so the
+    guard needs no pass of its own over the scored rows."""
+    from puma_cli.unlearn.puma import _row_figures
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(12, 3),
+    )  # fmt: skip
+    model[1].running_mean.normal_()
+    X, y = torch.randn(23, 1, 4, 4), torch.arange(23) % 3
+    engine = InfluenceModel(model, X, y, chunk_size=5, dtype=torch.float32)
+    v = torch.randn(engine.n_parameters, dtype=torch.float64)
+    psi, figures = engine.scores_and_figures(v, engine.X[3:], engine.y[3:])
+    torch.testing.assert_close(psi, engine.directional_derivatives(v, engine.X[3:], engine.y[3:]))
+    guard = torch.from_numpy(_row_figures(engine.patched_module(v * 0), X[3:], y[3:], 7))
+    assert figures.dtype == torch.float64 and figures.shape == (20, 2)
+    torch.testing.assert_close(figures[:, 0], guard[:, 0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(figures[:, 1], guard[:, 1]) and 0 < figures[:, 1].sum() < 20
+
+
 SKIPPED_DECOMPOSITIONS = """
 import os, sys
 import torch

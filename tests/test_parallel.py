@@ -72,6 +72,35 @@ def test_two_processes_remove_what_one_removes(copy: Path, curvature: str) -> No
     assert again["cached"] is True
 
 
+def test_two_processes_guard_a_float32_removal_as_one_does(
+    copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's figures of a float32 model come from the score pass, whose rows are
+    split over the processes and gathered back: two processes choose the step one does."""
+    from puma_cli.engine import criterion
+
+    patch = tmp_path / "float32"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "from puma_cli.engine import criterion\ncriterion.FLOAT64_MAX_PARAMETERS = 0\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(patch), os.environ.get("PYTHONPATH", "")])}
+    common = ["--model", "model.safetensors", "--marked", "marked.txt", "--device", "cpu"]
+    common += ["--curvature", "kfac", "--no-cache"]
+    monkeypatch.setattr(criterion, "FLOAT64_MAX_PARAMETERS", 0)
+    one = run_json("remove", *common, "-o", "one.safetensors")
+    result = torchrun(copy, 2, "remove", *common, "-o", "two.safetensors", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    two = json.loads(result.stdout)
+    assert one["parameters"]["precision"] == two["parameters"]["precision"] == "float32"
+    assert two["parameters"]["eta_scale"] == one["parameters"]["eta_scale"]
+    assert two["parameters"]["upweighted"] == one["parameters"]["upweighted"]
+    a, b = load_file(copy / "one.safetensors"), load_file(copy / "two.safetensors")
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
 def test_one_marked_row_splits_over_two_processes(copy: Path) -> None:
     """influence differentiates the marked rows only: one of them leaves a process idle."""
     one_id = (copy / "marked.txt").read_text().split()[0]

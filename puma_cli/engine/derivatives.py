@@ -208,16 +208,32 @@ class InfluenceModel:
     ) -> Tensor:
         """g_i . v for every row (n,): one forward-mode pass along v, no per-row gradients
         (each process takes its block of rows; the scores are gathered back in order)."""
+        return self.scores_and_figures(v, X, y)[0]
+
+    def scores_and_figures(
+        self, v: Tensor, X: Tensor | None = None, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`directional_derivatives`, and the model's figures on each row from the same
+        pass's primal logits (n, 2) float64: its cross-entropy (on the logits in float64)
+        and whether it predicts the label. For a float32 engine they are the figures of the
+        float32 model a removal writes, at no cost beside the scores."""
         parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
+        figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
         rows = self.local_rows(int((self.y if y is None else y).shape[0]))
         chunks = max(1, -(-len(rows) // self.chunk_size))
         with torch.no_grad(), fwad.dual_level():
             theta = _dual(self.theta, v.to(self.dtype))
             for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
-                parts.append(fwad.unpack_dual(self.losses(theta, Xc.to(self.dtype), yc)).tangent)
+                logits = self.logits(theta, Xc.to(self.dtype))
+                parts.append(
+                    fwad.unpack_dual(F.cross_entropy(logits, yc, reduction="none")).tangent
+                )
+                primal = fwad.unpack_dual(logits).primal.double()
+                losses = F.cross_entropy(primal, yc, reduction="none")
+                figures.append(torch.stack([losses, (primal.argmax(1) == yc).double()], dim=1))
                 if self.phases is not None:
                     self.phases("scores", i + 1, chunks)
-        return parallel.gather(torch.cat(parts).double())
+        return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked)."""
