@@ -63,6 +63,8 @@ def test_the_chain_make_train_mark_eval_info(tmp_path: Path) -> None:
     )
     info = run_json("info", tmp_path / "m.safetensors")
     assert info["recipe"]["epochs"] == 30 and info["recipe"]["optimizer"] == "adam"
+    assert info["architecture"]["hidden"] == info["recipe"]["hidden"] == [64, 32]
+    assert "channels" not in info["architecture"] and "arch_source" not in info["recipe"]
     assert info["data"]["train"]["sha256"] and info["data_status"] == {"train": "ok", "test": "ok"}
     assert info["rows"] == {
         "trained": trained["n_train"],

@@ -4,6 +4,7 @@ a user file is imported only as recorded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,11 @@ def test_a_user_architecture_goes_through_every_command(
     assert source["path"] == str(arch.resolve()) and source["class"] == "Net"
     assert len(source["sha256"]) == 64 and info["architecture"]["args"] == {"width": 12}
     assert info["n_parameters"] == 2 * 12 + 12 + 2 * 12 + 12 * 2 + 2  # linear, bn, linear
+    # the built-in nets' settings (mlp's hidden widths, cnn's channels) shape no user net
+    for unused in ("hidden", "activation", "channels"):
+        assert unused not in info["architecture"] and unused not in info["recipe"], unused
+    shown = run("info", model).stdout
+    assert "hidden" not in shown and "channels" not in shown and "Net" in shown
     rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
     (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
     for method in ("puma", "retrain", "ssd"):
@@ -311,6 +317,9 @@ def test_the_built_in_image_networks_train_and_unlearn(
     )  # fmt: skip
     assert trained["n_parameters"] == parameters
     assert trained["test_accuracy"] > 0.15  # two epochs: above chance (0.1), not converged
+    shown = run_json("info", model)
+    assert shown["architecture"]["args"] == json.loads(args)
+    assert not {"hidden", "activation", "channels", "source"} & set(shown["architecture"])
     with np.load(DIGITS) as digits:
         ids = digits["ids"][:20].tolist()
     (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))

@@ -22,6 +22,16 @@ from puma_cli.models.zoo import DenseNet, ResNet18
 ARCHITECTURES = ("mlp", "cnn", "resnet18", "densenet")  # built in; "user" is FILE.py:Class
 IMAGE_ARCHITECTURES = ("cnn", "resnet18", "densenet")
 ACTIVATIONS = ("relu", "sigmoid")
+# The Architecture fields (beside name, input shape, classes and shards) each net is built
+# from: the others keep their defaults, and describe nothing about that net.
+SHAPED_BY: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden", "activation"),
+    "cnn": ("hidden", "channels"),
+    "resnet18": ("args",),
+    "densenet": ("args",),
+    "user": ("args", "source"),
+}
+OPTIONAL_FIELDS = ("hidden", "activation", "channels", "args", "source")
 
 
 @dataclass(frozen=True)
