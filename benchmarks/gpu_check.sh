@@ -1,14 +1,38 @@
 #!/usr/bin/env bash
-# The --device cuda paths on a machine with an NVIDIA GPU: the test suite, then the
-# main chain on the GPU, with removal timed against retraining in the same run.
-# Usage: bash benchmarks/gpu_check.sh OUTDIR   (needs torch with CUDA, typer, rich, ...)
+# The --device cuda paths on a machine with an NVIDIA GPU, in stages that fit a short
+# lease (15 minutes of device time, 10 a command):
+#   chain           the main chain on cuda: every command, method and curvature (~2 min)
+#   scale-resnet    scale.py's ResNet-18 (width 64) on 50,000 images, timed against
+#                   retraining in the same run, at GPU_EPOCHS epochs (default 5)
+#   scale-densenet  the paper's DenseNet on 60,000 images, likewise
+#   tests           the test suite (CPU paths; CI runs it already)
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]   (default: chain scale-resnet)
+# Wheels in .whl/ (benchmarks/gpu_wheels.sh, carried) are installed first, for a machine
+# whose image lacks curvlinops or typer. Fewer epochs than the issue's 20 make retraining
+# cheaper, so a ratio to it is an upper bound on the ratio to a 20-epoch retrain.
 set -uo pipefail
 out=${1:-gpu-check-out}
+shift || true
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(chain scale-resnet)
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
 puma() { python3 -m puma_cli "$@"; }
-python3 -c "import torch, typer, sklearn, safetensors; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)"
-python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
+python3 -c "import torch, typer, sklearn, safetensors, curvlinops; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)" || exit 1
+wanted() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+stamp() { echo "== $1 at $(date +%T)"; }
+
+if wanted tests; then
+  stamp tests
+  python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
+fi
+if wanted chain; then
+stamp chain
 set -e
 puma make-data radial -o "$out/r.csv" --test-frac 0.2 --json
 puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r.safetensors" --device cuda --json
@@ -49,5 +73,17 @@ puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_ra
 puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device cuda --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device cuda --json
-# The issue's GPU rows (ResNet-18 width 64 on 50,000 images, the paper's DenseNet on 60,000):
-python3 benchmarks/scale.py --device cuda --cases gpu-resnet18-50k gpu-densenet-60k --out "$out/scale-gpu.md"
+set +e
+fi
+epochs=${GPU_EPOCHS:-5}
+if wanted scale-resnet; then
+  stamp scale-resnet
+  python3 benchmarks/scale.py --device cuda --epochs "$epochs" --cases gpu-resnet18-50k \
+      --out "$out/scale-gpu-resnet.md"
+fi
+if wanted scale-densenet; then
+  stamp scale-densenet
+  python3 benchmarks/scale.py --device cuda --epochs "$epochs" --cases gpu-densenet-60k \
+      --out "$out/scale-gpu-densenet.md"
+fi
+stamp done
