@@ -24,26 +24,38 @@ def _workspace(model_file: Path, data_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("curvature", "expected"), [
-    ("exact", {"scores", "solve"}),
-    ("kfac", {"fitting kfac factors", "scores"}),
+    ("exact", {"held-out gradient", "solve", "scores", "gradients"}),
+    ("kfac", {"fitting kfac factors", "held-out gradient", "scores", "gradients"}),
+    ("ekfac", {"fitting ekfac factors", "held-out gradient", "scores", "gradients"}),
 ])  # fmt: skip
 def test_the_engine_reports_its_phases(
     curvature: str, expected: set[str], model_file: Path, data_dir: Path, tmp_path: Path
 ) -> None:
+    """Every pass over rows a removal makes is told: the factors batch by batch, grad C,
+    the solve, the scores, the patch's gradients, and each step size the guard looks at,
+    chunk by chunk; each ends complete, also a look a failure settled early."""
     folder = _workspace(model_file, data_dir, tmp_path)
     seen: list[tuple[str, int, int]] = []
-    remove(
+    out = remove(
         folder / "m.safetensors",
         folder / "ids.txt",
         folder / "r.safetensors",
         options=RemovalOptions(curvature=curvature),
         phases=lambda phase, done, total: seen.append((phase, done, total)),
     )
-    assert {phase for phase, _, _ in seen} == expected
+    phases = {phase for phase, _, _ in seen}
+    looks = {p for p in phases if p.startswith("guard: eta ")}
+    assert phases == expected | looks
+    # the step sizes looked at: up to the one kept and the first that failed past it
+    kept = out.parameters["eta_scale"]
+    assert f"guard: eta {kept:g}/N" in looks and f"guard: eta {2 * kept:g}/N" in looks
     assert all(0 <= done <= total for _, done, total in seen)
-    for phase in expected:  # each phase ends complete
+    for phase in phases:  # each phase ends complete
         done, total = next((d, t) for p, d, t in reversed(seen) if p == phase)
         assert done == total
+    if curvature != "exact":  # batch by batch (EK-FAC: two passes), not only begun and done
+        fitting = [(d, t) for p, d, t in seen if p.startswith("fitting")]
+        assert len(fitting) > 2 and fitting[-1][1] > 1
 
 
 def test_bars_are_drawn_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,8 +114,8 @@ def attach_curvature(
             engine.kronecker = found[0]
             engine.kronecker_cached = True
             return
-    if engine.phases is not None:
-        engine.phases(f"fitting {choice.name} factors", 0, 1)
+    phase = f"fitting {choice.name} factors"
+    engine.tell(phase, 0, 1)
     rows = np.sort(np.random.default_rng(seed).permutation(engine.n)[: choice.samples])
     index = torch.as_tensor(rows, device=engine.device)
     X, y = engine.X[index].to(fit_dtype), engine.y[index]
@@ -125,11 +125,10 @@ def attach_curvature(
         module = copy.deepcopy(module).to(fit_dtype)
     with torch.enable_grad():
         engine.kronecker = fit_kronecker(
-            choice.name, module, engine.names, engine.sizes, batches, choice.fisher, seed
-        )
+            choice.name, module, engine.names, engine.sizes, batches, choice.fisher, seed,
+            lambda done, total: engine.tell(phase, done, total),
+        )  # fmt: skip
     engine.kronecker_cached = False
-    if engine.phases is not None:
-        engine.phases(f"fitting {choice.name} factors", 1, 1)
     if cache is not None:
         cache.stage(engine.kronecker.to_tensors(), full_key)
 

@@ -106,6 +106,11 @@ class InfluenceModel:
     def n(self) -> int:
         return int(self.y.shape[0])
 
+    def tell(self, phase: str, done: int, total: int) -> None:
+        """Report progress of a long phase to the caller, when it asked (`phases`)."""
+        if self.phases is not None:
+            self.phases(phase, done, total)
+
     @property
     def n_parameters(self) -> int:
         return int(self.theta.numel())
@@ -188,13 +193,15 @@ class InfluenceModel:
         """sum_i w_i grad L_i (P,) over the rows (or over X, y, one weight each): one
         backward pass, no per-row gradients."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
-        start = self.local_rows(int((self.y if y is None else y).shape[0])).start
-        for Xc, yc in self._chunks(X, y, local=True):
+        rows = self.local_rows(int((self.y if y is None else y).shape[0]))
+        start, chunks = rows.start, -(-len(rows) // self.chunk_size)
+        for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
             w = weights[start : start + yc.shape[0]].to(self.dtype)
             start += int(yc.shape[0])
             theta = self._leaf()
             loss = (w * self.losses(theta, Xc.to(self.dtype), yc)).sum()
             out += torch.autograd.grad(loss, theta)[0].double()
+            self.tell("gradients", i + 1, chunks)
         return parallel.all_reduce(out)
 
     def gradient_at(self, positions: np.ndarray, weights: np.ndarray | Tensor) -> Tensor:
@@ -231,8 +238,7 @@ class InfluenceModel:
                 primal = fwad.unpack_dual(logits).primal.double()
                 losses = F.cross_entropy(primal, yc, reduction="none")
                 figures.append(torch.stack([losses, (primal.argmax(1) == yc).double()], dim=1))
-                if self.phases is not None:
-                    self.phases("scores", i + 1, chunks)
+                self.tell("scores", i + 1, chunks)
         return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
 
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
@@ -262,10 +268,11 @@ class InfluenceModel:
         pieces = [(i, min(i + self.chunk_size, n)) for i in range(0, n, self.chunk_size)]
         if criterion is None:
             out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
-            for a, b in pieces:
+            for i, (a, b) in enumerate(pieces):
                 theta = self._leaf()
                 loss = F.cross_entropy(self.logits(theta, X[a:b]), y[a:b], reduction="sum")
                 out += torch.autograd.grad(loss / n, theta)[0].double()
+                self.tell("held-out gradient", i + 1, len(pieces))
             return out
         pieces = pieces or [(0, 0)]
         with torch.no_grad():
@@ -275,11 +282,12 @@ class InfluenceModel:
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         # The gradient of a scalar: passing `upstream` as grad_outputs would make torch
         # import sympy for its shape check, 0.5 s of every process's first request.
-        for a, b in pieces:
+        for i, (a, b) in enumerate(pieces):
             theta = self._leaf()
             value = (self.logits(theta, X[a:b]) * upstream[a:b]).sum()
             (part,) = torch.autograd.grad(value, theta)
             out += part.double()
+            self.tell("held-out gradient", i + 1, len(pieces))
         return out
 
     def patched_module(self, delta: Tensor) -> nn.Module:

@@ -195,9 +195,11 @@ def fit_kronecker(
     batches: list[tuple[Tensor, Tensor]],
     fisher: str = "mc",
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> KroneckerCurvature:
     """Fit K-FAC or EK-FAC of the mean cross-entropy's GGN over `batches` (X, y), for the
-    module's parameters in the order `names` (theta's layout)."""
+    module's parameters in the order `names` (theta's layout); `progress(done, total)`
+    after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
     layers = supported_layers(module)
@@ -209,6 +211,14 @@ def fit_kronecker(
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)
     mine = parallel.block(len(batches), f"{total} factor-fitting rows in batches")
+    steps = len(mine) * (2 if kind == "ekfac" else 1)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0], steps), steps)
+
     with warnings.catch_warnings():
         # curvlinops (and backpack, which it imports) warn about their own internals.
         warnings.simplefilter("ignore")
@@ -236,7 +246,8 @@ def fit_kronecker(
             # the sums (all-reduced under torchrun) do not depend on how the batches are
             # split. curvlinops 3.0.1 accumulates the factors over calls; pinned for that.
             compute = operator.compute_kronecker_factors
-            _accumulate(operator, compute, batches, mine, seed, through_input)
+            done[0] = 0
+            _accumulate(operator, compute, batches, mine, seed, through_input, tick)
             return operator
 
         through_input = True
@@ -250,7 +261,7 @@ def fit_kronecker(
         if kind == "ekfac":
             operator._compute_eigenvectors()
             compute = operator.compute_eigenvalue_correction
-            _accumulate(operator, compute, batches, mine, seed, through_input)
+            _accumulate(operator, compute, batches, mine, seed, through_input, tick)
             parallel_sum(operator._corrected_eigenvalues)
         state = operator.state_dict()
     factors: dict[str, tuple[Tensor, ...]] = {}
@@ -323,11 +334,12 @@ def _accumulate(
     mine: range,
     seed: int,
     through_input: bool,
+    tick: Callable[[], None] = lambda: None,
 ) -> None:
-    """Run `compute` over this process's batches. `through_input`: the backward passes go
-    to each batch (the layers' output gradients, all the factors need, and no weight
-    gradient); the model is given a copy, so that a forward writing into its input works
-    and each pass sees the batch as it was."""
+    """Run `compute` over this process's batches, `tick` after each. `through_input`: the
+    backward passes go to each batch (the layers' output gradients, all the factors need,
+    and no weight gradient); the model is given a copy, so that a forward writing into its
+    input works and each pass sees the batch as it was."""
     for i in mine:
         X, y = batches[i]
         start = X.detach().requires_grad_(True) if through_input and X.is_floating_point() else None
@@ -335,6 +347,7 @@ def _accumulate(
         operator._fit_targets = None if start is None else [start]  # type: ignore[attr-defined]
         operator._seed = seed + i  # type: ignore[attr-defined]
         compute()
+        tick()
 
 
 def parallel_sum(factors: dict[str, object]) -> None:

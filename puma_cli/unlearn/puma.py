@@ -296,22 +296,35 @@ class _Limits:
     accuracy0: float | None
     drop: float
 
-    def hold(self, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int) -> bool:
+    def hold(
+        self,
+        model: torch.nn.Module,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        chunk: int,
+        tick: Callable[[], None] = lambda: None,
+    ) -> bool:
         """The decision `_criterion_figures` over all the rows would give, taken chunk by
-        chunk and stopped at the first chunk after which it can only fail: losses are
-        non-negative, and the rows still to come can at most all be predicted right. A
-        broken step (most of those the search tries past the one it keeps) costs a few
-        chunks, not a pass."""
-        return self.held_loss(model, X, y, chunk) is not None
+        chunk (`tick` after each) and stopped at the first chunk after which it can only
+        fail: losses are non-negative, and the rows still to come can at most all be
+        predicted right. A broken step (most of those the search tries past the one it
+        keeps) costs a few chunks, not a pass."""
+        return self.held_loss(model, X, y, chunk, tick) is not None
 
     def held_loss(
-        self, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
+        self,
+        model: torch.nn.Module,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        chunk: int,
+        tick: Callable[[], None] = lambda: None,
     ) -> float | None:
         """`hold`'s check: the rows' mean cross-entropy where the limits hold, else None."""
         n = int(y.shape[0])
         parts, total, correct = [], 0.0, 0
         for start in range(0, n, chunk):
             figures = _row_figures(model, X[start : start + chunk], y[start : start + chunk], chunk)
+            tick()
             parts.append(figures)
             total += float(figures[:, 0].sum())
             correct += int(figures[:, 1].sum())
@@ -425,16 +438,32 @@ def _choose_scale(
     # were checked there only where it is < 0 (a crossing fails the step before them)
     above: dict[float, float] = {}
 
+    chunks = -(-len(yc) // step) + -(-len(y_keep) // step)
+
     def passes(scale: float) -> bool:
+        """One look at a step size, its progress told chunk by chunk (complete at the end,
+        also when a failure settled it early)."""
+        phase, done = f"guard: eta {scale:g}/N", [0]
+
+        def tick() -> None:
+            done[0] += 1
+            engine.tell(phase, min(done[0], chunks), chunks)
+
+        try:
+            return look(scale, tick)
+        finally:
+            engine.tell(phase, chunks, chunks)
+
+    def look(scale: float, tick: Callable[[], None]) -> bool:
         model = patched(scale)
-        held = held_out.held_loss(model, Xc, yc, step)  # held-out first
+        held = held_out.held_loss(model, Xc, yc, step, tick)  # held-out first
         if held is None:
             return False
         if match:  # the marked rows are few: looked at before the remaining rows
             above[scale] = _criterion_figures(model, X_marked, y_marked, step)[0] - held
             if above[scale] >= 0:
                 return False
-        return remaining.hold(model, X_keep, y_keep, step)
+        return remaining.hold(model, X_keep, y_keep, step, tick)
 
     try:
         chosen = _search(passes, scales)
