@@ -137,6 +137,26 @@ def _two_markings(folder: Path, *options: str) -> Callable[..., dict]:
     return remove
 
 
+def _guard_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of each pass the guard takes of its own for the original model's figures
+    (those not known from the cache or the score pass), recorded as removals run."""
+    from puma_cli.unlearn import puma as puma_method
+
+    guarded: list[int] = []
+    real_per_row = puma_method.per_row
+
+    def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
+        def counted(at):  # type: ignore[no-untyped-def]
+            guarded.append(len(at))
+            return compute(at)
+
+        chosen = counted if name == "fit0" else compute
+        return real_per_row(engine, direction, name, rows, chosen, cache)
+
+    monkeypatch.setattr(puma_method, "per_row", spying)
+    return guarded
+
+
 def test_a_later_request_scores_only_rows_no_earlier_one_did(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,7 +165,6 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
     computed in the cache, computes only the others, and writes what a request without
     the cache writes."""
     from puma_cli.engine.derivatives import InfluenceModel
-    from puma_cli.unlearn import puma as puma_method
 
     scored: list[int] = []
     original = InfluenceModel.scores_and_figures
@@ -158,18 +177,7 @@ def test_a_later_request_scores_only_rows_no_earlier_one_did(
     monkeypatch.setattr(InfluenceModel, "scores_and_figures", counting)
     remove = _two_markings(folder, "--upweight-sample", "10")
 
-    guarded: list[int] = []  # the rows the guard takes the original model's figures on
-    real_per_row = puma_method.per_row
-
-    def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
-        def counted(at):  # type: ignore[no-untyped-def]
-            guarded.append(len(at))
-            return compute(at)
-
-        chosen = counted if name == "fit0" else compute
-        return real_per_row(engine, direction, name, rows, chosen, cache)
-
-    monkeypatch.setattr(puma_method, "per_row", spying)
+    guarded = _guard_passes(monkeypatch)
     first = remove("a.txt", "a.safetensors")
     assert not first["cached"] and scored == [13]  # 3 marked, 10 candidates
     known = _known_scores(folder)
@@ -198,20 +206,8 @@ def test_a_float32_removal_takes_the_guards_figures_from_the_score_pass(
     scores: the guard takes a pass of its own only over the rows it checks that were not
     scored, and the model written is the one the guard's own pass gives."""
     from puma_cli.engine import criterion
-    from puma_cli.unlearn import puma as puma_method
 
-    guarded: list[int] = []
-    real_per_row = puma_method.per_row
-
-    def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
-        def counted(at):  # type: ignore[no-untyped-def]
-            guarded.append(len(at))
-            return compute(at)
-
-        chosen = counted if name == "fit0" else compute
-        return real_per_row(engine, direction, name, rows, chosen, cache)
-
-    monkeypatch.setattr(puma_method, "per_row", spying)
+    guarded = _guard_passes(monkeypatch)
     monkeypatch.setattr(criterion, "FLOAT64_MAX_PARAMETERS", 0)  # this MLP in float32
     remove = _two_markings(folder, "--no-cache")
     shared = remove("a.txt", "a.safetensors")
