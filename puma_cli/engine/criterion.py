@@ -282,14 +282,35 @@ def _learn(
 ) -> None:
     """Keep `values` of `name` (PER_ROW) at the positions `at` where none is known yet;
     the caller's `per_row` stages them with its own."""
+    known, unknown = _unknown(engine, direction, name, at)
+    _keep(direction, name, known, at[unknown], values[unknown])
+
+
+def _unknown(
+    engine: InfluenceModel, direction: CriterionDirection, name: str, at: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The values of `name` known so far (NaN where none is, one row per engine row) and,
+    for each position in `at`, whether its value is still to compute."""
     columns = PER_ROW[name]
     known = direction.rows.get(name)
     if known is None:
         known = np.full((engine.n,) if columns == 1 else (engine.n, columns), np.nan)
-    unknown = np.isnan(known[at]) if columns == 1 else np.isnan(known[at]).any(axis=1)
+    missing = np.isnan(known[at])
+    return known, missing if columns == 1 else missing.any(axis=1)
+
+
+def _keep(
+    direction: CriterionDirection,
+    name: str,
+    known: np.ndarray,
+    positions: np.ndarray,
+    values: np.ndarray,
+) -> np.ndarray:
+    """`known` with `values` at `positions`, as a new array kept in `direction.rows`."""
     known = known.copy()
-    known[at[unknown]] = values[unknown]
+    known[positions] = values
     direction.rows[name] = known
+    return known
 
 
 def per_row(
@@ -305,19 +326,13 @@ def per_row(
     Rows an earlier request computed come from `direction.rows`; `compute(positions)`
     gives the others, which join them, and when there is a cache all of it is staged
     again beside v (the job commits it), so that the next request finds them too."""
-    n, columns = engine.n, PER_ROW[name]
-    shape = (n,) if columns == 1 else (n, columns)
-    known = direction.rows.get(name)
-    if known is None:
-        known = np.full(shape, np.nan)
-    wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-    unknown = np.isnan(known[wanted])
-    missing = wanted[unknown if columns == 1 else unknown.any(axis=1)]
+    wanted = np.arange(engine.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    known, unknown = _unknown(engine, direction, name, wanted)
+    missing = wanted[unknown]
     if missing.size:
         fresh = compute(missing)
-        known = known.copy()
-        known[missing] = fresh.cpu().numpy() if isinstance(fresh, torch.Tensor) else fresh
-        direction.rows[name] = known
+        values = fresh.cpu().numpy() if isinstance(fresh, torch.Tensor) else fresh
+        known = _keep(direction, name, known, missing, values)
         _restage(direction, cache)
     return known[wanted]
 
