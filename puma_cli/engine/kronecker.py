@@ -212,12 +212,10 @@ def fit_kronecker(
     total = sum(int(y.shape[0]) for _, y in batches)
     mine = parallel.block(len(batches), f"{total} factor-fitting rows in batches")
     steps = len(mine) * (2 if kind == "ekfac" else 1)
-    done = [0]
 
-    def tick() -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(min(done[0], steps), steps)
+    def after(earlier: int) -> Callable[[int], None]:
+        """Progress after a pass's k-th batch, `earlier` batches of a first pass before."""
+        return lambda k: None if progress is None else progress(earlier + k, steps)
 
     with warnings.catch_warnings():
         # curvlinops (and backpack, which it imports) warn about their own internals.
@@ -246,8 +244,7 @@ def fit_kronecker(
             # the sums (all-reduced under torchrun) do not depend on how the batches are
             # split. curvlinops 3.0.1 accumulates the factors over calls; pinned for that.
             compute = operator.compute_kronecker_factors
-            done[0] = 0
-            _accumulate(operator, compute, batches, mine, seed, through_input, tick)
+            _accumulate(operator, compute, batches, mine, seed, through_input, after(0))
             return operator
 
         through_input = True
@@ -261,7 +258,7 @@ def fit_kronecker(
         if kind == "ekfac":
             operator._compute_eigenvectors()
             compute = operator.compute_eigenvalue_correction
-            _accumulate(operator, compute, batches, mine, seed, through_input, tick)
+            _accumulate(operator, compute, batches, mine, seed, through_input, after(len(mine)))
             parallel_sum(operator._corrected_eigenvalues)
         state = operator.state_dict()
     factors: dict[str, tuple[Tensor, ...]] = {}
@@ -334,20 +331,20 @@ def _accumulate(
     mine: range,
     seed: int,
     through_input: bool,
-    tick: Callable[[], None] = lambda: None,
+    done: Callable[[int], None] = lambda k: None,
 ) -> None:
-    """Run `compute` over this process's batches, `tick` after each. `through_input`: the
+    """Run `compute` over this process's batches, `done(k)` after the k-th. `through_input`: the
     backward passes go to each batch (the layers' output gradients, all the factors need,
     and no weight gradient); the model is given a copy, so that a forward writing into its
     input works and each pass sees the batch as it was."""
-    for i in mine:
+    for k, i in enumerate(mine, 1):
         X, y = batches[i]
         start = X.detach().requires_grad_(True) if through_input and X.is_floating_point() else None
         operator._data = [(X if start is None else start.clone(), y)]  # type: ignore[attr-defined]
         operator._fit_targets = None if start is None else [start]  # type: ignore[attr-defined]
         operator._seed = seed + i  # type: ignore[attr-defined]
         compute()
-        tick()
+        done(k)
 
 
 def parallel_sum(factors: dict[str, object]) -> None:

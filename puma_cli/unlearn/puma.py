@@ -302,14 +302,14 @@ class _Limits:
         X: torch.Tensor,
         y: torch.Tensor,
         chunk: int,
-        tick: Callable[[], None] = lambda: None,
+        done: Callable[[int], None] = lambda k: None,
     ) -> bool:
         """The decision `_criterion_figures` over all the rows would give, taken chunk by
-        chunk (`tick` after each) and stopped at the first chunk after which it can only
+        chunk (`done(k)` after the k-th) and stopped at the first chunk after which it can only
         fail: losses are non-negative, and the rows still to come can at most all be
         predicted right. A broken step (most of those the search tries past the one it
         keeps) costs a few chunks, not a pass."""
-        return self.held_loss(model, X, y, chunk, tick) is not None
+        return self.held_loss(model, X, y, chunk, done) is not None
 
     def held_loss(
         self,
@@ -317,14 +317,14 @@ class _Limits:
         X: torch.Tensor,
         y: torch.Tensor,
         chunk: int,
-        tick: Callable[[], None] = lambda: None,
+        done: Callable[[int], None] = lambda k: None,
     ) -> float | None:
         """`hold`'s check: the rows' mean cross-entropy where the limits hold, else None."""
         n = int(y.shape[0])
         parts, total, correct = [], 0.0, 0
-        for start in range(0, n, chunk):
+        for k, start in enumerate(range(0, n, chunk), 1):
             figures = _row_figures(model, X[start : start + chunk], y[start : start + chunk], chunk)
-            tick()
+            done(k)
             parts.append(figures)
             total += float(figures[:, 0].sum())
             correct += int(figures[:, 1].sum())
@@ -438,32 +438,31 @@ def _choose_scale(
     # were checked there only where it is < 0 (a crossing fails the step before them)
     above: dict[float, float] = {}
 
-    chunks = -(-len(yc) // step) + -(-len(y_keep) // step)
+    held_chunks = -(-len(yc) // step)
+    chunks = held_chunks + -(-len(y_keep) // step)
 
     def passes(scale: float) -> bool:
         """One look at a step size, its progress told chunk by chunk (complete at the end,
         also when a failure settled it early)."""
-        phase, done = f"guard: eta {scale:g}/N", [0]
-
-        def tick() -> None:
-            done[0] += 1
-            engine.tell(phase, min(done[0], chunks), chunks)
-
+        phase = f"guard: eta {scale:g}/N"
         try:
-            return look(scale, tick)
+            return look(scale, phase)
         finally:
             engine.tell(phase, chunks, chunks)
 
-    def look(scale: float, tick: Callable[[], None]) -> bool:
+    def look(scale: float, phase: str) -> bool:
+        def told(earlier: int) -> Callable[[int], None]:  # after `earlier` chunks
+            return lambda k: engine.tell(phase, earlier + k, chunks)
+
         model = patched(scale)
-        held = held_out.held_loss(model, Xc, yc, step, tick)  # held-out first
+        held = held_out.held_loss(model, Xc, yc, step, told(0))  # held-out first
         if held is None:
             return False
         if match:  # the marked rows are few: looked at before the remaining rows
             above[scale] = _criterion_figures(model, X_marked, y_marked, step)[0] - held
             if above[scale] >= 0:
                 return False
-        return remaining.hold(model, X_keep, y_keep, step, tick)
+        return remaining.hold(model, X_keep, y_keep, step, told(held_chunks))
 
     try:
         chosen = _search(passes, scales)
