@@ -16,12 +16,14 @@ shift || true
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(chain scale-resnet)
 mkdir -p "$out"
+# Everything also into a file under OUTDIR: a device run returns only its output's tail.
+exec > >(tee "$out/gpu_check.log") 2>&1
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 puma() { python3 -m puma_cli "$@"; }
 python3 -c "import torch, typer, sklearn, safetensors, curvlinops; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)" || exit 1
 wanted() { [[ " ${stages[*]} " == *" $1 "* ]]; }

@@ -86,7 +86,7 @@ def images(
 DEVICE = "cpu"  # --device
 
 
-def run_puma(args: list[str]) -> tuple[dict[str, Any], float, float]:
+def run_puma(args: list[str], label: str = "") -> tuple[dict[str, Any], float, float]:
     """One CLI run in a fresh process: its JSON, wall seconds and peak resident MB."""
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -99,7 +99,12 @@ def run_puma(args: list[str]) -> tuple[dict[str, Any], float, float]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"puma {' '.join(args)} failed: {err.decode()[-2000:]}")
-    return json.loads(out), time.perf_counter() - started, usage.ru_maxrss / 1024
+    result, wall = json.loads(out), time.perf_counter() - started
+    # One line per run as it ends, so a run cut short (a device's time limit) still tells
+    # what finished and how long it took.
+    own = f"{result['seconds']:.2f} s, " if "seconds" in result else ""
+    print(f"  {label or args[0]}: {own}{wall:.1f} s wall", file=sys.stderr, flush=True)
+    return result, wall, usage.ru_maxrss / 1024
 
 
 def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
@@ -139,20 +144,22 @@ def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
     run_puma(["mark", str(train), "--random", "0.01", "-o", str(marked), "--overwrite"])
     base = ["remove", "-m", str(model), "--marked", str(marked)]
     retrain, _, retrain_mb = run_puma(
-        [*base, "--method", "retrain", "-o", str(folder / f"{name}-rt.safetensors"), "--overwrite"]
+        [*base, "--method", "retrain", "-o", str(folder / f"{name}-rt.safetensors"), "--overwrite"],
+        "retrain",
     )
     for cache in folder.glob(f"{name}.*.safetensors"):
         cache.unlink()
     options = ["--curvature", curvature, "--overwrite"]
     try:
         cold, cold_wall, cold_mb = run_puma(
-            [*base, "-o", str(folder / f"{name}-p.safetensors"), *options]
+            [*base, "-o", str(folder / f"{name}-p.safetensors"), *options], "puma cold"
         )
         cached, cached_wall, _ = run_puma(
-            [*base, "-o", str(folder / f"{name}-p2.safetensors"), *options]
+            [*base, "-o", str(folder / f"{name}-p2.safetensors"), *options], "puma cached"
         )
         matched, _, _ = run_puma(  # --forget match: the step stopped at the held-out loss
-            [*base, "-o", str(folder / f"{name}-pm.safetensors"), *options, "--forget", "match"]
+            [*base, "-o", str(folder / f"{name}-pm.safetensors"), *options, "--forget", "match"],
+            "puma --forget match",
         )
         other_ids = folder / f"{name}-ids2.txt"
         run_puma(
@@ -161,7 +168,7 @@ def measure(name: str, epochs: int, folder: Path) -> dict[str, Any]:
         )  # fmt: skip
         other, _, _ = run_puma(
             ["remove", "-m", str(model), "--marked", str(other_ids),
-             "-o", str(folder / f"{name}-p3.safetensors"), *options]
+             "-o", str(folder / f"{name}-p3.safetensors"), *options], "puma, another marking"
         )  # fmt: skip
     except RuntimeError as exc:  # PUMA refused: no step size kept the model's performance
         return {
