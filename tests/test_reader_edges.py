@@ -31,6 +31,10 @@ def _write_bad(kind: str, folder: Path) -> Path:
         np.savez(folder / "d.npz", X=zeros, y=np.arange(4), class_names=np.array(["a", "b"]))
     elif kind == "npz with zero features":
         np.savez(folder / "d.npz", X=np.zeros((4, 0)), y=labels)
+    elif kind == "npz X of one axis":
+        np.savez(folder / "d.npz", X=np.zeros(4), y=labels)
+    elif kind == "npz X of seven axes":
+        np.savez(folder / "d.npz", X=np.zeros((4, 1, 1, 1, 1, 1, 2)), y=labels)
     elif kind == "npz arrays named x and y":
         np.savez(folder / "d.npz", x=zeros, y=labels)
     elif kind == "npz feature_names of the wrong length":
@@ -58,6 +62,8 @@ BAD_FILES = {
     "npz ids shorter than y": "ids has 2 entries but X has 4 rows",
     "npz class_names shorter than y": "class_names has 2 names but y holds label 3",
     "npz with zero features": "no features; give at least one",
+    "npz X of one axis": "X has shape (4,); expected (n, d), (n, C, H, W) or (n, ...) with",
+    "npz X of seven axes": "X has shape (4, 1, 1, 1, 1, 1, 2); expected (n, d), (n, C, H, W)",
     "npz arrays named x and y": "no array 'X' (arrays: x, y); save the features as X and the",
     "npz feature_names of the wrong length": "feature_names has 1 names for 2 features",
     "idx float labels": "IDX labels must be whole numbers 0..K-1",

@@ -339,3 +339,84 @@ def test_the_built_in_image_networks_train_and_unlearn(
 def test_help_says_that_a_user_file_is_imported() -> None:
     result = run("train", "--help")
     assert "imported" in result.stdout and "code runs" in result.stdout
+
+
+SEQUENCE_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A recurrent classifier of (n, T, F) sequences: no layer K-FAC covers but the head.\"\"\"
+
+    def __init__(self, input_shape, n_classes, hidden=8):
+        super().__init__()
+        self.rnn = nn.GRU(input_shape[-1], hidden, batch_first=True)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+"""
+
+
+def _sequences(path: Path, n: int, seed: int) -> None:
+    """(n, 6, 3) series whose first feature drifts by class, ids s0..s{n-1}."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.normal(0, 1, (n, 6, 3)).astype(np.float32)
+    X[:, :, 0] += 1.5 * y[:, None]
+    np.savez(path, X=X, y=y, ids=np.array([f"s{i}" for i in range(n)]))
+
+
+def test_sequence_data_goes_through_a_users_recurrent_net(tmp_path: Path) -> None:
+    train, test, arch = tmp_path / "seq.npz", tmp_path / "seq-test.npz", tmp_path / "rnn.py"
+    _sequences(train, 240, 0)
+    _sequences(test, 60, 1)
+    arch.write_text(SEQUENCE_NET)
+    model = tmp_path / "m.safetensors"
+    trained = run_json(
+        "train", train, "--test", test, "--arch", f"{arch}:Net", "-o", model,
+        "--epochs", "30", "--device", "cpu",
+    )  # fmt: skip
+    assert trained["test_accuracy"] > 0.6  # chance is 1/3
+    assert run_json("info", model)["architecture"]["input_shape"] == [6, 3]
+    (tmp_path / "ids.txt").write_text("s0\ns1\ns2\ns3\n")
+    for curvature in ("auto", "kfac"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] + out["skipped"]["validation"] == 4
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    # GRU's input-hidden and hidden-hidden weights and biases: 2 * 3 * 8 * (3 + 8 + 2)
+    assert out["parameters"]["uncovered_layers"] == {"GRU": 3 * 8 * (3 + 8 + 2)}
+    assert run_json("eval", "-m", tmp_path / "r-auto.safetensors")["n"] == 60
+    attack = run_json(
+        "attack", "-m", tmp_path / "r-auto.safetensors", "--targets", tmp_path / "ids.txt"
+    )
+    assert 0 <= attack["auc"] <= 1
+    # a built-in image network says what the data is and what to use instead
+    result = run("train", train, "--arch", "cnn", "-o", tmp_path / "c.safetensors")
+    assert_clean_error(result, "--arch cnn needs image data (n, C, H, W)")
+    assert "FILE.py:Class" in result.stderr
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_each_kind_of_data_is_standardised_along_its_own_axes() -> None:
+    from puma_cli.models.architectures import Architecture, Classifier
+
+    rng = np.random.default_rng(0)
+    for shape, stats in [
+        ((5,), (5,)),  # a table: each feature
+        ((6, 3), (6, 3)),  # sequences (or signals): each position of each feature
+        ((2, 4, 4), (2, 1, 1)),  # images: each channel
+        ((2, 3, 4, 4), (2, 1, 1, 1)),  # volumes: each channel
+    ]:
+        X = torch.from_numpy(rng.normal(3, 2, (50, *shape)).astype(np.float32))
+        model = Classifier(Architecture("mlp", shape, 2, hidden=(4,)))
+        model.fit_standardisation(X)
+        assert tuple(model.mean.shape) == stats, shape
+        z = (X - model.mean) / model.std
+        axes = (0,) if len(stats) < 3 else (0, *range(2, X.ndim))
+        assert torch.allclose(z.mean(dim=axes), torch.zeros(stats).squeeze(), atol=1e-5)
+        assert torch.allclose(z.std(dim=axes, unbiased=False), torch.ones(()), atol=1e-4)

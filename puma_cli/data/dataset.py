@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_ROW_AXES = 5
+"""The axes one row may have: (d,), (C, H, W), (T, F) sequences, (C, D, H, W) volumes."""
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """X: (n, d) or (n, C, H, W) float64; y: (n,) int64 in 0..K-1; ids: (n,) str.
+    """X: (n, d), (n, C, H, W) or (n, ...) with up to MAX_ROW_AXES axes a row, real
+    numbers in the file's own type; y: (n,) int64 in 0..K-1; ids: (n,) str.
 
     named_features: the file named its columns (a CSV header, an NPZ's feature_names),
     so they can be matched by name; False where the names were made up (x0, x1, ...)."""

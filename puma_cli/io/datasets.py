@@ -1,7 +1,8 @@
 """Datasets and ids files: CSV/NPZ/IDX in, `Dataset` out, and back.
 
 CSV: a header; one label column (`label` unless told), an optional id column, every
-other column a numeric feature. NPZ: arrays `X` (n, d) or (n, C, H, W), `y` (n,),
+other column a numeric feature. NPZ: arrays `X` (n, d), (n, C, H, W) or any (n, ...) of up
+to five axes a row (sequences (n, T, F), volumes), `y` (n,),
 optional `ids` (n,), `feature_names`, `class_names`; never pickled objects. IDX:
 MNIST's format, the images file with its labels file beside it.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from puma_cli.data.dataset import Dataset
+from puma_cli.data.dataset import MAX_ROW_AXES, Dataset
 from puma_cli.errors import DataError
 from puma_cli.io.atomic import sha256_file, sha256_path
 from puma_cli.io.files import require_file
@@ -224,8 +225,11 @@ def _read_npz(path: Path, class_names: Sequence[str] | None) -> Dataset:
                 "the features as X and the labels as y: np.savez(path, X=..., y=...)"
             )
     X, y = arrays["X"], arrays["y"]
-    if X.ndim not in (2, 4):
-        raise DataError(f"{path}: X has shape {X.shape}; expected (n, d) or (n, C, H, W)")
+    if not 2 <= X.ndim <= 1 + MAX_ROW_AXES:
+        raise DataError(
+            f"{path}: X has shape {X.shape}; expected (n, d), (n, C, H, W) or (n, ...) with "
+            f"1 to {MAX_ROW_AXES} axes per row"
+        )
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise DataError(f"{path}: y has shape {y.shape}; expected ({X.shape[0]},) to match X")
     if X.shape[0] == 0:
@@ -388,7 +392,9 @@ def save_dataset(path: Path, dataset: Dataset) -> None:
             np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
         return
     if dataset.X.ndim != 2:
-        raise DataError(f"{path}: image data ({dataset.X.shape}) can only be saved as .npz")
+        raise DataError(
+            f"{path}: data of shape {dataset.X.shape} (not a table) can only be saved as .npz"
+        )
     labels = (
         [dataset.class_names[i] for i in dataset.y]
         if dataset.class_names is not None

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from puma_cli.data.dataset import MAX_ROW_AXES
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, build_model
 from puma_cli.models.training import TrainRecipe
@@ -131,7 +132,7 @@ def _architecture(f: _Fields, value: Any) -> dict[str, Any]:
     source = arch.get("source")
     if name == "user" or source is not None:
         _source(f, source, "architecture.source")
-    f.integers(arch.get("input_shape"), "architecture.input_shape", 1, range(1, 4, 2))
+    f.integers(arch.get("input_shape"), "architecture.input_shape", 1, range(1, MAX_ROW_AXES + 1))
     f.integer(arch.get("n_classes"), "architecture.n_classes", 1, MAX_DIM)
     f.integers(arch.get("hidden", []), "architecture.hidden", 1, range(MAX_LAYERS + 1))
     f.integers(arch.get("channels", [16, 32]), "architecture.channels", 1, range(2, 3))

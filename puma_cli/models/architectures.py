@@ -118,6 +118,16 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def standardised_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the mean and std inputs are standardised with: each feature of a table
+    (d,), each channel of images (C, H, W) and volumes (C, D, H, W), and each position of
+    each feature of anything with two axes a row, (T, F) or (C, L), whose order says
+    nothing about which axis is the channel."""
+    if len(input_shape) >= 3:
+        return (input_shape[0], *(1,) * (len(input_shape) - 1))
+    return input_shape
+
+
 class Classifier(nn.Module):
     """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K)."""
 
@@ -127,17 +137,16 @@ class Classifier(nn.Module):
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         self.arch = arch
-        stat_shape = (arch.input_shape[0], 1, 1) if len(arch.input_shape) == 3 else arch.input_shape
-        self.register_buffer("mean", torch.zeros(stat_shape))
-        self.register_buffer("std", torch.ones(stat_shape))
+        self.register_buffer("mean", torch.zeros(standardised_shape(arch.input_shape)))
+        self.register_buffer("std", torch.ones(self.mean.shape))
         self.net = build_net(arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
     def fit_standardisation(self, X: torch.Tensor) -> None:
-        """Per-feature (tabular) or per-channel (images) mean and std of the training data."""
-        dims = (0, 2, 3) if X.ndim == 4 else (0,)
+        """The training data's mean and std along `standardised_shape`'s axes."""
+        dims = (0, *range(2, X.ndim)) if X.ndim >= 4 else (0,)
         mean = X.mean(dim=dims).reshape(self.mean.shape)
         std = X.std(dim=dims, unbiased=False).reshape(self.std.shape)
         self.mean.copy_(mean)
@@ -200,7 +209,8 @@ def build_net(arch: Architecture) -> nn.Module:
     if len(arch.input_shape) != 3:
         raise PumaError(
             f"--arch {arch.name} needs image data (n, C, H, W); this data has shape "
-            f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp"
+            f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp or your own "
+            "FILE.py:Class"
         )
     if min(arch.input_shape[1:]) < 4:
         raise PumaError(f"--arch {arch.name} needs images of at least 4x4, not {arch.input_shape}")
