@@ -161,7 +161,12 @@ def bad_data_files(folder: Path, good: Path) -> dict[str, Path]:
             "X": np.array([{"a": 1}] * 4, dtype=object),
             "y": [0, 1, 0, 1],
         },
-        "npz X of 3 dims": {"X": np.zeros((4, 2, 2)), "y": [0, 1, 0, 1]},
+        "npz X of 1 dim": {"X": np.zeros(4), "y": [0, 1, 0, 1]},
+        "npz X of 7 dims": {"X": np.zeros((4, 1, 1, 1, 1, 2, 2)), "y": [0, 1, 0, 1]},
+        "npz NaN in sequences": {
+            "X": np.where(np.eye(3)[None] > 0, np.nan, 0.0).repeat(4, 0),
+            "y": [0, 1, 0, 1],
+        },
         "npz y of another length": {"X": np.zeros((4, 2)), "y": [0, 1]},
         "npz short ids": {"X": np.zeros((4, 2)), "y": [0, 1, 0, 1], "ids": ["a"]},
         "npz zero features": {"X": np.zeros((4, 0)), "y": [0, 1, 0, 1]},

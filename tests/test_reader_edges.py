@@ -35,6 +35,10 @@ def _write_bad(kind: str, folder: Path) -> Path:
         np.savez(folder / "d.npz", X=np.zeros(4), y=labels)
     elif kind == "npz X of seven axes":
         np.savez(folder / "d.npz", X=np.zeros((4, 1, 1, 1, 1, 1, 2)), y=labels)
+    elif kind == "npz sequences holding NaN":
+        X = np.zeros((4, 3, 3))
+        X[2, 1, 2] = np.nan
+        np.savez(folder / "d.npz", X=X, y=labels)
     elif kind == "npz arrays named x and y":
         np.savez(folder / "d.npz", x=zeros, y=labels)
     elif kind == "npz feature_names of the wrong length":
@@ -64,6 +68,7 @@ BAD_FILES = {
     "npz with zero features": "no features; give at least one",
     "npz X of one axis": "X has shape (4,); expected (n, d), (n, C, H, W) or (n, ...) with",
     "npz X of seven axes": "X has shape (4, 1, 1, 1, 1, 1, 2); expected (n, d), (n, C, H, W)",
+    "npz sequences holding NaN": "id 2, the value at [1, 2] is nan; 1 row(s) hold NaN or inf",
     "npz arrays named x and y": "no array 'X' (arrays: x, y); save the features as X and the",
     "npz feature_names of the wrong length": "feature_names has 1 names for 2 features",
     "idx float labels": "IDX labels must be whole numbers 0..K-1",

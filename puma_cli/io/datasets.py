@@ -205,10 +205,15 @@ def _check_finite(dataset: Dataset, path: Path) -> None:
         row, col = (int(v) for v in np.argwhere(bad)[0])
         row += start
         value = flat[row, col]
-        where = f"id {dataset.ids[row]}"
-        name = dataset.feature_names[col] if col < len(dataset.feature_names) else f"feature {col}"
+        if dataset.X.ndim > 2:  # images, sequences: a position in the row, not a column
+            at = ", ".join(str(int(i)) for i in np.unravel_index(col, dataset.X.shape[1:]))
+            what = f"the value at [{at}]"
+        elif col < len(dataset.feature_names):
+            what = f"column '{dataset.feature_names[col]}'"
+        else:
+            what = f"feature {col}"
         raise DataError(
-            f"{path}: {where}, column '{name}' is {value}; "
+            f"{path}: id {dataset.ids[row]}, {what} is {value}; "
             f"{int(bad.any(axis=1).sum())} row(s) hold NaN or inf: fill or drop them"
         )
 
