@@ -145,7 +145,7 @@ def test_parameters_outside_linear_and_conv_layers_are_left_unchanged() -> None:
     assert curvature.uncovered == 8  # BatchNorm1d(4): weight and bias
     assert curvature.left_out == {"BatchNorm1d": 8}
     tensors = curvature.to_tensors()  # the cached factors name the same layers
-    again = kronecker_from_tensors("kfac", net, *_layout(net), tensors)
+    again = kronecker_from_tensors("kfac", net, *_layout(net), tensors, X[:2])
     assert again is not None and again.left_out == {"BatchNorm1d": 8}
     b = torch.randn(curvature.size, dtype=torch.float64)
     x = curvature.inverse(b, 0.5)

@@ -420,3 +420,131 @@ def test_each_kind_of_data_is_standardised_along_its_own_axes() -> None:
         axes = (0,) if len(stats) < 3 else (0, *range(2, X.ndim))
         assert torch.allclose(z.mean(dim=axes), torch.zeros(stats).squeeze(), atol=1e-5)
         assert torch.allclose(z.std(dim=axes, unbiased=False), torch.ones(()), atol=1e-4)
+
+
+ATTENTION_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"Attention two ways: PyTorch's encoder layer, and MultiheadAttention called directly.\"\"\"
+
+    def __init__(self, input_shape, n_classes, dim=8):
+        super().__init__()
+        self.inp = nn.Linear(input_shape[-1], dim)
+        self.encoder = nn.TransformerEncoderLayer(
+            dim, 2, dim_feedforward=16, dropout=0.1, batch_first=True
+        )
+        self.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        h = self.encoder(self.inp(x))
+        a, _ = self.attention(h, h, h)
+        return self.head((h + a).mean(1))
+"""
+
+
+def test_attention_models_take_every_curvature(tmp_path: Path) -> None:
+    """PyTorch's fused attention kernels have no forward-mode derivative (the inference
+    fast path under no_grad) or no derivative of their backward (SDPA's flash kernel):
+    the engine runs attention as composite ops, and K-FAC leaves out the out_proj layers
+    MultiheadAttention uses by weight alone, whose factors no forward of theirs gives."""
+    train, test, arch = tmp_path / "seq.npz", tmp_path / "seq-test.npz", tmp_path / "att.py"
+    _sequences(train, 240, 0)
+    _sequences(test, 60, 1)
+    arch.write_text(ATTENTION_NET)
+    model = tmp_path / "m.safetensors"
+    run_json(
+        "train", train, "--test", test, "--arch", f"{arch}:Net", "-o", model,
+        "--epochs", "5", "--device", "cpu",
+    )  # fmt: skip
+    (tmp_path / "ids.txt").write_text("s0\ns1\ns2\ns3\n")
+    for curvature in ("exact", "ggn", "kfac", "ekfac"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["parameters"]["curvature"] == curvature
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    dim, heads_in = 8, 3 * 8 * 8 + 3 * 8  # in_proj weight and bias of one attention
+    out_proj = dim * dim + dim
+    assert out["parameters"]["uncovered_layers"] == {
+        "LayerNorm": 2 * 2 * dim,
+        "MultiheadAttention": 2 * heads_in,
+        "NonDynamicallyQuantizableLinear": 2 * out_proj,
+    }
+    # the fast path is PyTorch's again once the engine is done (prediction keeps it)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+NO_DERIVATIVE_NET = """
+import torch
+from torch import nn
+
+
+class Twice(torch.autograd.Function):
+    \"\"\"2 x, with no backward of its own.\"\"\"
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+
+class Square(torch.autograd.Function):
+    \"\"\"x * x, whose backward (through Twice) has no derivative{jvp_note}.\"\"\"
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return Twice.apply(x) * g
+{jvp}
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=6):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.out(Square.apply(self.inp(x)))
+"""
+JVP = """
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 2 * x * t
+"""
+
+
+@pytest.mark.parametrize(
+    ("jvp", "curvature", "message"),
+    [
+        (False, "kfac", "which has no forward-mode derivative in torch"),
+        (True, "exact", "which has no derivative of its backward"),
+    ],
+)
+def test_an_op_without_the_derivative_a_pass_needs_is_one_clear_error(
+    data_dir: Path, tmp_path: Path, jvp: bool, curvature: str, message: str
+) -> None:
+    source = NO_DERIVATIVE_NET.format(
+        jvp=JVP if jvp else "", jvp_note=", with a jvp" if jvp else ", no jvp"
+    )
+    model = _user_model(data_dir, tmp_path, source, 4)
+    out = tmp_path / "r.safetensors"
+    args = ("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", out)
+    result = run(*args, "--curvature", curvature, "--device", "cpu")
+    assert_clean_error(result, message)
+    assert "custom autograd.Function" in result.stderr
+    fix = "--curvature ggn, kfac or ekfac" if jvp else "write that layer with torch operations"
+    assert fix in result.stderr
+    assert not out.exists()
+    if jvp:  # what the error says to do works: the GGN needs no second derivative
+        done = run_json(*args, "--curvature", "ggn", "--device", "cpu")
+        assert done["parameters"]["curvature"] == "ggn"

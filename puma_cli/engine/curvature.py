@@ -103,7 +103,7 @@ def attach_curvature(
         def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
             tensors = {k: v.to(engine.device) for k, v in tensors.items()}
             curvature = kronecker_from_tensors(
-                choice.name, engine.module, engine.names, engine.sizes, tensors
+                choice.name, engine.module, engine.names, engine.sizes, tensors, engine.X[:2]
             )
             if curvature is None:
                 return "does not hold factors for this model's layers"

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from puma_cli import parallel
+from puma_cli.engine.kernels import composite_attention, derivatives_of_the_model
 from puma_cli.engine.kronecker import KroneckerCurvature
 from puma_cli.errors import PumaError
 from puma_cli.models.predict import as_tensor
@@ -31,6 +32,14 @@ from puma_cli.models.predict import as_tensor
 Tensor = torch.Tensor
 Phases = Callable[[str, int, int], None]
 """Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
+FORWARD_MODE = "forward-mode derivative"
+FORWARD_FIX = (
+    "the scores and the GGN's products are forward-mode passes: write that layer with torch "
+    "operations that have one (remove's --method retrain, sisa, ssd and the fine-tuning "
+    "baselines need none)"
+)
+SECOND_ORDER = "derivative of its backward, which the exact Hessian's products take"
+SECOND_ORDER_FIX = "use --curvature ggn, kfac or ekfac, which need none"
 
 
 def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
@@ -124,8 +133,9 @@ class InfluenceModel:
         }
 
     def logits(self, flat: Tensor, X: Tensor) -> Tensor:
-        """(n, K) logits at parameters `flat`."""
-        return functional_call(self.module, (self.params(flat), self.buffers), (X,))
+        """(n, K) logits at parameters `flat` (attention through composite ops)."""
+        with composite_attention():
+            return functional_call(self.module, (self.params(flat), self.buffers), (X,))
 
     def losses(self, flat: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """Per-row cross-entropy (n,) at parameters `flat` (no L2 term)."""
@@ -163,8 +173,10 @@ class InfluenceModel:
         v_in = v.to(self.dtype)
         for X, y in self._chunks(local=True):
             theta = self._leaf()
-            (g,) = torch.autograd.grad(self.losses(theta, X, y).sum(), theta, create_graph=True)
-            (hv,) = torch.autograd.grad(g.dot(v_in), theta)
+            with derivatives_of_the_model(SECOND_ORDER, SECOND_ORDER_FIX):
+                loss = self.losses(theta, X, y).sum()
+                (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+                (hv,) = torch.autograd.grad(g.dot(v_in), theta)
             out += hv.double()
         return parallel.all_reduce(out) / self.n + self.weight_decay * v
 
@@ -177,7 +189,11 @@ class InfluenceModel:
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
         for X, _ in self._chunks(local=True):
-            with torch.no_grad(), fwad.dual_level():
+            with (
+                torch.no_grad(),
+                fwad.dual_level(),
+                derivatives_of_the_model(FORWARD_MODE, FORWARD_FIX),
+            ):
                 dual = fwad.unpack_dual(self.logits(_dual(self.theta, v_in), X))
                 logits, jv = dual.primal, dual.tangent
             p = torch.softmax(logits, dim=1)
@@ -228,7 +244,11 @@ class InfluenceModel:
         figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
         rows = self.local_rows(int((self.y if y is None else y).shape[0]))
         chunks = max(1, -(-len(rows) // self.chunk_size))
-        with torch.no_grad(), fwad.dual_level():
+        with (
+            torch.no_grad(),
+            fwad.dual_level(),
+            derivatives_of_the_model(FORWARD_MODE, FORWARD_FIX),
+        ):
             theta = _dual(self.theta, v.to(self.dtype))
             for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
                 logits = self.logits(theta, Xc.to(self.dtype))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from puma_cli import parallel
+from puma_cli.engine.kernels import composite_attention
 from puma_cli.errors import PumaError
 
 Tensor = torch.Tensor
@@ -125,14 +126,26 @@ class KroneckerCurvature:
         return tensors
 
 
-def supported_layers(module: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
+def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
     """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
-    theta; one frozen in part gets no block, and its trainable part is left out)."""
-    return [
+    theta; one frozen in part gets no block, and its trainable part is left out) and whose
+    forward runs on `probe`, a row or two of input. A layer whose weight another module
+    uses directly (MultiheadAttention's out_proj) has no input or output of its own for
+    the factors to be taken at: it is left out, like any other layer K-FAC does not know."""
+    layers = [
         (n, m)
         for n, m in module.named_modules()
         if isinstance(m, nn.Linear | nn.Conv2d) and all(p.requires_grad for p in m.parameters())
     ]
+    ran: set[str] = set()
+    hooks = [m.register_forward_hook(lambda *_, name=n: ran.add(name)) for n, m in layers]
+    try:
+        with torch.no_grad(), composite_attention():
+            module(probe.clone())  # a copy: a forward may write into its input
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [(n, m) for n, m in layers if n in ran]
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
@@ -158,24 +171,26 @@ def _left_out(
 def _curvature(
     kind: str,
     module: nn.Module,
+    layers: list[tuple[str, nn.Linear | nn.Conv2d]],
     names: list[str],
     sizes: list[int],
     factors: dict[str, tuple[Tensor, ...]],
 ) -> KroneckerCurvature:
-    blocks, covered = _blocks(module, names, sizes, factors)
+    blocks, covered = _blocks(layers, names, sizes, factors)
     left_out = _left_out(module, names, sizes, covered)
     return KroneckerCurvature(kind, blocks, sum(sizes), covered, left_out)
 
 
 def _blocks(
-    module: nn.Module, names: list[str], sizes: list[int], factors: dict[str, tuple[Tensor, ...]]
+    layers: list[tuple[str, nn.Linear | nn.Conv2d]],
+    names: list[str],
+    sizes: list[int],
+    factors: dict[str, tuple[Tensor, ...]],
 ) -> tuple[list[Block], Tensor]:
     where = _positions(names, sizes)
     covered = torch.zeros(sum(sizes), dtype=torch.bool)
     blocks = []
-    for name, layer in supported_layers(module):
-        if name not in factors:
-            continue
+    for name, layer in layers:
         prefix = f"{name}." if name else ""
         weight = where[f"{prefix}weight"]
         bias = where.get(f"{prefix}bias") if layer.bias is not None else None
@@ -202,7 +217,7 @@ def fit_kronecker(
     after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
-    layers = supported_layers(module)
+    layers = supported_layers(module, batches[0][0][:2])
     if not layers:
         raise PumaError(
             f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
@@ -217,7 +232,7 @@ def fit_kronecker(
         """Progress after a pass's k-th batch, `earlier` batches of a first pass before."""
         return lambda k: None if progress is None else progress(earlier + k, steps)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), composite_attention():
         # curvlinops (and backpack, which it imports) warn about their own internals.
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator
@@ -272,7 +287,7 @@ def fit_kronecker(
             lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name].double())
             E = lb.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         factors[name] = (Qa, Qb, E.clamp_min(0))
-    curvature = _curvature(kind, module, names, sizes, factors)
+    curvature = _curvature(kind, module, layers, names, sizes, factors)
     curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
     return curvature
 
@@ -357,11 +372,18 @@ def parallel_sum(factors: dict[str, object]) -> None:
 
 
 def kronecker_from_tensors(
-    kind: str, module: nn.Module, names: list[str], sizes: list[int], tensors: dict[str, Tensor]
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    tensors: dict[str, Tensor],
+    probe: Tensor,
 ) -> KroneckerCurvature | None:
-    """The cached factors back as a curvature, or None when they do not fit the module."""
+    """The cached factors back as a curvature, or None when they do not fit the module
+    (`probe`: a row or two of input, which tells the layers they were fitted for)."""
     factors: dict[str, tuple[Tensor, ...]] = {}
-    for name, layer in supported_layers(module):
+    layers = supported_layers(module, probe)
+    for name, layer in layers:
         parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
         if any(p is None for p in parts):
             return None
@@ -375,4 +397,4 @@ def kronecker_from_tensors(
         factors[name] = (Qa, Qb, E)
     if not factors:
         return None
-    return _curvature(kind, module, names, sizes, factors)
+    return _curvature(kind, module, layers, names, sizes, factors)

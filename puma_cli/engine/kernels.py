@@ -1,0 +1,55 @@
+"""How the engine's passes run a model: attention through ops every derivative knows, and
+one clear error where a model's own op has no derivative the engine needs.
+
+PyTorch runs attention through fused kernels where it can: the inference fast path of
+MultiheadAttention and TransformerEncoderLayer (taken under no_grad in eval mode, as the
+forward-mode score pass is), which has no forward-mode derivative, and the flash kernel of
+scaled_dot_product_attention, whose backward has no derivative of its own (the exact
+Hessian's double backward). Their composite forms compute the same function from ops
+that have both, so the engine's passes use them; prediction keeps the fused kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from puma_cli.errors import PumaError
+
+_OPERATION = re.compile(r"aten::\w+|forward AD with (\w+)")  # torch words it both ways
+_MISSING = ("not implemented", "does not support", "once_differentiable", "jvp function")
+
+
+@contextmanager
+def composite_attention() -> Iterator[None]:
+    """Attention as composite ops for the block (fast path off, SDPA's math backend)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
+def derivatives_of_the_model(kind: str, fix: str) -> Iterator[None]:
+    """Turn torch's refusal to differentiate one of the model's ops (`kind`: the derivative
+    the pass needs) into a PumaError naming the op and `fix`; anything else propagates."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, NotImplementedError) and not any(m in text for m in _MISSING):
+            raise
+        found = _OPERATION.search(text)
+        what = (found.group(1) or found.group(0)) if found else "an operation"
+        if not found:
+            what += " (a custom autograd.Function?)"
+        raise PumaError(
+            f"the model uses {what}, which has no {kind} in torch {torch.__version__}; {fix}"
+        ) from None
