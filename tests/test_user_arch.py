@@ -523,28 +523,88 @@ JVP = """
 """
 
 
-@pytest.mark.parametrize(
-    ("jvp", "curvature", "message"),
-    [
-        (False, "kfac", "which has no forward-mode derivative in torch"),
-        (True, "exact", "which has no derivative of its backward"),
-    ],
-)
-def test_an_op_without_the_derivative_a_pass_needs_is_one_clear_error(
-    data_dir: Path, tmp_path: Path, jvp: bool, curvature: str, message: str
+def test_an_op_without_a_forward_mode_derivative_takes_the_reverse_route(
+    data_dir: Path, tmp_path: Path
 ) -> None:
-    source = NO_DERIVATIVE_NET.format(
-        jvp=JVP if jvp else "", jvp_note=", with a jvp" if jvp else ", no jvp"
+    """A custom autograd.Function with no jvp (and no setup_context, which torch.func
+    needs): the scores and the GGN's products take J v by two reverse passes and SSD's
+    per-row gradients one backward pass a row; the exact Hessian, whose products need a
+    derivative of the Function's backward (Twice has no backward), is one clear error
+    that says what to use."""
+    model = _user_model(data_dir, tmp_path, NO_DERIVATIVE_NET.format(jvp="", jvp_note=""), 4)
+    base = ("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--device", "cpu")
+    for curvature in ("kfac", "ggn"):
+        out = run_json(*base, "--curvature", curvature, "-o", tmp_path / f"{curvature}.st")
+        assert out["parameters"]["curvature"] == curvature
+        assert out["marked_loss_after"] > out["marked_loss_before"]
+    assert run_json(*base, "--method", "ssd", "-o", tmp_path / "ssd.st")["removed"] > 0
+    result = run(*base, "--curvature", "exact", "-o", tmp_path / "exact.st")
+    assert_clean_error(result, "which has no derivative of its backward, which the exact")
+    assert "(a custom autograd.Function?)" in result.stderr
+    assert "use --curvature ggn, kfac or ekfac" in result.stderr
+    assert not (tmp_path / "exact.st").exists()
+
+
+WARP_NET = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A spatial transformer: grid_sample has no forward-mode derivative in torch 2.13.\"\"\"
+
+    def __init__(self, input_shape, n_classes):
+        super().__init__()
+        width = input_shape[0] * input_shape[1] * input_shape[2]
+        self.where = nn.Linear(width, 6)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        grid = F.affine_grid(self.where(x.flatten(1)).view(-1, 2, 3), x.shape, align_corners=False)
+        return self.head(F.grid_sample(x, grid, align_corners=False).flatten(1))
+"""
+
+
+def test_grid_sample_and_recurrent_nets_get_scores_and_self_influence(tmp_path: Path) -> None:
+    arch = tmp_path / "warp.py"
+    arch.write_text(WARP_NET)
+    model = tmp_path / "m.safetensors"
+    run_json("train", DIGITS, "--arch", f"{arch}:Net", "-o", model, "--epochs", "3")
+    with np.load(DIGITS) as digits:
+        ids = digits["ids"][:6].tolist()
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    for curvature in ("auto", "kfac"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors",
+        )  # fmt: skip
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    # vmap cannot batch a GRU's per-row gradients: self-influence takes them row by row
+    train, arch = tmp_path / "seq.npz", tmp_path / "rnn.py"
+    _sequences(train, 60, 0)
+    arch.write_text(SEQUENCE_NET)
+    run_json("train", train, "--arch", f"{arch}:Net", "-o", tmp_path / "g.st", "--epochs", "5")
+    ranked = run_json("debug-labels", "-m", tmp_path / "g.st", "--score", "self-influence")
+    assert len(ranked["suspects"]) > 0 and ranked["n"] == 54
+
+
+def test_the_reverse_routes_equal_forward_mode_and_vmap() -> None:
+    """J v by two reverse passes, the scores from it and the row-by-row gradients equal
+    forward mode and vmap on a model that has both (float64)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    X, y = torch.randn(30, 3).double(), torch.randint(0, 4, (30,))
+    engine = InfluenceModel(net, X.numpy(), y.numpy(), chunk_size=7)
+    v = torch.randn(engine.n_parameters, dtype=torch.float64)
+    forward = engine._logits_jv_forward(v, engine.X)
+    reverse = engine._logits_jv_reverse(v, engine.X)
+    for a, b in zip(forward, reverse, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    for a, b in zip(
+        engine._scores_forward(v, None, None), engine._scores_reverse(v, None, None), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(
+        engine.per_sample_gradients(), engine._row_by_row(engine.X, engine.y), atol=1e-12
     )
-    model = _user_model(data_dir, tmp_path, source, 4)
-    out = tmp_path / "r.safetensors"
-    args = ("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", out)
-    result = run(*args, "--curvature", curvature, "--device", "cpu")
-    assert_clean_error(result, message)
-    assert "custom autograd.Function" in result.stderr
-    fix = "--curvature ggn, kfac or ekfac" if jvp else "write that layer with torch operations"
-    assert fix in result.stderr
-    assert not out.exists()
-    if jvp:  # what the error says to do works: the GGN needs no second derivative
-        done = run_json(*args, "--curvature", "ggn", "--device", "cpu")
-        assert done["parameters"]["curvature"] == "ggn"
+    assert engine.no_forward_mode is None  # nothing sent this model to the reverse route

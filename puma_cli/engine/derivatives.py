@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +25,11 @@ from torch import nn
 from torch.func import functional_call
 
 from puma_cli import parallel
-from puma_cli.engine.kernels import composite_attention, derivatives_of_the_model
+from puma_cli.engine.kernels import (
+    composite_attention,
+    derivatives_of_the_model,
+    missing_derivative,
+)
 from puma_cli.engine.kronecker import KroneckerCurvature
 from puma_cli.errors import PumaError
 from puma_cli.models.predict import as_tensor
@@ -32,14 +37,14 @@ from puma_cli.models.predict import as_tensor
 Tensor = torch.Tensor
 Phases = Callable[[str, int, int], None]
 """Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
-FORWARD_MODE = "forward-mode derivative"
-FORWARD_FIX = (
-    "the scores and the GGN's products are forward-mode passes: write that layer with torch "
-    "operations that have one (remove's --method retrain, sisa, ssd and the fine-tuning "
-    "baselines need none)"
-)
 SECOND_ORDER = "derivative of its backward, which the exact Hessian's products take"
 SECOND_ORDER_FIX = "use --curvature ggn, kfac or ekfac, which need none"
+REVERSE_ROUTE = "derivative of its backward"
+REVERSE_FIX = (
+    "the scores and the GGN's products need one where an op ({op}) has no forward-mode "
+    "derivative: write those layers with torch operations that have either (remove's "
+    "--method retrain, sisa, ssd and the fine-tuning baselines need neither)"
+)
 
 
 def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
@@ -58,6 +63,14 @@ def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
             del os.environ["PYTORCH_JIT"]
         else:
             os.environ["PYTORCH_JIT"] = previous
+
+
+def _figures(logits: Tensor, y: Tensor) -> Tensor:
+    """(n, 2) float64: each row's cross-entropy (on the logits in float64) and whether the
+    model predicts its label."""
+    primal = logits.double()
+    losses = F.cross_entropy(primal, y, reduction="none")
+    return torch.stack([losses, (primal.argmax(1) == y).double()], dim=1)
 
 
 class InfluenceModel:
@@ -110,6 +123,9 @@ class InfluenceModel:
         self.kronecker: KroneckerCurvature | None = None
         self.kronecker_cached = False
         self.phases: Phases | None = None  # told of each chunk of a long pass
+        # The op without a forward-mode derivative that sent J v to the reverse route, once
+        # a pass has met one (None: forward mode works, as far as the passes have gone).
+        self.no_forward_mode: str | None = None
 
     @property
     def n(self) -> int:
@@ -189,19 +205,52 @@ class InfluenceModel:
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
         for X, _ in self._chunks(local=True):
-            with (
-                torch.no_grad(),
-                fwad.dual_level(),
-                derivatives_of_the_model(FORWARD_MODE, FORWARD_FIX),
-            ):
-                dual = fwad.unpack_dual(self.logits(_dual(self.theta, v_in), X))
-                logits, jv = dual.primal, dual.tangent
+            logits, jv = self._forward_or_reverse(
+                partial(self._logits_jv_forward, v_in, X), partial(self._logits_jv_reverse, v_in, X)
+            )
             p = torch.softmax(logits, dim=1)
             hjv = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
             theta = self._leaf()
             (gv,) = torch.autograd.grad((self.logits(theta, X) * hjv).sum(), theta)
             out += gv.double()
         return parallel.all_reduce(out) / self.n + self.weight_decay * v
+
+    def _logits_jv_forward(self, v: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits (n, K) at theta and J v, their derivative along v: one forward-mode
+        pass."""
+        with torch.no_grad(), fwad.dual_level():
+            dual = fwad.unpack_dual(self.logits(_dual(self.theta, v), X))
+            return dual.primal, dual.tangent
+
+    def _logits_jv_reverse(self, v: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The same by two reverse passes, for a model with an op that has no forward-mode
+        derivative (`grid_sample`, a custom autograd.Function without jvp): g(u) = J^T u is
+        linear in u, so the gradient of g(u) . v in u is J v. About twice the cost."""
+        with torch.enable_grad():
+            theta = self._leaf()
+            logits = self.logits(theta, X)
+            u = torch.zeros_like(logits, requires_grad=True)
+            (g,) = torch.autograd.grad((logits * u).sum(), theta, create_graph=True)
+            (jv,) = torch.autograd.grad(g.dot(v), u)
+        return logits.detach(), jv
+
+    def _forward_or_reverse(
+        self,
+        forward: Callable[[], tuple[Tensor, Tensor]],
+        reverse: Callable[[], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """forward() until the model meets an op without a forward-mode derivative, then
+        reverse() for this engine's every pass."""
+        if self.no_forward_mode is None:
+            try:
+                return forward()
+            except (NotImplementedError, RuntimeError) as exc:
+                self.no_forward_mode = missing_derivative(exc)
+                if self.no_forward_mode is None:
+                    raise
+        fix = REVERSE_FIX.format(op=self.no_forward_mode)
+        with derivatives_of_the_model(REVERSE_ROUTE, fix):
+            return reverse()
 
     def weighted_gradient(
         self, weights: Tensor, X: Tensor | None = None, y: Tensor | None = None
@@ -240,37 +289,78 @@ class InfluenceModel:
         pass's primal logits (n, 2) float64: its cross-entropy (on the logits in float64)
         and whether it predicts the label. For a float32 engine they are the figures of the
         float32 model a removal writes, at no cost beside the scores."""
+        if self.no_forward_mode is None:
+            try:
+                return self._scores_forward(v, X, y)
+            except (NotImplementedError, RuntimeError) as exc:
+                self.no_forward_mode = missing_derivative(exc)
+                if self.no_forward_mode is None:
+                    raise
+        return self._scores_reverse(v, X, y)
+
+    def _scores_forward(
+        self, v: Tensor, X: Tensor | None, y: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
-        rows = self.local_rows(int((self.y if y is None else y).shape[0]))
-        chunks = max(1, -(-len(rows) // self.chunk_size))
-        with (
-            torch.no_grad(),
-            fwad.dual_level(),
-            derivatives_of_the_model(FORWARD_MODE, FORWARD_FIX),
-        ):
+        chunks = self._chunk_count(y)
+        with torch.no_grad(), fwad.dual_level():
             theta = _dual(self.theta, v.to(self.dtype))
             for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
                 logits = self.logits(theta, Xc.to(self.dtype))
                 parts.append(
                     fwad.unpack_dual(F.cross_entropy(logits, yc, reduction="none")).tangent
                 )
-                primal = fwad.unpack_dual(logits).primal.double()
-                losses = F.cross_entropy(primal, yc, reduction="none")
-                figures.append(torch.stack([losses, (primal.argmax(1) == yc).double()], dim=1))
+                figures.append(_figures(fwad.unpack_dual(logits).primal, yc))
                 self.tell("scores", i + 1, chunks)
         return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
 
+    def _scores_reverse(
+        self, v: Tensor, X: Tensor | None, y: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The scores from J v of the logits by the reverse route: the cross-entropy's
+        derivative in the logits is softmax - onehot."""
+        parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
+        figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
+        chunks = self._chunk_count(y)
+        v_in = v.to(self.dtype)
+        fix = REVERSE_FIX.format(op=self.no_forward_mode)
+        for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
+            with derivatives_of_the_model(REVERSE_ROUTE, fix):
+                logits, jv = self._logits_jv_reverse(v_in, Xc.to(self.dtype))
+            slope = torch.softmax(logits, dim=1) - F.one_hot(yc, logits.shape[1]).to(jv.dtype)
+            parts.append((slope * jv).sum(dim=1))
+            figures.append(_figures(logits, yc))
+            self.tell("scores", i + 1, chunks)
+        return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
+
+    def _chunk_count(self, y: Tensor | None) -> int:
+        rows = self.local_rows(int((self.y if y is None else y).shape[0]))
+        return max(1, -(-len(rows) // self.chunk_size))
+
     def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
-        """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked)."""
+        """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked); for a
+        model vmap cannot batch (a GRU's state written in place, a custom
+        autograd.Function without setup_context), one backward pass per row."""
         from torch.func import grad, vmap  # imports torch._dynamo: only where asked for
 
         def single(flat: Tensor, x: Tensor, target: Tensor) -> Tensor:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        parts = [per_row(self.theta, Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
+        try:
+            parts = [per_row(self.theta, Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
+        except (RuntimeError, NotImplementedError):
+            parts = [self._row_by_row(Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
         return torch.cat(parts).double()
+
+    def _row_by_row(self, X: Tensor, y: Tensor) -> Tensor:
+        rows = []
+        for i in range(int(y.shape[0])):
+            theta = self._leaf()
+            (g,) = torch.autograd.grad(self.losses(theta, X[i : i + 1], y[i : i + 1])[0], theta)
+            rows.append(g)
+        return torch.stack(rows) if rows else torch.zeros((0, self.n_parameters), dtype=X.dtype)
 
     def gradient_on(
         self, X: Tensor, y: Tensor, criterion: Callable[[Tensor, Tensor], Tensor] | None = None

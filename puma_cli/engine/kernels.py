@@ -36,6 +36,19 @@ def composite_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
+def missing_derivative(exc: BaseException) -> str | None:
+    """The op named by torch's refusal to differentiate it, or None for any other error."""
+    text = str(exc)
+    if not isinstance(exc, NotImplementedError) and not (
+        isinstance(exc, RuntimeError) and any(m in text for m in _MISSING)
+    ):
+        return None
+    found = _OPERATION.search(text)
+    if found is None:
+        return "an operation (a custom autograd.Function?)"
+    return found.group(1) or found.group(0)
+
+
 @contextmanager
 def derivatives_of_the_model(kind: str, fix: str) -> Iterator[None]:
     """Turn torch's refusal to differentiate one of the model's ops (`kind`: the derivative
@@ -43,13 +56,9 @@ def derivatives_of_the_model(kind: str, fix: str) -> Iterator[None]:
     try:
         yield
     except (NotImplementedError, RuntimeError) as exc:
-        text = str(exc)
-        if not isinstance(exc, NotImplementedError) and not any(m in text for m in _MISSING):
+        what = missing_derivative(exc)
+        if what is None:
             raise
-        found = _OPERATION.search(text)
-        what = (found.group(1) or found.group(0)) if found else "an operation"
-        if not found:
-            what += " (a custom autograd.Function?)"
         raise PumaError(
             f"the model uses {what}, which has no {kind} in torch {torch.__version__}; {fix}"
         ) from None
