@@ -405,6 +405,16 @@ def train(
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
     mixed_precision: MixedPrecisionOpt = False,
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            "--standardize/--no-standardize",
+            help="Standardise the inputs with the training rows' mean and std (each "
+            "feature's; each channel's for images), recorded in the model. "
+            "--no-standardize gives the net the values as they are: token ids for an "
+            "Embedding, or a net that normalises its own inputs.",
+        ),
+    ] = True,
     val_frac: Annotated[
         float,
         typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
@@ -451,7 +461,7 @@ def train(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
         mixed_precision,
     )  # fmt: skip
-    recipe = replace(recipe, shards=shards, slices=slices)
+    recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
     with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
         report = job(

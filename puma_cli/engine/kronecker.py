@@ -328,10 +328,16 @@ def _batched_type2(base: type) -> type:
             # The factors need only the gradients at the layers' outputs (their hooks take
             # them on the way): a backward pass to the input computes those and no weight
             # gradient, a fifth less work on an MLP (see `_accumulate`).
+            # A net that cuts its input from the graph (token ids cast to long for an
+            # Embedding) leaves it unreached: no layer's hook then sees a gradient, and
+            # the fit is made again through the weights (`fit_kronecker`).
             targets = self._fit_targets or self._params
             for c in range(classes):  # one backward pass per column, all rows at once
                 torch.autograd.grad(
-                    (output * S[:, :, c]).sum(), targets, retain_graph=c < classes - 1
+                    (output * S[:, :, c]).sum(),
+                    targets,
+                    retain_graph=c < classes - 1,
+                    allow_unused=True,
                 )
             return None
 

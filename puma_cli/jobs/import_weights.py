@@ -27,6 +27,7 @@ from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.weights import load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
+from puma_cli.models.predict import as_tensor
 from puma_cli.models.training import TrainRecipe, architecture_for
 from puma_cli.models.user import check_logits
 from puma_cli.quality.evaluation import evaluate
@@ -71,7 +72,8 @@ def import_weights(
     model = Classifier(architecture_for(recipe, dataset, n_classes))
     load_into(model.net, state, weights, model.arch.label)
     model = model.to(device).eval()
-    check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
+    first = as_tensor(dataset.X[:2], torch.float32, device)
+    check_logits(model, first, n_classes, model.arch.label)
     metrics: dict[str, Any] = {"train": figures(evaluate(model, dataset))}
     if val_set is not None:
         metrics["val"] = figures(evaluate(model, val_set))

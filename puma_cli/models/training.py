@@ -121,6 +121,11 @@ def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
         raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
 
 
+STANDARDIZED_HINT = (
+    " (standardised: for a net that takes the values as they are, token ids say, train "
+    "with --no-standardize)"
+)
+
 StepHook = Callable[[torch.Tensor, torch.Tensor], None]
 """Called after each optimiser step with (batch row positions, parameter update)."""
 
@@ -143,10 +148,11 @@ def train_classifier(
     check_trainable(dataset, recipe)
     torch.manual_seed(recipe.seed)
     model = Classifier(architecture_for(recipe, dataset, n_classes)).to(device)
-    check_logits(model.net, dataset.input_shape, n_classes, model.arch.label)
     X = as_tensor(dataset.X, torch.float32, device)
     if recipe.standardize:
         model.fit_standardisation(X)
+    hint = STANDARDIZED_HINT if recipe.standardize else ""
+    check_logits(model, X[:2], n_classes, model.arch.label, hint)
     fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)
     return model
 

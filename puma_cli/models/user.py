@@ -170,9 +170,12 @@ def construct(
         ) from exc
 
 
-def check_logits(net: nn.Module, input_shape: tuple[int, ...], n_classes: int, label: str) -> None:
-    """Refuse a network that has nothing to train, fails on a batch of the data's shape or
-    does not return one logit per class."""
+def check_logits(
+    net: nn.Module, batch: torch.Tensor, n_classes: int, label: str, hint: str = ""
+) -> None:
+    """Refuse a network that has nothing to train, fails on `batch` (two rows of the data,
+    as the net will see them: standardised or not) or does not return one logit per
+    class; `hint` follows the failure's message."""
     if not any(p.requires_grad for p in net.parameters()):
         raise PumaError(
             f"{label} has no trainable parameters (none, or every one with requires_grad "
@@ -185,11 +188,12 @@ def check_logits(net: nn.Module, input_shape: tuple[int, ...], n_classes: int, l
     net.eval()
     try:
         with torch.no_grad():
-            out = net(torch.zeros((2, *input_shape), device=device))
+            out = net(batch.to(device))
     except Exception as exc:  # the user's code
+        rows = ", ".join(map(str, batch.shape))
         raise PumaError(
-            f"{label} fails on a batch of shape (2, {', '.join(map(str, input_shape))}): "
-            f"{type(exc).__name__} ({_first_line(exc)}); it must take the data's shape"
+            f"{label} fails on the data's first rows, a batch of shape ({rows}): "
+            f"{type(exc).__name__} ({_first_line(exc)}); it must take the data's shape{hint}"
         ) from exc
     finally:
         net.train(was_training)
