@@ -2,6 +2,8 @@
 # The --device cuda paths on a machine with an NVIDIA GPU, in stages that fit a short
 # lease (15 minutes of device time, 10 a command):
 #   chain           the main chain on cuda: every command, method and curvature (~2 min)
+#   user-nets       a GRU and an attention net of a user's on sequences: every curvature,
+#                   self-influence (cuDNN off for the GRU's derivatives; ~2 min on a CPU)
 #   scale-resnet    scale.py's ResNet-18 (width 64) on 50,000 images, timed against
 #                   retraining in the same run, at GPU_EPOCHS epochs (default 5)
 #   scale-densenet  the paper's DenseNet on 60,000 images, likewise
@@ -75,6 +77,50 @@ puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_ra
 puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device cuda --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device cuda --json
+set +e
+fi
+if wanted user-nets; then
+stamp user-nets
+set -e
+# Your own nets on sequences: a GRU (cuDNN's RNN backward refuses the eval mode every
+# derivative is taken in, so the engine runs it without cuDNN) and attention (composite).
+python3 - "$out" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+out = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, 600)
+X = rng.normal(0, 1, (600, 12, 4)).astype(np.float32)
+X[:, :, 0] += y[:, None]
+np.savez(out / "seq.npz", X=X, y=y)
+(out / "seq-ids.txt").write_text("".join(f"{i}\n" for i in range(6)))
+(out / "seqnets.py").write_text("""
+from torch import nn
+class GRUNet(nn.Module):
+    def __init__(self, input_shape, n_classes, hidden=16):
+        super().__init__()
+        self.rnn = nn.GRU(input_shape[-1], hidden, batch_first=True)
+        self.head = nn.Linear(hidden, n_classes)
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+class AttentionNet(nn.Module):
+    def __init__(self, input_shape, n_classes, dim=16):
+        super().__init__()
+        self.inp = nn.Linear(input_shape[-1], dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 32, batch_first=True)
+        self.head = nn.Linear(dim, n_classes)
+    def forward(self, x):
+        return self.head(self.encoder(self.inp(x)).mean(1))
+""")
+PY
+for net in GRUNet AttentionNet; do
+  puma train "$out/seq.npz" --arch "$out/seqnets.py:$net" --epochs 5 -o "$out/seq-$net.safetensors" --device cuda --json
+  for curvature in exact ggn kfac; do
+    puma remove -m "$out/seq-$net.safetensors" --marked "$out/seq-ids.txt" --curvature "$curvature" -o "$out/seq-$net-$curvature.safetensors" --device cuda --json
+  done
+  puma debug-labels -m "$out/seq-$net.safetensors" --score self-influence --device cuda --json
+done
 set +e
 fi
 epochs=${GPU_EPOCHS:-5}

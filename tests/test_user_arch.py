@@ -653,3 +653,17 @@ def test_token_ids_train_unstandardised_and_unlearn(tmp_path: Path) -> None:
     retrained = run_json(*base, "--method", "retrain", "-o", tmp_path / "r.safetensors")
     assert retrained["test_accuracy_after"] is None and retrained["removed"] > 0
     assert load_checkpoint(tmp_path / "r.safetensors").model.std.eq(1).all()
+
+
+def test_the_engine_runs_recurrent_nets_without_cudnn_and_restores_the_flags() -> None:
+    """cuDNN's RNN backward refuses eval mode (every derivative is taken in it): for a
+    model with a recurrent layer the passes switch cuDNN off, for others they leave it;
+    the attention fast path is off inside either way, and both flags come back."""
+    from puma_cli.engine.kernels import composite_kernels
+
+    before = torch.backends.cudnn.enabled, torch.backends.mha.get_fastpath_enabled()
+    for module, cudnn_inside in [(torch.nn.GRU(3, 4), False), (torch.nn.Linear(3, 4), True)]:
+        with composite_kernels(torch.nn.Sequential(module)):
+            assert torch.backends.cudnn.enabled is (cudnn_inside and before[0])
+            assert not torch.backends.mha.get_fastpath_enabled()
+        assert (torch.backends.cudnn.enabled, torch.backends.mha.get_fastpath_enabled()) == before

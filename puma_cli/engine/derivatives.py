@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from puma_cli import parallel
 from puma_cli.engine.kernels import (
-    composite_attention,
+    composite_kernels,
     derivatives_of_the_model,
     missing_derivative,
 )
@@ -150,7 +150,7 @@ class InfluenceModel:
 
     def logits(self, flat: Tensor, X: Tensor) -> Tensor:
         """(n, K) logits at parameters `flat` (attention through composite ops)."""
-        with composite_attention():
+        with composite_kernels(self.module):
             return functional_call(self.module, (self.params(flat), self.buffers), (X,))
 
     def losses(self, flat: Tensor, X: Tensor, y: Tensor) -> Tensor:

@@ -7,6 +7,9 @@ forward-mode score pass is), which has no forward-mode derivative, and the flash
 scaled_dot_product_attention, whose backward has no derivative of its own (the exact
 Hessian's double backward). Their composite forms compute the same function from ops
 that have both, so the engine's passes use them; prediction keeps the fused kernels.
+Likewise cuDNN's RNN kernels, whose backward refuses to run in eval mode (every
+derivative here is taken in eval mode): for a model with a GRU, LSTM or RNN, the passes
+run without cuDNN (on a GPU; nothing changes on a CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from puma_cli.errors import PumaError
@@ -25,15 +29,20 @@ _MISSING = ("not implemented", "does not support", "once_differentiable", "jvp f
 
 
 @contextmanager
-def composite_attention() -> Iterator[None]:
-    """Attention as composite ops for the block (fast path off, SDPA's math backend)."""
-    fast = torch.backends.mha.get_fastpath_enabled()
+def composite_kernels(module: nn.Module) -> Iterator[None]:
+    """The module's forward passes in the block through differentiable kernels: attention
+    as composite ops (fast path off, SDPA's math backend), and no cuDNN where the module
+    has a recurrent layer (the choice is made at the forward, so its backward follows)."""
+    fast, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
+    if any(isinstance(m, nn.RNNBase) for m in module.modules()):
+        torch.backends.cudnn.enabled = False
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+        torch.backends.cudnn.enabled = cudnn
 
 
 def missing_derivative(exc: BaseException) -> str | None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from puma_cli import parallel
-from puma_cli.engine.kernels import composite_attention
+from puma_cli.engine.kernels import composite_kernels
 from puma_cli.errors import PumaError
 
 Tensor = torch.Tensor
@@ -140,7 +140,7 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda *_, name=n: ran.add(name)) for n, m in layers]
     try:
-        with torch.no_grad(), composite_attention():
+        with torch.no_grad(), composite_kernels(module):
             module(probe.clone())  # a copy: a forward may write into its input
     finally:
         for hook in hooks:
@@ -232,7 +232,7 @@ def fit_kronecker(
         """Progress after a pass's k-th batch, `earlier` batches of a first pass before."""
         return lambda k: None if progress is None else progress(earlier + k, steps)
 
-    with warnings.catch_warnings(), composite_attention():
+    with warnings.catch_warnings(), composite_kernels(module):
         # curvlinops (and backpack, which it imports) warn about their own internals.
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator
