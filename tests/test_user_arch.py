@@ -667,3 +667,43 @@ def test_the_engine_runs_recurrent_nets_without_cudnn_and_restores_the_flags() -
             assert torch.backends.cudnn.enabled is (cudnn_inside and before[0])
             assert not torch.backends.mha.get_fastpath_enabled()
         assert (torch.backends.cudnn.enabled, torch.backends.mha.get_fastpath_enabled()) == before
+
+
+PARAMETRIZED_NET = """
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        self.body = weight_norm(nn.Linear(in_features, width))
+        self.head = {head}
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+"""
+
+
+@pytest.mark.parametrize("head", ["plain", "spectral_norm"])
+def test_parametrized_layers_are_left_out_of_kfac(
+    head: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """weight_norm and spectral_norm compute a layer's weight from other parameters, so
+    its K-FAC block would not be theirs: the layer is left out and named so; a model of
+    such layers alone is one clear error."""
+    layer = "nn.Linear(width, n_classes)"
+    source = PARAMETRIZED_NET.format(head=layer if head == "plain" else f"spectral_norm({layer})")
+    model = _user_model(data_dir, tmp_path, source, 4)
+    args = ("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "kfac")
+    if head == "plain":
+        out = run_json(*args, "-o", tmp_path / "r.safetensors")
+        # weight_norm's g (12) and v (12 x 2), and the bias (12): width 12 from _train
+        assert out["parameters"]["uncovered_layers"] == {"parametrized Linear": 12 + 24 + 12}
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    else:
+        result = run(*args, "-o", tmp_path / "r.safetensors")
+        assert_clean_error(result, "none it can fit (each is frozen, parametrized as by")
+        assert not (tmp_path / "r.safetensors").exists()
+    assert run_json(*args[:-2], "--curvature", "ggn", "-o", tmp_path / "g.safetensors")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from puma_cli import parallel
 from puma_cli.engine.kernels import composite_kernels
@@ -135,7 +136,9 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     layers = [
         (n, m)
         for n, m in module.named_modules()
-        if isinstance(m, nn.Linear | nn.Conv2d) and all(p.requires_grad for p in m.parameters())
+        if isinstance(m, nn.Linear | nn.Conv2d)
+        and all(p.requires_grad for p in m.parameters())
+        and not parametrize.is_parametrized(m)  # weight_norm: its weight is computed
     ]
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda *_, name=n: ran.add(name)) for n, m in layers]
@@ -162,8 +165,11 @@ def _left_out(
     for name, (start, size) in _positions(names, sizes).items():
         if bool(covered[start : start + size].any()):
             continue
-        owner = name.rpartition(".")[0]
-        kind = type(module.get_submodule(owner)).__name__ if owner else type(module).__name__
+        owner, within, _ = name.partition(".parametrizations.")
+        holder = module.get_submodule(owner if within else name.rpartition(".")[0])
+        kind = type(holder).__name__
+        if parametrize.is_parametrized(holder):  # weight_norm, spectral_norm: a computed weight
+            kind = f"parametrized {kind.removeprefix('Parametrized')}"  # torch's subclass
         counts[kind] = counts.get(kind, 0) + size
     return counts
 
@@ -221,7 +227,8 @@ def fit_kronecker(
     if not layers:
         raise PumaError(
             f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
-            "none that trains; use --curvature ggn or exact"
+            "none it can fit (each is frozen, parametrized as by weight_norm, or used by "
+            "weight alone); use --curvature ggn or exact"
         )
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)
