@@ -35,6 +35,7 @@ from puma_cli.errors import PumaError
 from puma_cli.models.predict import as_tensor
 
 Tensor = torch.Tensor
+Pair = tuple[Tensor, Tensor]
 Phases = Callable[[str, int, int], None]
 """Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
 SECOND_ORDER = "derivative of its backward, which the exact Hessian's products take"
@@ -234,11 +235,7 @@ class InfluenceModel:
             (jv,) = torch.autograd.grad(g.dot(v), u)
         return logits.detach(), jv
 
-    def _forward_or_reverse(
-        self,
-        forward: Callable[[], tuple[Tensor, Tensor]],
-        reverse: Callable[[], tuple[Tensor, Tensor]],
-    ) -> tuple[Tensor, Tensor]:
+    def _forward_or_reverse(self, forward: Callable[[], Pair], reverse: Callable[[], Pair]) -> Pair:
         """forward() until the model meets an op without a forward-mode derivative, then
         reverse() for this engine's every pass."""
         if self.no_forward_mode is None:
@@ -289,14 +286,9 @@ class InfluenceModel:
         pass's primal logits (n, 2) float64: its cross-entropy (on the logits in float64)
         and whether it predicts the label. For a float32 engine they are the figures of the
         float32 model a removal writes, at no cost beside the scores."""
-        if self.no_forward_mode is None:
-            try:
-                return self._scores_forward(v, X, y)
-            except (NotImplementedError, RuntimeError) as exc:
-                self.no_forward_mode = missing_derivative(exc)
-                if self.no_forward_mode is None:
-                    raise
-        return self._scores_reverse(v, X, y)
+        return self._forward_or_reverse(
+            partial(self._scores_forward, v, X, y), partial(self._scores_reverse, v, X, y)
+        )
 
     def _scores_forward(
         self, v: Tensor, X: Tensor | None, y: Tensor | None
@@ -324,10 +316,8 @@ class InfluenceModel:
         figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
         chunks = self._chunk_count(y)
         v_in = v.to(self.dtype)
-        fix = REVERSE_FIX.format(op=self.no_forward_mode)
         for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
-            with derivatives_of_the_model(REVERSE_ROUTE, fix):
-                logits, jv = self._logits_jv_reverse(v_in, Xc.to(self.dtype))
+            logits, jv = self._logits_jv_reverse(v_in, Xc.to(self.dtype))
             slope = torch.softmax(logits, dim=1) - F.one_hot(yc, logits.shape[1]).to(jv.dtype)
             parts.append((slope * jv).sum(dim=1))
             figures.append(_figures(logits, yc))
