@@ -474,6 +474,7 @@ def test_attention_models_take_every_curvature(tmp_path: Path) -> None:
         "MultiheadAttention": 2 * heads_in,
         "NonDynamicallyQuantizableLinear": 2 * out_proj,
     }
+    assert "no_forward_mode" not in out["parameters"]  # composite attention has it
     # the fast path is PyTorch's again once the engine is done (prediction keeps it)
     assert torch.backends.mha.get_fastpath_enabled()
 
@@ -530,6 +531,7 @@ def test_an_op_without_a_forward_mode_derivative_takes_the_reverse_route(
         out = run_json(*base, "--curvature", curvature, "-o", tmp_path / f"{curvature}.st")
         assert out["parameters"]["curvature"] == curvature
         assert out["marked_loss_after"] > out["marked_loss_before"]
+        assert out["parameters"]["no_forward_mode"] == "an operation (a custom autograd.Function?)"
     assert run_json(*base, "--method", "ssd", "-o", tmp_path / "ssd.st")["removed"] > 0
     result = run(*base, "--curvature", "exact", "-o", tmp_path / "exact.st")
     assert_clean_error(result, "which has no derivative of its backward, which the exact")
@@ -572,6 +574,7 @@ def test_grid_sample_and_recurrent_nets_get_scores_and_self_influence(tmp_path: 
             "-o", tmp_path / f"r-{curvature}.safetensors",
         )  # fmt: skip
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+        assert out["parameters"]["no_forward_mode"] == "grid_sampler_2d"
     # vmap cannot batch a GRU's per-row gradients: self-influence takes them row by row
     train, arch = tmp_path / "seq.npz", tmp_path / "rnn.py"
     _sequences(train, 60, 0)
