@@ -388,7 +388,7 @@ def test_sequence_data_goes_through_a_users_recurrent_net(tmp_path: Path) -> Non
         )  # fmt: skip
         assert out["removed"] + out["skipped"]["validation"] == 4
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
-    # GRU's input-hidden and hidden-hidden weights and biases: 2 * 3 * 8 * (3 + 8 + 2)
+    # GRU's three gates of 8: input weights (x 3 features), hidden weights (x 8), 2 biases
     assert out["parameters"]["uncovered_layers"] == {"GRU": 3 * 8 * (3 + 8 + 2)}
     assert run_json("eval", "-m", tmp_path / "r-auto.safetensors")["n"] == 60
     attack = run_json(
@@ -702,4 +702,5 @@ def test_parametrized_layers_are_left_out_of_kfac(
         result = run(*args, "-o", tmp_path / "r.safetensors")
         assert_clean_error(result, "none it can fit (each is frozen, parametrized as by")
         assert not (tmp_path / "r.safetensors").exists()
-    assert run_json(*args[:-2], "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
+    covered = run_json(*args[:-2], "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
+    assert covered["parameters"]["curvature"] == "ggn"  # every parameter, parametrized too
