@@ -58,6 +58,40 @@ def test_the_engine_reports_its_phases(
         assert len(fitting) > 2 and fitting[-1][1] > 1
 
 
+def test_ssd_and_self_influence_report_their_passes(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """SSD's importances (per-row gradients over every row, then the marked ones) and
+    self-influence's dense Hessian (one HVP a column) and per-row gradients are told."""
+    from puma_cli.jobs.debug_labels import debug_labels
+
+    folder = _workspace(model_file, data_dir, tmp_path)
+    for method, run_it in [
+        ("ssd", lambda told: remove(
+            folder / "m.safetensors", folder / "ids.txt", folder / "r.safetensors",
+            method="ssd", phases=told,
+        )),
+        ("self-influence", lambda told: debug_labels(
+            folder / "m.safetensors", score="self-influence", use_cache=False, phases=told,
+        )),
+    ]:  # fmt: skip
+        seen: list[tuple[str, int, int]] = []
+        run_it(lambda phase, done, total, seen=seen: seen.append((phase, done, total)))
+        phases = {phase for phase, _, _ in seen}
+        wanted = (
+            {"importance: every row", "importance: marked rows"}
+            if method == "ssd"
+            else {"dense Hessian", "per-row gradients"}
+        )
+        assert wanted <= phases, (method, phases)
+        for phase in wanted:
+            done, total = next((d, t) for p, d, t in reversed(seen) if p == phase)
+            assert done == total > 0
+        if method == "self-influence":  # one tick per column of H
+            columns = [d for p, d, _ in seen if p == "dense Hessian"]
+            assert columns == list(range(1, len(columns) + 1)) and len(columns) > 100
+
+
 def test_bars_are_drawn_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
     monkeypatch.setattr(

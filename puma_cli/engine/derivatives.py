@@ -328,7 +328,9 @@ class InfluenceModel:
         rows = self.local_rows(int((self.y if y is None else y).shape[0]))
         return max(1, -(-len(rows) // self.chunk_size))
 
-    def per_sample_gradients(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+    def per_sample_gradients(
+        self, X: Tensor | None = None, y: Tensor | None = None, phase: str | None = None
+    ) -> Tensor:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked); for a
         model vmap cannot batch (a GRU's state written in place, a custom
         autograd.Function without setup_context), one backward pass per row."""
@@ -338,10 +340,17 @@ class InfluenceModel:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        try:
-            parts = [per_row(self.theta, Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
-        except (RuntimeError, NotImplementedError):
-            parts = [self._row_by_row(Xc.to(self.dtype), yc) for Xc, yc in self._chunks(X, y)]
+        chunks = -(-int((self.y if y is None else y).shape[0]) // self.chunk_size)
+        parts: list[Tensor] = []
+        for i, (Xc, yc) in enumerate(self._chunks(X, y)):
+            try:
+                parts.append(per_row(self.theta, Xc.to(self.dtype), yc))
+            except (RuntimeError, NotImplementedError):
+                parts.append(self._row_by_row(Xc.to(self.dtype), yc))
+            if phase is not None:
+                self.tell(phase, i + 1, chunks)
+        if not parts:
+            return torch.zeros((0, self.n_parameters), dtype=torch.float64, device=self.device)
         return torch.cat(parts).double()
 
     def _row_by_row(self, X: Tensor, y: Tensor) -> Tensor:

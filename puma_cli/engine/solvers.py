@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -171,10 +172,19 @@ def lissa(
     return x, iteration, residual
 
 
-def dense_hessian(hvp: Callable[[Tensor], Tensor], size: int, like: Tensor) -> Tensor:
-    """H as a (P, P) matrix, one HVP per column, symmetrised."""
+def dense_hessian(
+    hvp: Callable[[Tensor], Tensor],
+    size: int,
+    like: Tensor,
+    done: Callable[[int, int], None] = lambda k, total: None,
+) -> Tensor:
+    """H as a (P, P) matrix, one HVP per column (`done(k, P)` after the k-th), symmetrised."""
     eye = torch.eye(size, dtype=torch.float64, device=like.device)
-    H = torch.stack([hvp(eye[i]) for i in range(size)], dim=1)
+    columns = []
+    for i in range(size):
+        columns.append(hvp(eye[i]))
+        done(i + 1, size)
+    H = torch.stack(columns, dim=1)
     return 0.5 * (H + H.T)
 
 
@@ -250,7 +260,9 @@ def _solve_exact(
 ) -> Solve:
     # One dense matrix per engine: a command that solves twice builds it once.
     if engine.dense_eigh is None:
-        H = dense_hessian(matvec, engine.n_parameters, engine.theta)
+        H = dense_hessian(
+            matvec, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
+        )
         eigenvalues, vectors = torch.linalg.eigh(H)
         engine.dense_eigh = (H, eigenvalues, vectors)
     H, eigenvalues, vectors = engine.dense_eigh

@@ -17,6 +17,7 @@ is among the k lowest of all points are moved behind the others (kept, not dropp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,10 +63,12 @@ def _self_influence(engine: InfluenceModel, mu: float) -> np.ndarray:
             f"--score self-influence needs the dense Hessian, too large at "
             f"{engine.n_parameters} parameters (limit {EXACT_MAX_PARAMETERS}); use --score puma"
         )
-    H = dense_hessian(engine.hvp, engine.n_parameters, engine.theta)
+    H = dense_hessian(
+        engine.hvp, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
+    )
     eigenvalues, vectors = torch.linalg.eigh(H)
     shift = max(mu, 1e-6 * float(eigenvalues.abs().max()) - float(eigenvalues.min()))
-    projected = engine.per_sample_gradients() @ vectors
+    projected = engine.per_sample_gradients(phase="per-row gradients") @ vectors
     return ((projected**2) / (eigenvalues + shift)).sum(dim=1).cpu().numpy()
 
 

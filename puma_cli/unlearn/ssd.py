@@ -24,13 +24,16 @@ from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 CHUNK = 256
 
 
-def fisher_diagonal(engine: InfluenceModel, rows: torch.Tensor) -> torch.Tensor:
-    """Mean over `rows` (positions in the engine's data) of the squared per-row gradients."""
+def fisher_diagonal(engine: InfluenceModel, rows: torch.Tensor, phase: str) -> torch.Tensor:
+    """Mean over `rows` (positions in the engine's data) of the squared per-row gradients,
+    told as `phase` chunk by chunk."""
     total = torch.zeros_like(engine.theta, dtype=torch.float64)
-    for start in range(0, rows.numel(), CHUNK):
+    chunks = max(1, -(-rows.numel() // CHUNK))
+    for i, start in enumerate(range(0, rows.numel(), CHUNK)):
         part = rows[start : start + CHUNK]
         grads = engine.per_sample_gradients(engine.X[part], engine.y[part])
         total += (grads**2).sum(dim=0)
+        engine.tell(phase, i + 1, chunks)
     return total / max(rows.numel(), 1)
 
 
@@ -49,13 +52,15 @@ def ssd(request: RemovalRequest) -> RemovalResult:
     options = request.options
     model = single_model(request.checkpoint, "--method ssd")
     trained = request.trained_rows
-    engine = training_engine(request.checkpoint, request.dataset, trained, options.precision)
+    engine = training_engine(
+        request.checkpoint, request.dataset, trained, options.precision, phases=request.phases
+    )
     everything = torch.arange(engine.n, device=engine.device)
     positions = torch.searchsorted(torch.from_numpy(trained), torch.from_numpy(request.marked)).to(
         engine.device
     )
-    full = fisher_diagonal(engine, everything)
-    forget = fisher_diagonal(engine, positions)
+    full = fisher_diagonal(engine, everything, "importance: every row")
+    forget = fisher_diagonal(engine, positions, "importance: marked rows")
     theta = engine.theta.double()
     new_theta, selected = dampen(theta, full, forget, options.ssd_alpha, options.ssd_lambda)
     patched = engine.patched_module(new_theta - theta)
