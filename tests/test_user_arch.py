@@ -704,3 +704,53 @@ def test_parametrized_layers_are_left_out_of_kfac(
         assert not (tmp_path / "r.safetensors").exists()
     covered = run_json(*args[:-2], "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
     assert covered["parameters"]["curvature"] == "ggn"  # every parameter, parametrized too
+
+
+ONCE_DIFFERENTIABLE_NET = """
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=6):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.out(Square.apply(self.inp(x)))
+"""
+
+
+def test_a_solve_that_does_not_converge_is_said(tmp_path: Path) -> None:
+    """A backward marked once_differentiable is differentiated as if it were constant, and
+    torch says nothing: the GGN's products come out asymmetric and CG runs out of
+    iterations. The report says so, with what to do; a closed-form K-FAC solve does not."""
+    data, arch, model = tmp_path / "r.csv", tmp_path / "net.py", tmp_path / "m.safetensors"
+    arch.write_text(ONCE_DIFFERENTIABLE_NET)
+    run_json("make-data", "radial", "-o", data)
+    run_json("train", data, "--arch", f"{arch}:Net", "-o", model, "--epochs", "30")
+    rows = data.read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    base = ("remove", "-m", model, "--marked", tmp_path / "ids.txt")
+    ggn = run_json(*base, "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
+    assert ggn["parameters"]["solver_residual"] > 1e-2
+    (said,) = [w for w in ggn["warnings"] if "far from converged" in w]
+    assert f"after {ggn['parameters']['solver_iterations']} iterations" in said
+    assert "raise --damping, or use --curvature kfac" in said
+    kfac = run_json(*base, "--curvature", "kfac", "-o", tmp_path / "k.safetensors")
+    assert not [w for w in kfac["warnings"] if "far from converged" in w]

@@ -46,6 +46,7 @@ MAX_DAMPING = 1e6  # x lambda_max: past it the step is a plain gradient step, on
 FORGET_SCALES = tuple(2.0**k for k in range(13))  # --forget step: up to 4096 / N
 GUARD_ROWS = 8192  # remaining rows the `auto` guard checks the training loss on
 INTERPOLATED_LOSS = 1e-4
+UNCONVERGED = 1e-2  # a solve's relative residual past which the report says it did not converge
 
 
 @register("puma")
@@ -200,6 +201,12 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
     warnings = notes
     warnings.extend(curvature_notes(engine))
+    if step.residual > UNCONVERGED:  # CG ran out of iterations (an asymmetric product, say)
+        warnings.append(
+            f"the patch's solve stopped after {step.iterations} iterations at a relative "
+            f"residual of {step.residual:.2g}, far from converged: the patch is only roughly "
+            "the inverse-curvature step; raise --damping, or use --curvature kfac"
+        )
     interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
     if interpolated:
         warnings.append(
