@@ -479,7 +479,22 @@ def test_attention_models_take_every_curvature(tmp_path: Path) -> None:
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-NO_DERIVATIVE_NET = """
+SQUARE_NET = """
+
+class Net(nn.Module):
+    \"\"\"A layer, then Square (each test's own autograd.Function), then a layer.\"\"\"
+
+    def __init__(self, in_features, n_classes, width=6):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.out(Square.apply(self.inp(x)))
+"""
+
+NO_DERIVATIVE_NET = (
+    """
 import torch
 from torch import nn
 
@@ -504,17 +519,9 @@ class Square(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return Twice.apply(x) * g
-
-
-class Net(nn.Module):
-    def __init__(self, in_features, n_classes, width=6):
-        super().__init__()
-        self.inp = nn.Linear(in_features, width)
-        self.out = nn.Linear(width, n_classes)
-
-    def forward(self, x):
-        return self.out(Square.apply(self.inp(x)))
 """
+    + SQUARE_NET
+)
 
 
 def test_an_op_without_a_forward_mode_derivative_takes_the_reverse_route(
@@ -706,7 +713,8 @@ def test_parametrized_layers_are_left_out_of_kfac(
     assert covered["parameters"]["curvature"] == "ggn"  # every parameter, parametrized too
 
 
-ONCE_DIFFERENTIABLE_NET = """
+ONCE_DIFFERENTIABLE_NET = (
+    """
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -723,17 +731,9 @@ class Square(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return 2 * x * g
-
-
-class Net(nn.Module):
-    def __init__(self, in_features, n_classes, width=6):
-        super().__init__()
-        self.inp = nn.Linear(in_features, width)
-        self.out = nn.Linear(width, n_classes)
-
-    def forward(self, x):
-        return self.out(Square.apply(self.inp(x)))
 """
+    + SQUARE_NET
+)
 
 
 def test_a_solve_that_does_not_converge_is_said(tmp_path: Path) -> None:
