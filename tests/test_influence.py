@@ -304,9 +304,10 @@ def test_the_guard_check_decides_as_the_full_figures_and_stops_a_broken_step_ear
             full = (bound is None or loss <= bound) and (
                 accuracy0 is None or accuracy0 - accuracy <= drop
             )
-            assert _Limits(bound, accuracy0, drop).hold(net, Xt, yt, 32) == full
+            held = _Limits(bound, accuracy0, drop).held_loss(net, Xt, yt, 32)
+            assert (held is not None) == full
     calls = []
     net.register_forward_hook(lambda *_: calls.append(1))
     wrong = (1 - yt).long()  # labels the model gets wrong wherever it got them right
-    assert not _Limits(None, 1.0, 0.01).hold(net, Xt, wrong, 32)
+    assert _Limits(None, 1.0, 0.01).held_loss(net, Xt, wrong, 32) is None
     assert len(calls) < 400 // 32 / 2  # settled within the first chunks of 13

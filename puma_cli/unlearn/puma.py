@@ -303,21 +303,6 @@ class _Limits:
     accuracy0: float | None
     drop: float
 
-    def hold(
-        self,
-        model: torch.nn.Module,
-        X: torch.Tensor,
-        y: torch.Tensor,
-        chunk: int,
-        done: Callable[[int], None] = lambda k: None,
-    ) -> bool:
-        """The decision `_criterion_figures` over all the rows would give, taken chunk by
-        chunk (`done(k)` after the k-th) and stopped at the first chunk after which it can only
-        fail: losses are non-negative, and the rows still to come can at most all be
-        predicted right. A broken step (most of those the search tries past the one it
-        keeps) costs a few chunks, not a pass."""
-        return self.held_loss(model, X, y, chunk, done) is not None
-
     def held_loss(
         self,
         model: torch.nn.Module,
@@ -326,7 +311,12 @@ class _Limits:
         chunk: int,
         done: Callable[[int], None] = lambda k: None,
     ) -> float | None:
-        """`hold`'s check: the rows' mean cross-entropy where the limits hold, else None."""
+        """The rows' mean cross-entropy where the limits hold, else None: the decision
+        `_criterion_figures` over all the rows would give, taken chunk by chunk (`done(k)`
+        after the k-th) and stopped at the first chunk after which it can only fail: losses
+        are non-negative, and the rows still to come can at most all be predicted right. A
+        broken step (most of those the search tries past the one it keeps) costs a few
+        chunks, not a pass."""
         n = int(y.shape[0])
         parts, total, correct = [], 0.0, 0
         for k, start in enumerate(range(0, n, chunk), 1):
@@ -379,7 +369,7 @@ def _choose_scale(
     such a patch only damages, and the caller raises the damping. The original model's
     figures on the remaining rows are per row, and kept in the influence cache with v
     (`per_row`). Each check stops at the first chunk of rows that settles a failure
-    (`_Limits.hold`).
+    (`_Limits.held_loss`).
     --forget match also stops growing s once the marked rows' mean loss reaches the
     held-out rows' (both under the patched model): a retrained model has never seen the
     marked rows, and a random sample of them scores like held-out rows there. Of the last
@@ -469,7 +459,7 @@ def _choose_scale(
             above[scale] = _criterion_figures(model, X_marked, y_marked, step)[0] - held
             if above[scale] >= 0:
                 return False
-        return remaining.hold(model, X_keep, y_keep, step, told(held_chunks))
+        return remaining.held_loss(model, X_keep, y_keep, step, told(held_chunks)) is not None
 
     try:
         chosen = _search(passes, scales)
@@ -478,13 +468,14 @@ def _choose_scale(
         # held, remaining rows not yet asked)
         if above.get(SMALLEST_SCALE, -1.0) < 0:
             raise
-        if not remaining.hold(patched(SMALLEST_SCALE), X_keep, y_keep, step):
+        if remaining.held_loss(patched(SMALLEST_SCALE), X_keep, y_keep, step) is None:
             raise
         return SMALLEST_SCALE  # the marked rows look held out at the shortest step already
     up = 2 * chosen  # the first step past the held-out loss, when the guard held there
     crossed = match and above.get(up, -1.0) >= 0  # (< 0: the remaining rows failed it)
     nearer = crossed and abs(above[up]) < abs(above[chosen])
-    return up if nearer and remaining.hold(patched(up), X_keep, y_keep, step) else chosen
+    kept = nearer and remaining.held_loss(patched(up), X_keep, y_keep, step) is not None
+    return up if kept else chosen
 
 
 def _search(passes: Callable[[float], bool], scales: tuple[float, ...]) -> float:
@@ -493,7 +484,7 @@ def _search(passes: Callable[[float], bool], scales: tuple[float, ...]) -> float
     Up from scales[0] (doubling) while they pass. If scales[0] fails: half of it, where
     most such searches end; failing that, SMALLEST_SCALE (NoSafeStep when it fails too:
     the caller raises the damping), then halving from a quarter down to the first that
-    passes. A failing look is cheap (`_Limits.hold` stops early) and a passing one costs
+    passes. A failing look is cheap (`_Limits.held_loss` stops early) and a passing one costs
     a pass over the rows, so the walk down, with two passing looks at most (one when half
     passes, which took two before), beats a bisection (up to four).
     """
