@@ -343,10 +343,14 @@ class InfluenceModel:
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
         chunks = -(-int((self.y if y is None else y).shape[0]) // self.chunk_size)
         parts: list[Tensor] = []
+        batched = True  # until vmap fails once: then row by row for the remaining chunks
         for i, (Xc, yc) in enumerate(self._chunks(X, y)):
-            try:
-                parts.append(per_row(self.theta, Xc.to(self.dtype), yc))
-            except (RuntimeError, NotImplementedError):
+            if batched:
+                try:
+                    parts.append(per_row(self.theta, Xc.to(self.dtype), yc))
+                except (RuntimeError, NotImplementedError):
+                    batched = False
+            if not batched:
                 parts.append(self._row_by_row(Xc.to(self.dtype), yc))
             if phase is not None:
                 self.tell(phase, i + 1, chunks)
@@ -360,7 +364,7 @@ class InfluenceModel:
             theta = self._leaf()
             (g,) = torch.autograd.grad(self.losses(theta, X[i : i + 1], y[i : i + 1])[0], theta)
             rows.append(g)
-        return torch.stack(rows) if rows else torch.zeros((0, self.n_parameters), dtype=X.dtype)
+        return torch.stack(rows)  # a chunk holds one row at least
 
     def gradient_on(
         self, X: Tensor, y: Tensor, criterion: Callable[[Tensor, Tensor], Tensor] | None = None
