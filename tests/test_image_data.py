@@ -85,7 +85,7 @@ BAD_FOLDERS = {
     "no class folders": "is a folder with no class folders",
     "an empty class folder": "holds no images",
     "an unreadable image": "dog/000.png is not a readable image",
-    "images of two sizes": "is 9x8 with 3 channels, but",
+    "images of two sizes": "is 9x8, but",
 }
 
 
@@ -107,3 +107,79 @@ def test_a_bad_image_folder_is_one_clear_error(case: str, tmp_path: Path) -> Non
     result = run("train", root, "-o", tmp_path / "m.safetensors", "--arch", "cnn")
     assert_clean_error(result, BAD_FOLDERS[case])
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _save(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    (image.convert(mode) if mode else image).save(path)
+
+
+def test_a_folder_is_read_as_torchvision_reads_it(tmp_path: Path) -> None:
+    """Class folders with sub-folders, grey images among colour ones (JPEG sets have
+    them), palette and alpha images: what torchvision's ImageFolder takes, puma takes."""
+    rng = np.random.default_rng(2)
+    colour = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    root = tmp_path / "images"
+    _save(root / "cat" / "batch1" / "a.png", colour[0])
+    _save(root / "cat" / "batch2" / "b.PNG", colour[1], "L")  # grey, upper-case suffix
+    _save(root / "dog" / "c.png", colour[2], "P")  # palette
+    _save(root / "dog" / "d.png", np.dstack([colour[3], colour[3][..., :1]]))  # RGBA
+    (root / "dog" / ".DS_Store").write_bytes(b"\0\1")  # hidden and not images: skipped
+    (root / "dog" / ".hidden").mkdir()
+    _save(root / "dog" / ".hidden" / "e.png", colour[0])
+    dataset = load_dataset(root)
+    assert list(dataset.ids) == ["cat/batch1/a.png", "cat/batch2/b.PNG", "dog/c.png", "dog/d.png"]
+    assert list(dataset.y) == [0, 0, 1, 1] and dataset.X.shape == (4, 3, 8, 8)
+    np.testing.assert_array_equal(dataset.X[0], np.moveaxis(colour[0], 2, 0))
+    grey = dataset.X[1]  # a grey image among colour ones has its one channel three times
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[0], grey[2])
+    np.testing.assert_array_equal(dataset.X[3], np.moveaxis(colour[3], 2, 0))  # alpha dropped
+    before = load_dataset(root).sha256
+    (root / "dog" / ".DS_Store").write_bytes(b"changed by Finder")
+    (root / "notes.txt").write_text("not an image")
+    assert load_dataset(root).sha256 == before  # only the images read are recorded
+    _save(root / "cat" / "batch1" / "a.png", colour[1])
+    assert load_dataset(root).sha256 != before
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
+    """A 16-bit PNG (medical, astronomy, depth) converted to 8 bits saturates: every pixel
+    above 255 became 255, a white image with nothing in it."""
+    rng = np.random.default_rng(3)
+    deep = rng.integers(0, 65535, (3, 8, 8), dtype=np.uint16)
+    root = tmp_path / "deep"
+    for i, pixels in enumerate(deep):
+        _save(root / ("a" if i < 2 else "b") / f"{i}.png", pixels)
+    _save(root / "b" / "8bit.png", (deep[0] // 257).astype(np.uint8))
+    dataset = load_dataset(root)
+    assert dataset.X.dtype == np.float32 and dataset.X.shape == (4, 1, 8, 8)
+    np.testing.assert_allclose(dataset.X[0, 0], deep[0] / 257.0, rtol=1e-6)
+    np.testing.assert_allclose(dataset.X[3, 0], dataset.X[0, 0], atol=1.0)  # one scale: 0..255
+    assert float(dataset.X[:3].std()) > 50
+
+
+def test_a_float_image_is_refused_by_name(tmp_path: Path) -> None:
+    _folder(tmp_path / "images", {"cat": 2, "dog": 2})
+    _save(tmp_path / "images" / "dog" / "f.tiff", np.ones((8, 8), dtype=np.float32))
+    result = run("train", tmp_path / "images", "-o", tmp_path / "m.safetensors")
+    assert_clean_error(result, "dog/f.tiff is a floating-point image")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_an_image_model_is_told_the_image_shape_it_needs(tmp_path: Path) -> None:
+    train = _folder(tmp_path / "train", {"cat": 6, "dog": 6})
+    model = tmp_path / "m.safetensors"
+    run_json("train", train, "-o", model, "--epochs", "1", "--device", "cpu")
+    small = _folder(tmp_path / "small", {"cat": 2, "dog": 2}, size=(4, 4))
+    result = run("eval", "--model", model, "--data", small)
+    assert_clean_error(result, "small holds images of 3x4x4, but")
+    assert "images of 3x8x8; resize" in result.output and "px0" not in result.output
+    grey = tmp_path / "grey"
+    for label in ("cat", "dog"):
+        _save(grey / label / "0.png", np.zeros((8, 8), dtype=np.uint8))
+    result = run("eval", "--model", model, "--data", grey)
+    assert_clean_error(result, "grey holds images of 1x8x8, but")
+    assert "convert them to RGB" in result.output

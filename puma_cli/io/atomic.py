@@ -132,12 +132,12 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a folder: over each file's path relative to it and its own
-    sha256, in sorted order, so that renaming, adding or changing an image changes it."""
+    """sha256 of a file, or of a folder of images: over each image's path relative to it
+    and its own sha256 (`io.image_folder.folder_sha256`), so that renaming, adding or
+    changing an image changes it and a file the reader skips does not."""
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
-    return digest.hexdigest()
+    from puma_cli.io.image_folder import folder_sha256
+
+    return folder_sha256(path)

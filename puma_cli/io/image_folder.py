@@ -1,15 +1,22 @@
-"""A folder of images in the layout users already have: `root/<class>/<image>`.
+"""A folder of images in the layout users already have: `root/<class>/.../<image>`.
 
-Each sub-folder of the root is a class (named by the folder, sorted, or mapped through
-the names a model recorded); each image in it (.png, .jpg, .jpeg, .bmp, .gif, .tif,
-.tiff, .webp, in sorted order) is one row, its id its path relative to the root
-(`cat/0001.png`). Grey-scale images give 1 channel, the rest 3 (RGB); every image must
-have the same size and channel count. The rows are kept as uint8 (n, C, H, W), the same
-as an NPZ of images, and the folder is recorded by a sha256 over its files.
+Read as torchvision's `ImageFolder` reads it. Each sub-folder of the root is a class (named
+by the folder, sorted, or mapped through the names a model recorded); each image under it,
+at any depth (.png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp, any case, in sorted
+order; names starting with a dot are skipped), is one row, its id its path relative to the
+root (`cat/0001.png`). Grey images give 1 channel and colour ones 3 (RGB, alpha dropped);
+a folder that mixes them is read in colour, a grey image's channel repeated, as JPEG
+collections often hold a few grey pictures. Every image must have the same size. The rows
+are kept as uint8 (n, C, H, W), the same as an NPZ of images; 16-bit images are kept as
+float32 on the same 0..255 scale (value / 257), as converting them to 8 bits saturates
+them. The folder is recorded by a sha256 over the images it reads, so a file the reader
+skips (`.DS_Store`, notes) does not count as a change.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,35 +27,35 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-GREY = ("1", "L", "LA", "I", "I;16", "F")
+GREY = ("1", "L", "LA", "La")
+DEEP = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (older Pillow reads it as I)
 
 
 def read_image_folder(root: Path, class_names: Sequence[str] | None = None) -> Dataset:
     """The images under `root`, one class per sub-folder."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+    listing = image_files(root)
+    if not listing:
         raise DataError(
             f"{root} is a folder with no class folders; lay images out as "
             f"{root}/<class>/<image>.png"
         )
-    names = tuple(class_names) if class_names is not None else tuple(f.name for f in folders)
+    names = tuple(class_names) if class_names is not None else tuple(listing)
     index = {name: i for i, name in enumerate(names)}
     files: list[Path] = []
     labels: list[int] = []
-    for folder in folders:
-        if folder.name not in index:
+    for name, images in listing.items():
+        if name not in index:
             raise DataError(
-                f"{folder}: class {folder.name!r} is not one of the model's classes "
+                f"{root / name}: class {name!r} is not one of the model's classes "
                 f"({', '.join(names)})"
             )
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
         if not images:
             raise DataError(
-                f"{folder} holds no images ({', '.join(EXTENSIONS)}); remove the empty class "
-                "folder or fill it"
+                f"{root / name} holds no images ({', '.join(EXTENSIONS)}); remove the empty "
+                "class folder or fill it"
             )
         files.extend(images)
-        labels.extend([index[folder.name]] * len(images))
+        labels.extend([index[name]] * len(images))
     X = _read_all(files)
     ids = np.array([f.relative_to(root).as_posix() for f in files])
     width = int(np.prod(X.shape[1:]))
@@ -62,36 +69,94 @@ def read_image_folder(root: Path, class_names: Sequence[str] | None = None) -> D
     )
 
 
+def image_files(root: Path) -> dict[str, list[Path]]:
+    """Class folder name -> its images at any depth, both in sorted order; hidden names
+    (a leading dot) are skipped, folders and files alike, and so is anything that is not
+    an image by its suffix."""
+    root = Path(root)
+    listing: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)):
+        images: list[Path] = []
+        for at, dirs, names in os.walk(folder, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            images.extend(
+                Path(at) / n
+                for n in sorted(names)
+                if not _hidden(n) and os.path.splitext(n)[1].lower() in EXTENSIONS
+            )
+        listing[folder.name] = images
+    return listing
+
+
+def folder_sha256(root: Path) -> str:
+    """sha256 over each image's path relative to `root` and its own sha256, in the
+    reader's order: renaming, adding, removing or changing an image changes it."""
+    from puma_cli.io.atomic import sha256_file
+
+    digest = hashlib.sha256()
+    for images in image_files(root).values():
+        for item in images:
+            digest.update(f"{item.relative_to(root).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
 def _read_all(files: list[Path]) -> np.ndarray:
-    """(n, C, H, W) uint8, filled image by image; the first image sets the shape."""
+    """(n, C, H, W), filled image by image. The first image sets the size; the array is
+    widened to 3 channels at the first colour image of a grey one (and the other way
+    round), to float32 at the first 16-bit image."""
     from PIL import Image, UnidentifiedImageError
 
     first = _pixels(files[0], Image, UnidentifiedImageError)
-    out = np.empty((len(files), *first.shape), dtype=np.uint8)
+    out = np.empty((len(files), *first.shape), dtype=first.dtype)
     out[0] = first
     for i, path in enumerate(files[1:], start=1):
         pixels = _pixels(path, Image, UnidentifiedImageError)
-        if pixels.shape != first.shape:
+        if pixels.shape[1:] != first.shape[1:]:
             raise DataError(
-                f"{path} is {_describe(pixels.shape)}, but {files[0]} is "
-                f"{_describe(first.shape)}; every image must have one size and channel count "
-                "(resize them first)"
+                f"{path} is {_size(pixels.shape)}, but {files[0]} is {_size(first.shape)}; "
+                "every image must have one size (resize them first)"
             )
-        out[i] = pixels
+        if pixels.shape[0] > out.shape[1]:  # the first colour image after grey ones
+            out = np.repeat(out, pixels.shape[0], axis=1)
+        if pixels.dtype != out.dtype and pixels.dtype == np.float32:
+            out = out.astype(np.float32)
+        out[i] = pixels  # a grey image broadcasts into 3 channels
     return out
 
 
 def _pixels(path: Path, image_module: Any, unidentified: type[Exception]) -> np.ndarray:
+    """(C, H, W): uint8, or float32 on the 0..255 scale for a 16-bit image."""
     try:
         with image_module.open(path) as image:
-            grey = image.mode in GREY
-            converted = image.convert("L" if grey else "RGB")
-            pixels = np.asarray(converted, dtype=np.uint8)
+            mode = image.mode
+            if mode == "F":
+                raise DataError(
+                    f"{path} is a floating-point image, whose range puma cannot know; save "
+                    "it as 8- or 16-bit, or give the data as an NPZ of arrays"
+                )
+            if mode in DEEP:
+                pixels = _deep(path, np.asarray(image))
+            else:
+                converted = image.convert("L" if mode in GREY else "RGB")
+                pixels = np.asarray(converted, dtype=np.uint8)
     except (unidentified, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path} is not a readable image ({exc}); replace or remove it") from exc
     return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, 2, 0)
 
 
-def _describe(shape: tuple[int, ...]) -> str:
-    channels, height, width = shape
-    return f"{width}x{height} with {channels} channel{'s' if channels > 1 else ''}"
+def _deep(path: Path, values: np.ndarray) -> np.ndarray:
+    if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+        raise DataError(
+            f"{path} is a 32-bit image with values outside 0..65535, whose range puma cannot "
+            "know; save it as 8- or 16-bit, or give the data as an NPZ of arrays"
+        )
+    return (values.astype(np.float32) / np.float32(257.0)).astype(np.float32)
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    _, height, width = shape
+    return f"{width}x{height}"

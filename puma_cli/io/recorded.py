@@ -104,11 +104,21 @@ def fit_to_model(checkpoint: Checkpoint, dataset: Dataset) -> Dataset:
     """`dataset` read as the model reads its training data: columns matched by name,
     classes by name (`io.columns`); refused when its shape or classes do not fit."""
     if dataset.input_shape != checkpoint.arch.input_shape:
+        if len(checkpoint.arch.input_shape) == 1:
+            raise DataError(
+                f"{dataset.name} has {_shape(dataset.input_shape)} features but "
+                f"{checkpoint.path} was trained on {_shape(checkpoint.arch.input_shape)}; use "
+                f"data with the model's columns ({', '.join(checkpoint.feature_names[:8])}"
+                f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
+            )
+        want, have = checkpoint.arch.input_shape, dataset.input_shape
+        kind = "images" if len(want) == 3 else "rows"
+        fix = "resize or reshape them to that"
+        if len(want) == len(have) == 3 and want[1:] == have[1:] and {want[0], have[0]} == {1, 3}:
+            fix = f"convert them to {'RGB' if want[0] == 3 else 'grey-scale'}"
         raise DataError(
-            f"{dataset.name} has {_shape(dataset.input_shape)} features but {checkpoint.path} "
-            f"was trained on {_shape(checkpoint.arch.input_shape)}; use data with the model's "
-            f"columns ({', '.join(checkpoint.feature_names[:8])}"
-            f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
+            f"{dataset.name} holds {kind} of {_shape(have)}, but {checkpoint.path} was "
+            f"trained on {kind} of {_shape(want)}; {fix}"
         )
     owner = str(checkpoint.path or "the model")
     dataset = align_features(
