@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.derivatives import InfluenceModel, tensor_slots
 from puma_cli.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -754,3 +754,74 @@ def test_a_solve_that_does_not_converge_is_said(tmp_path: Path) -> None:
     assert "raise --damping, or use --curvature kfac" in said
     kfac = run_json(*base, "--curvature", "kfac", "-o", tmp_path / "k.safetensors")
     assert not [w for w in kfac["warnings"] if "far from converged" in w]
+
+
+TIED_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"Tied two ways: one layer under two names, and one weight in two layers.\"\"\"
+
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.mix = nn.Linear(width, width)
+        self.again = self.mix  # the same layer, held twice
+        self.mix2 = nn.Linear(width, width)
+        self.mix2.weight = self.mix.weight  # the same weight, another bias
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        h = self.inp(x).relu()
+        return self.out(self.mix2(self.again(h).relu()).relu())
+"""
+
+
+def test_the_engine_leaves_a_tied_network_as_it_found_it(tmp_path: Path) -> None:
+    """torch 2.13's functional_call, tying weights itself, left a layer held under two
+    names with the call's tensors in place of its weights (and a removal stopped with a
+    deepcopy traceback): the engine gives each place once and its own tying off."""
+    (tmp_path / "tied.py").write_text(TIED_NET)
+    scope: dict[str, object] = {}
+    exec(TIED_NET, scope)
+    torch.manual_seed(0)
+    net = scope["Net"](3, 2)  # type: ignore[operator]
+    slots = tensor_slots(net)
+    assert "again.weight" not in slots and slots["mix2.weight"] == "mix.weight"
+    X = torch.randn(5, 3, dtype=torch.float64)
+    engine = InfluenceModel(net.double(), X, torch.zeros(5, dtype=torch.long), dtype=torch.float64)
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    theta = engine.theta.clone().requires_grad_()
+    with torch.no_grad():
+        expected = engine.module(X)
+    torch.testing.assert_close(engine.logits(theta, X), expected)
+    shifted = engine.logits(theta + 1.0, X)
+    assert not torch.allclose(shifted, expected)
+    for name, value in engine.module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert (
+        engine.module.mix.weight.is_leaf and engine.module.mix2.weight is engine.module.mix.weight
+    )
+    engine.patched_module(torch.zeros_like(engine.theta))  # the copy that stopped removals
+
+
+def test_a_tied_network_trains_and_takes_every_curvature(data_dir: Path, tmp_path: Path) -> None:
+    arch = tmp_path / "tied.py"
+    arch.write_text(TIED_NET)
+    model = tmp_path / "m.safetensors"
+    run_json("train", data_dir / "radial.csv", "--arch", f"{arch}:Net", "-o", model,
+             "--epochs", "10", "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("0\n2\n4\n")
+    for curvature in ("exact", "ggn", "kfac", "ekfac"):
+        out = run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
+        )  # fmt: skip
+        assert out["removed"] == 3 and out["parameters"]["curvature"] == curvature
+    removed = load_checkpoint(tmp_path / "r-kfac.safetensors").model
+    inner = removed.net if hasattr(removed, "net") else removed
+    assert inner.again is inner.mix and inner.mix2.weight is inner.mix.weight  # still tied
+    assert run_json("eval", "-m", tmp_path / "r-kfac.safetensors", "--on", "train")["n"] > 0
+    width = 8
+    assert out["parameters"]["uncovered_layers"] == {"tied Linear": width * width + 2 * width}

@@ -114,6 +114,7 @@ class InfluenceModel:
         self.dense_eigh: tuple[Tensor, Tensor, Tensor] | None = None
         self.buffers = {k: b.detach() for k, b in self.module.named_buffers()}
         self.buffers.update(self.frozen)
+        self.slots = tensor_slots(self.module)
         self.X = as_tensor(X, dtype, device) if isinstance(X, np.ndarray) else X.to(device, dtype)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         self.weight_decay = float(weight_decay)
@@ -151,8 +152,10 @@ class InfluenceModel:
 
     def logits(self, flat: Tensor, X: Tensor) -> Tensor:
         """(n, K) logits at parameters `flat` (attention through composite ops)."""
+        given = {**self.buffers, **self.params(flat)}
+        values = {slot: given[first] for slot, first in self.slots.items()}
         with composite_kernels(self.module):
-            return functional_call(self.module, (self.params(flat), self.buffers), (X,))
+            return functional_call(self.module, values, (X,), tie_weights=False)
 
     def losses(self, flat: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """Per-row cross-entropy (n,) at parameters `flat` (no L2 term)."""
@@ -413,3 +416,30 @@ class InfluenceModel:
             for name, part in zip(self.names, torch.split(theta, self.sizes), strict=True):
                 named[name].copy_(part.view(named[name].shape))
         return module.float()
+
+
+def tensor_slots(module: nn.Module) -> dict[str, str]:
+    """Each place a parameter or buffer is held, once, by a name of it -> the name
+    `named_parameters()` / `named_buffers()` give its tensor.
+
+    A layer reachable under two names (`self.b = self.a`) is one place; a parameter given
+    to two layers (`self.head.weight = self.embed.weight`) is two places of one tensor.
+    `functional_call` is given each place once, tied ones the same tensor, with its own
+    tying off: in torch 2.13 that tying leaves a layer held under two names with the call's
+    tensors in place of its weights (pytorch/pytorch#164759).
+    """
+    tensors: dict[int, str] = {}
+    places: set[tuple[int, str]] = set()
+    slots: dict[str, str] = {}
+    named = (
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    )
+    for name, tensor in named:
+        owner, _, attr = name.rpartition(".")
+        place = (id(module.get_submodule(owner)), attr)
+        if place in places:
+            continue
+        places.add(place)
+        slots[name] = tensors.setdefault(id(tensor), name)
+    return slots

@@ -132,13 +132,18 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     theta; one frozen in part gets no block, and its trainable part is left out) and whose
     forward runs on `probe`, a row or two of input. A layer whose weight another module
     uses directly (MultiheadAttention's out_proj) has no input or output of its own for
-    the factors to be taken at: it is left out, like any other layer K-FAC does not know."""
+    the factors to be taken at: it is left out, like any other layer K-FAC does not know,
+    and so are layers that share a weight (`self.b.weight = self.a.weight`): one block per
+    layer cannot hold a tensor's curvature from two layers. A layer held under two names
+    (`self.b = self.a`) is one layer, its factors summed over its calls."""
+    tied = tied_layers(module)
     layers = [
         (n, m)
         for n, m in module.named_modules()
         if isinstance(m, nn.Linear | nn.Conv2d)
         and all(p.requires_grad for p in m.parameters())
         and not parametrize.is_parametrized(m)  # weight_norm: its weight is computed
+        and id(m) not in tied
     ]
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda *_, name=n: ran.add(name)) for n, m in layers]
@@ -149,6 +154,15 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
         for hook in hooks:
             hook.remove()
     return [(n, m) for n, m in layers if n in ran]
+
+
+def tied_layers(module: nn.Module) -> set[int]:
+    """The ids of the submodules that hold a parameter another submodule holds too."""
+    owners: dict[int, set[int]] = {}
+    for _, layer in module.named_modules():
+        for p in layer.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(layer))
+    return {layer for held in owners.values() if len(held) > 1 for layer in held}
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
@@ -162,6 +176,7 @@ def _left_out(
     """The parameters outside every block, counted by the class of the module holding them
     (`LayerNorm`, `Conv1d`, ...), so that a report can say which layers a patch leaves."""
     counts: dict[str, int] = {}
+    tied = tied_layers(module)
     for name, (start, size) in _positions(names, sizes).items():
         if bool(covered[start : start + size].any()):
             continue
@@ -170,6 +185,8 @@ def _left_out(
         kind = type(holder).__name__
         if parametrize.is_parametrized(holder):  # weight_norm, spectral_norm: a computed weight
             kind = f"parametrized {kind.removeprefix('Parametrized')}"  # torch's subclass
+        elif id(holder) in tied:  # shares a weight with another layer
+            kind = f"tied {kind}"
         counts[kind] = counts.get(kind, 0) + size
     return counts
 
@@ -227,8 +244,8 @@ def fit_kronecker(
     if not layers:
         raise PumaError(
             f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
-            "none it can fit (each is frozen, parametrized as by weight_norm, or used by "
-            "weight alone); use --curvature ggn or exact"
+            "none it can fit (each is frozen, parametrized as by weight_norm, tied to "
+            "another layer's weight, or used by weight alone); use --curvature ggn or exact"
         )
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)

@@ -103,10 +103,15 @@ class Checkpoint:
 
 def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
     """The safetensors file's bytes, which depend only on the checkpoint's content."""
-    state = {
-        f"model.{k}": v.detach().cpu().contiguous()
-        for k, v in checkpoint.model.state_dict().items()
-    }
+    state: dict[str, torch.Tensor] = {}
+    stored: set[int] = set()
+    for k, v in checkpoint.model.state_dict().items():
+        tensor = v.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in stored:  # a tied layer's second name: safetensors stores no aliases
+            tensor = tensor.clone()
+        stored.add(storage)
+        state[f"model.{k}"] = tensor
     state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
     for name, tensor in checkpoint.extra.items():
         state[name] = tensor.detach().cpu().contiguous()

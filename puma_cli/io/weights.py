@@ -1,9 +1,13 @@
 """Weights trained elsewhere: a plain safetensors state dict, fitted to an architecture.
 
 `puma import` reads the file a user saved with `safetensors.torch.save_file(net.state_dict(),
-...)` (keys as the network names them; a `net.` or `module.` prefix, as DataParallel and
-some wrappers write, is taken off) and loads it into the network the architecture
-builds. Anything that does not fit is refused, naming the first tensor that does not.
+...)` (keys as the network names them; a `net.`, `module.` or `_orig_mod.` prefix, as
+DataParallel, DDP, torch.compile and some wrappers write, is taken off, nested ones too)
+and loads it into the network the architecture builds. A layer the network holds under two
+names (tied weights) may be stored once, as `safetensors.torch.save_model` writes it, and a
+BatchNorm's `num_batches_tracked` may be missing (a step counter, not a weight; some
+exporters keep only floats). Anything else that does not fit is refused, naming the first
+tensor that does not.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from puma_cli.errors import DataError
 from puma_cli.io.files import require_file
 
-PREFIXES = ("net.", "module.")
+PREFIXES = ("net.", "module.", "_orig_mod.")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -36,9 +40,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    stripped = True
+    while stripped:  # DDP around torch.compile writes module._orig_mod.
+        stripped = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                stripped = True
     return tensors
 
 
@@ -46,6 +54,7 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
     """Copy `state` into `net`, refusing the first missing, extra, misshapen or non-finite
     tensor by name."""
     expected = net.state_dict()
+    state = _fill_tied_and_counters(expected, state, path, label)
     for name, want in expected.items():
         have = state.get(name)
         if have is None:
@@ -68,6 +77,37 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
             "from another architecture"
         )
     net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _fill_tied_and_counters(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, label: str
+) -> dict[str, torch.Tensor]:
+    """`state` with each tied tensor given under every name the network has for it (it may
+    be stored under one; two stored copies must agree), and a missing BatchNorm step
+    counter taken from the fresh network."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    state = dict(state)
+    for names in groups.values():
+        stored = [n for n in names if n in state]
+        if len(names) < 2 or not stored:
+            continue
+        first = state[stored[0]]
+        for other in stored[1:]:
+            if state[other].shape == first.shape and not torch.equal(state[other], first):
+                a, b = sorted((stored[0], other))
+                raise DataError(
+                    f"{path}: {a!r} and {b!r} are one tensor in {label} (tied), but the file "
+                    "holds different values for them; these weights are from another "
+                    "architecture"
+                )
+        for name in names:
+            state.setdefault(name, first)
+    for name, tensor in expected.items():
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = tensor.clone()
+    return state
 
 
 def _shape(tensor: torch.Tensor) -> str:
