@@ -250,3 +250,23 @@ def test_the_plain_csv_reader_reads_what_the_csv_module_reads(
     assert taken == (name not in CSV_LEFT_TO_THE_CSV_MODULE)
     plain, module = _both_readers(path, monkeypatch)
     assert plain == module
+
+
+def test_ids_with_a_hash_and_files_with_a_byte_order_mark_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "ids.txt"
+    write_ids(path, ["img#3", "cat/photo#1.png", "7"])
+    assert read_ids(path) == ["img#3", "cat/photo#1.png", "7"]
+    path.write_bytes(b"\xef\xbb\xbf3\r\n9\t# why\r\n#4\r\n")  # Windows Notepad's UTF-8
+    assert read_ids(path) == ["3", "9"]
+
+
+@pytest.mark.parametrize("ident", ["x #", "two\nlines"])
+def test_mark_refuses_an_id_no_ids_file_can_hold(ident: str, tmp_path: Path) -> None:
+    from conftest import assert_clean_error, run
+
+    data = tmp_path / "d.csv"
+    rows = "".join(f'"{ident}{i}",{i},{i % 2}\n' for i in range(12))  # every id such
+    data.write_text("id,x,label\n" + rows)
+    result = run("mark", data, "--random", "0.5", "-o", tmp_path / "ids.txt")
+    assert_clean_error(result, "cannot be written to an ids file")
+    assert not (tmp_path / "ids.txt").exists()

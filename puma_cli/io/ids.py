@@ -1,7 +1,13 @@
-"""Ids files: one id per line, blank lines and `#` comments allowed; ids to row positions."""
+"""Ids files: one id per line, blank lines and `#` comments allowed; ids to row positions.
+
+A comment starts at a `#` that begins a line or follows white space (`9  # why`); a `#`
+inside an id (`img#3`, `cat/photo#1.png`) is part of it. A UTF-8 byte-order mark (as
+Windows Notepad writes) is skipped.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,18 +23,35 @@ def read_ids(path: Path) -> list[str]:
     path = Path(path)
     require_file(path, "ids file", "an ids file (one id per line)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not a text ids file (one id per line)") from exc
     ids: dict[str, None] = {}
     for line in text.splitlines():
-        entry = line.split("#", 1)[0].strip()
+        entry = _entry(line)
         if entry:
             ids.setdefault(entry, None)
     return list(ids)
 
 
+_COMMENT = re.compile(r"(^|\s)#.*$", re.DOTALL)
+
+
+def _entry(line: str) -> str:
+    """The id on one line of an ids file ('' for none)."""
+    return _COMMENT.sub("", line).strip()
+
+
 def write_ids(path: Path, ids: Sequence[str], comment: str = "") -> None:
+    """One id per line under `comment`; an id that would not read back as itself (white
+    space at an end, a line break, a `#` after white space) is refused."""
+    for ident in ids:
+        if "\n" in ident or "\r" in ident or _entry(ident) != ident:
+            raise DataError(
+                f"id {ident!r} cannot be written to an ids file, which holds one id per line "
+                "and reads a '#' after white space as a comment; give the rows ids without "
+                "them (an id column, or other file names)"
+            )
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         for line in comment.splitlines():
             handle.write(f"# {line}\n")
