@@ -45,6 +45,7 @@ for method in puma influence retrain; do
   puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method "$method" -o "$out/r-$method.safetensors" --device cuda --json
 done
 puma eval -m "$out/r-puma.safetensors" --device cuda --json
+puma eval -m "$out/r-puma.safetensors" --device cuda:0 --json  # a GPU by index
 puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method ssd -o "$out/r-ssd.safetensors" --device cuda --json
 puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-sisa.safetensors" --shards 4 --slices 2 --device cuda --json
 puma remove -m "$out/r-sisa.safetensors" --marked "$out/ids.txt" --method sisa --device cuda --json

@@ -159,7 +159,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 SeedOpt = Annotated[
     int, typer.Option("--seed", help="Seed for every random step (0..2**32-1).", callback=_seed)
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (the N-th GPU).")
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 ConfigOpt = Annotated[
     Path | None,

@@ -409,6 +409,24 @@ def test_cuda_without_a_gpu_is_a_clean_error(model_file: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert_clean_error(run("info", model_file, "--device", "cuda"), "no usable CUDA GPU")
+    assert_clean_error(run("info", model_file, "--device", "cuda:1"), "cuda:1: this machine has no")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("mps", "choose auto, cpu, cuda or cuda:N"), ("cuda:x", "choose auto, cpu, cuda or cuda:N")],
+)
+def test_an_unknown_device_is_a_clean_error(model_file: Path, device: str, message: str) -> None:
+    assert_clean_error(run("info", model_file, "--device", device), message)
+
+
+def test_an_indexed_gpu_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from puma_cli.devices import resolve_device
+    from puma_cli.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="under torchrun: give --device cuda"):
+        resolve_device("cuda:0")
 
 
 def test_json_output_is_one_object_and_nothing_else(model_file: Path) -> None:

@@ -87,6 +87,8 @@ def test_custom_label_and_id_columns(tmp_path: Path) -> None:
     [
         ("x,label\n1,0\nabc,1\n", "line 3, column 'x': 'abc' is not a number"),
         ("x,y\n1,0\n", "no 'label' column"),
+        ("x;label\n1,5;0\n", "separates its columns with semicolons"),
+        ("x\tlabel\n1\t0\n", "separates its columns with tabs"),
         ("x,label\n1,0\nnan,1\n", "NaN or inf"),
         ("x,label\n1,0\ninf,1\n", "NaN or inf"),
         ("x,label\n1,0\n2,1.5\n", "label '1.5' is not a class"),

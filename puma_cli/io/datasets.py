@@ -139,6 +139,12 @@ def _csv_table(path: Path, text: str) -> _Table:
     rows = [rows[i - 1] for i in lines]
     header = [name.strip() for name in rows[0]]
     body, body_lines = rows[1:], lines[1:]
+    for sep, called in ((";", "semicolons"), ("\t", "tabs")):
+        if len(header) == 1 and sep in header[0]:
+            raise DataError(
+                f"{path} separates its columns with {called}; puma reads comma-separated "
+                "values: save it as CSV with commas"
+            )
     for row, line in zip(body, body_lines, strict=True):
         if len(row) != len(header):
             raise DataError(
