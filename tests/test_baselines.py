@@ -283,3 +283,22 @@ def test_ssd_through_the_cli_changes_only_the_parameters_it_reports(work: Path) 
     assert 0 < changed <= out["parameters"]["dampened"]
     bigger = [k for k in before if (after[k].abs() > before[k].abs()).any()]
     assert not bigger  # dampening only ever shrinks a parameter
+
+
+def test_ssd_says_when_its_threshold_cannot_select_anything(work: Path, data_dir: Path) -> None:
+    """Per-row importances bound I_f by I_D / share: a marking of a third of the rows
+    cannot pass alpha 10, so SSD changes nothing, and the report says why and what to
+    give instead; an alpha below the bound dampens."""
+    run_json("mark", data_dir / "radial.csv", "--random", "0.34", "--seed", "3",
+             "-o", work / "third.txt", "--overwrite")  # fmt: skip
+    base = ["remove", "-m", work / "plain.safetensors", "--marked", work / "third.txt",
+            "--method", "ssd", "--device", "cpu", "--overwrite"]  # fmt: skip
+    out = run_json(*base, "-o", work / "ssd10.safetensors")
+    assert out["parameters"]["dampened"] == 0
+    assert out["marked_loss_after"] == out["marked_loss_before"]
+    (warning,) = [w for w in out["warnings"] if "SSD dampened no parameter" in w]
+    bound = float(warning.split("Give --alpha below ")[1].split(" ")[0])
+    assert 2.5 < bound < 3.5 and "and --alpha 10 asks for more" in warning
+    lower = run_json(*base, "-o", work / "ssd2.safetensors", "--alpha", "1.5")
+    assert lower["parameters"]["dampened"] > 0
+    assert not [w for w in lower["warnings"] if "SSD dampened" in w]

@@ -8,7 +8,10 @@ parameter is left exactly as it was. The paper's defaults: alpha 10, lambda 1.
 
 Choice: per-row squared gradients (the Fisher's definition), not the squares of
 mini-batch gradients the reference code accumulates; it makes I_D and I_f comparable
-whatever the batch size.
+whatever the batch size. Its consequence: I_D is a mean over every row, the marked ones
+too, so I_f can be at most 1/share times I_D (share: the marked rows' part of the rows
+trained on). A marking of 10 % or more of the data (a whole class of ten) can select
+nothing at alpha 10; the report then says so and what --alpha would select.
 """
 
 from __future__ import annotations
@@ -59,10 +62,12 @@ def ssd(request: RemovalRequest) -> RemovalResult:
     positions = torch.searchsorted(torch.from_numpy(trained), torch.from_numpy(request.marked)).to(
         engine.device
     )
+    share = positions.numel() / max(engine.n, 1)
     full = fisher_diagonal(engine, everything, "importance: every row")
     forget = fisher_diagonal(engine, positions, "importance: marked rows")
     theta = engine.theta.double()
     new_theta, selected = dampen(theta, full, forget, options.ssd_alpha, options.ssd_lambda)
+    warnings = [] if bool(selected.any()) else [_nothing_dampened(options.ssd_alpha, share)]
     patched = engine.patched_module(new_theta - theta)
     assert isinstance(patched, Classifier)
     patched = patched.to(next(model.parameters()).device).eval()
@@ -75,4 +80,21 @@ def ssd(request: RemovalRequest) -> RemovalResult:
             "dampened": int(selected.sum()),
             "parameters": int(selected.numel()),
         },
+        warnings=warnings,
+    )
+
+
+def _nothing_dampened(alpha: float, share: float) -> str:
+    """Why SSD left every parameter as it was, and what would change that."""
+    if share > 0 and alpha >= 1 / share:
+        return (
+            f"SSD dampened no parameter: the marked rows are {share:.1%} of the rows trained "
+            f"on, so no parameter can matter more than {1 / share:.1f} times as much to them "
+            f"as to all rows (whose mean includes them), and --alpha {alpha:g} asks for more; "
+            f"the model is unchanged. Give --alpha below {1 / share:.1f} (lower forgets more)"
+        )
+    return (
+        f"SSD dampened no parameter: none matters more than --alpha {alpha:g} times as much "
+        "to the marked rows as to all rows; the model is unchanged. Lower --alpha to dampen "
+        "some (lower forgets more)"
     )
