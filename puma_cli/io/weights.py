@@ -54,7 +54,7 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
     """Copy `state` into `net`, refusing the first missing, extra, misshapen or non-finite
     tensor by name."""
     expected = net.state_dict()
-    state = _fill_tied_and_counters(expected, state, path, label)
+    state = _fill_tied_and_counters(net.state_dict(keep_vars=True), state, path, label)
     for name, want in expected.items():
         have = state.get(name)
         if have is None:
@@ -80,14 +80,14 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
 
 
 def _fill_tied_and_counters(
-    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, label: str
+    held: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, label: str
 ) -> dict[str, torch.Tensor]:
     """`state` with each tied tensor given under every name the network has for it (it may
     be stored under one; two stored copies must agree), and a missing BatchNorm step
     counter taken from the fresh network."""
-    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for name, tensor in expected.items():
-        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in held.items():  # tied names hold the one Parameter object
+        groups.setdefault(id(tensor), []).append(name)
     state = dict(state)
     for names in groups.values():
         stored = [n for n in names if n in state]
@@ -104,9 +104,9 @@ def _fill_tied_and_counters(
                 )
         for name in names:
             state.setdefault(name, first)
-    for name, tensor in expected.items():
+    for name, tensor in held.items():
         if name.endswith("num_batches_tracked") and name not in state:
-            state[name] = tensor.clone()
+            state[name] = tensor.detach().clone()
     return state
 
 
