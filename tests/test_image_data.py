@@ -183,3 +183,10 @@ def test_an_image_model_is_told_the_image_shape_it_needs(tmp_path: Path) -> None
     result = run("eval", "--model", model, "--data", grey)
     assert_clean_error(result, "grey holds images of 1x8x8, but")
     assert "convert them to RGB" in result.output
+
+
+def test_a_link_back_up_the_tree_is_walked_once(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "images", {"cat": 2, "dog": 2})
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    dataset = load_dataset(root)
+    assert list(dataset.ids) == ["cat/000.png", "cat/001.png", "dog/000.png", "dog/001.png"]

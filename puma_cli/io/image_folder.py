@@ -77,7 +77,13 @@ def image_files(root: Path) -> dict[str, list[Path]]:
     listing: dict[str, list[Path]] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)):
         images: list[Path] = []
+        seen: set[str] = set()  # real paths: a link back up the tree is walked once
         for at, dirs, names in os.walk(folder, followlinks=True):
+            real = os.path.realpath(at)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
             images.extend(
                 Path(at) / n
