@@ -91,8 +91,34 @@ def domain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _version(wanted: bool) -> None:
+    """`puma --version`: this version and the ones a bug report needs, read from the
+    installed packages' metadata (nothing imported)."""
+    if not wanted:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from puma_cli import __version__
+
+    parts = [f"python {platform.python_version()}"]
+    for package in ("torch", "curvlinops-for-pytorch"):
+        with contextlib.suppress(PackageNotFoundError):
+            parts.append(f"{package.split('-')[0]} {version(package)}")
+    typer.echo(f"puma {__version__} ({', '.join(parts)})")
+    raise typer.Exit(0)
+
+
 @app.callback()
-def _one_process_unless_parallel(ctx: typer.Context) -> None:
+def _one_process_unless_parallel(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Show the version and exit.", callback=_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
     """Refuse torchrun for commands that do not split their work: K copies of `train`
     would write one file K times."""
     world = os.environ.get("WORLD_SIZE", "1")

@@ -482,3 +482,20 @@ def test_mixed_precision_training_is_recorded_and_retrains_the_same_way(
              "-o", retrained, "--device", "cpu")  # fmt: skip
     last = run_json("info", retrained)["provenance"][-1]
     assert last["parameters"]["recipe"]["mixed_precision"] is True
+
+
+def test_version_names_puma_and_what_a_bug_report_needs_without_loading_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom puma_cli.cli import app\n"
+        "try:\n    app(['--version'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('torch' in sys.modules, code)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    first, last = done.stdout.strip().splitlines()[0], done.stdout.strip().splitlines()[-1]
+    from puma_cli import __version__
+
+    assert first.startswith(f"puma {__version__} (python ") and "torch 2." in first
+    assert last == "False 0"
