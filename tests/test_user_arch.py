@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
+from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel, tensor_slots
 from puma_cli.io.checkpoint import load_checkpoint
@@ -243,6 +244,12 @@ BAD_FILES = {
         "fails on the data's first rows, a batch of shape (2, 2)",
     ),
     "not a module": ("class Net:\n    pass\n", "is not an nn.Module class"),
+    "a tensor held as a plain attribute": (
+        NET.replace(
+            "    def forward", "        self.body[0].mask = torch.ones(2)\n\n    def forward"
+        ),
+        "holds a tensor in self.body.0.mask that is neither a parameter nor a buffer",
+    ),
     "nothing trains": (
         NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),
         "has no trainable parameters",
@@ -825,3 +832,24 @@ def test_a_tied_network_trains_and_takes_every_curvature(data_dir: Path, tmp_pat
     assert run_json("eval", "-m", tmp_path / "r-kfac.safetensors", "--on", "train")["n"] > 0
     width = 8
     assert out["parameters"]["uncovered_layers"] == {"tied Linear": width * width + 2 * width}
+
+
+def test_constants_and_hook_computed_weights_are_not_plain_tensors() -> None:
+    """Only a tensor no checkpoint saves and .to() leaves behind is refused: a 0-dim
+    constant, the old weight_norm's computed weight and the old spectral_norm's
+    hook-set one pass."""
+    from puma_cli.models.user import construct
+
+    class Net(nn.Module):
+        def __init__(self, in_features: int, n_classes: int) -> None:
+            super().__init__()
+            self.scale = torch.tensor(2.0)
+            self.a = nn.utils.weight_norm(nn.Linear(in_features, 4))
+            self.b = nn.utils.spectral_norm(nn.Linear(4, n_classes))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) * self.scale)
+
+    with pytest.warns(FutureWarning):  # torch's deprecation of the old weight_norm
+        net = construct(Net, {}, (3,), 2, "Net")
+    assert net(torch.zeros(2, 3)).shape == (2, 2)

@@ -162,12 +162,38 @@ def construct(
         if name in wanted and name not in given:
             given[name] = value
     try:
-        return cls(**given)
+        net = cls(**given)
     except Exception as exc:  # the user's code
         raise PumaError(
             f"{label}({', '.join(f'{k}={v!r}' for k, v in given.items())}) raised "
             f"{type(exc).__name__} ({_first_line(exc)}); fix the class or --arch-args"
         ) from exc
+    _refuse_plain_tensors(net, label)
+    return net
+
+
+def _refuse_plain_tensors(net: nn.Module, label: str) -> None:
+    """Refuse a tensor held as a plain attribute (`self.proj = torch.randn(...)`): no
+    checkpoint saves it, so a model rebuilt from one differs unless the constructor is
+    seeded, and `.to()` neither moves nor casts it (a float64 pass fails in the user's
+    forward, a GPU one too). A 0-dim tensor (a constant) mixes with any device and dtype,
+    and a computed one (the old `weight_norm` hook's weight, which has a grad_fn, or any
+    tensor of a module with a forward pre-hook, which may set it each forward, as the old
+    `spectral_norm` does) is the forward's own business: they pass."""
+    if not isinstance(net, nn.Module):
+        return
+    for owner, module in net.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) or module._forward_pre_hooks:
+            continue  # a pre-hook may set the tensor each forward (the old spectral_norm)
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.grad_fn is None:
+                where = f"{owner}.{attr}" if owner else attr
+                raise PumaError(
+                    f"{label} holds a tensor in self.{where} that is neither a parameter nor "
+                    "a buffer: no checkpoint saves it and .to() neither moves nor casts it; "
+                    f"register it with self.register_buffer({attr!r}, tensor) (or make it an "
+                    "nn.Parameter to train it)"
+                )
 
 
 def check_logits(
