@@ -74,8 +74,9 @@ def _report(message: str) -> None:
 
 
 def domain_errors(fn: F) -> F:
-    """Turn a PumaError (or an OS refusal such as a full disk) into `Error: ...` and exit 1
-    (said once under torchrun, by rank 0: every process meets the same input)."""
+    """Turn a PumaError (or an OS refusal such as a full disk), or any exception raised in
+    a user's architecture file, into `Error: ...` and exit 1 (said once under torchrun, by
+    rank 0: every process meets the same input)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -86,6 +87,14 @@ def domain_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         except OSError as exc:
             _report(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            from puma_cli.models.user import raised_in_user_code
+
+            said = raised_in_user_code(exc)
+            if said is None:
+                raise  # puma's own bug: the traceback is for us
+            _report(said)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -250,6 +250,14 @@ BAD_FILES = {
         ),
         "holds a tensor in self.body.0.mask that is neither a parameter nor a buffer",
     ),
+    "fails on a whole batch": (  # the first-rows check passes two rows
+        NET.replace("return self.body(x)", "return self.body(x.view(2, -1))"),
+        "raised RuntimeError at",
+    ),
+    "returns another batch size": (
+        NET.replace("return self.body(x)", "return self.body(x.reshape(2, -1)[:, :2])"),
+        "the network returned (2, 2) for a batch of",
+    ),
     "nothing trains": (
         NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),
         "has no trainable parameters",
@@ -853,3 +861,11 @@ def test_constants_and_hook_computed_weights_are_not_plain_tensors() -> None:
     with pytest.warns(FutureWarning):  # torch's deprecation of the old weight_norm
         net = construct(Net, {}, (3,), 2, "Net")
     assert net(torch.zeros(2, 3)).shape == (2, 2)
+
+
+def test_an_error_outside_user_code_is_not_blamed_on_the_user() -> None:
+    from puma_cli.models.user import raised_in_user_code
+
+    with pytest.raises(RuntimeError) as raised:
+        torch.zeros(2, 3) @ torch.zeros(2, 3)
+    assert raised_in_user_code(raised.value) is None  # no frame in a user's file: puma's

@@ -189,7 +189,14 @@ def fit(
             batch = order[start:stop]
             before = parameters_to_vector(model.parameters()).detach() if on_step else None
             with autocast:
-                loss = F.cross_entropy(train_forward(model, X[batch]), y[batch])
+                logits = train_forward(model, X[batch])
+                if logits.ndim != 2 or logits.shape[0] != batch.numel():
+                    raise PumaError(
+                        f"the network returned {tuple(logits.shape)} for a batch of "
+                        f"{batch.numel()} rows in training; it must return logits (n, K) "
+                        "for any n (does its forward fix a batch size?)"
+                    )
+                loss = F.cross_entropy(logits, y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -33,6 +33,7 @@ from puma_cli.errors import DataError, PumaError
 _SPEC = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 _CLASSES: dict[tuple[str, str], type[nn.Module]] = {}  # (sha256, class name) -> class
 _GIVEN: dict[str, Path] = {}  # sha256 -> a file the user named with --arch-file
+_IMPORTED: dict[str, str] = {}  # the path Python runs an imported file under -> its label
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def _import_class(path: Path, source: UserSource) -> type[nn.Module]:
             raise PumaError(f"{path} cannot be imported as a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
+        _IMPORTED[str(spec.origin)] = source.label
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's code: any failure is theirs to fix
@@ -259,3 +261,25 @@ def _import_fix(exc: Exception, path: Path) -> str:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
+
+
+def raised_in_user_code(exc: BaseException) -> str | None:
+    """What to say of an exception raised inside a user's architecture file while puma ran
+    it (a forward that fails on a batch size the first-rows check did not try, say):
+    the file, line and function of the deepest frame in it, and the error. None when no
+    frame of the traceback lies in such a file: then it is not the user's to fix."""
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename in _IMPORTED:
+            where = (_IMPORTED[code.co_filename], code.co_filename, tb.tb_lineno, code.co_name)
+        tb = tb.tb_next
+    if where is None:
+        return None
+    label, path, line, function = where
+    return (
+        f"{label} raised {type(exc).__name__} at {path} line {line}, in {function} "
+        f"({_first_line(exc)}); it arose in the architecture's code: fix it there (or, if "
+        "the code is right, report it with `puma --version`)"
+    )
