@@ -3,6 +3,7 @@ weights that do not fit are refused by the first tensor that does not."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -175,3 +176,25 @@ def test_an_import_without_validation_data_says_how_to_give_it(
                  elsewhere / "net.py")  # fmt: skip
     assert_clean_error(result, "--criterion-data FILE (rows it was not trained on) or import it")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "m.safetensors"]
+
+
+def test_weights_near_chance_on_their_own_rows_get_a_warning(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Weights trained on transformed inputs (here: every feature scaled by 100, as a
+    Normalize outside the net would) score about chance on the raw file: said, with the
+    fix. The same weights on the data they fit say nothing."""
+    good = _import(elsewhere, data_dir, elsewhere / "w.safetensors", tmp_path / "a.safetensors",
+                   "--json")  # fmt: skip
+    assert json.loads(good.stdout)["warnings"] == []  # type: ignore[attr-defined]
+    state = load_file(str(elsewhere / "w.safetensors"))
+    save_file({**state, "hidden.weight": state["hidden.weight"] * 100 + 50},
+              str(tmp_path / "off.safetensors"))  # fmt: skip
+    out = run_json(
+        "import", tmp_path / "off.safetensors", "--arch", f"{elsewhere / 'net.py'}:Net",
+        "--data", data_dir / "radial.csv", "-o", tmp_path / "b.safetensors",
+    )  # fmt: skip
+    assert out["train_accuracy"] < 0.7
+    (warning,) = out["warnings"]
+    assert "little better than always answering the largest class" in warning
+    assert "put that transform in the network's forward" in warning

@@ -43,6 +43,10 @@ class ImportReport:
     n_train: int
     n_parameters: int
     seconds: float
+    warnings: list[str]
+
+
+NEAR_CHANCE = 0.1  # training accuracy within this of the largest class's share: a warning
 
 
 def import_weights(
@@ -75,6 +79,7 @@ def import_weights(
     first = as_tensor(dataset.X[:2], torch.float32, device)
     check_logits(model, first, n_classes, model.arch.label)
     metrics: dict[str, Any] = {"train": figures(evaluate(model, dataset))}
+    warnings = _near_chance(metrics["train"]["accuracy"], dataset.y, n_classes)
     if val_set is not None:
         metrics["val"] = figures(evaluate(model, val_set))
     if test_set is not None:
@@ -111,4 +116,21 @@ def import_weights(
         n_train=len(dataset),
         n_parameters=sum(p.numel() for p in model.parameters()),
         seconds=time.perf_counter() - started,
+        warnings=warnings,
     )
+
+
+def _near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> list[str]:
+    """A warning when the weights do little better on their own training rows than always
+    answering the largest class: most often they were trained on inputs transformed
+    outside the network (torchvision's Normalize, a scaler), which puma does not apply."""
+    majority = float(np.bincount(y, minlength=n_classes).max() / max(len(y), 1))
+    if accuracy >= majority + NEAR_CHANCE:
+        return []
+    return [
+        f"the imported weights classify their training rows at {accuracy:.3f}, little better "
+        f"than always answering the largest class ({majority:.3f}): if they were trained on "
+        "inputs transformed outside the network (torchvision's Normalize, a scaler), put "
+        "that transform in the network's forward, as puma gives the network the data as "
+        "the file holds it"
+    ]
