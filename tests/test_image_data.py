@@ -190,3 +190,20 @@ def test_a_link_back_up_the_tree_is_walked_once(tmp_path: Path) -> None:
     (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
     dataset = load_dataset(root)
     assert list(dataset.ids) == ["cat/000.png", "cat/001.png", "dog/000.png", "dog/001.png"]
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_channels_last_images_are_named_as_such(arch: str, tmp_path: Path) -> None:
+    """numpy, PIL and TF keep images as (n, H, W, C); the built-in image nets take
+    (n, C, H, W). (n, 16, 16, 3) was "needs images of at least 4x4", and (n, 16, 16, 4)
+    trained a 16-channel net on 16x4 images without a word."""
+    rng = np.random.default_rng(4)
+    for channels in (3, 4):
+        X = rng.integers(0, 255, (40, 16, 16, channels), dtype=np.uint8)
+        np.savez(tmp_path / "hwc.npz", X=X, y=np.arange(40) % 2)
+        result = run(
+            "train", tmp_path / "hwc.npz", "--arch", arch, "-o", tmp_path / "m.safetensors"
+        )
+        assert_clean_error(result, "which looks channels-last (n, H, W, C)")
+        assert "X.transpose(0, 3, 1, 2)" in result.output
+        assert not (tmp_path / "m.safetensors").exists()
