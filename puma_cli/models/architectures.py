@@ -212,14 +212,7 @@ def build_net(arch: Architecture) -> nn.Module:
             f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp or your own "
             "FILE.py:Class"
         )
-    channels, height, width = arch.input_shape
-    if width in (1, 3, 4) and channels not in (1, 3, 4):  # numpy, PIL and TF's layout
-        raise PumaError(
-            f"--arch {arch.name} takes images as (n, C, H, W), and this data's rows are "
-            f"({channels}, {height}, {width}), which looks channels-last (n, H, W, C): save "
-            "X.transpose(0, 3, 1, 2) in the NPZ"
-        )
-    if min(height, width) < 4:
+    if min(arch.input_shape[1:]) < 4:
         raise PumaError(f"--arch {arch.name} needs images of at least 4x4, not {arch.input_shape}")
     if arch.name == "cnn":
         hidden = arch.hidden[0] if arch.hidden else 64

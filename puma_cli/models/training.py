@@ -99,9 +99,22 @@ class TrainRecipe:
             )
 
 
+IMAGE_ARCHITECTURES = ("cnn", "resnet18", "densenet")  # the built-ins that take (n, C, H, W)
+
+
 def architecture_for(
     recipe: TrainRecipe, dataset: Dataset, n_classes: int, shards: int = 1
 ) -> Architecture:
+    """The architecture a new model of `recipe` on `dataset` gets (train, import)."""
+    shape = dataset.input_shape
+    if recipe.arch in IMAGE_ARCHITECTURES and len(shape) == 3:
+        channels, height, width = shape
+        if width in (1, 3, 4) and channels not in (1, 3, 4):  # numpy, PIL and TF's layout
+            raise PumaError(
+                f"--arch {recipe.arch} takes images as (n, C, H, W), and this data's rows are "
+                f"({channels}, {height}, {width}), which looks channels-last (n, H, W, C): "
+                "save X.transpose(0, 3, 1, 2) in the NPZ"
+            )
     return Architecture(
         name=recipe.arch,
         input_shape=dataset.input_shape,
