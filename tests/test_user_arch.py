@@ -846,7 +846,7 @@ def test_constants_and_hook_computed_weights_are_not_plain_tensors() -> None:
     """Only a tensor no checkpoint saves and .to() leaves behind is refused: a 0-dim
     constant, the old weight_norm's computed weight and the old spectral_norm's
     hook-set one pass."""
-    from puma_cli.models.user import construct
+    from puma_cli.models.user import _refuse_plain_tensors, construct
 
     class Net(nn.Module):
         def __init__(self, in_features: int, n_classes: int) -> None:
@@ -860,6 +860,7 @@ def test_constants_and_hook_computed_weights_are_not_plain_tensors() -> None:
 
     with pytest.warns(FutureWarning):  # torch's deprecation of the old weight_norm
         net = construct(Net, {}, (3,), 2, "Net")
+    _refuse_plain_tensors(net, "Net")  # raises for a tensor no checkpoint saves
     assert net(torch.zeros(2, 3)).shape == (2, 2)
 
 

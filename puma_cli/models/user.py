@@ -170,7 +170,6 @@ def construct(
             f"{label}({', '.join(f'{k}={v!r}' for k, v in given.items())}) raised "
             f"{type(exc).__name__} ({_first_line(exc)}); fix the class or --arch-args"
         ) from exc
-    _refuse_plain_tensors(net, label)
     return net
 
 
@@ -201,9 +200,11 @@ def _refuse_plain_tensors(net: nn.Module, label: str) -> None:
 def check_logits(
     net: nn.Module, batch: torch.Tensor, n_classes: int, label: str, hint: str = ""
 ) -> None:
-    """Refuse a network that has nothing to train, fails on `batch` (two rows of the data,
-    as the net will see them: standardised or not) or does not return one logit per
-    class; `hint` follows the failure's message."""
+    """Refuse a new network that holds a tensor as a plain attribute, has nothing to train,
+    fails on `batch` (two rows of the data, as the net will see them: standardised or
+    not) or does not return one logit per class; `hint` follows the failure's message.
+    (Loading a checkpoint runs none of this: a model once made keeps loading.)"""
+    _refuse_plain_tensors(getattr(net, "net", net), label)  # a Classifier's network
     if not any(p.requires_grad for p in net.parameters()):
         raise PumaError(
             f"{label} has no trainable parameters (none, or every one with requires_grad "
