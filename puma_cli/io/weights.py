@@ -53,8 +53,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> None:
     """Copy `state` into `net`, refusing the first missing, extra, misshapen or non-finite
     tensor by name."""
-    expected = net.state_dict()
-    state = _fill_tied_and_counters(net.state_dict(keep_vars=True), state, path, label)
+    expected = net.state_dict(keep_vars=True)  # tied names hold one Parameter object
+    state = _fill_tied_and_counters(expected, state, path, label)
     for name, want in expected.items():
         have = state.get(name)
         if have is None:
