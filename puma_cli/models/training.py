@@ -15,7 +15,13 @@ from torch.nn.utils import parameters_to_vector
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import SEED_MAX, PumaError, require_range
-from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, Classifier
+from puma_cli.models.architectures import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    IMAGE_ARCHITECTURES,
+    Architecture,
+    Classifier,
+)
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
@@ -99,9 +105,6 @@ class TrainRecipe:
             )
 
 
-IMAGE_ARCHITECTURES = ("cnn", "resnet18", "densenet")  # the built-ins that take (n, C, H, W)
-
-
 def architecture_for(
     recipe: TrainRecipe, dataset: Dataset, n_classes: int, shards: int = 1
 ) -> Architecture:
@@ -117,7 +120,7 @@ def architecture_for(
             )
     return Architecture(
         name=recipe.arch,
-        input_shape=dataset.input_shape,
+        input_shape=shape,
         n_classes=n_classes,
         hidden=recipe.hidden,
         activation=recipe.activation,
