@@ -97,13 +97,13 @@ def _read_csv(
         X = table.features
     else:
         X = np.stack(
-            [_numeric_column(path, name, table.column(name), lines) for name in features],
+            [_numeric_column(path, name, table.columns[name], lines) for name in features],
             axis=1,
         )
-    labels = [cell.strip() for cell in table.column(label_col)]
+    labels = [cell.strip() for cell in table.columns[label_col]]
     y, names = _parse_labels(path, labels, lines, class_names)
     if id_col in header:
-        ids = _parse_ids(path, [c.strip() for c in table.column(id_col)], lines)
+        ids = _parse_ids(path, [c.strip() for c in table.columns[id_col]], lines)
     else:
         ids = np.array([str(i) for i in range(len(lines))])
     return Dataset(X=X, y=y, ids=ids, feature_names=tuple(features), class_names=names)
@@ -118,9 +118,6 @@ class _Table:
     lines: list[int]
     columns: dict[str, Sequence[str]]
     features: np.ndarray | None = None
-
-    def column(self, name: str) -> Sequence[str]:
-        return self.columns[name]
 
 
 def _csv_table(path: Path, text: str) -> _Table:

@@ -103,15 +103,15 @@ def data_status(checkpoint: Checkpoint) -> dict[str, str]:
 def fit_to_model(checkpoint: Checkpoint, dataset: Dataset) -> Dataset:
     """`dataset` read as the model reads its training data: columns matched by name,
     classes by name (`io.columns`); refused when its shape or classes do not fit."""
-    if dataset.input_shape != checkpoint.arch.input_shape:
-        if len(checkpoint.arch.input_shape) == 1:
+    want, have = checkpoint.arch.input_shape, dataset.input_shape
+    if have != want:
+        if len(want) == 1:
             raise DataError(
-                f"{dataset.name} has {_shape(dataset.input_shape)} features but "
-                f"{checkpoint.path} was trained on {_shape(checkpoint.arch.input_shape)}; use "
-                f"data with the model's columns ({', '.join(checkpoint.feature_names[:8])}"
+                f"{dataset.name} has {_shape(have)} features but {checkpoint.path} was "
+                f"trained on {_shape(want)}; use data with the model's columns "
+                f"({', '.join(checkpoint.feature_names[:8])}"
                 f"{', ...' if len(checkpoint.feature_names) > 8 else ''})"
             )
-        want, have = checkpoint.arch.input_shape, dataset.input_shape
         kind = "images" if len(want) == 3 else "rows"
         fix = "resize or reshape them to that"
         if len(want) == len(have) == 3 and want[1:] == have[1:] and {want[0], have[0]} == {1, 3}:
