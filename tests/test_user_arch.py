@@ -5,7 +5,9 @@ a user file is imported only as recorded."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,18 @@ class Net(nn.Module):
     def forward(self, x):
         return self.body(x)
 '''
+
+
+def _remove_each(
+    model: Path, tmp_path: Path, curvatures: tuple[str, ...], *extra: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`remove` of tmp_path/ids.txt with each curvature in turn, to r-<curvature>.safetensors:
+    (curvature, its report), one removal at a time."""
+    for curvature in curvatures:
+        yield curvature, run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
+            "-o", tmp_path / f"r-{curvature}.safetensors", *extra,
+        )  # fmt: skip
 
 
 @pytest.fixture
@@ -339,11 +353,9 @@ def test_the_built_in_image_networks_train_and_unlearn(
         ids = digits["ids"][:20].tolist()
     (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     # Their convolutions have no bias: EK-FAC keeps those layers' eigenvalues apart.
-    for curvature in ("auto", "kfac", "ekfac"):
-        out = run_json(
-            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
-            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
-        )  # fmt: skip
+    for curvature, out in _remove_each(
+        model, tmp_path, ("auto", "kfac", "ekfac"), "--device", "cpu"
+    ):
         assert out["removed"] <= 20
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
         if curvature != "auto":
@@ -396,11 +408,7 @@ def test_sequence_data_goes_through_a_users_recurrent_net(tmp_path: Path) -> Non
     assert trained["test_accuracy"] > 0.6  # chance is 1/3
     assert run_json("info", model)["architecture"]["input_shape"] == [6, 3]
     (tmp_path / "ids.txt").write_text("s0\ns1\ns2\ns3\n")
-    for curvature in ("auto", "kfac"):
-        out = run_json(
-            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
-            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
-        )  # fmt: skip
+    for _, out in _remove_each(model, tmp_path, ("auto", "kfac"), "--device", "cpu"):
         assert out["removed"] + out["skipped"]["validation"] == 4
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
     # GRU's three gates of 8: input weights (x 3 features), hidden weights (x 8), 2 biases
@@ -475,11 +483,9 @@ def test_attention_models_take_every_curvature(tmp_path: Path) -> None:
         "--epochs", "5", "--device", "cpu",
     )  # fmt: skip
     (tmp_path / "ids.txt").write_text("s0\ns1\ns2\ns3\n")
-    for curvature in ("exact", "ggn", "kfac", "ekfac"):
-        out = run_json(
-            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
-            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
-        )  # fmt: skip
+    for curvature, out in _remove_each(
+        model, tmp_path, ("exact", "ggn", "kfac", "ekfac"), "--device", "cpu"
+    ):
         assert out["parameters"]["curvature"] == curvature
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
     dim, heads_in = 8, 3 * 8 * 8 + 3 * 8  # in_proj weight and bias of one attention
@@ -590,11 +596,7 @@ def test_grid_sample_and_recurrent_nets_get_scores_and_self_influence(tmp_path: 
     with np.load(DIGITS) as digits:
         ids = digits["ids"][:6].tolist()
     (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    for curvature in ("auto", "kfac"):
-        out = run_json(
-            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
-            "-o", tmp_path / f"r-{curvature}.safetensors",
-        )  # fmt: skip
+    for _, out in _remove_each(model, tmp_path, ("auto", "kfac")):
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
         assert out["parameters"]["no_forward_mode"] == "grid_sampler_2d"
     # vmap cannot batch a GRU's per-row gradients: self-influence takes them row by row
@@ -828,11 +830,9 @@ def test_a_tied_network_trains_and_takes_every_curvature(data_dir: Path, tmp_pat
     run_json("train", data_dir / "radial.csv", "--arch", f"{arch}:Net", "-o", model,
              "--epochs", "10", "--device", "cpu")  # fmt: skip
     (tmp_path / "ids.txt").write_text("0\n2\n4\n")
-    for curvature in ("exact", "ggn", "kfac", "ekfac"):
-        out = run_json(
-            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", curvature,
-            "-o", tmp_path / f"r-{curvature}.safetensors", "--device", "cpu",
-        )  # fmt: skip
+    for curvature, out in _remove_each(
+        model, tmp_path, ("exact", "ggn", "kfac", "ekfac"), "--device", "cpu"
+    ):
         assert out["removed"] == 3 and out["parameters"]["curvature"] == curvature
     removed = load_checkpoint(tmp_path / "r-kfac.safetensors").model
     inner = removed.net if hasattr(removed, "net") else removed
