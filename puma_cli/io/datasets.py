@@ -35,15 +35,18 @@ def load_dataset(
     label_col: str = "label",
     id_col: str = "id",
     class_names: Sequence[str] | None = None,
+    known_sha256: str | None = None,
 ) -> Dataset:
     """Read a CSV, NPZ or IDX file, or a folder of images (`root/<class>/*.png`);
-    `class_names` maps named labels as a model recorded them."""
+    `class_names` maps named labels as a model recorded them. `known_sha256`: the path's
+    sha256 where the caller has just taken it (a recorded file's check), so that the file
+    is not hashed twice."""
     path = Path(path)
     if path.is_dir():
         from puma_cli.io.image_folder import read_image_folder
 
         dataset = read_image_folder(path, class_names)
-        return replace(dataset, path=path, sha256=sha256_path(path))
+        return replace(dataset, path=path, sha256=known_sha256 or sha256_path(path))
     require_file(path, "file", "a CSV, NPZ or IDX file, or a folder of images")
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -57,7 +60,7 @@ def load_dataset(
             raise DataError(f"{path} is empty; expected a header line and one row per point")
         dataset = _read_csv(path, raw, label_col, id_col, class_names)
     _check_finite(dataset, path)
-    return replace(dataset, path=path, sha256=sha256_file(path))
+    return replace(dataset, path=path, sha256=known_sha256 or sha256_file(path))
 
 
 # --- CSV ---------------------------------------------------------------------------------

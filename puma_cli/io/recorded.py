@@ -49,7 +49,9 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
             f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
             f"recorded, {digest[:12]} now); restore the original file or retrain the model"
         )
-    dataset = load_dataset(path, record.label_col, record.id_col, checkpoint.class_names)
+    dataset = load_dataset(
+        path, record.label_col, record.id_col, checkpoint.class_names, known_sha256=digest
+    )
     return fit_to_model(checkpoint, dataset)
 
 
