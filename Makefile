@@ -6,13 +6,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test check clean
+.PHONY: demo test check clean constraints
 
-$(BIN)/puma: pyproject.toml
+$(BIN)/puma: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIN) -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt $(TORCH_PIN) -e '.[dev]'
 	touch $@
+
+# The newest versions pyproject.toml allows, resolved in a scratch venv, as the new pins.
+constraints:
+	rm -rf .venv-resolve
+	$(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet $(TORCH_PIN) -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-resolve/bin/pip freeze --exclude-editable \
+	    | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-resolve
 
 demo: $(BIN)/puma
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
