@@ -6,7 +6,7 @@ import torch
 
 from puma_cli.models.predict import (
     CPU_BATCH_VALUES,
-    GPU_BATCH,
+    MAX_BATCH,
     MIN_CPU_BATCH,
     predict_logits,
     prediction_batch,
@@ -26,11 +26,11 @@ from puma_cli.models.zoo import ResNet18
 )
 def test_cpu_batches_hold_a_bounded_number_of_input_values(row_values: int, rows: int) -> None:
     assert prediction_batch(row_values, torch.device("cpu")) == rows
-    assert rows in (MIN_CPU_BATCH, GPU_BATCH) or rows * row_values <= CPU_BATCH_VALUES
+    assert rows in (MIN_CPU_BATCH, MAX_BATCH) or rows * row_values <= CPU_BATCH_VALUES
 
 
 def test_an_accelerator_takes_large_batches_whatever_the_rows() -> None:
-    assert prediction_batch(3 * 32 * 32, torch.device("cuda")) == GPU_BATCH
+    assert prediction_batch(3 * 32 * 32, torch.device("cuda")) == MAX_BATCH
 
 
 def test_the_logits_do_not_depend_on_the_batches() -> None:

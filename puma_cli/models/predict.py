@@ -21,12 +21,13 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 
 # Rows per prediction batch. On a CPU a batch holds at most CPU_BATCH_VALUES input values
-# (64 rows at least): a convolution's activations are tens of times its input, and past
-# the cache they cost several times more a row. Measured per row against 4,096-row
-# batches, 2 cores: ResNet-18 (width 16, 3x32x32) 0.81 ms against 2.64, the paper's
-# DenseNet (1x32x32) 5.3 against 23.7, the small CNN on 28x28 0.086 against 0.306; on 8x8
-# digits and on MLPs of 20 to 200 features either size costs the same.
-GPU_BATCH = 4096
+# (MIN_CPU_BATCH to MAX_BATCH rows; a GPU takes MAX_BATCH): a convolution's activations are
+# tens of times its input, and past the cache they cost several times more a row.
+# Measured per row against 4,096-row batches, 2 cores: ResNet-18 (width 16, 3x32x32)
+# 0.81 ms against 2.64, the paper's DenseNet (1x32x32) 5.3 against 23.7, the small CNN on
+# 28x28 0.086 against 0.306; on 8x8 digits and on MLPs of 20 to 200 features either size
+# costs the same.
+MAX_BATCH = 4096
 CPU_BATCH_VALUES = 65_536
 MIN_CPU_BATCH = 64
 
@@ -34,8 +35,8 @@ MIN_CPU_BATCH = 64
 def prediction_batch(row_values: int, device: torch.device) -> int:
     """Rows per batch for rows of `row_values` input values each on `device`."""
     if device.type != "cpu":
-        return GPU_BATCH
-    return max(MIN_CPU_BATCH, min(GPU_BATCH, CPU_BATCH_VALUES // max(1, row_values)))
+        return MAX_BATCH
+    return max(MIN_CPU_BATCH, min(MAX_BATCH, CPU_BATCH_VALUES // max(1, row_values)))
 
 
 @torch.no_grad()
