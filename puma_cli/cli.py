@@ -500,7 +500,7 @@ def train(
     )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
-    with console.epoch_progress(f"training {data.name}", enabled=not as_json) as progress:
+    with console.bars(enabled=not as_json) as shown:
         report = job(
             data,
             output,
@@ -513,7 +513,8 @@ def train(
             options=DataOptions(label_col, id_col),
             device=torch_device,
             overwrite=overwrite,
-            progress=progress,
+            progress=shown.epochs(f"training {data.name}"),
+            phases=shown.phases,
         )
     payload = {**asdict(report), "device": str(torch_device)}
     _render(as_json, payload, f"trained {report.model}")
@@ -570,17 +571,19 @@ def import_(
         mixed_precision,
     )  # fmt: skip
     torch_device = resolve_device(device)
-    report = job(
-        weights,
-        output,
-        recipe,
-        data=data,
-        val=val,
-        test=test,
-        options=DataOptions(label_col, id_col),
-        device=torch_device,
-        overwrite=overwrite,
-    )
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(
+            weights,
+            output,
+            recipe,
+            data=data,
+            val=val,
+            test=test,
+            options=DataOptions(label_col, id_col),
+            device=torch_device,
+            overwrite=overwrite,
+            phases=phases,
+        )
     _render(as_json, {**asdict(report), "device": str(torch_device)}, f"imported {weights}")
 
 
@@ -830,25 +833,23 @@ def remove(
     )
     retraining = method in (Method.retrain, Method.sisa, *TUNING)
     label = "fine-tuning" if method in TUNING else "retraining"
-    with _world(device) as (torch_device, leader):
-        show = leader and not as_json
-        with (
-            console.epoch_progress(label, enabled=show and retraining) as progress,
-            console.phase_progress(enabled=show and not retraining) as phases,
-        ):
-            report = job(
-                model,
-                marked,
-                output,
-                method=method.value,
-                options=options,
-                criterion_data=criterion_data,
-                use_cache=not no_cache,
-                device=torch_device,
-                overwrite=overwrite,
-                progress=progress,
-                phases=phases,
-            )
+    with (
+        _world(device) as (torch_device, leader),
+        console.bars(enabled=leader and not as_json) as shown,
+    ):
+        report = job(
+            model,
+            marked,
+            output,
+            method=method.value,
+            options=options,
+            criterion_data=criterion_data,
+            use_cache=not no_cache,
+            device=torch_device,
+            overwrite=overwrite,
+            progress=shown.epochs(label) if retraining else None,
+            phases=shown.phases,
+        )
     if not leader:
         return
     payload = asdict(report)
@@ -1026,7 +1027,7 @@ def attack(
 
     with (
         _world(device) as (torch_device, leader),
-        console.epoch_progress("shadow models", enabled=leader and not as_json) as progress,
+        console.bars(enabled=leader and not as_json) as shown,
     ):
         report = job(
             model,
@@ -1038,7 +1039,8 @@ def attack(
             seed=seed,
             device=torch_device,
             overwrite=overwrite,
-            progress=progress,
+            progress=shown.models("shadow models"),
+            phases=shown.phases,
         )
     if not leader:
         return
@@ -1232,7 +1234,10 @@ def eval_(
     """Accuracy, mean loss and ECE of a model on a data file (or some ids of it)."""
     from puma_cli.jobs.evaluate import evaluate_model as job
 
-    report = job(model, data=data, on=on, ids=ids, bins=bins, device=resolve_device(device))
+    torch_device = resolve_device(device)
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(model, data=data, on=on, ids=ids, bins=bins, device=torch_device,
+                     phases=phases)  # fmt: skip
     payload = {
         **asdict(report.evaluation),
         "model": str(model),

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from puma_cli.engine.derivatives import Phases as PhasesCallback
+    from puma_cli.models.predict import Phases as PhasesCallback
     from puma_cli.models.training import Progress as ProgressCallback
 
 
@@ -89,51 +89,71 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-@contextmanager
-def _bars(enabled: bool, *counts: TextColumn) -> Iterator[Progress | None]:
-    """Rich bars on stderr (label, bar, `counts`, elapsed), or None when not enabled or
-    stderr is no terminal."""
-    console = _stderr()
-    if not enabled or not console.is_terminal:
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), *counts, TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        yield bar
+class Bars:
+    """The bars of one command on one rich Progress (rich draws one live display at a
+    time): a bar per training run (`epochs`) and a bar per phase of a pass (`phases`).
+    Without a Progress (not a terminal, --json) both are None: nothing is drawn."""
 
+    def __init__(self, bar: Progress | None) -> None:
+        self._bar = bar
+        self._phases: dict[str, TaskID] = {}
 
-@contextmanager
-def epoch_progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr while training, shown only on a terminal."""
-    counts = (
-        TextColumn("epoch {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-    )
-    with _bars(enabled, *counts) as bar:
+    def epochs(self, label: str) -> ProgressCallback | None:
+        """A callback for a training loop; its bar appears with the first epoch done."""
+        bar = self._bar
         if bar is None:
-            yield None
-            return
-        task = bar.add_task(label, total=None, loss=float("nan"))
+            return None
+        task: list[TaskID] = []
 
         def update(epoch: int, epochs: int, loss: float) -> None:
-            bar.update(task, completed=epoch, total=epochs, loss=loss)
+            if not task:
+                task.append(bar.add_task(label, total=epochs, count=""))
+            count = f"epoch {epoch}/{epochs} loss {loss:.4f}"
+            bar.update(task[0], completed=epoch, total=epochs, count=count)
 
-        yield update
+        return update
+
+    def models(self, label: str) -> ProgressCallback | None:
+        """A training-shaped callback that counts models (attack's shadows): drawn as
+        `done/total`, as a phase, with no loss."""
+        if self._bar is None:
+            return None
+        return lambda done, total, _loss: self._phase(label, done, total)
+
+    @property
+    def phases(self) -> PhasesCallback | None:
+        return None if self._bar is None else self._phase
+
+    def _phase(self, phase: str, done: int, total: int) -> None:
+        """A phase that starts again after it finished gets a new bar."""
+        assert self._bar is not None
+        known = self._phases.get(phase)
+        if known is None or (done <= 1 and self._bar.tasks[known].finished):
+            known = self._phases[phase] = self._bar.add_task(phase, total=total, count="")
+        self._bar.update(known, completed=done, total=total, count=f"{done}/{total}")
+
+
+@contextmanager
+def bars(enabled: bool) -> Iterator[Bars]:
+    """Rich bars on stderr (label, bar, count, elapsed) while the block runs; none drawn
+    when not enabled (--json, a process other than rank 0) or stderr is no terminal."""
+    console = _stderr()
+    if not enabled or not console.is_terminal:
+        yield Bars(None)
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        yield Bars(bar)
 
 
 @contextmanager
 def phase_progress(enabled: bool) -> Iterator[PhasesCallback | None]:
-    """One bar per phase of the engine (factor fitting, scores, each solve) on stderr, shown
-    only on a terminal and never under --json."""
-    with _bars(enabled, TextColumn("{task.completed}/{task.total}")) as bar:
-        if bar is None:
-            yield None
-            return
-        tasks: dict[str, Any] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks or (done <= 1 and bar.tasks[tasks[phase]].finished):
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        yield update
+    """One bar per phase (factor fitting, scores, each solve, the model's figures) on
+    stderr, shown only on a terminal and never under --json."""
+    with bars(enabled) as shown:
+        yield shown.phases

@@ -42,3 +42,12 @@ def test_the_logits_do_not_depend_on_the_batches() -> None:
     assert default.shape == (150, 10)
     assert torch.allclose(default, whole, atol=1e-4, rtol=1e-4)
     assert predict_logits(net, X[:0]).shape == (0,)
+
+
+def test_each_batch_is_told() -> None:
+    """`tell` hears the rows done after each batch, ending at all of them."""
+    net = torch.nn.Linear(4, 3)
+    X = np.zeros((10, 4), dtype=np.float32)
+    told: list[tuple[int, int]] = []
+    predict_logits(net, X, batch_size=4, tell=lambda done, total: told.append((done, total)))
+    assert told == [(4, 10), (8, 10), (10, 10)]

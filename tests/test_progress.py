@@ -23,6 +23,9 @@ def _workspace(model_file: Path, data_dir: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
+FIGURES = {"figures before", "figures after"}  # the job's, around any method
+
+
 @pytest.mark.parametrize(("curvature", "expected"), [
     ("exact", {"held-out gradient", "solve", "scores", "gradients"}),
     ("kfac", {"fitting kfac factors", "held-out gradient", "scores", "gradients"}),
@@ -45,7 +48,7 @@ def test_the_engine_reports_its_phases(
     )
     phases = {phase for phase, _, _ in seen}
     looks = {p for p in phases if p.startswith("guard: eta ")}
-    assert phases == expected | looks
+    assert phases == expected | looks | FIGURES
     # the step sizes looked at: up to the one kept and the first that failed past it
     kept = out.parameters["eta_scale"]
     assert f"guard: eta {kept:g}/N" in looks and f"guard: eta {2 * kept:g}/N" in looks
@@ -92,6 +95,57 @@ def test_ssd_and_self_influence_report_their_passes(
             assert columns == list(range(1, len(columns) + 1)) and len(columns) > 100
 
 
+Seen = list[tuple[str, int, int]]
+
+
+def _ends(seen: Seen, phase: str) -> list[tuple[int, int]]:
+    """The (done, total) told of one phase; it grows and ends complete."""
+    told = [(d, t) for p, d, t in seen if p == phase]
+    assert told, (phase, {p for p, _, _ in seen})
+    assert [d for d, _ in told] == sorted({d for d, _ in told}), told  # strictly growing
+    assert len({t for _, t in told}) == 1 and told[-1][0] == told[-1][1], told
+    return told
+
+
+def test_the_model_figures_are_told_as_one_pass(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The figures a command measures (remove before and after, train, eval) and the
+    attacked model's scores are each one phase over every row they predict, so a large
+    set is not minutes of silence."""
+    from puma_cli.jobs.attack import SCORING, attack
+    from puma_cli.jobs.evaluate import evaluate_model
+    from puma_cli.jobs.train import train
+    from puma_cli.models.training import TrainRecipe
+
+    folder = _workspace(model_file, data_dir, tmp_path)
+    seen: Seen = []
+    remove(folder / "m.safetensors", folder / "ids.txt", folder / "r.safetensors",
+           method="finetune", phases=lambda *told: seen.append(told))  # fmt: skip
+    before, after = _ends(seen, "figures before"), _ends(seen, "figures after")
+    # the criterion set, the 8 marked rows and the 40 test rows: one batch each here
+    assert before == after and len(before) == 3 and before[-1][0] > 48
+
+    seen = []
+    report = train(
+        data_dir / "radial.csv",
+        folder / "t.safetensors",
+        TrainRecipe(epochs=2),
+        test=data_dir / "radial-test.csv",
+        phases=lambda *told: seen.append(told),
+    )
+    assert _ends(seen, "figures")[-1] == (200, 200)  # 144 trained + 16 validation + 40 test
+    assert report.n_train == 144
+
+    seen = []
+    evaluate_model(model_file, on="test", phases=lambda *told: seen.append(told))
+    assert _ends(seen, "figures") == [(40, 40)]
+
+    seen = []
+    attack(model_file, folder / "ids.txt", method="loss", phases=lambda *told: seen.append(told))
+    assert _ends(seen, SCORING)[-1] == (192, 192)  # 144 trained, 8 targets, 40 non-members
+
+
 def test_bars_are_drawn_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
     monkeypatch.setattr(
@@ -109,6 +163,32 @@ def test_bars_are_drawn_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(console, "_stderr", lambda: Console(file=io.StringIO()))
     with console.phase_progress(enabled=True) as update:
         assert update is None  # not a terminal
+
+
+def test_epochs_and_phases_share_one_display(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich draws one live display at a time: a command that trains and measures (train,
+    remove --method retrain, attack's shadows) draws both on one Progress."""
+    screen = io.StringIO()
+    monkeypatch.setattr(
+        console, "_stderr", lambda: Console(file=screen, force_terminal=True, width=100)
+    )
+    with console.bars(enabled=True) as shown:
+        epochs, phases = shown.epochs("training radial"), shown.phases
+        assert epochs is not None and phases is not None
+        for epoch in (1, 2):
+            epochs(epoch, 2, 0.5 / epoch)
+        phases("figures", 100, 200)
+        phases("figures", 200, 200)
+        shadows = shown.models("shadow models")
+        assert shadows is not None
+        shadows(3, 4, 0.0)  # attack's shadows: a count of models, no epochs, no loss
+    drawn = screen.getvalue()
+    assert "training radial" in drawn and "epoch 2/2 loss 0.2500" in drawn
+    assert "figures" in drawn and "200/200" in drawn
+    assert "shadow models" in drawn and "3/4" in drawn and "loss 0.0000" not in drawn
+    with console.bars(enabled=False) as shown:
+        assert shown.epochs("training") is None and shown.phases is None
+        assert shown.models("shadow models") is None
 
 
 def test_json_output_holds_no_progress(model_file: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -32,12 +32,10 @@ from puma_cli.engine.kernels import (
 )
 from puma_cli.engine.kronecker import KroneckerCurvature
 from puma_cli.errors import PumaError
-from puma_cli.models.predict import as_tensor
+from puma_cli.models.predict import Phases, as_tensor
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
-Phases = Callable[[str, int, int], None]
-"""Progress of the engine's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
 SECOND_ORDER = "derivative of its backward, which the exact Hessian's products take"
 SECOND_ORDER_FIX = "use --curvature ggn, kfac or ekfac, which need none"
 REVERSE_ROUTE = "derivative of its backward"

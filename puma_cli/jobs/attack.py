@@ -34,11 +34,12 @@ from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Classifier
-from puma_cli.models.predict import predict_logits
+from puma_cli.models.predict import Phases, phase_teller, predict_logits
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
 
 Progress = Callable[[int, int, float], None]
 FEW_SHADOWS = 16  # the default; fewer leave each point's mean on a handful of models
+SCORING = "scoring the model"  # the phase that runs the attacked model over its rows
 
 
 def attack(
@@ -53,6 +54,7 @@ def attack(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    phases: Phases | None = None,
 ) -> AttackReport:
     """Attack the targets (ids of the recorded training file) against non-member data."""
     if method not in ATTACKS:
@@ -80,7 +82,8 @@ def attack(
         members = outsiders = np.zeros(0)
     elif method == "loss":
         trained = dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
-        report = loss_attack(checkpoint.model, dataset.subset(target_rows), other, trained)
+        report = loss_attack(checkpoint.model, dataset.subset(target_rows), other, trained,
+                             phase_teller(phases, SCORING))  # fmt: skip
         if plot is not None:  # the scores again, for the curve only
             members = -per_point_loss(checkpoint.model, dataset.subset(target_rows))
             outsiders = -per_point_loss(checkpoint.model, other)
@@ -89,7 +92,7 @@ def attack(
         shadow_set, cache = shadows_beside(
             model, checkpoint, pool, len(dataset), shadows, seed, device, progress
         )
-        logits = predict_logits(checkpoint.model, pool.X)
+        logits = predict_logits(checkpoint.model, pool.X, tell=phase_teller(phases, SCORING))
         if method == "shokri":
             scores = shokri_scores(shadow_set, sorted_log_softmax(logits), seed)
             threshold = 0.5

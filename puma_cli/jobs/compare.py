@@ -15,7 +15,6 @@ of K-FAC factors is read or written), so that the times compare.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from puma_cli.io.cache import Cache, commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.jobs.attack import ULIRA_METHODS, attack
 from puma_cli.jobs.remove import remove
-from puma_cli.models.predict import predict_logits
+from puma_cli.models.predict import Phases, predict_logits
 from puma_cli.quality.agreement import mean_kl
 from puma_cli.quality.evaluation import evaluate
 from puma_cli.unlearn import METHODS, RemovalOptions, RemovalRequest, applicable, get_method
@@ -60,7 +59,6 @@ DEFAULT_METHODS = (
 )
 REFERENCE = "retrain"
 ULIRA_SHADOWS = 16  # --audit without --shadows
-Phases = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
+from puma_cli.models.predict import Phases, phase_teller
 from puma_cli.quality.calibration import MAX_BINS
 from puma_cli.quality.evaluation import Evaluation, evaluate
 
@@ -39,6 +40,7 @@ def evaluate_model(
     bins: int = 15,
     options: DataOptions | None = None,
     device: torch.device | str = "cpu",
+    phases: Phases | None = None,
 ) -> EvalReport:
     """Evaluate on a file, or on a file the checkpoint recorded (`on`: train, val or test)."""
     require_range("--bins", bins, 1, MAX_BINS)
@@ -51,7 +53,8 @@ def evaluate_model(
             raise DataError(f"{ids} names no ids; give at least one id")
         dataset = dataset.subset(rows_for_ids(dataset, wanted, ids))
     assert dataset.path is not None
-    return EvalReport(evaluate(checkpoint.model, dataset, bins), dataset.path, ids)
+    found = evaluate(checkpoint.model, dataset, bins, phase_teller(phases, "figures"))
+    return EvalReport(found, dataset.path, ids)
 
 
 def _eval_dataset(

@@ -27,10 +27,10 @@ from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.weights import load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
-from puma_cli.models.predict import as_tensor
+from puma_cli.models.predict import Phases, as_tensor, phase_teller
 from puma_cli.models.training import TrainRecipe, architecture_for
 from puma_cli.models.user import check_logits
-from puma_cli.quality.evaluation import evaluate
+from puma_cli.quality.evaluation import evaluate_each
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def import_weights(
     options: DataOptions = DataOptions(),
     device: torch.device | str = "cpu",
     overwrite: bool = False,
+    phases: Phases | None = None,
 ) -> ImportReport:
     """Fit `weights` to the declared architecture, measure them on the data, and save."""
     started = time.perf_counter()
@@ -78,12 +79,14 @@ def import_weights(
     model = model.to(device).eval()
     first = as_tensor(dataset.X[:2], torch.float32, device)
     check_logits(model, first, n_classes, model.arch.label)
-    metrics: dict[str, Any] = {"train": figures(evaluate(model, dataset))}
+    measured = [dataset, *(d for d in (val_set, test_set) if d is not None)]
+    found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
+    metrics: dict[str, Any] = {"train": figures(next(found))}
     warnings = _near_chance(metrics["train"]["accuracy"], dataset.y, n_classes)
     if val_set is not None:
-        metrics["val"] = figures(evaluate(model, val_set))
+        metrics["val"] = figures(next(found))
     if test_set is not None:
-        metrics["test"] = figures(evaluate(model, test_set))
+        metrics["test"] = figures(next(found))
     record = {"label_col": options.label_col, "id_col": options.id_col}
     checkpoint = ckpt.Checkpoint(
         model=model,

@@ -28,8 +28,9 @@ from puma_cli.io.atomic import check_outputs
 from puma_cli.io.cache import commit_all
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.io.recorded import criterion_set
+from puma_cli.models.predict import phase_teller
 from puma_cli.models.training import Progress
-from puma_cli.quality.evaluation import evaluate
+from puma_cli.quality.evaluation import evaluate_each
 from puma_cli.unlearn import RemovalOptions, RemovalRequest, get_method
 
 
@@ -106,18 +107,20 @@ def remove(
     request = RemovalRequest(
         checkpoint, dataset, trained_marked, criterion, options, device, progress, phases
     )
-    before_c, before_m = (
-        evaluate(checkpoint.model, criterion),
-        evaluate(checkpoint.model, marked_set),
+    measured = [criterion, marked_set, *([test_set] if test_set is not None else [])]
+    before_c, before_m, *before_t = evaluate_each(
+        checkpoint.model, measured, phase_teller(phases, "figures before")
     )
-    test_before = evaluate(checkpoint.model, test_set).accuracy if test_set is not None else None
+    test_before = before_t[0].accuracy if before_t else None
     started = time.perf_counter()
     result = run(request)
     seconds = time.perf_counter() - started
     if not all(torch.isfinite(p).all() for p in result.model.parameters()):
         raise PumaError(f"--method {method} produced NaN or inf weights; nothing was written")
-    after_c, after_m = evaluate(result.model, criterion), evaluate(result.model, marked_set)
-    test_after = evaluate(result.model, test_set).accuracy if test_set is not None else None
+    after_c, after_m, *after_t = evaluate_each(
+        result.model, measured, phase_teller(phases, "figures after")
+    )
+    test_after = after_t[0].accuracy if after_t else None
     warnings = list(result.warnings)
     if test_before is not None and test_after is not None and test_before - test_after > 0.01:
         warnings.append(

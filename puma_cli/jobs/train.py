@@ -19,8 +19,9 @@ from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
+from puma_cli.models.predict import Phases, phase_teller
 from puma_cli.models.training import Progress, TrainRecipe, train_classifier
-from puma_cli.quality.evaluation import Evaluation, evaluate
+from puma_cli.quality.evaluation import Evaluation, evaluate_each
 from puma_cli.unlearn.amnesiac import UpdateRecorder
 
 
@@ -69,6 +70,7 @@ def train(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    phases: Phases | None = None,
 ) -> TrainReport:
     """Train on `data` less a held-out validation split, record everything, save atomically.
 
@@ -127,11 +129,13 @@ def train(
             sidecars["updates"] = ckpt.DataRecord(
                 str(sidecar.resolve()), digest, len(recorder.updates)
             )
-    metrics: dict[str, Any] = {"train": figures(evaluate(model, trained))}
+    measured = [trained, *(d for d in (val_set, test_set) if d is not None)]
+    found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
+    metrics: dict[str, Any] = {"train": figures(next(found))}
     if val_set is not None:
-        metrics["val"] = figures(evaluate(model, val_set))
+        metrics["val"] = figures(next(found))
     if test_set is not None:
-        metrics["test"] = figures(evaluate(model, test_set))
+        metrics["test"] = figures(next(found))
     checkpoint = ckpt.Checkpoint(
         model=model,
         recipe=recipe.to_dict(),

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+
+Tell = Callable[[int, int], None]
+"""Told after each batch of a long pass: (rows done, rows in all)."""
+Phases = Callable[[str, int, int], None]
+"""Progress of a command's long phases: (what, done, total), e.g. ("scores", 3, 10)."""
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -14,6 +21,18 @@ def as_tensor(X: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> 
     if isinstance(X, np.ndarray) and not X.flags.writeable:
         X = np.array(X, dtype=_NUMPY.get(dtype, X.dtype))
     return torch.as_tensor(X, dtype=dtype, device=device)
+
+
+def phase_teller(phases: Phases | None, phase: str) -> Tell | None:
+    """A `Tell` that reports to `phases` under the name `phase`, or None without one."""
+    if phases is None:
+        return None
+    return lambda done, total: phases(phase, done, total)
+
+
+def offset_teller(tell: Tell, start: int, total: int) -> Tell:
+    """A `Tell` for one part of a longer pass: the part's rows start at `start` of `total`."""
+    return lambda done, _rows: tell(start + done, total)
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -41,16 +60,21 @@ def prediction_batch(row_values: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module, X: np.ndarray, batch_size: int | None = None
+    model: torch.nn.Module,
+    X: np.ndarray,
+    batch_size: int | None = None,
+    tell: Tell | None = None,
 ) -> torch.Tensor:
     """X: (n, *input_shape) -> logits (n, K) float32 on the CPU, in batches of `batch_size`
-    rows (default: `prediction_batch`)."""
+    rows (default: `prediction_batch`); `tell` hears the rows done after each batch."""
     device = device_of(model)
     model.eval()
+    n = X.shape[0]
     if batch_size is None:
         batch_size = prediction_batch(int(np.prod(X.shape[1:])), device)
-    out = [
-        model(as_tensor(X[i : i + batch_size], torch.float32, device)).cpu()
-        for i in range(0, X.shape[0], batch_size)
-    ]
+    out = []
+    for i in range(0, n, batch_size):
+        out.append(model(as_tensor(X[i : i + batch_size], torch.float32, device)).cpu())
+        if tell is not None:
+            tell(min(n, i + batch_size), n)
     return torch.cat(out) if out else torch.empty(0)

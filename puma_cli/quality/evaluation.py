@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.models.predict import predict_logits
+from puma_cli.models.predict import Tell, offset_teller, predict_logits
 from puma_cli.quality.calibration import expected_calibration_error
 
 
@@ -20,12 +21,30 @@ class Evaluation:
     n: int
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, bins: int = 15) -> Evaluation:
-    """Accuracy, mean cross-entropy and ECE (`bins` equal-width bins) of the model on a dataset."""
-    logits = predict_logits(model, dataset.X)
+def evaluate(
+    model: torch.nn.Module, dataset: Dataset, bins: int = 15, tell: Tell | None = None
+) -> Evaluation:
+    """Accuracy, mean cross-entropy and ECE (`bins` equal-width bins) of the model on a
+    dataset; `tell` hears the rows predicted after each batch."""
+    logits = predict_logits(model, dataset.X, tell=tell)
     labels = torch.as_tensor(dataset.y)
     loss = float(F.cross_entropy(logits.double(), labels).item())
     probs = torch.softmax(logits.double(), dim=1).numpy()
     accuracy = float((probs.argmax(axis=1) == dataset.y).mean())
     ece = expected_calibration_error(probs, dataset.y, bins)
     return Evaluation(accuracy=accuracy, loss=loss, ece=ece, n=len(dataset))
+
+
+def evaluate_each(
+    model: torch.nn.Module, datasets: Sequence[Dataset], tell: Tell | None = None
+) -> list[Evaluation]:
+    """`evaluate` on each dataset, told as one pass: the rows predicted so far over the
+    rows of them all."""
+    total = sum(len(d) for d in datasets)
+    done = 0
+    out = []
+    for dataset in datasets:
+        step = None if tell is None else offset_teller(tell, done, total)
+        out.append(evaluate(model, dataset, tell=step))
+        done += len(dataset)
+    return out
