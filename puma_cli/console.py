@@ -125,10 +125,12 @@ class Bars:
         return None if self._bar is None else self._phase
 
     def _phase(self, phase: str, done: int, total: int) -> None:
-        """A phase that starts again after it finished gets a new bar."""
+        """A phase that starts again after it finished (a new solve; compare's next method
+        measuring its figures) gets a new bar."""
         assert self._bar is not None
         known = self._phases.get(phase)
-        if known is None or (done <= 1 and self._bar.tasks[known].finished):
+        last = None if known is None else self._bar.tasks[known]
+        if known is None or (last and last.finished and (done <= 1 or done < last.completed)):
             known = self._phases[phase] = self._bar.add_task(phase, total=total, count="")
         self._bar.update(known, completed=done, total=total, count=f"{done}/{total}")
 

@@ -179,12 +179,16 @@ def test_epochs_and_phases_share_one_display(monkeypatch: pytest.MonkeyPatch) ->
             epochs(epoch, 2, 0.5 / epoch)
         phases("figures", 100, 200)
         phases("figures", 200, 200)
+        phases("figures", 150, 300)  # a second pass of the same name: a bar of its own
+        phases("figures", 300, 300)
         shadows = shown.models("shadow models")
         assert shadows is not None
         shadows(3, 4, 0.0)  # attack's shadows: a count of models, no epochs, no loss
     drawn = screen.getvalue()
     assert "training radial" in drawn and "epoch 2/2 loss 0.2500" in drawn
-    assert "figures" in drawn and "200/200" in drawn
+    assert "figures" in drawn and "200/200" in drawn and "300/300" in drawn
+    assert shown._bar is not None  # the second pass drew a bar of its own
+    assert [task.description for task in shown._bar.tasks].count("figures") == 2
     assert "shadow models" in drawn and "3/4" in drawn and "loss 0.0000" not in drawn
     with console.bars(enabled=False) as shown:
         assert shown.epochs("training") is None and shown.phases is None
