@@ -21,7 +21,6 @@ from puma_cli.models.zoo import DenseNet, ResNet18
 
 ARCHITECTURES = ("mlp", "cnn", "resnet18", "densenet")  # built in; "user" is FILE.py:Class
 IMAGE_ARCHITECTURES = ARCHITECTURES[1:]  # the built-ins that take images (n, C, H, W)
-IMAGE_ARCHITECTURES = ("cnn", "resnet18", "densenet")
 ACTIVATIONS = ("relu", "sigmoid")
 # The Architecture fields (beside name, input shape, classes and shards) each net is built
 # from: the others keep their defaults, and describe nothing about that net.
