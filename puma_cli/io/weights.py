@@ -6,8 +6,9 @@ DataParallel, DDP, torch.compile and some wrappers write, is taken off, nested o
 and loads it into the network the architecture builds. A layer the network holds under two
 names (tied weights) may be stored once, as `safetensors.torch.save_model` writes it, and a
 BatchNorm's `num_batches_tracked` may be missing (a step counter, not a weight; some
-exporters keep only floats). Anything else that does not fit is refused, naming the first
-tensor that does not.
+exporters keep only floats). The built-in ResNet-18 and DenseNet also take the names the
+code bases their weights usually come from give the same tensors (`zoo.ForeignNames`).
+Anything else that does not fit is refused, naming the first tensor that does not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from puma_cli.errors import DataError
 from puma_cli.io.files import require_file
+from puma_cli.models.zoo import ForeignNames
 
 PREFIXES = ("net.", "module.", "_orig_mod.")
 
@@ -50,10 +52,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> None:
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> str | None:
     """Copy `state` into `net`, refusing the first missing, extra, misshapen or non-finite
-    tensor by name."""
+    tensor by name. Returns whose names the file used, where they were another code
+    base's for the same network (`adopt_names`), else None."""
     expected = net.state_dict(keep_vars=True)  # tied names hold one Parameter object
+    state, origin, whose = adopt_names(net, state, set(expected))
+
+    def named(name: str) -> str:  # ours, and the file's where it differs
+        theirs = origin.get(name, name)
+        return repr(name) if theirs == name else f"{name!r} (the file's {theirs!r})"
+
     state = _fill_tied_and_counters(expected, state, path, label)
     for name, want in expected.items():
         have = state.get(name)
@@ -64,19 +73,40 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
             )
         if have.shape != want.shape:
             raise DataError(
-                f"{path}: tensor {name!r} is {_shape(have)}, but {label} makes it "
+                f"{path}: tensor {named(name)} is {_shape(have)}, but {label} makes it "
                 f"{_shape(want)}; these weights are from another architecture (or other "
                 "--arch-args)"
             )
         if have.is_floating_point() and not bool(torch.isfinite(have).all()):
-            raise DataError(f"{path}: tensor {name!r} holds NaN or inf; export the weights again")
+            raise DataError(
+                f"{path}: tensor {named(name)} holds NaN or inf; export the weights again"
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise DataError(
-            f"{path} holds tensor {extra[0]!r}, which {label} does not have; these weights are "
-            "from another architecture"
+            f"{path} holds tensor {named(extra[0])}, which {label} does not have; these "
+            "weights are from another architecture"
         )
     net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return whose
+
+
+def adopt_names(
+    net: nn.Module, state: dict[str, torch.Tensor], ours: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """`state` under the network's own names (`ours`) where the file holds another code
+    base's names for the same network (its class's `FOREIGN_NAMES`), with our name -> the
+    file's for each renamed tensor and whose names they were; else `state` as it is.
+    Taken only when it names more of the network's tensors than the file's own names do,
+    and never when two of the file's names would become one."""
+    foreign = getattr(type(net), "FOREIGN_NAMES", None)
+    if not isinstance(foreign, ForeignNames):
+        return state, {}, None
+    origin = {foreign.rename(k): k for k in state}
+    if len(origin) < len(state) or len(ours & set(origin)) <= len(ours & set(state)):
+        return state, {}, None
+    renamed = {name: state[theirs] for name, theirs in origin.items()}
+    return renamed, {k: v for k, v in origin.items() if k != v}, foreign.whose
 
 
 def _fill_tied_and_counters(

@@ -43,6 +43,7 @@ class ImportReport:
     n_train: int
     n_parameters: int
     seconds: float
+    names_from: str | None  # whose tensor names the file used, where not the network's own
     warnings: list[str]
 
 
@@ -75,7 +76,7 @@ def import_weights(
     val_set = load_for(val, dataset, options, n_classes) if val is not None else None
     test_set = load_for(test, dataset, options, n_classes) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))
-    load_into(model.net, state, weights, model.arch.label)
+    names_from = load_into(model.net, state, weights, model.arch.label)
     model = model.to(device).eval()
     first = as_tensor(dataset.X[:2], torch.float32, device)
     check_logits(model, first, n_classes, model.arch.label)
@@ -106,6 +107,7 @@ def import_weights(
                 "op": "import",
                 "weights": str(Path(weights).resolve()),
                 "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+                "names_from": names_from,
             }
         ],
     )
@@ -119,6 +121,7 @@ def import_weights(
         n_train=len(dataset),
         n_parameters=sum(p.numel() for p in model.parameters()),
         seconds=time.perf_counter() - started,
+        names_from=names_from,
         warnings=warnings,
     )
 

@@ -10,17 +10,41 @@
   to the feature map (the listing's fixed 4x4 pool assumes 32x32 inputs), which is the
   same on 32x32 images and lets 28x28 MNIST through.
 
-Both take images (n, C, H, W) of any channel count and return logits (n, K).
+Both take images (n, C, H, W) of any channel count and return logits (n, K). Each
+knows how the code bases its weights most often come from name its tensors
+(`FOREIGN_NAMES`), so that `puma import` reads their state dicts as they were saved.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ForeignNames:
+    """How other code bases name the tensors of one of these networks: a name starting
+    with a `prefixes` key has it replaced by its value, then each `parts` key inside it
+    by its value (pairs, in order)."""
+
+    whose: str
+    prefixes: tuple[tuple[str, str], ...]
+    parts: tuple[tuple[str, str], ...] = ()
+
+    def rename(self, name: str) -> str:
+        """Their name for a tensor -> ours."""
+        for theirs, ours in self.prefixes:
+            if name.startswith(theirs):
+                name = ours + name[len(theirs) :]
+                break
+        for theirs, ours in self.parts:
+            name = name.replace(theirs, ours)
+        return name
 
 
 class BasicBlock(nn.Module):
@@ -44,6 +68,15 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: input (n, C, H, W) -> logits (n, n_classes)."""
+
+    # kuangliu/pytorch-cifar's ResNet18, which much CIFAR and unlearning code trains,
+    # names its stages layer1..layer4; torchvision's resnet18, given a 3x3 stem and no
+    # max-pool as CIFAR code often does, also calls the shortcut downsample, the head fc.
+    FOREIGN_NAMES = ForeignNames(
+        "the layer1..layer4 names of kuangliu/pytorch-cifar's and torchvision's ResNet-18",
+        (*((f"layer{k}.", f"layers.{k - 1}.") for k in range(1, 5)), ("fc.", "linear.")),
+        ((".downsample.", ".shortcut."),),
+    )
 
     def __init__(self, channels: int, n_classes: int, width: int = 64) -> None:
         super().__init__()
@@ -91,6 +124,16 @@ class Transition(nn.Module):
 
 class DenseNet(nn.Module):
     """The paper's Listing 2: input (n, C, H, W) -> logits (n, n_classes)."""
+
+    # The listing's own names (kuangliu/pytorch-cifar's densenet_cifar has the same):
+    # dense1, trans1, ..., dense4 are our features.0 to features.6.
+    FOREIGN_NAMES = ForeignNames(
+        "the dense1..dense4, trans1..trans3 names of the paper's Listing 2",
+        (
+            *((f"dense{k}.", f"features.{2 * k - 2}.") for k in range(1, 5)),
+            *((f"trans{k}.", f"features.{2 * k - 1}.") for k in range(1, 4)),
+        ),
+    )
 
     def __init__(
         self,
