@@ -252,6 +252,18 @@ class Optimizer(str, enum.Enum):
     sgd = "sgd"
 
 
+class Augment(str, enum.Enum):  # models.augment.AUGMENTS
+    none = "none"
+    flip = "flip"
+    crop = "crop"
+    flip_crop = "flip-crop"
+
+
+class LrSchedule(str, enum.Enum):  # models.augment.LR_SCHEDULES
+    constant = "constant"
+    cosine = "cosine"
+
+
 ArchOpt = Annotated[
     str,
     typer.Option(
@@ -280,6 +292,24 @@ OptimizerOpt = Annotated[
     Optimizer, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9).")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
+AugmentOpt = Annotated[
+    Augment,
+    typer.Option(
+        "--augment",
+        help="Images only: flip each training image left-right at random (flip), shift it "
+        "by up to an eighth of its side with zero padding (crop: 4 pixels on 32x32), or "
+        "both (flip-crop, the CIFAR recipe). Recorded, so retraining and shadow models "
+        "train the same way; removal's derivatives use the images as they are.",
+    ),
+]
+LrScheduleOpt = Annotated[
+    LrSchedule,
+    typer.Option(
+        "--lr-schedule",
+        help="constant, or cosine: anneal the learning rate to 0 over the epochs (stepped "
+        "once an epoch). Recorded like --augment.",
+    ),
+]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
 RemovalModelOpt = Annotated[
     Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False)
@@ -374,6 +404,8 @@ def _recipe(
     weight_decay: float,
     seed: int,
     mixed_precision: bool = False,
+    augment: Augment = Augment.none,
+    lr_schedule: LrSchedule = LrSchedule.constant,
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares)."""
     from puma_cli.models.training import TrainRecipe
@@ -389,6 +421,8 @@ def _recipe(
         weight_decay=weight_decay,
         seed=seed,
         mixed_precision=mixed_precision,
+        augment=augment.value,
+        lr_schedule=lr_schedule.value,
     )
 
 
@@ -442,6 +476,8 @@ def train(
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
     mixed_precision: MixedPrecisionOpt = False,
+    augment: AugmentOpt = Augment.none,
+    lr_schedule: LrScheduleOpt = LrSchedule.constant,
     standardize: Annotated[
         bool,
         typer.Option(
@@ -496,7 +532,7 @@ def train(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision,
+        mixed_precision, augment, lr_schedule,
     )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
@@ -549,6 +585,8 @@ def import_(
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
     mixed_precision: MixedPrecisionOpt = False,
+    augment: AugmentOpt = Augment.none,
+    lr_schedule: LrScheduleOpt = LrSchedule.constant,
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Held-out data (the criterion for removal).", readable=False),
@@ -568,7 +606,7 @@ def import_(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision,
+        mixed_precision, augment, lr_schedule,
     )  # fmt: skip
     torch_device = resolve_device(device)
     with console.phase_progress(enabled=not as_json) as phases:

@@ -28,7 +28,7 @@ from puma_cli.io.weights import load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
-from puma_cli.models.training import TrainRecipe, architecture_for
+from puma_cli.models.training import TrainRecipe, architecture_for, check_trainable
 from puma_cli.models.user import check_logits
 from puma_cli.quality.evaluation import evaluate_each
 
@@ -72,6 +72,7 @@ def import_weights(
     check_outputs([output], [weights, data, val, test], overwrite)
     state = read_state_dict(weights)
     dataset = load_dataset(data, options.label_col, options.id_col)
+    check_trainable(dataset, recipe)  # the recipe must run on it: retrain re-runs it
     n_classes = class_count(dataset)
     val_set = load_for(val, dataset, options, n_classes) if val is not None else None
     test_set = load_for(test, dataset, options, n_classes) if test is not None else None

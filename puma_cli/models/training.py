@@ -22,6 +22,7 @@ from puma_cli.models.architectures import (
     Architecture,
     Classifier,
 )
+from puma_cli.models.augment import AUGMENTS, LR_SCHEDULES, augment_batch, lr_scheduler
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
@@ -52,6 +53,11 @@ class TrainRecipe:
     # gradients stay float32; no loss scaling is needed at bfloat16's range). Recorded,
     # so retraining, SISA and shadow models train the same way; derivatives never use it.
     mixed_precision: bool = False
+    # Random flips and crops of each image batch, and the learning rate's schedule
+    # (`models.augment`): the CIFAR recipe trains with both; a retrain without them is
+    # not the retrain of such a model.
+    augment: str = "none"
+    lr_schedule: str = "constant"
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
@@ -92,6 +98,12 @@ class TrainRecipe:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
         if self.optimizer not in OPTIMIZERS:
             raise PumaError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
+        if self.augment not in AUGMENTS:
+            raise PumaError(f"--augment {self.augment!r}: choose {', '.join(AUGMENTS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PumaError(
+                f"--lr-schedule {self.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}"
+            )
         if self.arch_args and self.arch in ("mlp", "cnn"):
             raise PumaError(
                 f"--arch-args is for resnet18, densenet and FILE.py:Class; --arch {self.arch} "
@@ -135,6 +147,12 @@ def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
     recipe.validate()
     if np.unique(dataset.y).size < 2:
         raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
+    if recipe.augment != "none" and len(dataset.input_shape) != 3:
+        shape = "x".join(map(str, dataset.input_shape))
+        raise PumaError(
+            f"--augment {recipe.augment} flips and crops images (n, C, H, W), and the rows of "
+            f"{dataset.name} are {shape}; give --augment none"
+        )
 
 
 STANDARDIZED_HINT = (
@@ -188,6 +206,7 @@ def fit(
     X = as_tensor(dataset.X, torch.float32, device)
     y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
     optimizer = make_optimizer(model, recipe)
+    schedule = lr_scheduler(optimizer, recipe.lr_schedule, epochs)
     generator = torch.Generator().manual_seed(seed)
     n = X.shape[0]
     grouped = None
@@ -205,7 +224,7 @@ def fit(
             batch = order[start:stop]
             before = parameters_to_vector(model.parameters()).detach() if on_step else None
             with autocast:
-                logits = train_forward(model, X[batch])
+                logits = train_forward(model, augment_batch(X[batch], recipe.augment, generator))
                 if logits.ndim != 2 or logits.shape[0] != batch.numel():
                     raise PumaError(
                         f"the network returned {tuple(logits.shape)} for a batch of "
@@ -221,6 +240,8 @@ def fit(
             total += float(loss.detach()) * batch.numel()
         if not np.isfinite(total):
             raise PumaError(f"training diverged at epoch {epoch + 1} (loss is {total}); lower --lr")
+        if schedule is not None:
+            schedule.step()
         if progress is not None:
             progress(epoch + 1, epochs, total / n)
     return model.eval()
