@@ -78,6 +78,9 @@ puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_ra
 puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device cuda --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device cuda --json
+# The CIFAR recipe's flips, crops and cosine schedule on cuda, and a retrain that re-runs it.
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine -o "$out/d-resnet-aug.safetensors" --device cuda --json
+puma remove -m "$out/d-resnet-aug.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-resnet-aug-rt.safetensors" --device cuda --json
 set +e
 fi
 if wanted user-nets; then
