@@ -141,3 +141,30 @@ def test_augmenting_rows_that_are_not_images_is_refused(data_dir: Path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     result = run("train", DIGITS, "--augment", "rotate", "-o", tmp_path / "m.safetensors")
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("method", ["finetune", "scrub"])
+def test_the_fine_tuning_baselines_tune_on_the_recipes_augmented_batches(
+    method: str, tmp_path: Path
+) -> None:
+    """Two checkpoints alike but for the recorded --augment: the baseline's result differs
+    between them (it tunes on augmented batches), and repeats itself on each (seeded)."""
+    from dataclasses import replace
+
+    from puma_cli.io.checkpoint import save_checkpoint
+
+    _train(tmp_path / "aug.safetensors", "--augment", "flip-crop", "--epochs", "1")
+    augmented = load_checkpoint(tmp_path / "aug.safetensors")
+    plain = replace(augmented, recipe={**augmented.recipe, "augment": "none"})
+    save_checkpoint(tmp_path / "plain.safetensors", plain, False)
+    (tmp_path / "ids.txt").write_text("0\n1\n2\n3\n")
+    out = {}
+    for name in ("aug", "aug-again", "plain"):
+        model = tmp_path / f"{name.removesuffix('-again')}.safetensors"
+        run_json(
+            "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--method", method,
+            "--epochs", "1", "-o", tmp_path / f"{name}-{method}.safetensors", "--json",
+        )  # fmt: skip
+        out[name] = _weights(tmp_path / f"{name}-{method}.safetensors")
+    assert all(torch.equal(out["aug"][k], out["aug-again"][k]) for k in out["aug"])
+    assert not all(torch.equal(out["aug"][k], out["plain"][k]) for k in out["aug"])

@@ -16,8 +16,9 @@ size unless `--lr` says otherwise; `--epochs` defaults to a tenth of its epochs)
   + alpha x KL, at temperature 4) and pushed away from it on the marked rows (max steps:
   - KL), the max steps in the first half of the epochs only, the paper's schedule.
 
-Each is seeded by `--seed` (batch order, random labels): the same seed gives the same
-bytes on the CPU. Batches of marked rows are cycled alongside the remaining rows' ones.
+Each is seeded by `--seed` (batch order, random labels, the recipe's flips and crops
+where it augments): the same seed gives the same bytes on the CPU. Batches of marked
+rows are cycled alongside the remaining rows' ones.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from puma_cli.errors import PumaError
 from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
+from puma_cli.models.augment import augment_batch
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.training import TrainRecipe, batch_bounds, make_optimizer, train_forward
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
@@ -64,9 +66,15 @@ class Tuning:
         order = rows[torch.randperm(rows.numel(), generator=self.generator)]
         return [order[a:b] for a, b in batch_bounds(order.numel(), self.recipe.batch_size)]
 
+    def inputs(self, rows: Tensor) -> Tensor:
+        """These rows' inputs as the recipe trains on them: flipped and cropped at random
+        where it augments (`models.augment`), as the literature's baselines tune on the
+        training's own augmented batches."""
+        return augment_batch(self.X[rows], self.recipe.augment, self.generator)
+
     def forward(self, rows: Tensor) -> Tensor:
-        """The model's logits on these rows, in training mode (`train_forward`)."""
-        return train_forward(self.model, self.X[rows])
+        """The model's logits on these rows' inputs, in training mode (`train_forward`)."""
+        return train_forward(self.model, self.inputs(rows))
 
     def optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, replace(self.recipe, lr=self.lr))
@@ -267,13 +275,15 @@ def scrub(request: RemovalRequest) -> RemovalResult:
         t.model.train()
         if epoch < max_epochs:  # max steps: move away from the teacher on the marked rows
             for b in t.batches(t.marked):
+                x = t.inputs(b)
                 with torch.no_grad():
-                    target = teacher(t.X[b])
-                losses.append(_step(optimizer, -_kl(t.forward(b), target)))
+                    target = teacher(x)
+                losses.append(_step(optimizer, -_kl(train_forward(t.model, x), target)))
         for b in t.batches(t.remaining):  # min steps: stay with it on the remaining rows
+            x = t.inputs(b)  # the teacher sees the student's (augmented) batch
             with torch.no_grad():
-                target = teacher(t.X[b])
-            out = t.forward(b)
+                target = teacher(x)
+            out = train_forward(t.model, x)
             loss = SCRUB_GAMMA * F.cross_entropy(out, t.y[b]) + SCRUB_ALPHA * _kl(out, target)
             losses.append(_step(optimizer, loss))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
