@@ -7,7 +7,6 @@ isolated points it never saw, so their removal cannot be seen (Appendix A, Listi
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
@@ -46,6 +45,8 @@ def kmeans_marking(dataset: Dataset, cls: int, clusters: int = 8, seed: int = 0)
         raise PumaError(
             f"--clusters {clusters} is more than the {rows.size} rows of class {cls}; lower it"
         )
+    from sklearn.cluster import KMeans  # 1-1.7 s to import: only where k-means runs
+
     features = dataset.X[rows].reshape(rows.size, -1)
     labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit(features).labels_
     values, counts = np.unique(labels, return_counts=True)
