@@ -262,6 +262,7 @@ class Augment(str, enum.Enum):  # models.augment.AUGMENTS
 class LrSchedule(str, enum.Enum):  # models.augment.LR_SCHEDULES
     constant = "constant"
     cosine = "cosine"
+    step = "step"
 
 
 ArchOpt = Annotated[
@@ -306,8 +307,9 @@ LrScheduleOpt = Annotated[
     LrSchedule,
     typer.Option(
         "--lr-schedule",
-        help="constant, or cosine: anneal the learning rate to 0 over the epochs (stepped "
-        "once an epoch). Recorded like --augment.",
+        help="constant; cosine: anneal the learning rate to 0 over the epochs; step: divide "
+        "it by 10 after half and after three quarters of them (He et al.'s CIFAR recipe). "
+        "Stepped once an epoch; recorded like --augment.",
     ),
 ]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]

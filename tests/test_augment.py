@@ -81,6 +81,24 @@ def test_cosine_anneals_to_zero_over_the_epochs() -> None:
     assert lr_scheduler(optimizer, "constant", 4) is None
 
 
+@pytest.mark.parametrize(
+    ("epochs", "expected"),
+    [(8, [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]), (182, [1] * 91 + [0.1] * 45 + [0.01] * 46)],
+)
+def test_step_divides_by_ten_after_half_and_three_quarters(
+    epochs: int, expected: list[float]
+) -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = lr_scheduler(optimizer, "step", epochs)
+    assert schedule is not None
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.1 * r for r in expected])
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).model.state_dict()
 
