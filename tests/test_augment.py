@@ -186,3 +186,17 @@ def test_the_fine_tuning_baselines_tune_on_the_recipes_augmented_batches(
         out[name] = _weights(tmp_path / f"{name}-{method}.safetensors")
     assert all(torch.equal(out["aug"][k], out["aug-again"][k]) for k in out["aug"])
     assert not all(torch.equal(out["aug"][k], out["plain"][k]) for k in out["aug"])
+
+
+def test_sisa_shards_train_and_unlearn_with_the_recipe(tmp_path: Path) -> None:
+    for name, extra in (("aug", ["--augment", "flip"]), ("plain", [])):
+        _train(tmp_path / f"{name}.safetensors", "--shards", "2", "--epochs", "1", *extra)
+    aug, plain = _weights(tmp_path / "aug.safetensors"), _weights(tmp_path / "plain.safetensors")
+    assert not all(torch.equal(aug[k], plain[k]) for k in aug)  # the shards were augmented
+    (tmp_path / "ids.txt").write_text("1\n")
+    report = run_json(
+        "remove", "-m", tmp_path / "aug.safetensors", "--marked", tmp_path / "ids.txt",
+        "--method", "sisa", "-o", tmp_path / "u.safetensors", "--json",
+    )  # fmt: skip
+    assert report["removed"] == 1
+    assert run_json("info", tmp_path / "u.safetensors", "--json")["recipe"]["augment"] == "flip"
