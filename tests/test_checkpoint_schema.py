@@ -176,6 +176,14 @@ TAMPERED = {
         lambda t, m: m["data"]["train"].update(sha256="xyz"),
         "'data.train.sha256' is not a sha256",
     ),
+    "unknown augmentation": (
+        lambda t, m: m["recipe"].update(augment="rotate"),
+        "is not a usable training recipe (--augment 'rotate': choose none, flip, crop",
+    ),
+    "numeric schedule": (
+        lambda t, m: m["recipe"].update(lr_schedule=3),
+        "'recipe.lr_schedule' is a int, not text",
+    ),
 }
 
 

@@ -150,7 +150,7 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
     for key in ("lr", "weight_decay"):
         if key in recipe:
             f.number(recipe[key], f"recipe.{key}")
-    for key in ("arch", "activation", "optimizer"):
+    for key in ("arch", "activation", "optimizer", "augment", "lr_schedule"):
         if key in recipe:
             f.text(recipe[key], f"recipe.{key}")
     for key in ("standardize", "mixed_precision"):

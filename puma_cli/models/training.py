@@ -101,9 +101,7 @@ class TrainRecipe:
         if self.augment not in AUGMENTS:
             raise PumaError(f"--augment {self.augment!r}: choose {', '.join(AUGMENTS)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise PumaError(
-                f"--lr-schedule {self.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}"
-            )
+            raise PumaError(f"--lr-schedule {self.lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
         if self.arch_args and self.arch in ("mlp", "cnn"):
             raise PumaError(
                 f"--arch-args is for resnet18, densenet and FILE.py:Class; --arch {self.arch} "
