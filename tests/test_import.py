@@ -198,3 +198,18 @@ def test_weights_near_chance_on_their_own_rows_get_a_warning(
     (warning,) = out["warnings"]
     assert "little better than always answering the largest class" in warning
     assert "put that transform in the network's forward" in warning
+
+
+def test_weights_on_a_one_class_file_are_refused_as_training_is(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    lines = (data_dir / "radial.csv").read_text().splitlines()
+    label = lines[0].split(",").index("label")
+    one = [lines[0], *(r for r in lines[1:] if r.split(",")[label] == "0")]
+    (tmp_path / "one.csv").write_text("\n".join(one) + "\n")
+    result = run(
+        "import", elsewhere / "w.safetensors", "--arch", f"{elsewhere / 'net.py'}:Net",
+        "--data", tmp_path / "one.csv", "-o", tmp_path / "m.safetensors",
+    )  # fmt: skip
+    assert_clean_error(result, "holds one class only; a classifier needs two or more")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv"]
