@@ -3,14 +3,16 @@ cosine schedule, recorded in the model so that retraining re-runs them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
+from safetensors.torch import save_file
 
 from puma_cli import cli
-from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.checkpoint import load_checkpoint, save_checkpoint
 from puma_cli.models.augment import (
     AUGMENTS,
     LR_SCHEDULES,
@@ -148,8 +150,6 @@ def test_augmenting_rows_that_are_not_images_is_refused(data_dir: Path, tmp_path
     )
     assert_clean_error(result, "--augment crop flips and crops images (n, C, H, W)")
     weights = tmp_path / "w.safetensors"
-    from safetensors.torch import save_file
-
     save_file({"w": torch.zeros(1)}, str(weights))
     result = run(
         "import", weights, "--data", data_dir / "radial.csv", "--augment", "flip",
@@ -167,10 +167,6 @@ def test_the_fine_tuning_baselines_tune_on_the_recipes_augmented_batches(
 ) -> None:
     """Two checkpoints alike but for the recorded --augment: the baseline's result differs
     between them (it tunes on augmented batches), and repeats itself on each (seeded)."""
-    from dataclasses import replace
-
-    from puma_cli.io.checkpoint import save_checkpoint
-
     _train(tmp_path / "aug.safetensors", "--augment", "flip-crop", "--epochs", "1")
     augmented = load_checkpoint(tmp_path / "aug.safetensors")
     plain = replace(augmented, recipe={**augmented.recipe, "augment": "none"})

@@ -140,6 +140,12 @@ class ListingDenseNet(nn.Module):
         return self.linear(F.avg_pool2d(out, out.shape[-1]).flatten(1))  # 4 at 32x32
 
 
+def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """A state dict as training code saves it with safetensors."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def _settled(net: nn.Module, X: torch.Tensor) -> nn.Module:
     """Seeded weights, BatchNorm statistics moved off their defaults, eval mode."""
     torch.manual_seed(0)
@@ -184,8 +190,7 @@ def test_foreign_names_import_and_predict_as_their_network_did(
 ) -> None:
     make, arch, whose = FOREIGN[case]
     net = _settled(make(), digits)
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    weights = _save(net.state_dict(), tmp_path / "w.safetensors")
     out = tmp_path / "m.safetensors"
     report = run_json("import", weights, *arch, "--data", DIGITS, "-o", out, "--json")
     assert whose in report["names_from"]
@@ -201,15 +206,11 @@ def test_foreign_names_import_and_predict_as_their_network_did(
 def test_puma_names_import_with_no_renaming(digits: torch.Tensor, tmp_path: Path) -> None:
     first = tmp_path / "a.safetensors"
     make, arch, _ = FOREIGN["kuangliu-resnet18"]
-    save_file(
-        {k: v.contiguous() for k, v in _settled(make(), digits).state_dict().items()},
-        str(tmp_path / "w.safetensors"),
-    )
-    run_json("import", tmp_path / "w.safetensors", *arch, "--data", DIGITS, "-o", first, "--json")
-    ours = load_checkpoint(first).model.net.state_dict()
-    save_file({k: v.contiguous() for k, v in ours.items()}, str(tmp_path / "ours.safetensors"))
+    weights = _save(_settled(make(), digits).state_dict(), tmp_path / "w.safetensors")
+    run_json("import", weights, *arch, "--data", DIGITS, "-o", first, "--json")
+    ours = _save(load_checkpoint(first).model.net.state_dict(), tmp_path / "ours.safetensors")
     report = run_json(
-        "import", tmp_path / "ours.safetensors", *arch, "--data", DIGITS,
+        "import", ours, *arch, "--data", DIGITS,
         "-o", tmp_path / "b.safetensors", "--json",
     )  # fmt: skip
     assert report["names_from"] is None
@@ -232,8 +233,7 @@ def test_another_network_under_foreign_names_is_refused_by_the_files_name(
                   "'layers.0.0.gate.weight' (the file's 'layer1.0.gate.weight'), which"),
     }  # fmt: skip
     for name, (state, message) in cases.items():
-        weights = tmp_path / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+        weights = _save(state, tmp_path / f"{name}.safetensors")
         before = sorted(p.name for p in tmp_path.iterdir())
         result = run(
             "import", weights, "--arch", "resnet18", "--arch-args", '{"width": 4}',
