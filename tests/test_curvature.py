@@ -196,6 +196,71 @@ def test_auto_is_exact_for_the_papers_models(copy: Path) -> None:
     assert _remove(copy, "r.safetensors")["parameters"]["curvature"] == "exact"
 
 
+def test_multiply_adds_count_each_position_a_weight_is_used_at() -> None:
+    from puma_cli.engine.curvature import multiply_adds
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 8 x 10 x 10 outputs of 3 x 3 x 3 each: 21,600
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 800 of 1 x 3 x 3: 7,200
+        nn.Flatten(2),
+        nn.Linear(100, 6),  # on 8 "tokens" of 100: 8 x 6 x 100 = 4,800
+    )
+    assert multiply_adds(net, torch.randn(1, 3, 10, 10)) == 21_600 + 7_200 + 4_800
+    assert multiply_adds(nn.Tanh(), torch.randn(1, 3)) == 0
+
+
+def test_auto_counts_a_rows_work_not_its_parameters() -> None:
+    from puma_cli.engine.curvature import AUTO_EXACT_MAX, resolve_curvature
+
+    rows = 1_000
+    small = AUTO_EXACT_MAX // rows  # parameters x rows at the threshold
+    assert resolve_curvature("auto", small, rows, 10, 0).name == "exact"
+    assert resolve_curvature("auto", small + 1, rows, 10, 0).name == "kfac"
+    # A convolution's few weights used at every position: its work decides, not its size.
+    assert resolve_curvature("auto", 330, rows, 10, 0, work_per_row=small + 1).name == "kfac"
+    # An embedding's many weights, few used a row: its size still counts.
+    assert resolve_curvature("auto", small + 1, rows, 10, 0, work_per_row=50).name == "kfac"
+    assert resolve_curvature("exact", 330, rows, 10, 0, work_per_row=10**9).name == "exact"
+
+
+POSITIONAL_NET = """
+from torch import nn
+
+
+class Net(nn.Module):  # 330 weights; the convolution's are used at all 64 positions of 8 x 8
+    def __init__(self, input_shape, n_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(input_shape[0], 16, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, n_classes),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_auto_takes_kfac_for_a_small_convolutional_net_on_a_small_set(tmp_path: Path) -> None:
+    """330 parameters x 1,295 digits is far below the threshold, but its 9,400 multiply-adds
+    a row are past it: the exact Hessian's products there cost a retrain each few."""
+    arch = tmp_path / "net.py"
+    arch.write_text(POSITIONAL_NET)
+    model = tmp_path / "m.safetensors"
+    digits = Path(__file__).resolve().parent.parent / "sample_data"
+    trained = run_json(
+        "train", digits / "digits-train.npz", "--arch", f"{arch}:Net", "-o", model,
+        "--epochs", "2", "--lr", "0.01", "--device", "cpu",
+    )  # fmt: skip
+    assert trained["n_parameters"] == 330
+    with np.load(digits / "digits-train.npz") as data:
+        (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in data["ids"][:10]))
+    out = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "r.safetensors",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert out["parameters"]["curvature"] == "kfac"
+
+
 def test_kronecker_factors_are_cached_and_a_damaged_cache_is_refit(copy: Path) -> None:
     first = _remove(copy, "a.safetensors", "--curvature", "kfac")
     assert first["parameters"]["curvature_cached"] is False

@@ -28,6 +28,7 @@ from puma_cli.engine.curvature import (
     CURVATURES,
     MAX_SAMPLES,
     attach_curvature,
+    multiply_adds,
     resolve_curvature,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
@@ -134,6 +135,9 @@ def training_engine(
             checkpoint.arch.n_classes,
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
+            work_per_row=multiply_adds(engine.module, engine.X[:1])
+            if settings.curvature == "auto"
+            else 0,
         )
         key = {"precision": str(engine.dtype)}
         path = checkpoint.path

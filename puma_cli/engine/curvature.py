@@ -7,8 +7,10 @@
   rows (`--curvature-samples`) and cached beside the model; a solve is closed-form
   (`engine.kronecker`), so a removal costs the passes for its gradients and scores only.
 - auto: kfac where the exact Hessian costs seconds per product, past AUTO_EXACT_MAX
-  parameter-rows (parameters x rows); exact below that (the paper's models on its data:
-  a removal there takes under a second, and the paper used the exact Hessian).
+  parameter-rows (parameters x rows; a row's multiply-adds where they are more, as a
+  convolution's weights are used at every position); exact below that (the paper's
+  models on its data: a removal there takes under a second, and the paper used the exact
+  Hessian).
   Measured (benchmarks/results/scale.md): on every CPU case past the threshold, K-FAC
   removed faster (0.3-0.4x retraining cold against 0.7-2.6x for exact CG) and nearer
   to retraining on the marked rows' loss.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.kronecker import (
@@ -34,7 +37,7 @@ from puma_cli.errors import PumaError, require_range
 from puma_cli.io.cache import Cache
 
 CURVATURES = ("auto", "exact", "ggn", "kfac", "ekfac")
-AUTO_EXACT_MAX = 10_000_000  # parameters x rows
+AUTO_EXACT_MAX = 10_000_000  # parameters (or a row's multiply-adds, if more) x rows
 DEFAULT_SAMPLES = 10_000
 DEFAULT_CONV_SAMPLES = 2_000  # a convolution's input factor costs more than its training
 MAX_SAMPLES = 10_000_000
@@ -60,18 +63,46 @@ def resolve_curvature(
     n_classes: int,
     samples: int,
     convolutional: bool = False,
+    work_per_row: int = 0,
 ) -> CurvatureChoice:
-    """`auto` made concrete, and the subsample size (0: the default) bounded by the rows."""
+    """`auto` made concrete, and the subsample size (0: the default) bounded by the rows.
+    `work_per_row`: a row's multiply-adds (`multiply_adds`); `auto` weighs the rows by it
+    where it is more than the parameters. A 330-parameter convolution on 8x8 digits does
+    9,400 a row: its exact Hessian-vector products cost what a net of that size would."""
     if name not in CURVATURES:
         raise PumaError(f"--curvature {name!r}: choose {', '.join(CURVATURES)}")
     require_range("--curvature-samples", samples, 0, MAX_SAMPLES)
     if name == "auto":
-        name = "exact" if n_parameters * n_rows <= AUTO_EXACT_MAX else "kfac"
+        cost = max(n_parameters, work_per_row) * n_rows
+        name = "exact" if cost <= AUTO_EXACT_MAX else "kfac"
     default = DEFAULT_CONV_SAMPLES if convolutional else DEFAULT_SAMPLES
     count = min(samples or default, n_rows)
     exact_fisher = count * n_classes <= TYPE2_MAX_WORK and n_parameters <= TYPE2_MAX_PARAMETERS
     fisher = "type-2" if exact_fisher else "mc"
     return CurvatureChoice(name, count, fisher)
+
+
+def multiply_adds(module: nn.Module, probe: torch.Tensor) -> int:
+    """Multiply-adds of the module's Linear and convolution layers on `probe` (one row):
+    each weight once per position it is applied at (output elements / output channels x
+    weight size). Counted by forward hooks; other layers' work is not counted."""
+    total = 0
+
+    def count(layer: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        weight = layer.weight
+        if isinstance(output, torch.Tensor) and isinstance(weight, torch.Tensor):
+            total += output.numel() // weight.shape[0] * weight.numel()
+
+    kinds = (nn.Linear, nn.modules.conv._ConvNd)
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            module(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
 def attach_curvature(
