@@ -221,6 +221,11 @@ def test_auto_counts_a_rows_work_not_its_parameters() -> None:
     # An embedding's many weights, few used a row: its size still counts.
     assert resolve_curvature("auto", small + 1, rows, 10, 0, work_per_row=50).name == "kfac"
     assert resolve_curvature("exact", 330, rows, 10, 0, work_per_row=10**9).name == "exact"
+    # Nothing K-FAC can fit: the GGN (every parameter, no second derivatives), with a note.
+    unfit = resolve_curvature("auto", small + 1, rows, 10, 0, kronecker_fits=False)
+    assert unfit.name == "ggn" and "no Linear or Conv2d layer" in unfit.note
+    assert resolve_curvature("auto", small, rows, 10, 0, kronecker_fits=False).name == "exact"
+    assert resolve_curvature("auto", small + 1, rows, 10, 0).note == ""
 
 
 POSITIONAL_NET = """

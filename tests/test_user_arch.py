@@ -143,6 +143,50 @@ def test_the_report_names_the_layers_kfac_leaves_out(data_dir: Path, tmp_path: P
     assert "(Conv1d 8, LayerNorm 24)" in note and "--curvature ggn" in note
 
 
+RAW_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=6):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(width, in_features))
+        self.w2 = nn.Parameter(torch.randn(n_classes, width) / width**0.5)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(nn.functional.linear(x, self.w1)), self.w2)
+"""
+
+
+def test_auto_takes_the_ggn_where_kfac_has_no_layer_to_fit(data_dir: Path, tmp_path: Path) -> None:
+    """Weights held as bare Parameters: no Linear or Conv2d for K-FAC. Past the exact
+    Hessian's size `auto` took kfac and failed with an error about an option never given."""
+    arch = tmp_path / "net.py"
+    arch.write_text(RAW_NET)
+    model = tmp_path / "m.safetensors"
+    trained = run_json(
+        "train", data_dir / "radial.csv", "--arch", f"{arch}:Net", "--arch-args",
+        '{"width": 40000}', "-o", model, "--epochs", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert trained["n_parameters"] * trained["n_train"] > 10_000_000  # past exact's share
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    out = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "r.safetensors",
+        "--device", "cpu", "--eta", "1",
+    )  # fmt: skip
+    assert out["parameters"]["curvature"] == "ggn"
+    (note,) = [w for w in out["warnings"] if "--curvature auto" in w]
+    assert "no Linear or Conv2d layer" in note
+    asked = run(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "k.safetensors",
+        "--device", "cpu", "--curvature", "kfac",
+    )  # fmt: skip
+    assert_clean_error(asked, "use --curvature ggn or exact")  # asked for: refused, as before
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 FROZEN_NET = """
 import torch
 from torch import nn

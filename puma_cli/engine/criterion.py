@@ -32,7 +32,7 @@ from puma_cli.engine.curvature import (
     resolve_curvature,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
-from puma_cli.engine.kronecker import KINDS
+from puma_cli.engine.kronecker import KINDS, supported_layers
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
@@ -128,6 +128,7 @@ def training_engine(
     engine = _engine(checkpoint, dataset, rows, precision)
     engine.phases = phases
     if settings is not None:
+        auto = settings.curvature == "auto"  # what it weighs: one small forward pass each
         choice = resolve_curvature(
             settings.curvature,
             engine.n_parameters,
@@ -135,9 +136,8 @@ def training_engine(
             checkpoint.arch.n_classes,
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
-            work_per_row=multiply_adds(engine.module, engine.X[:1])
-            if settings.curvature == "auto"
-            else 0,
+            work_per_row=multiply_adds(engine.module, engine.X[:1]) if auto else 0,
+            kronecker_fits=not auto or bool(supported_layers(engine.module, engine.X[:2])),
         )
         key = {"precision": str(engine.dtype)}
         path = checkpoint.path

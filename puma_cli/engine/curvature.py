@@ -54,6 +54,7 @@ class CurvatureChoice:
     name: str
     samples: int
     fisher: str
+    note: str = ""  # why `auto` chose as it did, where the report should say
 
 
 def resolve_curvature(
@@ -64,22 +65,34 @@ def resolve_curvature(
     samples: int,
     convolutional: bool = False,
     work_per_row: int = 0,
+    kronecker_fits: bool = True,
 ) -> CurvatureChoice:
     """`auto` made concrete, and the subsample size (0: the default) bounded by the rows.
     `work_per_row`: a row's multiply-adds (`multiply_adds`); `auto` weighs the rows by it
     where it is more than the parameters. A 330-parameter convolution on 8x8 digits does
-    9,400 a row: its exact Hessian-vector products cost what a net of that size would."""
+    9,400 a row: its exact Hessian-vector products cost what a net of that size would.
+    `kronecker_fits`: the model has a Linear or Conv2d layer K-FAC can fit (else `auto`
+    takes the GGN past the exact Hessian's share, and says why in `note`)."""
     if name not in CURVATURES:
         raise PumaError(f"--curvature {name!r}: choose {', '.join(CURVATURES)}")
     require_range("--curvature-samples", samples, 0, MAX_SAMPLES)
+    note = ""
     if name == "auto":
         cost = max(n_parameters, work_per_row) * n_rows
         name = "exact" if cost <= AUTO_EXACT_MAX else "kfac"
+        if name == "kfac" and not kronecker_fits:
+            name = "ggn"
+            note = (
+                "--curvature auto: the model has no Linear or Conv2d layer K-FAC can fit "
+                "(weights used through functional calls, frozen, tied or parametrized), so "
+                "the solves use the Gauss-Newton matrix by conjugate gradients, tens of passes "
+                "over the rows each"
+            )
     default = DEFAULT_CONV_SAMPLES if convolutional else DEFAULT_SAMPLES
     count = min(samples or default, n_rows)
     exact_fisher = count * n_classes <= TYPE2_MAX_WORK and n_parameters <= TYPE2_MAX_PARAMETERS
     fisher = "type-2" if exact_fisher else "mc"
-    return CurvatureChoice(name, count, fisher)
+    return CurvatureChoice(name, count, fisher, note)
 
 
 def multiply_adds(module: nn.Module, probe: torch.Tensor) -> int:
@@ -121,6 +134,7 @@ def attach_curvature(
     MLP over 9,000 rows, a cold removal fell from 1.46 s to 1.05 s with the same patch to
     three digits) and decomposed in float64."""
     engine.curvature = choice.name
+    engine.curvature_note = choice.note
     if choice.name not in KINDS:
         return
     size = _fit_batch(engine, choice)
@@ -190,10 +204,11 @@ def describe(engine: InfluenceModel) -> dict[str, object]:
 
 
 def curvature_notes(engine: InfluenceModel) -> list[str]:
-    """Warnings a report carries about the curvature: parameters K-FAC leaves out."""
+    """Warnings a report carries about the curvature: why `auto` took the GGN, or the
+    parameters K-FAC leaves out."""
     kron = engine.kronecker
     if kron is None or not kron.uncovered:
-        return []
+        return [engine.curvature_note] if engine.curvature_note else []
     layers = ", ".join(f"{kind} {count}" for kind, count in sorted(kron.left_out.items()))
     return [
         f"{kron.uncovered} of {kron.size} parameters ({layers}) are outside the Linear and "

@@ -126,6 +126,7 @@ class InfluenceModel:
         # The op without a forward-mode derivative that sent J v to the reverse route, once
         # a pass has met one (None: forward mode works, as far as the passes have gone).
         self.no_forward_mode: str | None = None
+        self.curvature_note = ""  # why `auto` chose the curvature, where a report says so
 
     @property
     def n(self) -> int:
