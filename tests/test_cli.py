@@ -103,6 +103,21 @@ def test_make_data_with_flipped_labels_writes_their_ids(tmp_path: Path) -> None:
     assert sum(noisy[i] != truth[i] for i in truth) == 10
 
 
+def _ids(path: Path) -> set[str]:
+    return {line for line in path.read_text().splitlines() if not line.startswith("#")}
+
+
+def test_a_random_marking_is_not_the_flipped_labels_of_the_same_seed(tmp_path: Path) -> None:
+    """Flip 5 % of the labels and mark 5 % at random, each at its default seed: the two
+    drew the same rows (one generator, one seed, one draw), so a "random" removal removed
+    exactly the mislabelled points. They overlap by chance now (about 1 in 20 of 60)."""
+    run_json("make-data", "moons", "-o", tmp_path / "m.csv", "--n", "1200", "--flip-labels", "0.05")
+    run_json("mark", tmp_path / "m.csv", "--random", "0.05", "-o", tmp_path / "ids.txt")
+    flipped, marked = _ids(tmp_path / "m-flipped.txt"), _ids(tmp_path / "ids.txt")
+    assert len(flipped) == len(marked) == 60
+    assert len(flipped & marked) < 15  # 3 expected by chance; 60 before
+
+
 @pytest.mark.parametrize("kind", ["radial", "rectangular", "moons", "spiral"])
 def test_make_data_is_deterministic_per_seed(tmp_path: Path, kind: str) -> None:
     run_json("make-data", kind, "-o", tmp_path / "a.csv", "--seed", "3", "--n", "60")

@@ -85,11 +85,18 @@ def make_synthetic(
     )
 
 
+FLIP_STREAM = 0x666C6970  # "flip": keeps the flipped rows apart from seeded markings
+
+
 def flip_labels(dataset: Dataset, frac: float, seed: int) -> tuple[Dataset, np.ndarray]:
-    """Give `frac` of the rows another class at random: (noisy dataset, flipped row positions)."""
+    """Give `frac` of the rows another class at random: (noisy dataset, flipped row positions).
+
+    The rows come from a stream of their own (FLIP_STREAM with the seed): drawn from
+    `seed` alone they were the rows `mark --random` picks at the same seed and share, so
+    a random removal from such a file removed exactly the mislabelled points."""
     if not 0 < frac < 1:
         raise PumaError(f"--flip-labels {frac} is out of range; give a fraction between 0 and 1")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([FLIP_STREAM, seed])
     count = round(frac * len(dataset))
     if count == 0:
         raise PumaError(f"--flip-labels {frac} flips no point of {len(dataset)}; raise it")
