@@ -111,7 +111,7 @@ def multiply_adds(module: nn.Module, probe: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
-            module(probe)
+            module(probe.clone())  # a copy: a forward may write into its input
     finally:
         for hook in hooks:
             hook.remove()
