@@ -187,6 +187,45 @@ def test_auto_takes_the_ggn_where_kfac_has_no_layer_to_fit(data_dir: Path, tmp_p
     assert not (tmp_path / "k.safetensors").exists()
 
 
+EVEN_SAME_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, input_shape, n_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(input_shape[0], 4, 4, padding="same")  # pads 1 before, 2 after
+        self.head = nn.Linear(4, n_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+"""
+
+
+def test_ekfac_names_a_convolution_it_cannot_unfold(tmp_path: Path) -> None:
+    """padding='same' with an even kernel pads unequally: curvlinops' EK-FAC raised
+    NotImplementedError through a traceback. K-FAC (reduce) fits such a layer."""
+    arch = tmp_path / "net.py"
+    arch.write_text(EVEN_SAME_NET)
+    model = tmp_path / "m.safetensors"
+    run_json("train", DIGITS, "--arch", f"{arch}:Net", "-o", model, "--epochs", "1")
+    with np.load(DIGITS) as digits:
+        (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in digits["ids"][:5]))
+    refused = run(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "ekfac",
+        "-o", tmp_path / "e.safetensors",
+    )  # fmt: skip
+    assert_clean_error(refused, "layer 'net.conv'")  # the checkpoint's name for it
+    assert "--curvature kfac" in refused.stderr and "padding='same'" in refused.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+    kfac = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "kfac",
+        "-o", tmp_path / "k.safetensors", "--eta", "1",
+    )  # fmt: skip
+    assert kfac["parameters"]["uncovered_parameters"] == 0
+
+
 FROZEN_NET = """
 import torch
 from torch import nn

@@ -247,6 +247,8 @@ def fit_kronecker(
             "none it can fit (each is frozen, parametrized as by weight_norm, tied to "
             "another layer's weight, or used by weight alone); use --curvature ggn or exact"
         )
+    if kind == "ekfac":
+        _check_ekfac_unfolds(layers)
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)
     mine = parallel.block(len(batches), f"{total} factor-fitting rows in batches")
@@ -314,6 +316,23 @@ def fit_kronecker(
     curvature = _curvature(kind, module, layers, names, sizes, factors)
     curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
     return curvature
+
+
+def _check_ekfac_unfolds(layers: list[tuple[str, nn.Linear | nn.Conv2d]]) -> None:
+    """EK-FAC's eigenvalue refit unfolds each convolution's input into patches, which
+    curvlinops 3.0.1 does with equal padding on both sides only: `padding='same'` with an
+    even span (dilation x (kernel - 1) odd) pads one more after than before, and it raises
+    NotImplementedError there. K-FAC-reduce averages the patches another way and fits it."""
+    for name, layer in layers:
+        if not isinstance(layer, nn.Conv2d) or layer.padding != "same":
+            continue
+        spans = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        if any(span % 2 for span in spans):
+            raise PumaError(
+                f"--curvature ekfac cannot fit layer {name!r}: padding='same' with kernel "
+                f"{tuple(layer.kernel_size)} pads unequally, which the EK-FAC refit cannot "
+                "unfold; use --curvature kfac (or ggn), or an odd kernel"
+            )
 
 
 def _joint_eigenvalues(value: Tensor | dict[int, Tensor]) -> Tensor:
