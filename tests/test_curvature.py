@@ -228,6 +228,18 @@ def test_auto_counts_a_rows_work_not_its_parameters() -> None:
     assert resolve_curvature("auto", small + 1, rows, 10, 0).note == ""
 
 
+def test_the_exact_fisher_is_fitted_where_it_is_cheap_only() -> None:
+    from puma_cli.engine.curvature import resolve_curvature
+
+    def fisher(rows: int, classes: int, parameters: int = 64_106) -> str:
+        return resolve_curvature("kfac", parameters, rows, classes, 0).fisher
+
+    assert fisher(1_166, 10, 13_706) == "type-2"  # the digits CNN: 11,660 rows x classes
+    assert fisher(9_000, 2) == "type-2"
+    assert fisher(9_000, 10) == "mc"  # one backward pass a batch, not ten
+    assert fisher(1_000, 10, 200_000) == "mc"
+
+
 POSITIONAL_NET = """
 from torch import nn
 
