@@ -203,6 +203,7 @@ class Net(nn.Module):
 """
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
 def test_ekfac_names_a_convolution_it_cannot_unfold(tmp_path: Path) -> None:
     """padding='same' with an even kernel pads unequally: curvlinops' EK-FAC raised
     NotImplementedError through a traceback. K-FAC (reduce) fits such a layer."""
