@@ -329,6 +329,12 @@ BAD_FILES = {
     "missing file": (None, "no such architecture file"),
     "no such class": (NET.replace("class Net", "class Other"), "defines no class 'Net'"),
     "raises on import": ("raise RuntimeError('boom')\n", "raised RuntimeError on import (boom)"),
+    # What `import torchvision` raises where its compiled operators were built for another
+    # torch (PyPI's torchvision beside a CPU torch from elsewhere): the file is not at fault.
+    "a torchvision of another torch build": (
+        "raise RuntimeError('operator torchvision::nms does not exist')\n",
+        "install torch and torchvision from the same place",
+    ),
     "raises on construction": (
         NET.replace("super().__init__()", "raise ValueError('bad width')"),
         "raised ValueError (bad width); fix the class or --arch-args",

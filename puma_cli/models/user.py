@@ -256,6 +256,12 @@ def _import_fix(exc: Exception, path: Path) -> str:
                 f"not {shown} beside it: put what it needs into {path.name}, or make {top} "
                 "an installed package (pip install -e its project) so that it imports anywhere"
             )
+    if "operator torchvision::" in str(exc):  # its compiled ops do not load beside this torch
+        return (
+            f"the installed torchvision was built for another torch than this one "
+            f"({torch.__version__}): install torch and torchvision from the same place, as a "
+            "pair (both from PyPI, or both from download.pytorch.org/whl/cpu)"
+        )
     return "fix the file"
 
 
