@@ -231,14 +231,13 @@ def test_auto_counts_a_rows_work_not_its_parameters() -> None:
 def test_the_exact_fisher_is_fitted_where_it_is_cheap_only() -> None:
     from puma_cli.engine.curvature import resolve_curvature
 
-    def fisher(rows: int, classes: int, parameters: int, work: int = 0) -> str:
-        return resolve_curvature("kfac", parameters, rows, classes, 0, work_per_row=work).fisher
+    def fisher(rows: int, classes: int, parameters: int = 64_106) -> str:
+        return resolve_curvature("kfac", parameters, rows, classes, 0).fisher
 
-    assert fisher(2_000, 10, 1_994) == "type-2"  # a 2k MLP: its nine more passes cost little
-    assert fisher(9_000, 10, 1_994) == "mc"  # one backward pass a batch, not ten
-    assert fisher(500, 2, 14_000) == "type-2"  # the paper's sizes
-    assert fisher(1_000, 10, 64_106) == "mc"
-    assert fisher(1_166, 10, 13_706, work=91_776) == "mc"  # the digits CNN: its work counts
+    assert fisher(1_166, 10, 13_706) == "type-2"  # the digits CNN: 11,660 rows x classes
+    assert fisher(9_000, 2) == "type-2"
+    assert fisher(9_000, 10) == "mc"  # one backward pass a batch, not ten
+    assert fisher(1_000, 10, 200_000) == "mc"
 
 
 POSITIONAL_NET = """

@@ -128,7 +128,7 @@ def training_engine(
     engine = _engine(checkpoint, dataset, rows, precision)
     engine.phases = phases
     if settings is not None:
-        auto = settings.curvature == "auto"  # what it weighs: one forward pass on a row each
+        auto = settings.curvature == "auto"  # what it weighs: one small forward pass each
         choice = resolve_curvature(
             settings.curvature,
             engine.n_parameters,
@@ -136,9 +136,7 @@ def training_engine(
             checkpoint.arch.n_classes,
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
-            work_per_row=multiply_adds(engine.module, engine.X[:1])
-            if auto or settings.curvature in KINDS
-            else 0,
+            work_per_row=multiply_adds(engine.module, engine.X[:1]) if auto else 0,
             kronecker_fits=not auto or bool(supported_layers(engine.module, engine.X[:2])),
         )
         key = {"precision": str(engine.dtype)}

@@ -43,14 +43,13 @@ DEFAULT_CONV_SAMPLES = 2_000  # a convolution's input factor costs more than its
 MAX_SAMPLES = 10_000_000
 # The exact (type-2) Fisher costs one backward pass per class and batch, the sampled one
 # (MC, one label a row) one. Measured against CG on the exact GGN (cosine of the marked
-# rows' solve, damping 0.01): 0.943 against MC's 0.927 (64k-parameter MLP, 9k rows),
-# 0.874 against 0.867 (64k, 36k), 0.880 against 0.879 (2k, 36k), 0.660 against 0.656
-# (the digits CNN, 1.2k images), for fits 3-4x as long (0.41 / 0.52 / 0.14 s against
-# 0.12 / 0.15 / 0.05 s on the MLPs): K-FAC's own distance from the GGN is ten times what
-# MC adds, and the fit was most of a cold removal there. So type-2 only where its extra
-# passes cost little: fitting rows x classes x a row's work (multiply-adds, or parameters
-# where more) up to TYPE2_MAX_WORK, e.g. 2,000 rows at 10 classes through a 2k MLP.
-TYPE2_MAX_WORK = 50_000_000
+# rows' solve, damping 0.01) on the benchmark MLPs: 0.943 against MC's 0.927 (64k
+# parameters, 9k rows), 0.874 against 0.867 (64k, 36k), 0.880 against 0.879 (2k, 36k),
+# for fits of 0.41 / 0.52 / 0.14 s against 0.12 / 0.15 / 0.05 s: K-FAC's own distance
+# from the GGN is ten times what MC adds, and on those nets the fit was most of a cold
+# removal. So type-2 only where it costs little (up to 2,000 rows at 10 classes).
+TYPE2_MAX_WORK = 20_000  # rows x classes: above it, one sampled label per row (MC)
+TYPE2_MAX_PARAMETERS = 100_000  # type-2 costs one backward pass per class: small nets only
 FIT_BATCH = 512  # most rows per batch when fitting (a convolution's: its engine chunk, 128)
 FIT_BATCHES = 16  # fewest batches (down to 128 rows each), so that torchrun can split them
 
@@ -76,10 +75,9 @@ def resolve_curvature(
     kronecker_fits: bool = True,
 ) -> CurvatureChoice:
     """`auto` made concrete, and the subsample size (0: the default) bounded by the rows.
-    `work_per_row`: a row's multiply-adds (`multiply_adds`); `auto` and the choice of the
-    Fisher weigh the rows by it where it is more than the parameters. A 330-parameter
-    convolution on 8x8 digits does 9,400 a row: its exact Hessian-vector products cost
-    what a net of that size would.
+    `work_per_row`: a row's multiply-adds (`multiply_adds`); `auto` weighs the rows by it
+    where it is more than the parameters. A 330-parameter convolution on 8x8 digits does
+    9,400 a row: its exact Hessian-vector products cost what a net of that size would.
     `kronecker_fits`: the model has a Linear or Conv2d layer K-FAC can fit (else `auto`
     takes the GGN past the exact Hessian's share, and says why in `note`)."""
     if name not in CURVATURES:
@@ -99,7 +97,7 @@ def resolve_curvature(
             )
     default = DEFAULT_CONV_SAMPLES if convolutional else DEFAULT_SAMPLES
     count = min(samples or default, n_rows)
-    exact_fisher = count * n_classes * max(n_parameters, work_per_row) <= TYPE2_MAX_WORK
+    exact_fisher = count * n_classes <= TYPE2_MAX_WORK and n_parameters <= TYPE2_MAX_PARAMETERS
     fisher = "type-2" if exact_fisher else "mc"
     return CurvatureChoice(name, count, fisher, note)
 
