@@ -185,6 +185,7 @@ def train_classifier(
         model.fit_standardisation(X)
     hint = STANDARDIZED_HINT if recipe.standardize else ""
     check_logits(model, X[:2], n_classes, model.arch.label, hint)
+    del X  # `fit` takes its own copy: one float32 copy of the data at a time, not two
     fit(model, dataset, recipe, recipe.epochs, recipe.seed, device, progress, group, on_step)
     return model
 
