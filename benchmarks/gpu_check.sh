@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The --device cuda paths on a machine with an NVIDIA GPU, in stages that fit a short
+# The --device "$dev" paths on a machine with an NVIDIA GPU, in stages that fit a short
 # lease (15 minutes of device time, 10 a command):
 #   chain           the main chain on cuda: every command, method and curvature (~2 min)
 #   user-nets       a GRU and an attention net of a user's on sequences: every curvature,
@@ -12,7 +12,11 @@
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh, carried) are installed first, for a machine
 # whose image lacks curvlinops or typer. Fewer epochs than the issue's 20 make retraining
 # cheaper, so a ratio to it is an upper bound on the ratio to a 20-epoch retrain.
+# GPU_CHECK_DEVICE=cpu runs the same commands on the CPU: a rehearsal of chain and
+# user-nets (8 minutes on 2 cores) before spending a lease on them.
 set -uo pipefail
+dev=${GPU_CHECK_DEVICE:-cuda}
+dev0=$([ "$dev" = cuda ] && echo cuda:0 || echo "$dev")
 out=${1:-gpu-check-out}
 shift || true
 stages=("$@")
@@ -39,48 +43,48 @@ if wanted chain; then
 stamp chain
 set -e
 puma make-data radial -o "$out/r.csv" --test-frac 0.2 --json
-puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r.safetensors" --device cuda --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r.safetensors" --device "$dev" --json
 puma mark "$out/r.csv" --class 1 -o "$out/ids.txt" --json
 for method in puma influence retrain; do
-  puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method "$method" -o "$out/r-$method.safetensors" --device cuda --json
+  puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method "$method" -o "$out/r-$method.safetensors" --device "$dev" --json
 done
-puma eval -m "$out/r-puma.safetensors" --device cuda --json
-puma eval -m "$out/r-puma.safetensors" --device cuda:0 --json  # a GPU by index
-puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method ssd -o "$out/r-ssd.safetensors" --device cuda --json
-puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-sisa.safetensors" --shards 4 --slices 2 --device cuda --json
-puma remove -m "$out/r-sisa.safetensors" --marked "$out/ids.txt" --method sisa --device cuda --json
-puma eval -m "$out/r-sisa.removed.safetensors" --device cuda --json
-puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-amn.safetensors" --record-updates --group-ids "$out/ids.txt" --device cuda --json
-puma remove -m "$out/r-amn.safetensors" --marked "$out/ids.txt" --method amnesiac --device cuda --json
+puma eval -m "$out/r-puma.safetensors" --device "$dev" --json
+puma eval -m "$out/r-puma.safetensors" --device "$dev0" --json  # a GPU by index
+puma remove -m "$out/r.safetensors" --marked "$out/ids.txt" --method ssd -o "$out/r-ssd.safetensors" --device "$dev" --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-sisa.safetensors" --shards 4 --slices 2 --device "$dev" --json
+puma remove -m "$out/r-sisa.safetensors" --marked "$out/ids.txt" --method sisa --device "$dev" --json
+puma eval -m "$out/r-sisa.removed.safetensors" --device "$dev" --json
+puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r-amn.safetensors" --record-updates --group-ids "$out/ids.txt" --device "$dev" --json
+puma remove -m "$out/r-amn.safetensors" --marked "$out/ids.txt" --method amnesiac --device "$dev" --json
 puma eval -m "$out/r-puma.safetensors" --device cpu --json
-puma train sample_data/digits-train.npz --arch cnn --test sample_data/digits-test.npz -o "$out/d.safetensors" --device cuda --json
+puma train sample_data/digits-train.npz --arch cnn --test sample_data/digits-test.npz -o "$out/d.safetensors" --device "$dev" --json
 puma mark sample_data/digits-train.npz --all-classes -o "$out/d-ids.txt" --json
 for method in puma puma retrain; do
-  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --method "$method" -o "$out/d-$method.safetensors" --device cuda --json --overwrite
+  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --method "$method" -o "$out/d-$method.safetensors" --device "$dev" --json --overwrite
 done
 puma make-data moons -o "$out/noisy.csv" --n 500 --flip-labels 0.1 --seed 2
-puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --device cuda --json
-puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --json
-puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device cuda --score self-influence --json
-puma calibrate -m "$out/noisy.safetensors" --device cuda --json
-puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --device cuda --json
-puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --attack lira --shadows 8 --device cuda --json
-puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack lira-online --shadows 8 --device cuda --json
-puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 8 --device cuda --json
-puma attack -m "$out/r-sisa.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 4 --device cuda --json
+puma train "$out/noisy.csv" -o "$out/noisy.safetensors" --epochs 60 --device "$dev" --json
+puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device "$dev" --json
+puma debug-labels -m "$out/noisy.safetensors" --truth "$out/noisy-flipped.txt" --device "$dev" --score self-influence --json
+puma calibrate -m "$out/noisy.safetensors" --device "$dev" --json
+puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --device "$dev" --json
+puma attack -m "$out/r.safetensors" --targets "$out/ids.txt" --attack lira --shadows 8 --device "$dev" --json
+puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack lira-online --shadows 8 --device "$dev" --json
+puma attack -m "$out/r-puma.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 8 --device "$dev" --json
+puma attack -m "$out/r-sisa.safetensors" --targets "$out/ids.txt" --attack shokri --shadows 4 --device "$dev" --json
 # Issue 10: curvature backends, the built-in image networks and imported weights on cuda.
 for curvature in ggn kfac ekfac; do
-  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --curvature "$curvature" -o "$out/d-$curvature.safetensors" --device cuda --json --overwrite
+  puma remove -m "$out/d.safetensors" --marked "$out/d-ids.txt" --curvature "$curvature" -o "$out/d-$curvature.safetensors" --device "$dev" --json --overwrite
 done
-puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet.safetensors" --device cuda --json
-puma remove -m "$out/d-resnet.safetensors" --marked "$out/d-ids.txt" --curvature kfac -o "$out/d-resnet-kfac.safetensors" --device cuda --json
-puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_rate": 4, "blocks": [1, 1, 1, 1]}' --epochs 3 -o "$out/d-dense.safetensors" --device cuda --json
-puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device cuda --json
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet.safetensors" --device "$dev" --json
+puma remove -m "$out/d-resnet.safetensors" --marked "$out/d-ids.txt" --curvature kfac -o "$out/d-resnet-kfac.safetensors" --device "$dev" --json
+puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_rate": 4, "blocks": [1, 1, 1, 1]}' --epochs 3 -o "$out/d-dense.safetensors" --device "$dev" --json
+puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device "$dev" --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
-puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device cuda --json
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device "$dev" --json
 # The CIFAR recipe's flips, crops and cosine schedule on cuda, and a retrain that re-runs it.
-puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine -o "$out/d-resnet-aug.safetensors" --device cuda --json
-puma remove -m "$out/d-resnet-aug.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-resnet-aug-rt.safetensors" --device cuda --json
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine -o "$out/d-resnet-aug.safetensors" --device "$dev" --json
+puma remove -m "$out/d-resnet-aug.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-resnet-aug-rt.safetensors" --device "$dev" --json
 set +e
 fi
 if wanted user-nets; then
@@ -119,23 +123,23 @@ class AttentionNet(nn.Module):
 """)
 PY
 for net in GRUNet AttentionNet; do
-  puma train "$out/seq.npz" --arch "$out/seqnets.py:$net" --epochs 5 -o "$out/seq-$net.safetensors" --device cuda --json
+  puma train "$out/seq.npz" --arch "$out/seqnets.py:$net" --epochs 5 -o "$out/seq-$net.safetensors" --device "$dev" --json
   for curvature in exact ggn kfac; do
-    puma remove -m "$out/seq-$net.safetensors" --marked "$out/seq-ids.txt" --curvature "$curvature" -o "$out/seq-$net-$curvature.safetensors" --device cuda --json
+    puma remove -m "$out/seq-$net.safetensors" --marked "$out/seq-ids.txt" --curvature "$curvature" -o "$out/seq-$net-$curvature.safetensors" --device "$dev" --json
   done
-  puma debug-labels -m "$out/seq-$net.safetensors" --score self-influence --device cuda --json
+  puma debug-labels -m "$out/seq-$net.safetensors" --score self-influence --device "$dev" --json
 done
 set +e
 fi
 epochs=${GPU_EPOCHS:-5}
 if wanted scale-resnet; then
   stamp scale-resnet
-  python3 benchmarks/scale.py --device cuda --epochs "$epochs" --cases gpu-resnet18-50k \
+  python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-resnet18-50k \
       --out "$out/scale-gpu-resnet.md"
 fi
 if wanted scale-densenet; then
   stamp scale-densenet
-  python3 benchmarks/scale.py --device cuda --epochs "$epochs" --cases gpu-densenet-60k \
+  python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-densenet-60k \
       --out "$out/scale-gpu-densenet.md"
 fi
 stamp done
