@@ -960,3 +960,64 @@ def test_an_error_outside_user_code_is_not_blamed_on_the_user() -> None:
     with pytest.raises(RuntimeError) as raised:
         torch.zeros(2, 3) @ torch.zeros(2, 3)
     assert raised_in_user_code(raised.value) is None  # no frame in a user's file: puma's
+
+
+SCALING_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A net that scales its own inputs as it was written for raw pixels (x / 255),
+    the way a user's code often normalises inside forward.\"\"\"
+
+    def __init__(self, input_shape, n_classes):
+        super().__init__()
+        self.head = nn.Linear(int(input_shape[-1]), n_classes)
+
+    def forward(self, x):
+        return self.head((x / 255 - 0.5) / 0.25)
+"""
+
+
+def test_a_net_that_learns_nothing_behind_the_standardisation_gets_a_warning(
+    tmp_path: Path,
+) -> None:
+    """Standardised inputs, then divided by 255 in the net's forward, are ~0 for every row:
+    the model ends at chance. `train` saves it (it is what was asked) but says so, with the
+    fix, --no-standardize, which then learns."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    X = (rng.normal(0, 1, (300, 6)) * 10 + 60 * y[:, None] + 100).astype(np.float32)
+    data = tmp_path / "pixels.npz"
+    np.savez(data, X=X, y=y)
+    arch = tmp_path / "scaling.py"
+    arch.write_text(SCALING_NET)
+    args = ("train", data, "--arch", f"{arch}:Net", "--epochs", "3", "--lr", "0.01")
+    blind = run_json(*args, "-o", tmp_path / "a.safetensors")
+    assert blind["train_accuracy"] < 0.65  # two classes of about half the rows each
+    (warning,) = blind["warnings"]
+    assert "little better than always answering the largest class" in warning
+    assert "--no-standardize" in warning
+    shown = run(*args, "-o", tmp_path / "b.safetensors")  # the table run: on stderr
+    assert shown.exit_code == 0 and "Warning: the trained model" in shown.stderr
+    learnt = run_json(*args, "--no-standardize", "-o", tmp_path / "c.safetensors")
+    assert learnt["train_accuracy"] > 0.9 and learnt["warnings"] == []
+
+
+def test_a_model_that_learns_gets_no_chance_warning(
+    data_dir: Path, arch: Path, tmp_path: Path
+) -> None:
+    trained = _train(data_dir, arch, tmp_path / "m.safetensors")
+    assert trained["warnings"] == []
+
+
+def test_near_chance_is_measured_from_the_largest_class() -> None:
+    from puma_cli.quality.evaluation import near_chance
+
+    balanced = np.repeat([0, 1, 2, 3], 25)
+    assert near_chance(0.30, balanced, 4) == 0.25  # a quarter: any constant answer
+    assert near_chance(0.40, balanced, 4) is None
+    skewed = np.array([0] * 99 + [1])  # 99 % one class: a constant scores 0.99
+    assert near_chance(0.99, skewed, 2) == 0.99
+    assert near_chance(1.0, skewed, 2) is None  # a perfect model is not taken for one
+    assert near_chance(0.5, np.zeros(10, dtype=int), 3) == 1.0  # one class: nothing to learn

@@ -30,7 +30,7 @@ from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
 from puma_cli.models.training import TrainRecipe, architecture_for, check_trainable
 from puma_cli.models.user import check_logits
-from puma_cli.quality.evaluation import evaluate_each
+from puma_cli.quality.evaluation import evaluate_each, near_chance
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,6 @@ class ImportReport:
     seconds: float
     names_from: str | None  # whose tensor names the file used, where not the network's own
     warnings: list[str]
-
-
-NEAR_CHANCE = 0.1  # training accuracy within this of the largest class's share: a warning
 
 
 def import_weights(
@@ -131,8 +128,8 @@ def _near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> list[str]:
     """A warning when the weights do little better on their own training rows than always
     answering the largest class: most often they were trained on inputs transformed
     outside the network (torchvision's Normalize, a scaler), which puma does not apply."""
-    majority = float(np.bincount(y, minlength=n_classes).max() / max(len(y), 1))
-    if accuracy >= majority + NEAR_CHANCE:
+    majority = near_chance(accuracy, y, n_classes)
+    if majority is None:
         return []
     return [
         f"the imported weights classify their training rows at {accuracy:.3f}, little better "

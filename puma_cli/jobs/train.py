@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
 from puma_cli.models.predict import Phases, phase_teller
 from puma_cli.models.training import Progress, TrainRecipe, train_classifier
-from puma_cli.quality.evaluation import Evaluation, evaluate_each
+from puma_cli.quality.evaluation import Evaluation, evaluate_each, near_chance
 from puma_cli.unlearn.amnesiac import UpdateRecorder
 
 
@@ -38,6 +38,7 @@ class TrainReport:
     shards: int = 1
     updates_file: Path | None = None
     updates_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def class_count(dataset: Dataset) -> int:
@@ -171,7 +172,30 @@ def train(
         shards=recipe.shards,
         updates_file=sidecar,
         updates_bytes=sidecar.stat().st_size if sidecar is not None else None,
+        warnings=_learnt_nothing(metrics["train"]["accuracy"], trained.y, n_classes, recipe),
     )
+
+
+def _learnt_nothing(
+    accuracy: float, y: np.ndarray, n_classes: int, recipe: TrainRecipe
+) -> list[str]:
+    """A warning when the model does little better on the rows it was trained on than
+    always answering the largest class. Under the default standardisation the likeliest
+    cause is a network that scales its own inputs (x / 255, a Normalize), which then sees
+    nearly the same values for every row."""
+    majority = near_chance(accuracy, y, n_classes)
+    if majority is None:
+        return []
+    fix = (
+        "if your network scales or normalises its own inputs, train with --no-standardize "
+        "(puma standardises them first by default); otherwise raise --epochs or --lr"
+        if recipe.standardize
+        else "raise --epochs or --lr, or check the labels"
+    )
+    return [
+        f"the trained model classifies its training rows at {accuracy:.3f}, little better "
+        f"than always answering the largest class ({majority:.3f}): {fix}"
+    ]
 
 
 def _group_positions(group: Path, dataset: Dataset, trained_rows: np.ndarray) -> np.ndarray:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.models.predict import Tell, offset_teller, predict_logits
 from puma_cli.quality.calibration import expected_calibration_error
+
+NEAR_CHANCE = 0.1  # accuracy within this of the largest class's share: near chance
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,13 @@ def evaluate_each(
         out.append(evaluate(model, dataset, tell=step))
         done += len(dataset)
     return out
+
+
+def near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> float | None:
+    """The largest class's share of the rows `y` when `accuracy` on them is within
+    NEAR_CHANCE of it (a model that learnt next to nothing from them), else None. On
+    rows nearly all of one class the margin is half the room above that share, so a
+    model that gets 99.5 % of a 99 %-majority set right is not taken for a constant."""
+    majority = float(np.bincount(y, minlength=n_classes).max() / max(len(y), 1))
+    margin = min(NEAR_CHANCE, (1 - majority) / 2)
+    return majority if accuracy < majority + margin else None
