@@ -343,6 +343,12 @@ BAD_FILES = {
         NET.replace("nn.Linear(width, n_classes)", "nn.Linear(width, 5)"),
         "returns (2, 5) for a batch of 2; it must return logits (n, 2)",
     ),
+    # Probabilities where logits belong: the cross-entropy would take them for logits and
+    # the model would learn next to nothing (a softmax net: 0.444 on two classes).
+    "returns probabilities": (
+        NET.replace("return self.body(x)", "return self.body(x).softmax(dim=1)"),
+        "returns probabilities (each row non-negative, summing to 1); return the logits",
+    ),
     "fails on the data's shape": (
         NET.replace("nn.Linear(in_features, width)", "nn.Linear(3, width)"),
         "fails on the data's first rows, a batch of shape (2, 2)",
@@ -1021,3 +1027,15 @@ def test_near_chance_is_measured_from_the_largest_class() -> None:
     assert near_chance(0.99, skewed, 2) == 0.99
     assert near_chance(1.0, skewed, 2) is None  # a perfect model is not taken for one
     assert near_chance(0.5, np.zeros(10, dtype=int), 3) == 1.0  # one class: nothing to learn
+
+
+def test_log_probabilities_are_taken_as_logits(data_dir: Path, tmp_path: Path) -> None:
+    """log_softmax's output is logits up to a constant per row (softmax gives back the same
+    probabilities): accepted, unlike the probabilities themselves."""
+    path = tmp_path / "net.py"
+    path.write_text(NET.replace("return self.body(x)", "return self.body(x).log_softmax(dim=1)"))
+    trained = run_json(
+        "train", data_dir / "radial.csv", "--arch", f"{path}:Net", "-o", tmp_path / "m.safetensors",
+        "--epochs", "100",
+    )  # fmt: skip
+    assert trained["train_accuracy"] > 0.7 and trained["warnings"] == []

@@ -232,6 +232,24 @@ def check_logits(
             f"{label} returns {shape} for a batch of 2; it must return logits (n, {n_classes}), "
             "one per class"
         )
+    if _probabilities(out):
+        raise PumaError(
+            f"{label} returns probabilities (each row non-negative, summing to 1); return the "
+            "logits, before the softmax: puma's cross-entropy takes logits, and would learn "
+            "next to nothing from probabilities (log_softmax's output is fine)"
+        )
+
+
+def _probabilities(out: torch.Tensor) -> bool:
+    """Whether every row of a network's output looks like a softmax's: in [0, 1] and
+    summing to 1. Logits of a fresh or trained network practically never do."""
+    rows = out.detach().double()
+    if not torch.isfinite(rows).all():
+        return False
+    in_range = bool(((rows >= 0) & (rows <= 1)).all())
+    return in_range and bool(
+        torch.allclose(rows.sum(dim=1), torch.ones(len(rows)).to(rows), atol=1e-4)
+    )
 
 
 def _sha256(path: Path) -> str:
