@@ -202,7 +202,8 @@ def check_logits(
 ) -> None:
     """Refuse a new network that holds a tensor as a plain attribute, has nothing to train,
     fails on `batch` (two rows of the data, as the net will see them: standardised or
-    not) or does not return one logit per class; `hint` follows the failure's message.
+    not) or does not return one logit per class (probabilities, a softmax's rows, are not
+    logits); `hint` follows the failure's message.
     (Loading a checkpoint runs none of this: a model once made keeps loading.)"""
     _refuse_plain_tensors(getattr(net, "net", net), label)  # a Classifier's network
     if not any(p.requires_grad for p in net.parameters()):
