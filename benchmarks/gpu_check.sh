@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The --device "$dev" paths on a machine with an NVIDIA GPU, in stages that fit a short
+# The --device cuda paths on a machine with an NVIDIA GPU, in stages that fit a short
 # lease (15 minutes of device time, 10 a command):
 #   chain           the main chain on cuda: every command, method and curvature (~2 min)
 #   user-nets       a GRU and an attention net of a user's on sequences: every curvature,
