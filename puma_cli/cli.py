@@ -447,6 +447,15 @@ def _architecture(arch: str, arch_args: str) -> dict[str, Any]:
     return {"arch": "user", "arch_args": args, "arch_source": parse_user_spec(arch)}
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    """Comma-separated numbers (brackets and spaces allowed); empty: none."""
+    parts = [part for part in text.strip("[]() ").split(",") if part.strip()]
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise PumaError(f"{option} {text!r}: give numbers separated by commas") from None
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("none", "", "[]"):
         return ()  # no hidden layer: multinomial logistic regression
@@ -589,6 +598,25 @@ def import_(
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
+    input_divisor: Annotated[
+        float,
+        typer.Option(
+            "--input-divisor",
+            help="The weights were trained on the data's values divided by this: 255 for "
+            "8-bit images through torchvision's ToTensor (puma reads them as 0..255).",
+        ),
+    ] = 1.0,
+    normalize_mean: Annotated[
+        str,
+        typer.Option(
+            "--normalize-mean",
+            help="And then normalised as torchvision's Normalize(mean, std) does: the "
+            "mean, one value or one per channel (0.4914,0.4822,0.4465), after the divisor.",
+        ),
+    ] = "",
+    normalize_std: Annotated[
+        str, typer.Option("--normalize-std", help="Normalize's std, likewise.")
+    ] = "",
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Held-out data (the criterion for removal).", readable=False),
@@ -610,6 +638,12 @@ def import_(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
         mixed_precision, augment, lr_schedule,
     )  # fmt: skip
+    recipe = replace(
+        recipe,
+        input_divisor=input_divisor,
+        normalize_mean=_floats(normalize_mean, "--normalize-mean"),
+        normalize_std=_floats(normalize_std, "--normalize-std"),
+    )
     torch_device = resolve_device(device)
     with console.phase_progress(enabled=not as_json) as phases:
         report = job(

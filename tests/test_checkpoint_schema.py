@@ -184,6 +184,24 @@ TAMPERED = {
         lambda t, m: m["recipe"].update(lr_schedule=3),
         "'recipe.lr_schedule' is a int, not text",
     ),
+    "text input divisor": (
+        lambda t, m: m["recipe"].update(input_divisor="255"),
+        "'recipe.input_divisor' is text, not a number",
+    ),
+    "normalize mean not a list": (
+        lambda t, m: m["recipe"].update(normalize_mean=0.5, normalize_std=[0.2]),
+        "'recipe.normalize_mean' is a float, not a list of numbers",
+    ),
+    "normalize std of zero": (
+        lambda t, m: m["recipe"].update(
+            standardize=False, normalize_mean=[0.5], normalize_std=[0.0]
+        ),
+        "is not a usable training recipe (--normalize-std 0: give positive numbers)",
+    ),
+    "divisor beside a fitted standardisation": (
+        lambda t, m: m["recipe"].update(input_divisor=255),
+        "the recipe cannot have both",
+    ),
 }
 
 

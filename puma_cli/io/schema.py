@@ -64,6 +64,11 @@ class _Fields:
             raise self.fail(where, f"is {_kind(value)}, not a number")
         return float(value)
 
+    def numbers(self, value: Any, where: str) -> list[float]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"is {_kind(value)}, not a list of numbers")
+        return [self.number(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
     def integers(self, value: Any, where: str, low: int, count: range) -> list[int]:
         if not isinstance(value, list) or len(value) not in count:
             raise self.fail(where, f"is {_kind(value)}, not a list of {_count(count)} numbers")
@@ -156,6 +161,10 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
     for key in ("standardize", "mixed_precision"):
         if not isinstance(recipe.get(key, key == "standardize"), bool):
             raise f.fail(f"recipe.{key}", "is not true or false")
+    if "input_divisor" in recipe:
+        f.number(recipe["input_divisor"], "recipe.input_divisor")
+    for key in ("normalize_mean", "normalize_std"):
+        f.numbers(recipe.get(key) or [], f"recipe.{key}")
     if "hidden" in recipe:
         f.integers(recipe["hidden"], "recipe.hidden", 1, range(MAX_LAYERS + 1))
     f.mapping(recipe.get("arch_args") or {}, "recipe.arch_args")

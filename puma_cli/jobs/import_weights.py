@@ -5,8 +5,10 @@ the data the weights were trained on (every row counts as trained on, since puma
 not know which rows were held out: give held-out data with --val), and the recipe they
 were trained with (epochs, lr, optimiser, batch size, weight decay), which
 `remove --method retrain`, SISA-free baselines and shadow models re-run. Imported
-weights take the inputs as they are: no standardisation is fitted, and the recorded
-recipe says so, so a retrained model sees the data the same way.
+weights take the inputs as they are, or behind the transform the user declares
+(--input-divisor, --normalize-mean/std: torchvision's ToTensor and Normalize): no
+standardisation is fitted, and the recorded recipe says so, so a retrained model sees
+the data the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs
@@ -28,7 +31,12 @@ from puma_cli.io.weights import load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
-from puma_cli.models.training import TrainRecipe, architecture_for, check_trainable
+from puma_cli.models.training import (
+    NO_TRANSFORM,
+    TrainRecipe,
+    architecture_for,
+    check_trainable,
+)
 from puma_cli.models.user import check_logits
 from puma_cli.quality.evaluation import evaluate_each, near_chance
 
@@ -75,13 +83,16 @@ def import_weights(
     test_set = load_for(test, dataset, options, n_classes) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))
     names_from = load_into(model.net, state, weights, model.arch.label)
+    model.fix_standardisation(*recipe.fixed_inputs())
     model = model.to(device).eval()
     first = as_tensor(dataset.X[:2], torch.float32, device)
     check_logits(model, first, n_classes, model.arch.label)
     measured = [dataset, *(d for d in (val_set, test_set) if d is not None)]
     found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
-    metrics: dict[str, Any] = {"train": figures(next(found))}
-    warnings = _near_chance(metrics["train"]["accuracy"], dataset.y, n_classes)
+    own = next(found)
+    metrics: dict[str, Any] = {"train": figures(own)}
+    warnings = _near_chance(own.accuracy, dataset.y, n_classes)
+    warnings += _saturated(own.loss, dataset, recipe)
     if val_set is not None:
         metrics["val"] = figures(next(found))
     if test_set is not None:
@@ -137,4 +148,28 @@ def _near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> list[str]:
         "inputs transformed outside the network (torchvision's Normalize, a scaler), put "
         "that transform in the network's forward, as puma gives the network the data as "
         "the file holds it"
+    ]
+
+
+# A mean training loss below this on 8-bit-looking values, with no transform declared:
+# most often weights trained on those values / 255 (torchvision's ToTensor).
+SATURATED_LOSS = 1e-6
+
+
+def _saturated(loss: float, dataset: Dataset, recipe: TrainRecipe) -> list[str]:
+    """A warning when the weights fit their training rows to a loss of ~0 on values that
+    look 8-bit (whole numbers past 1) and no transform was declared: a network trained on
+    ToTensor's 0..1 values given 0..255 ones has logits hundreds apart, still right (its
+    accuracy gives nothing away) but at a loss of 0, where no row has an influence."""
+    if loss >= SATURATED_LOSS or recipe.fixed_inputs() != NO_TRANSFORM:
+        return []
+    sample = np.asarray(dataset.X[:256], dtype=np.float64)
+    if not (sample.max(initial=0.0) > 1 and np.array_equal(sample, np.round(sample))):
+        return []
+    return [
+        f"the imported weights fit their training rows to a mean loss of {loss:.2g} on "
+        "values from 0 to 255, as a network trained on them divided by 255 does: if it was "
+        "trained through torchvision's ToTensor, import with --input-divisor 255 (and "
+        "--normalize-mean/--normalize-std for a Normalize after it); at a loss of 0 no "
+        "row has an influence left for a removal to take out"
     ]

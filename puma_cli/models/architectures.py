@@ -1,9 +1,10 @@
 """The model zoo, built from the architecture recorded in a checkpoint.
 
 Every model is a `Classifier`: feature standardisation (buffers `mean`, `std`, fitted
-on the training data and saved with the weights) followed by a network that maps the
-standardised input to logits. The influence engine differentiates the network's
-parameters only; the standardisation is fixed.
+on the training data, or fixed to the transform imported weights were trained behind,
+and saved with the weights) followed by a network that maps the standardised input to
+logits. The influence engine differentiates the network's parameters only; the
+standardisation is fixed.
 """
 
 from __future__ import annotations
@@ -151,6 +152,27 @@ class Classifier(nn.Module):
         std = X.std(dim=dims, unbiased=False).reshape(self.std.shape)
         self.mean.copy_(mean)
         self.std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+    def fix_standardisation(
+        self, divisor: float, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        """A transform the network was trained behind, in place of a fitted one: it sees
+        (x / divisor - mean) / std, as torchvision's ToTensor (divisor 255 on 8-bit
+        images) and Normalize(mean, std) give it; mean and std hold one value, or one per
+        channel of images (per feature of a table). None of them: the values as they are."""
+        count = self.mean.shape[0] if self.mean.numel() == self.mean.shape[0] else 1
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) not in (0, 1, count):
+                each = "channel" if self.mean.ndim > 1 else "feature"
+                wanted = f"one, or one per {each} ({count})" if count > 1 else "one value"
+                raise PumaError(
+                    f"--normalize-{name} gives {len(values)} values; give {wanted} for "
+                    f"this data's rows {tuple(self.arch.input_shape)}"
+                )
+        shape = (-1, *(1,) * (self.mean.ndim - 1))
+        for buffer, values, default in ((self.mean, mean, 0.0), (self.std, std, 1.0)):
+            given = torch.tensor(values or (default,), dtype=buffer.dtype) * divisor
+            buffer.copy_(given.reshape(shape).expand(buffer.shape))
 
 
 class ShardEnsemble(nn.Module):

@@ -187,6 +187,8 @@ def _train_shard(
         first = dataset.subset(rows_of[base])
         if recipe.standardize:
             fresh.fit_standardisation(as_tensor(first.X, torch.float32, device))
+        else:
+            fresh.fix_standardisation(*recipe.fixed_inputs())
         member.load_state_dict(fresh.state_dict())
         for r in [r for r in stages if r >= base]:
             del stages[r]

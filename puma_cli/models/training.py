@@ -3,6 +3,7 @@ recorded; for a model trained elsewhere (`puma import`) it is the recipe its use
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
 OPTIMIZERS = ("adam", "sgd")
+NO_TRANSFORM = (1.0, (), ())  # TrainRecipe.fixed_inputs() where none was declared
 SGD_MOMENTUM = 0.9
 
 Progress = Callable[[int, int, float], None]
@@ -58,9 +60,23 @@ class TrainRecipe:
     # not the retrain of such a model.
     augment: str = "none"
     lr_schedule: str = "constant"
+    # The transform imported weights were trained behind, fixed in place of a fitted
+    # standardisation (`puma import --input-divisor --normalize-mean --normalize-std`):
+    # the net sees (x / input_divisor - mean) / std, so retraining and shadow models see
+    # the data as the imported weights did. The defaults give the values as they are.
+    input_divisor: float = 1.0
+    normalize_mean: tuple[float, ...] = ()
+    normalize_std: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
+        for key in ("normalize_mean", "normalize_std"):
+            data[key] = list(data[key])
+        # The transform is recorded where one was declared: a recipe without one keeps
+        # the dict (and its shadow models' cache keys) it had before the fields existed.
+        if self.fixed_inputs() == NO_TRANSFORM:
+            for key in ("input_divisor", "normalize_mean", "normalize_std"):
+                del data[key]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
 
@@ -68,6 +84,8 @@ class TrainRecipe:
     def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["hidden"] = tuple(fields.get("hidden", (64, 32)))
+        for key in ("normalize_mean", "normalize_std"):
+            fields[key] = tuple(fields.get(key) or ())
         fields["arch_args"] = dict(fields.get("arch_args") or {})
         source = fields.get("arch_source")
         fields["arch_source"] = UserSource.from_dict(source) if source else None
@@ -94,6 +112,7 @@ class TrainRecipe:
                 f"--slices {self.slices} needs at least as many --epochs (each slice trains "
                 f"ceil(epochs / slices) epochs); give --epochs {self.slices} or more"
             )
+        self._validate_inputs()
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
         if self.optimizer not in OPTIMIZERS:
@@ -113,6 +132,36 @@ class TrainRecipe:
             raise PumaError(
                 f"--arch {self.arch!r}: choose {', '.join(ARCHITECTURES)} or FILE.py:ClassName"
             )
+
+    def _validate_inputs(self) -> None:
+        divisor, mean, std = self.input_divisor, self.normalize_mean, self.normalize_std
+        if not (math.isfinite(divisor) and divisor > 0):
+            raise PumaError(
+                f"--input-divisor {divisor:g}: give a positive number, like 255 for 8-bit "
+                "images the network saw through torchvision's ToTensor"
+            )
+        if bool(mean) != bool(std):
+            raise PumaError(
+                "--normalize-mean and --normalize-std go together, as torchvision's "
+                "Normalize(mean, std) takes them: give both, or neither"
+            )
+        if not all(math.isfinite(m) for m in mean):
+            raise PumaError(f"--normalize-mean {_listed(mean)}: give finite numbers")
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise PumaError(f"--normalize-std {_listed(std)}: give positive numbers")
+        if self.standardize and (divisor != 1 or mean):
+            raise PumaError(
+                "a fixed input transform (--input-divisor, --normalize-mean/std) takes the "
+                "place of the fitted standardisation; the recipe cannot have both"
+            )
+
+    def fixed_inputs(self) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+        """`Classifier.fix_standardisation`'s arguments."""
+        return self.input_divisor, self.normalize_mean, self.normalize_std
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def architecture_for(
@@ -183,6 +232,8 @@ def train_classifier(
     X = as_tensor(dataset.X, torch.float32, device)
     if recipe.standardize:
         model.fit_standardisation(X)
+    else:
+        model.fix_standardisation(*recipe.fixed_inputs())
     hint = STANDARDIZED_HINT if recipe.standardize else ""
     check_logits(model, X[:2], n_classes, model.arch.label, hint)
     del X  # `fit` takes its own copy: one float32 copy of the data at a time, not two
