@@ -1,6 +1,6 @@
 """How fast, and in how much memory, puma reads data at the field's standard size.
 
-    python benchmarks/data_loading.py [--n 50000] [--folder-n 5000] [--csv-n 200000]
+    python benchmarks/data_loading.py [--n 50000] [--folder-n 50000] [--csv-n 200000]
 
 Writes a synthetic 50,000 x 3 x 32 x 32 uint8 set (CIFAR's shape) as an uncompressed NPZ
 (`np.savez`), a compressed one, and a folder of PNGs (`root/<class>/<image>.png`,
@@ -58,7 +58,7 @@ def measure(path: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=50_000)
-    parser.add_argument("--folder-n", type=int, default=5_000)
+    parser.add_argument("--folder-n", type=int, default=50_000)
     parser.add_argument("--csv-n", type=int, default=200_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "data_loading.md")
     args = parser.parse_args()

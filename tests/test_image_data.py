@@ -81,6 +81,29 @@ def test_a_folder_of_images_goes_through_train_mark_remove_and_eval(tmp_path: Pa
     )
 
 
+def test_a_folder_is_hashed_as_it_is_read_and_a_changed_image_is_caught(tmp_path: Path) -> None:
+    """The reader's digest (each image read once, hashed and decoded) is the recorded
+    folder's; an image edited in place, readable as before, is a change all the same."""
+    from PIL import Image
+
+    from puma_cli.io.image_folder import folder_sha256
+
+    train = _folder(tmp_path / "train", {"cat": 6, "dog": 6})
+    assert load_dataset(train).sha256 == folder_sha256(train)
+    model = tmp_path / "m.safetensors"
+    run_json("train", train, "--arch", "cnn", "-o", model, "--epochs", "2",
+             "--val-frac", "0", "--device", "cpu")  # fmt: skip
+    assert run_json("eval", "-m", model, "--data", train)["n"] == 12
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(train / "dog" / "003.png")
+    assert load_dataset(train).sha256 == folder_sha256(train)
+    assert run_json("info", model)["data_status"]["train"] == "changed"
+    run_json("mark", train, "--random", "0.2", "-o", tmp_path / "ids.txt")
+    assert_clean_error(
+        run("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--criterion-data", train),
+        "has changed since",
+    )
+
+
 BAD_FOLDERS = {
     "no class folders": "is a folder with no class folders",
     "an empty class folder": "holds no images",

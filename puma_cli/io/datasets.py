@@ -25,7 +25,7 @@ import numpy as np
 
 from puma_cli.data.dataset import MAX_ROW_AXES, Dataset
 from puma_cli.errors import DataError
-from puma_cli.io.atomic import sha256_file, sha256_path
+from puma_cli.io.atomic import sha256_file
 from puma_cli.io.files import require_file
 from puma_cli.io.npz import read_npz_arrays
 
@@ -38,15 +38,14 @@ def load_dataset(
     known_sha256: str | None = None,
 ) -> Dataset:
     """Read a CSV, NPZ or IDX file, or a folder of images (`root/<class>/*.png`);
-    `class_names` maps named labels as a model recorded them. `known_sha256`: the path's
+    `class_names` maps named labels as a model recorded them. `known_sha256`: the file's
     sha256 where the caller has just taken it (a recorded file's check), so that the file
-    is not hashed twice."""
+    is not hashed twice (a folder's images are hashed as they are read)."""
     path = Path(path)
     if path.is_dir():
         from puma_cli.io.image_folder import read_image_folder
 
-        dataset = read_image_folder(path, class_names)
-        return replace(dataset, path=path, sha256=known_sha256 or sha256_path(path))
+        return read_image_folder(path, class_names)  # hashed as it is read
     require_file(path, "file", "a CSV, NPZ or IDX file, or a folder of images")
     with open(path, "rb") as handle:
         head = handle.read(8)

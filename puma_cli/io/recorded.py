@@ -43,12 +43,26 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
     path = recorded_data_path(checkpoint, role)
     record = checkpoint.data[role]
     assert record is not None  # recorded_data_path raised otherwise
+
+    def unchanged(digest: str) -> None:
+        if digest != record.sha256:
+            raise DataError(
+                f"{path} has changed since {checkpoint.path} was made (sha256 "
+                f"{record.sha256[:12]} recorded, {digest[:12]} now); restore the original "
+                "file or retrain the model"
+            )
+
+    if path.is_dir():  # each image read once, hashed as it is decoded
+        try:
+            dataset = load_dataset(path, class_names=checkpoint.class_names)
+        except DataError:
+            unchanged(sha256_path(path))  # a change, where that is why it cannot be read
+            raise
+        assert dataset.sha256 is not None
+        unchanged(dataset.sha256)
+        return fit_to_model(checkpoint, dataset)
     digest = sha256_path(path)
-    if digest != record.sha256:
-        raise DataError(
-            f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
-            f"recorded, {digest[:12]} now); restore the original file or retrain the model"
-        )
+    unchanged(digest)
     dataset = load_dataset(
         path, record.label_col, record.id_col, checkpoint.class_names, known_sha256=digest
     )
