@@ -171,3 +171,31 @@ def test_a_transform_that_cannot_be_is_refused_before_anything_is_written(
     model = tmp_path / "m.safetensors"
     assert_clean_error(_import(unit, model, *extra), fragment)
     assert not model.exists()
+
+
+def test_a_scaler_per_feature_comes_from_a_config_file(data_dir: Path, tmp_path: Path) -> None:
+    """A scikit-learn StandardScaler's mean_ and scale_, one value a feature, as YAML lists:
+    the weights then score on the raw CSV as they did on the scaled rows."""
+    from puma_cli.io.datasets import load_dataset
+
+    (tmp_path / "net.py").write_text(NET)
+    scope: dict[str, object] = {}
+    exec(NET, scope)
+    torch.manual_seed(0)
+    net = scope["Net"](2, 2)  # type: ignore[operator]
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    train = load_dataset(data_dir / "radial.csv")
+    mean, scale = train.X.mean(axis=0), train.X.std(axis=0)
+    (tmp_path / "scaler.yaml").write_text(
+        f"import:\n  normalize-mean: {mean.tolist()}\n  normalize-std: {scale.tolist()}\n"
+    )
+    model = tmp_path / "m.safetensors"
+    run_json("import", tmp_path / "w.safetensors", "--arch", f"{tmp_path / 'net.py'}:Net",
+             "--data", data_dir / "radial.csv", "-o", model, "--config", tmp_path / "scaler.yaml",
+             "--device", "cpu")  # fmt: skip
+    X = torch.as_tensor((train.X - mean) / scale, dtype=torch.float64)
+    with torch.no_grad():
+        logits = net.double()(X)
+    loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(train.y)))
+    assert run_json("info", model)["metrics"]["train"]["loss"] == pytest.approx(loss, abs=2e-6)
+    assert run_json("info", model)["recipe"]["normalize_std"] == pytest.approx(scale.tolist())

@@ -138,16 +138,17 @@ def import_weights(
 def _near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> list[str]:
     """A warning when the weights do little better on their own training rows than always
     answering the largest class: most often they were trained on inputs transformed
-    outside the network (torchvision's Normalize, a scaler), which puma does not apply."""
+    outside the network (torchvision's Normalize, a scaler) that was not declared."""
     majority = near_chance(accuracy, y, n_classes)
     if majority is None:
         return []
     return [
         f"the imported weights classify their training rows at {accuracy:.3f}, little better "
         f"than always answering the largest class ({majority:.3f}): if they were trained on "
-        "inputs transformed outside the network (torchvision's Normalize, a scaler), put "
-        "that transform in the network's forward, as puma gives the network the data as "
-        "the file holds it"
+        "inputs transformed outside the network, declare the transform (--input-divisor "
+        "255 for torchvision's ToTensor; --normalize-mean/--normalize-std for its "
+        "Normalize or a StandardScaler's mean_ and scale_) or put it in the network's "
+        "forward, as puma gives the network the data as the file holds it"
     ]
 
 
