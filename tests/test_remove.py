@@ -406,3 +406,30 @@ def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
     )  # fmt: skip
     assert len(tries) == 1 and again["cached"]
     assert again["parameters"]["damping"] == pytest.approx(raised)
+
+
+def test_a_whole_class_kept_after_its_removal_is_said_with_what_forgets_it(
+    tmp_path: Path,
+) -> None:
+    """Every trained row of digit 3 marked, validation on other rows of 3: PUMA holds the
+    held-out accuracy, digit 3's included, so the removed model still predicts it; a
+    warning names the class and the methods that forget it. Retraining, which cannot
+    predict the class, says nothing of it; neither does a marking short of the class."""
+    digits = Path(__file__).resolve().parent.parent / "sample_data"
+    model = tmp_path / "d.safetensors"
+    run_json("train", digits / "digits-train.npz", "--val", digits / "digits-test.npz",
+             "-o", model, "--epochs", "20", "--device", "cpu")  # fmt: skip
+    with np.load(digits / "digits-train.npz") as data:
+        threes = [str(i) for i, y in zip(data["ids"], data["y"], strict=True) if y == 3]
+    (tmp_path / "three.txt").write_text("\n".join(threes))
+    (tmp_path / "most.txt").write_text("\n".join(threes[:-1]))
+
+    def said(marked: str, method: str) -> list[str]:
+        out = run_json("remove", "-m", model, "--marked", tmp_path / marked, "--method", method,
+                       "-o", tmp_path / f"{marked}-{method}.st", "--device", "cpu")  # fmt: skip
+        return [w for w in out["warnings"] if "every trained row of class 3" in w]
+
+    (warning,) = said("three.txt", "puma")
+    assert "PUMA keeps held-out performance" in warning and "--method scrub" in warning
+    assert said("three.txt", "retrain") == []
+    assert said("most.txt", "puma") == []

@@ -122,6 +122,9 @@ def remove(
     )
     test_after = after_t[0].accuracy if after_t else None
     warnings = list(result.warnings)
+    whole = _whole_classes(checkpoint, dataset, trained_marked)
+    if whole and after_m.accuracy >= WHOLE_CLASS_KEPT:
+        warnings.append(_whole_class_warning(whole, after_m.accuracy, method))
     if test_before is not None and test_after is not None and test_before - test_after > 0.01:
         warnings.append(
             f"test accuracy fell by {100 * (test_before - test_after):.1f} points "
@@ -192,6 +195,41 @@ def _marked_rows(
             "on; nothing would remain: mark fewer points"
         )
     return rows, trained, skipped
+
+
+# A removal of a whole class that still classifies this share of the marked rows right
+# is said to keep the class.
+WHOLE_CLASS_KEPT = 0.5
+
+
+def _whole_classes(checkpoint: ckpt.Checkpoint, dataset: Dataset, marked: np.ndarray) -> list[str]:
+    """The classes (by name where the data names them) the marking holds every row of
+    that the model is trained on."""
+    trained = checkpoint.roles == ckpt.ROLE_TRAINED
+    is_marked = np.zeros(len(dataset), dtype=bool)
+    is_marked[marked] = True
+    whole = []
+    for k in np.unique(dataset.y[marked]):
+        if is_marked[trained & (dataset.y == k)].all():
+            names = dataset.class_names
+            whole.append(repr(names[k]) if names is not None else str(int(k)))
+    return whole
+
+
+def _whole_class_warning(classes: list[str], accuracy: float, method: str) -> str:
+    which = f"class {classes[0]}" if len(classes) == 1 else f"classes {', '.join(classes)}"
+    why = (
+        "PUMA keeps held-out performance, the class's included (README: \"Forgetting a "
+        'whole class"); '
+        if method in ("puma", "influence")
+        else ""
+    )
+    return (
+        f"the marking holds every trained row of {which}, which a model retrained without "
+        f"them cannot predict, but the removed model still classifies {accuracy:.1%} of "
+        f"the marked rows right: {why}to forget a whole class, --method scrub or salun, a "
+        "longer first-order step (--method influence --eta 64), or --method retrain"
+    )
 
 
 _RECORDED_METRICS = (
