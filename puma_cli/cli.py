@@ -698,17 +698,19 @@ def mark(
     from puma_cli.jobs.mark import mark as job
 
     resolve_device(device)
-    report = job(
-        data,
-        output,
-        cls=cls,
-        clusters=clusters,
-        all_classes=all_classes,
-        random_frac=random,
-        seed=seed,
-        options=DataOptions(label_col, id_col),
-        overwrite=overwrite,
-    )
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(
+            data,
+            output,
+            cls=cls,
+            clusters=clusters,
+            all_classes=all_classes,
+            random_frac=random,
+            seed=seed,
+            options=DataOptions(label_col, id_col),
+            overwrite=overwrite,
+            phases=phases,
+        )
     _render(as_json, asdict(report), f"marked {report.count} of {report.n} points")
 
 

@@ -230,3 +230,35 @@ def test_channels_last_images_are_named_as_such(arch: str, tmp_path: Path) -> No
         assert_clean_error(result, "which looks channels-last (n, H, W, C)")
         assert "X.transpose(0, 3, 1, 2)" in result.output
         assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_folder_read_is_told_image_by_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading 50,000 images takes seconds: `mark`, `train` and the commands on a model
+    report each folder's read as `reading <folder>/`, in steps, ending complete."""
+    from puma_cli.io import image_folder
+    from puma_cli.jobs.mark import mark
+    from puma_cli.jobs.remove import remove
+
+    monkeypatch.setattr(image_folder, "TOLD_EVERY", 5)
+    train = _folder(tmp_path / "train", {"cat": 12, "dog": 12})
+    held = _folder(tmp_path / "held", {"cat": 4, "dog": 4})
+    seen: list[tuple[str, int, int]] = []
+
+    def told(phase: str, done: int, total: int) -> None:
+        seen.append((phase, done, total))
+
+    mark(train, tmp_path / "ids.txt", random_frac=0.2, phases=told)
+    assert [s for s in seen if s[0] == "reading train/"] == [
+        ("reading train/", k, 24) for k in (5, 10, 15, 20, 24)
+    ]
+    model = tmp_path / "m.safetensors"
+    run_json("train", train, "--arch", "cnn", "-o", model, "--epochs", "2",
+             "--val-frac", "0", "--device", "cpu")  # fmt: skip
+    seen.clear()
+    remove(model, tmp_path / "ids.txt", tmp_path / "r.safetensors", criterion_data=held,
+           phases=told)  # fmt: skip
+    phases = [p for p, _, _ in seen]
+    assert phases.index("reading train/") < phases.index("reading held/")
+    assert ("reading held/", 8, 8) in seen

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from puma_cli.io.atomic import sha256_file
 from puma_cli.io.files import require_file
 from puma_cli.io.npz import read_npz_arrays
 
+if TYPE_CHECKING:
+    from puma_cli.models.predict import Phases
+
 
 def load_dataset(
     path: Path,
@@ -36,16 +40,18 @@ def load_dataset(
     id_col: str = "id",
     class_names: Sequence[str] | None = None,
     known_sha256: str | None = None,
+    phases: Phases | None = None,
 ) -> Dataset:
     """Read a CSV, NPZ or IDX file, or a folder of images (`root/<class>/*.png`);
     `class_names` maps named labels as a model recorded them. `known_sha256`: the file's
     sha256 where the caller has just taken it (a recorded file's check), so that the file
-    is not hashed twice (a folder's images are hashed as they are read)."""
+    is not hashed twice (a folder's images are hashed as they are read). `phases` is told
+    of a folder's read, image by image (a file's is one step)."""
     path = Path(path)
     if path.is_dir():
         from puma_cli.io.image_folder import read_image_folder
 
-        return read_image_folder(path, class_names)  # hashed as it is read
+        return read_image_folder(path, class_names, phases)  # hashed as it is read
     require_file(path, "file", "a CSV, NPZ or IDX file, or a folder of images")
     with open(path, "rb") as handle:
         head = handle.read(8)

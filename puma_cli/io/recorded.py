@@ -20,6 +20,7 @@ from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
 from puma_cli.io.checkpoint import ROLE_VALIDATION, Checkpoint
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
+from puma_cli.models.predict import Phases
 
 
 def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
@@ -38,8 +39,11 @@ def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
     return path
 
 
-def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
-    """Load the recorded file for `role`, refusing one whose sha256 has changed."""
+def load_recorded_dataset(
+    checkpoint: Checkpoint, role: str, phases: Phases | None = None
+) -> Dataset:
+    """Load the recorded file for `role`, refusing one whose sha256 has changed
+    (`phases`: told of a folder's read)."""
     path = recorded_data_path(checkpoint, role)
     record = checkpoint.data[role]
     assert record is not None  # recorded_data_path raised otherwise
@@ -54,7 +58,7 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
 
     if path.is_dir():  # each image read once, hashed as it is decoded
         try:
-            dataset = load_dataset(path, class_names=checkpoint.class_names)
+            dataset = load_dataset(path, class_names=checkpoint.class_names, phases=phases)
         except DataError:
             unchanged(sha256_path(path))  # a change, where that is why it cannot be read
             raise
@@ -69,16 +73,19 @@ def load_recorded_dataset(checkpoint: Checkpoint, role: str) -> Dataset:
     return fit_to_model(checkpoint, dataset)
 
 
-def load_recorded_or_none(checkpoint: Checkpoint, role: str) -> Dataset | None:
+def load_recorded_or_none(
+    checkpoint: Checkpoint, role: str, phases: Phases | None = None
+) -> Dataset | None:
     """The recorded file for `role`, sha256-checked, or None when none was recorded."""
     if checkpoint.data.get(role) is None:
         return None
-    return load_recorded_dataset(checkpoint, role)
+    return load_recorded_dataset(checkpoint, role, phases)
 
 
-def load_compatible(checkpoint: Checkpoint, path: Path) -> Dataset:
+def load_compatible(checkpoint: Checkpoint, path: Path, phases: Phases | None = None) -> Dataset:
     """A file the user names for this model, labels mapped through its classes, shape checked."""
-    return fit_to_model(checkpoint, load_dataset(path, class_names=checkpoint.class_names))
+    loaded = load_dataset(path, class_names=checkpoint.class_names, phases=phases)
+    return fit_to_model(checkpoint, loaded)
 
 
 def load_sidecar(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
@@ -158,13 +165,17 @@ _ROLE_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def criterion_set(
-    checkpoint: Checkpoint, dataset: Dataset, roles: np.ndarray, criterion_data: Path | None
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    roles: np.ndarray,
+    criterion_data: Path | None,
+    phases: Phases | None = None,
 ) -> Dataset:
     """Held-out data for C: --criterion-data, else the recorded validation file or rows."""
     if criterion_data is not None:
-        return load_compatible(checkpoint, criterion_data)
+        return load_compatible(checkpoint, criterion_data, phases)
     if checkpoint.data.get("val") is not None:
-        return load_recorded_dataset(checkpoint, "val")
+        return load_recorded_dataset(checkpoint, "val", phases)
     rows = np.flatnonzero(roles == ROLE_VALIDATION)
     if rows.size == 0:
         imported = bool(checkpoint.provenance) and checkpoint.provenance[0].get("op") == "import"

@@ -69,12 +69,12 @@ def attack(
     check_outputs([plot], [model, targets, nonmembers], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     recorded.protect_recorded([plot], checkpoint)
-    dataset = recorded.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
     ids = read_ids(targets)
     if not ids:
         raise DataError(f"{targets} names no ids; give the ids to test for membership")
     target_rows = rows_for_ids(dataset, ids, targets)
-    other = _nonmembers(checkpoint, model, nonmembers)
+    other = _nonmembers(checkpoint, model, nonmembers, phases)
     cache: Cache | None = None
     if method == "u-lira":
         report, cache = _ulira(checkpoint, model, dataset, other, target_rows, shadows, seed,
@@ -233,10 +233,12 @@ def _shadow_unlearner(
     return unlearn
 
 
-def _nonmembers(checkpoint: ckpt.Checkpoint, model: Path, nonmembers: Path | None) -> Dataset:
+def _nonmembers(
+    checkpoint: ckpt.Checkpoint, model: Path, nonmembers: Path | None, phases: Phases | None
+) -> Dataset:
     if nonmembers is not None:
-        return recorded.load_compatible(checkpoint, nonmembers)
-    test = recorded.load_recorded_or_none(checkpoint, "test")
+        return recorded.load_compatible(checkpoint, nonmembers, phases)
+    test = recorded.load_recorded_or_none(checkpoint, "test", phases)
     if test is not None:
         return test
     raise PumaError(f"{model} records no test file; give non-members with --nonmembers FILE")

@@ -157,12 +157,12 @@ def compare(
         check_outputs([*outputs.values(), plot], [model, marked], overwrite)
     else:
         check_outputs([plot], [model, marked], overwrite)
-    dataset = recorded.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
     ids = read_ids(marked)
     if not ids:
         raise DataError(f"{marked} names no ids; give at least one id to remove")
     rows = rows_for_ids(dataset, ids, marked)
-    test = recorded.load_recorded_or_none(checkpoint, "test")
+    test = recorded.load_recorded_or_none(checkpoint, "test", phases)
     if test is None:
         notes.append(f"{model} records no test file: test accuracy, KL on test and the attacks' "
                      "AUC are left out")  # fmt: skip

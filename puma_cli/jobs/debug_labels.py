@@ -72,9 +72,9 @@ def debug_labels(
     check_outputs([output, plot], [model, truth, criterion_data], overwrite)
     checkpoint = ckpt.load_checkpoint(model, device)
     recorded.protect_recorded([output, plot], checkpoint)
-    dataset = recorded.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
-    criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data)
+    criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data, phases)
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()

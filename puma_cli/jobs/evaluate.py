@@ -45,7 +45,7 @@ def evaluate_model(
     """Evaluate on a file, or on a file the checkpoint recorded (`on`: train, val or test)."""
     require_range("--bins", bins, 1, MAX_BINS)
     checkpoint = ckpt.load_checkpoint(model, device)
-    dataset = _eval_dataset(checkpoint, data, on, options, every_row=ids is not None)
+    dataset = _eval_dataset(checkpoint, data, on, options, ids is not None, phases)
     dataset = recorded.fit_to_model(checkpoint, dataset)
     if ids is not None:
         wanted = read_ids(ids)
@@ -63,6 +63,7 @@ def _eval_dataset(
     on: str | None,
     options: DataOptions | None,
     every_row: bool = False,
+    phases: Phases | None = None,
 ) -> Dataset:
     """The data to evaluate on. `--on train` is the rows trained on, or with `every_row`
     (ids given) every row of the recorded training file: after a removal the marked rows
@@ -76,7 +77,9 @@ def _eval_dataset(
             if train_record
             else DataOptions()
         )
-        return load_dataset(data, opts.label_col, opts.id_col, checkpoint.class_names)
+        return load_dataset(
+            data, opts.label_col, opts.id_col, checkpoint.class_names, phases=phases
+        )
     role = on or ("test" if checkpoint.data.get("test") else None)
     if role is None:
         raise PumaError(
@@ -85,12 +88,12 @@ def _eval_dataset(
     if role not in ROLES:
         raise PumaError(f"--on {role!r}: choose train, val or test")
     if role == "val" and checkpoint.data.get("val") is None:
-        dataset = recorded.load_recorded_dataset(checkpoint, "train")
+        dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
         rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_VALIDATION)
         if rows.size == 0:
             raise PumaError(f"{checkpoint.path} was trained without a validation split")
         return dataset.subset(rows)
-    dataset = recorded.load_recorded_dataset(checkpoint, role)
+    dataset = recorded.load_recorded_dataset(checkpoint, role, phases)
     if role == "train" and not every_row:
         return dataset.subset(np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED))
     return dataset

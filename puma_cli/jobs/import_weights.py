@@ -76,11 +76,11 @@ def import_weights(
         raise PumaError("puma import wraps one network; a SISA ensemble is made by `puma train`")
     check_outputs([output], [weights, data, val, test], overwrite)
     state = read_state_dict(weights)
-    dataset = load_dataset(data, options.label_col, options.id_col)
+    dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     check_trainable(dataset, recipe)  # the recipe must run on it: retrain re-runs it
     n_classes = class_count(dataset)
-    val_set = load_for(val, dataset, options, n_classes) if val is not None else None
-    test_set = load_for(test, dataset, options, n_classes) if test is not None else None
+    val_set = load_for(val, dataset, options, n_classes, phases) if val is not None else None
+    test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))
     names_from = load_into(model.net, state, weights, model.arch.label)
     model.fix_standardisation(*recipe.fixed_inputs())

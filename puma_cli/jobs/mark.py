@@ -19,6 +19,7 @@ from puma_cli.errors import PumaError, require_range
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import write_ids as write_ids_file
+from puma_cli.models.predict import Phases
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ def mark(
     seed: int = 0,
     options: DataOptions = DataOptions(),
     overwrite: bool = False,
+    phases: Phases | None = None,
 ) -> MarkReport:
     """Mark by k-means cluster (one class, or every class) or at random; write the ids."""
     chosen = [cls is not None, all_classes, random_frac is not None]
@@ -50,7 +52,7 @@ def mark(
         )
     require_range("--clusters", clusters, 1, MAX_CLUSTERS)
     check_outputs([output], [data], overwrite)
-    dataset = load_dataset(data, options.label_col, options.id_col)
+    dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     if random_frac is not None:
         rows, method = random_marking(dataset, random_frac, seed), f"random {random_frac}"
     elif all_classes:

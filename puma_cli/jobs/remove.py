@@ -93,13 +93,13 @@ def remove(
         )
     checkpoint = ckpt.load_checkpoint(model, device)
     recorded.protect_recorded([output], checkpoint)
-    dataset = recorded.load_recorded_dataset(checkpoint, "train")
+    dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
     ids = read_ids(marked)
     rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
     new_roles = checkpoint.roles.copy()
     new_roles[rows] = ckpt.ROLE_REMOVED
-    criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data)
-    test_set = recorded.load_recorded_or_none(checkpoint, "test")
+    criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data, phases)
+    test_set = recorded.load_recorded_or_none(checkpoint, "test", phases)
     marked_set = dataset.subset(trained_marked)
     if use_cache and method in ("puma", "influence"):
         caches = EngineCaches.beside(model)

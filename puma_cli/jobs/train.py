@@ -95,17 +95,17 @@ def train(
     sidecar = updates_path_for(output) if record_updates else None
     outputs = [output, sidecar]
     check_outputs(outputs, [data, val, test, group], overwrite)
-    dataset = load_dataset(data, options.label_col, options.id_col)
+    dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     n_classes = class_count(dataset)
     roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
     val_set: Dataset | None = None
     if val is not None:
-        val_set = load_for(val, dataset, options, n_classes)
+        val_set = load_for(val, dataset, options, n_classes, phases)
     elif val_frac > 0:
         _, held = split_rows(dataset.y, val_frac, recipe.seed)
         roles[held] = ckpt.ROLE_VALIDATION
         val_set = dataset.subset(held) if held.size else None
-    test_set = load_for(test, dataset, options, n_classes) if test is not None else None
+    test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     trained_rows = np.flatnonzero(roles == ckpt.ROLE_TRAINED)
     trained = dataset.subset(trained_rows)
     grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
@@ -207,9 +207,17 @@ def _group_positions(group: Path, dataset: Dataset, trained_rows: np.ndarray) ->
     return np.flatnonzero(np.isin(trained_rows, rows))
 
 
-def load_for(path: Path, train_set: Dataset, options: DataOptions, n_classes: int) -> Dataset:
+def load_for(
+    path: Path,
+    train_set: Dataset,
+    options: DataOptions,
+    n_classes: int,
+    phases: Phases | None = None,
+) -> Dataset:
     """A validation or test file, checked against the training data's shape and classes."""
-    other = load_dataset(path, options.label_col, options.id_col, train_set.class_names)
+    other = load_dataset(
+        path, options.label_col, options.id_col, train_set.class_names, phases=phases
+    )
     if other.input_shape != train_set.input_shape:
         raise DataError(
             f"{path} has feature shape {other.input_shape}, but {train_set.name} has "
