@@ -216,10 +216,10 @@ def solve(
     if top <= 0:
         raise PumaError(
             "the training loss has no curvature at these weights: the model fits every "
-            "row to a loss of 0, so no row has an influence to remove. Imported weights "
-            "trained on 8-bit images divided by 255 (torchvision's ToTensor) do so on the "
-            "0..255 values: import them again with --input-divisor 255; otherwise "
-            "--method retrain removes the rows"
+            "row to a loss of 0, so no row has an influence to remove, rank or correct. "
+            "Imported weights trained on 8-bit images divided by 255 (torchvision's "
+            "ToTensor) do so on the 0..255 values: import them again with --input-divisor "
+            "255; otherwise a removal takes --method retrain"
         )
     if engine.kronecker is not None:  # set only for kfac/ekfac
         # Closed form: (K + (weight decay + mu) I)^-1 b, block by block.
