@@ -107,7 +107,7 @@ def test_a_folder_is_hashed_as_it_is_read_and_a_changed_image_is_caught(tmp_path
 BAD_FOLDERS = {
     "no class folders": "is a folder with no class folders",
     "an empty class folder": "holds no images",
-    "an unreadable image": "dog/000.png is not a readable image",
+    "an unreadable image": "dog/000.png is not a readable image (no image format Pillow reads)",
     "images of two sizes": "is 9x8, but",
 }
 

@@ -186,7 +186,9 @@ def _pixels(
                 converted = image.convert("L" if mode in GREY else "RGB")
                 pixels = np.asarray(converted, dtype=np.uint8)
     except (unidentified, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path} is not a readable image ({exc}); replace or remove it") from exc
+        # Pillow names the buffer it read from, not the file: say what it means instead
+        why = "no image format Pillow reads" if isinstance(exc, unidentified) else str(exc)
+        raise DataError(f"{path} is not a readable image ({why}); replace or remove it") from exc
     return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, 2, 0)
 
 
