@@ -46,7 +46,7 @@ def load_dataset(
     `class_names` maps named labels as a model recorded them. `known_sha256`: the file's
     sha256 where the caller has just taken it (a recorded file's check), so that the file
     is not hashed twice (a folder's images are hashed as they are read). `phases` is told
-    of a folder's read, image by image (a file's is one step)."""
+    of a folder's read, image by image (a file's read is not told)."""
     path = Path(path)
     if path.is_dir():
         from puma_cli.io.image_folder import read_image_folder
