@@ -32,7 +32,7 @@ from puma_cli.engine.curvature import (
     resolve_curvature,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
-from puma_cli.engine.kronecker import KINDS, supported_layers
+from puma_cli.engine.kronecker import KINDS, fits_kronecker
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
@@ -137,7 +137,7 @@ def training_engine(
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
             work_per_row=multiply_adds(engine.module, engine.X[:1]) if auto else 0,
-            kronecker_fits=not auto or bool(supported_layers(engine.module, engine.X[:2])),
+            kronecker_fits=not auto or fits_kronecker(engine.module, engine.X[:2]),
         )
         key = {"precision": str(engine.dtype)}
         path = checkpoint.path

@@ -148,7 +148,8 @@ def attach_curvature(
     full_key = {**key, "curvature": choice.name, "samples": str(choice.samples),
                 "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
                 "labels": "seeded per batch", "batch": str(size),
-                "fit_precision": str(fit_dtype), "shared_weights": APPROXIMATION}  # fmt: skip
+                "fit_precision": str(fit_dtype), "shared_weights": APPROXIMATION,
+                "self_attention": "as modules"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
 

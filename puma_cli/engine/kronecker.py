@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from puma_cli import parallel
+from puma_cli.engine.attention import attention_as_modules, theta_name
 from puma_cli.engine.kernels import composite_kernels
 from puma_cli.errors import PumaError
 
@@ -131,8 +132,9 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
     theta; one frozen in part gets no block, and its trainable part is left out) and whose
     forward runs on `probe`, a row or two of input. A layer whose weight another module
-    uses directly (MultiheadAttention's out_proj) has no input or output of its own for
-    the factors to be taken at: it is left out, like any other layer K-FAC does not know,
+    uses directly (MultiheadAttention's out_proj, outside `attention_as_modules`, which
+    callers hold while fitting) has no input or output of its own for the factors to be
+    taken at: it is left out, like any other layer K-FAC does not know,
     and so are layers that share a weight (`self.b.weight = self.a.weight`): one block per
     layer cannot hold a tensor's curvature from two layers. A layer held under two names
     (`self.b = self.a`) is one layer, its factors summed over its calls."""
@@ -154,6 +156,12 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
         for hook in hooks:
             hook.remove()
     return [(n, m) for n, m in layers if n in ran]
+
+
+def fits_kronecker(module: nn.Module, probe: Tensor) -> bool:
+    """Whether K-FAC has a layer to fit in the module (self-attention's included)."""
+    with attention_as_modules(module):
+        return bool(supported_layers(module, probe))
 
 
 def tied_layers(module: nn.Module) -> set[int]:
@@ -211,12 +219,12 @@ def _blocks(
     factors: dict[str, tuple[Tensor, ...]],
 ) -> tuple[list[Block], Tensor]:
     where = _positions(names, sizes)
+    known = set(where)
     covered = torch.zeros(sum(sizes), dtype=torch.bool)
     blocks = []
     for name, layer in layers:
-        prefix = f"{name}." if name else ""
-        weight = where[f"{prefix}weight"]
-        bias = where.get(f"{prefix}bias") if layer.bias is not None else None
+        weight = where[theta_name(name, "weight", known)]
+        bias = where.get(theta_name(name, "bias", known)) if layer.bias is not None else None
         Qa, Qb, E = factors[name]
         blocks.append(Block(name, weight, tuple(layer.weight.shape), bias, Qa, Qb, E))
         covered[weight[0] : weight[0] + weight[1]] = True
@@ -240,6 +248,20 @@ def fit_kronecker(
     after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
+    with attention_as_modules(module):  # self-attention's projections as layers
+        return _fit(kind, module, names, sizes, batches, fisher, seed, progress)
+
+
+def _fit(
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    batches: list[tuple[Tensor, Tensor]],
+    fisher: str,
+    seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> KroneckerCurvature:
     layers = supported_layers(module, batches[0][0][:2])
     if not layers:
         raise PumaError(
@@ -430,6 +452,18 @@ def kronecker_from_tensors(
 ) -> KroneckerCurvature | None:
     """The cached factors back as a curvature, or None when they do not fit the module
     (`probe`: a row or two of input, which tells the layers they were fitted for)."""
+    with attention_as_modules(module):  # the layers the factors were fitted for
+        return _from_tensors(kind, module, names, sizes, tensors, probe)
+
+
+def _from_tensors(
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    tensors: dict[str, Tensor],
+    probe: Tensor,
+) -> KroneckerCurvature | None:
     factors: dict[str, tuple[Tensor, ...]] = {}
     layers = supported_layers(module, probe)
     for name, layer in layers:
