@@ -4,6 +4,8 @@ attention does (masks included) and hands anything else back to it."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -60,6 +62,8 @@ def test_the_stand_in_computes_what_the_attention_does(
         assert found[1] is not None and torch.allclose(found[1], expected[1], atol=1e-12)
     assert stand_in.in_proj.weight is mha.in_proj_weight  # the same parameters
     assert stand_in.batch_first == batch_first  # what callers read of the attention
+    copied = copy.deepcopy(stand_in)  # a copy computes the same, with its own parameters
+    assert torch.allclose(copied(x, x, x, **kwargs)[0], expected[0], atol=1e-12)
 
 
 def test_cross_attention_and_unbatched_input_run_the_attention_itself() -> None:

@@ -47,7 +47,10 @@ class AttentionThroughModules(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_mha"], name)
+            mha = self.__dict__.get("_mha")  # absent while a copy is being built
+            if mha is None:
+                raise
+            return getattr(mha, name)
 
     def forward(
         self,
