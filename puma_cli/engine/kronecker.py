@@ -452,32 +452,21 @@ def kronecker_from_tensors(
 ) -> KroneckerCurvature | None:
     """The cached factors back as a curvature, or None when they do not fit the module
     (`probe`: a row or two of input, which tells the layers they were fitted for)."""
-    with attention_as_modules(module):  # the layers the factors were fitted for
-        return _from_tensors(kind, module, names, sizes, tensors, probe)
-
-
-def _from_tensors(
-    kind: str,
-    module: nn.Module,
-    names: list[str],
-    sizes: list[int],
-    tensors: dict[str, Tensor],
-    probe: Tensor,
-) -> KroneckerCurvature | None:
     factors: dict[str, tuple[Tensor, ...]] = {}
-    layers = supported_layers(module, probe)
-    for name, layer in layers:
-        parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
-        if any(p is None for p in parts):
+    with attention_as_modules(module):  # the layers the factors were fitted for
+        layers = supported_layers(module, probe)
+        for name, layer in layers:
+            parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
+            if any(p is None for p in parts):
+                return None
+            Qa, Qb, E = (p.double() for p in parts if p is not None)
+            cols = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
+            rows = layer.weight.shape[0]
+            if Qa.shape != (cols, cols) or Qb.shape != (rows, rows) or E.shape != (rows, cols):
+                return None
+            if not all(bool(torch.isfinite(t).all()) for t in (Qa, Qb, E)) or float(E.min()) < 0:
+                return None
+            factors[name] = (Qa, Qb, E)
+        if not factors:
             return None
-        Qa, Qb, E = (p.double() for p in parts if p is not None)
-        cols = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
-        rows = layer.weight.shape[0]
-        if Qa.shape != (cols, cols) or Qb.shape != (rows, rows) or E.shape != (rows, cols):
-            return None
-        if not all(bool(torch.isfinite(t).all()) for t in (Qa, Qb, E)) or float(E.min()) < 0:
-            return None
-        factors[name] = (Qa, Qb, E)
-    if not factors:
-        return None
-    return _curvature(kind, module, layers, names, sizes, factors)
+        return _curvature(kind, module, layers, names, sizes, factors)
