@@ -447,11 +447,14 @@ def _architecture(arch: str, arch_args: str) -> dict[str, Any]:
     return {"arch": "user", "arch_args": args, "arch_source": parse_user_spec(arch)}
 
 
+def _comma_parts(text: str) -> list[str]:
+    """The items of a comma-separated list, brackets and spaces allowed; empty: none."""
+    return [part for part in text.strip("[]() ").split(",") if part.strip()]
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
-    """Comma-separated numbers (brackets and spaces allowed); empty: none."""
-    parts = [part for part in text.strip("[]() ").split(",") if part.strip()]
     try:
-        return tuple(float(part) for part in parts)
+        return tuple(float(part) for part in _comma_parts(text))
     except ValueError:
         raise PumaError(f"{option} {text!r}: give numbers separated by commas") from None
 
@@ -460,7 +463,7 @@ def _hidden(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("none", "", "[]"):
         return ()  # no hidden layer: multinomial logistic regression
     try:
-        widths = tuple(int(part) for part in text.strip("[]() ").split(",") if part.strip())
+        widths = tuple(int(part) for part in _comma_parts(text))
     except ValueError:
         raise typer.BadParameter(f"{text!r}: give comma-separated widths like 64,32") from None
     if min(widths, default=0) < 1:  # parsed, but out of range: bad input, not usage
