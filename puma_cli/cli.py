@@ -249,6 +249,7 @@ class Activation(str, enum.Enum):
 
 class Optimizer(str, enum.Enum):
     adam = "adam"
+    adamw = "adamw"
     sgd = "sgd"
 
 
@@ -290,7 +291,12 @@ ActivationOpt = Annotated[Activation, typer.Option("--activation", help="mlp's: 
 EpochsOpt = Annotated[int, typer.Option("--epochs")]
 LrOpt = Annotated[float, typer.Option("--lr", help="The optimiser's learning rate.")]
 OptimizerOpt = Annotated[
-    Optimizer, typer.Option("--optimizer", help="adam, or sgd (momentum 0.9).")
+    Optimizer,
+    typer.Option(
+        "--optimizer",
+        help="adam (weight decay as an L2 term of the loss), adamw (torch's AdamW: "
+        "decoupled weight decay) or sgd (momentum 0.9, weight decay as L2).",
+    ),
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
 AugmentOpt = Annotated[

@@ -39,6 +39,7 @@ from puma_cli.io.atomic import sha256_file
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint, single_model
 from puma_cli.models.predict import as_tensor
+from puma_cli.models.training import loss_weight_decay
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def _engine(
         single_model(checkpoint, "the influence engine (puma, influence, debug-labels, calibrate)"),
         data.X,
         data.y,
-        float(checkpoint.recipe.get("weight_decay", 0.0)),
+        loss_weight_decay(checkpoint.recipe),
         chunk_size=CONV_CHUNK if is_convolutional(checkpoint) else 2048,
         dtype=derivative_dtype(checkpoint, precision),
     )

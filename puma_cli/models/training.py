@@ -4,7 +4,7 @@ recorded; for a model trained elsewhere (`puma import`) it is the recipe its use
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from puma_cli.models.augment import AUGMENTS, LR_SCHEDULES, augment_batch, lr_sc
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 NO_TRANSFORM = (1.0, (), ())  # TrainRecipe.fixed_inputs() where none was declared
 SGD_MOMENTUM = 0.9
 
@@ -47,7 +47,7 @@ class TrainRecipe:
     seed: int = 0
     shards: int = 1
     slices: int = 1
-    optimizer: str = "adam"  # or "sgd" (momentum 0.9)
+    optimizer: str = "adam"  # "adamw" (decoupled weight decay) or "sgd" (momentum 0.9)
     standardize: bool = True  # fit per-feature mean/std first; off for imported weights
     arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-args
     arch_source: UserSource | None = None  # arch "user": FILE.py:Class, with its sha256
@@ -116,7 +116,7 @@ class TrainRecipe:
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
         if self.optimizer not in OPTIMIZERS:
-            raise PumaError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
+            raise PumaError(f"--optimizer {self.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
         if self.augment not in AUGMENTS:
             raise PumaError(f"--augment {self.augment!r}: choose {', '.join(AUGMENTS)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -334,7 +334,20 @@ def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimiz
             momentum=SGD_MOMENTUM,
             weight_decay=recipe.weight_decay,
         )
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def loss_weight_decay(recipe: Mapping[str, Any]) -> float:
+    """The L2 coefficient a recorded recipe's weight decay adds to the training loss.
+
+    Adam's and SGD's weight decay is the gradient of decay / 2 * |theta|^2, a term of the
+    loss the weights minimise, so the engine's Hessian carries it; AdamW's decoupled decay
+    shrinks the weights beside the loss, not through it, and adds none."""
+    if recipe.get("optimizer") == "adamw":
+        return 0.0
+    return float(recipe.get("weight_decay", 0.0))
 
 
 def _epoch_order(
