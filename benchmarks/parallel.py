@@ -32,11 +32,13 @@ from harness import RESULTS, ROOT, invocation, table, write_results
 from safetensors.torch import load_file
 from scale import gaussian_mixture
 
-# name: (rows, features, hidden widths, curvature)
+# name: (rows, features, hidden widths, curvature); rows 0: the digits CNN (sample_data),
+# a float32 conv net, where EK-FAC's eigenbasis is the most sensitive to rounding.
 CASES: dict[str, tuple[int, int, str, str]] = {
     "mlp-70k-20k-kfac": (20_000, 100, "320,96", "kfac"),
     "mlp-70k-20k-ekfac": (20_000, 100, "320,96", "ekfac"),
     "mlp-2k-20k-exact": (20_000, 20, "64", "exact"),
+    "cnn-digits-ekfac": (0, 0, "32", "ekfac"),
 }
 
 
@@ -71,11 +73,16 @@ def largest_difference(a: Path, b: Path) -> float:
 def measure(name: str, epochs: int, processes: int, folder: Path) -> dict[str, Any]:
     rows, features, hidden, curvature = CASES[name]
     train, test = folder / f"{name}.npz", folder / f"{name}-test.npz"
-    np.savez(train, **gaussian_mixture(rows, features, 0))
-    np.savez(test, **gaussian_mixture(2_000, features, 1))
+    arch = ["--hidden", hidden]
+    if rows:
+        np.savez(train, **gaussian_mixture(rows, features, 0))
+        np.savez(test, **gaussian_mixture(2_000, features, 1))
+    else:
+        train, test = ROOT / "sample_data/digits-train.npz", ROOT / "sample_data/digits-test.npz"
+        arch += ["--arch", "cnn"]
     model = folder / f"{name}.safetensors"
     trained = puma(["train", str(train), "--test", str(test), "-o", str(model), "--epochs",
-                    str(epochs), "--batch-size", "128", "--hidden", hidden, "--overwrite"])  # fmt: skip
+                    str(epochs), "--batch-size", "128", *arch, "--overwrite"])  # fmt: skip
     marked = folder / f"{name}-ids.txt"
     puma(["mark", str(train), "--random", "0.01", "-o", str(marked), "--overwrite"])
     base = ["remove", "-m", str(model), "--marked", str(marked), "--curvature", curvature]
@@ -96,6 +103,10 @@ def measure(name: str, epochs: int, processes: int, folder: Path) -> dict[str, A
         "largest_weight_difference": largest_difference(
             folder / "one.safetensors", folder / "many.safetensors"
         ),
+        "largest_weight_difference_one_thread": largest_difference(
+            folder / "single.safetensors", folder / "many.safetensors"
+        ),
+        "largest_step": largest_difference(model, folder / "one.safetensors"),
         "marked_loss_one": one["marked_loss_after"],
         "marked_loss_torchrun": many["marked_loss_after"],
         "eta_scale_one": one["eta_scale"],
@@ -136,7 +147,10 @@ def report(rows: list[dict[str, Any]], attack: dict[str, Any], seconds: float) -
         "",
         f"Produced by {invocation(__file__)} in {seconds:.0f} s on {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, gloo. Times are the job's own seconds (files read, "
-        "no process start-up); caches off.",
+        "no process start-up); caches off. Weight differences are the largest over every "
+        "tensor, against one process on all cores and on one thread (a float32 convolution "
+        "rounds otherwise on several threads); the largest step is the largest change PUMA "
+        "made to a weight, for scale.",
         "",
         table(
             [
@@ -149,6 +163,8 @@ def report(rows: list[dict[str, Any]], attack: dict[str, Any], seconds: float) -
                 "/ one process",
                 "/ one thread",
                 "largest weight difference",
+                "the same, to one thread",
+                "largest step",
                 "marked loss one / torchrun",
             ],
             [
@@ -162,6 +178,8 @@ def report(rows: list[dict[str, Any]], attack: dict[str, Any], seconds: float) -
                     f"{r['ratio']:.2f}",
                     f"{r['ratio_to_one_thread']:.2f}",
                     f"{r['largest_weight_difference']:.1e}",
+                    f"{r['largest_weight_difference_one_thread']:.1e}",
+                    f"{r['largest_step']:.1e}",
                     f"{r['marked_loss_one']:.4f} / {r['marked_loss_torchrun']:.4f}",
                 ]
                 for r in rows
