@@ -462,7 +462,9 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in _comma_parts(text))
     except ValueError:
-        raise PumaError(f"{option} {text!r}: give numbers separated by commas") from None
+        raise typer.BadParameter(  # not parsed: a usage error, as --hidden's
+            f"{text!r}: give numbers separated by commas, like 0.5,0.5,0.5", param_hint=option
+        ) from None
 
 
 def _hidden(text: str) -> tuple[int, ...]:

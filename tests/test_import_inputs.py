@@ -162,7 +162,6 @@ def test_models_without_a_transform_record_none(unit: Path, tmp_path: Path) -> N
             "--normalize-mean gives 3 values",
         ),
         (("--normalize-mean", "0.5", "--normalize-std", "0"), "--normalize-std"),
-        (("--normalize-mean", "half", "--normalize-std", "0.2"), "--normalize-mean 'half'"),
     ],
 )
 def test_a_transform_that_cannot_be_is_refused_before_anything_is_written(
@@ -170,6 +169,16 @@ def test_a_transform_that_cannot_be_is_refused_before_anything_is_written(
 ) -> None:
     model = tmp_path / "m.safetensors"
     assert_clean_error(_import(unit, model, *extra), fragment)
+    assert not model.exists()
+
+
+def test_a_transform_that_is_no_number_is_a_usage_error(unit: Path, tmp_path: Path) -> None:
+    """Not parsed at all, like `--hidden a,b` or `--epochs x`: exit 2 with the usage."""
+    model = tmp_path / "m.safetensors"
+    result = _import(unit, model, "--normalize-mean", "half", "--normalize-std", "0.2")
+    assert result.exit_code == 2
+    assert "--normalize-mean" in result.output and "'half'" in result.output
+    assert "Traceback" not in result.output
     assert not model.exists()
 
 
