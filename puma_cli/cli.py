@@ -319,6 +319,15 @@ LrScheduleOpt = Annotated[
     ),
 ]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+LabelSmoothingOpt = Annotated[
+    float,
+    typer.Option(
+        "--label-smoothing",
+        help="Train against (1 - s) x the label + s / K on every class (torch's "
+        "label_smoothing), in [0, 1). Recorded: retraining, SISA, shadow models and the "
+        "fine-tuning baselines train with it, and removal differentiates that loss.",
+    ),
+]
 RemovalModelOpt = Annotated[
     Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False)
 ]
@@ -414,6 +423,7 @@ def _recipe(
     mixed_precision: bool = False,
     augment: Augment = Augment.none,
     lr_schedule: LrSchedule = LrSchedule.constant,
+    label_smoothing: float = 0.0,
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares)."""
     from puma_cli.models.training import TrainRecipe
@@ -431,6 +441,7 @@ def _recipe(
         mixed_precision=mixed_precision,
         augment=augment.value,
         lr_schedule=lr_schedule.value,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -497,6 +508,7 @@ def train(
     optimizer: OptimizerOpt = Optimizer.adam,
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
+    label_smoothing: LabelSmoothingOpt = 0.0,
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
@@ -554,7 +566,7 @@ def train(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule,
+        mixed_precision, augment, lr_schedule, label_smoothing,
     )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
@@ -606,6 +618,7 @@ def import_(
     optimizer: OptimizerOpt = Optimizer.adam,
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
+    label_smoothing: LabelSmoothingOpt = 0.0,
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
@@ -647,7 +660,7 @@ def import_(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule,
+        mixed_precision, augment, lr_schedule, label_smoothing,
     )  # fmt: skip
     recipe = replace(
         recipe,

@@ -201,6 +201,7 @@ def _engine(
         loss_weight_decay(checkpoint.recipe),
         chunk_size=CONV_CHUNK if is_convolutional(checkpoint) else 2048,
         dtype=derivative_dtype(checkpoint, precision),
+        label_smoothing=float(checkpoint.recipe.get("label_smoothing", 0.0)),
     )
 
 

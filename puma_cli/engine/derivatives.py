@@ -89,6 +89,7 @@ class InfluenceModel:
         weight_decay: float = 0.0,
         chunk_size: int = 2048,
         dtype: torch.dtype = torch.float64,
+        label_smoothing: float = 0.0,
     ) -> None:
         device = next(model.parameters()).device
         self.dtype = dtype
@@ -116,6 +117,10 @@ class InfluenceModel:
         self.X = as_tensor(X, dtype, device) if isinstance(X, np.ndarray) else X.to(device, dtype)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         self.weight_decay = float(weight_decay)
+        # The training loss's label smoothing (the recipe's): J's rows, their gradients,
+        # scores and Hessian take it; the figures (`_figures`) and the held-out criterion
+        # (`gradient_on`) stay the plain cross-entropy.
+        self.label_smoothing = float(label_smoothing)
         self.chunk_size = chunk_size
         self.device = device
         # Which curvature the solvers invert (`engine.curvature`): exact, ggn, kfac, ekfac.
@@ -157,8 +162,12 @@ class InfluenceModel:
             return functional_call(self.module, values, (X,), tie_weights=False)
 
     def losses(self, flat: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        """Per-row cross-entropy (n,) at parameters `flat` (no L2 term)."""
-        return F.cross_entropy(self.logits(flat, X), y, reduction="none")
+        """Per-row training loss (n,) at parameters `flat` (no L2 term): the cross-entropy,
+        label-smoothed as the model was trained."""
+        return self._row_loss(self.logits(flat, X), y)
+
+    def _row_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
 
     def _chunks(
         self, X: Tensor | None = None, y: Tensor | None = None, local: bool = False
@@ -303,9 +312,7 @@ class InfluenceModel:
             theta = _dual(self.theta, v.to(self.dtype))
             for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
                 logits = self.logits(theta, Xc.to(self.dtype))
-                parts.append(
-                    fwad.unpack_dual(F.cross_entropy(logits, yc, reduction="none")).tangent
-                )
+                parts.append(fwad.unpack_dual(self._row_loss(logits, yc)).tangent)
                 figures.append(_figures(fwad.unpack_dual(logits).primal, yc))
                 self.tell("scores", i + 1, chunks)
         return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
@@ -314,14 +321,17 @@ class InfluenceModel:
         self, v: Tensor, X: Tensor | None, y: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The scores from J v of the logits by the reverse route: the cross-entropy's
-        derivative in the logits is softmax - onehot."""
+        derivative in the logits is softmax - target (the one-hot label, smoothed as the
+        model was trained)."""
         parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
         chunks = self._chunk_count(y)
         v_in = v.to(self.dtype)
         for i, (Xc, yc) in enumerate(self._chunks(X, y, local=True)):
             logits, jv = self._logits_jv_reverse(v_in, Xc.to(self.dtype))
-            slope = torch.softmax(logits, dim=1) - F.one_hot(yc, logits.shape[1]).to(jv.dtype)
+            k, smooth = logits.shape[1], self.label_smoothing
+            target = F.one_hot(yc, k).to(jv.dtype) * (1 - smooth) + smooth / k
+            slope = torch.softmax(logits, dim=1) - target
             parts.append((slope * jv).sum(dim=1))
             figures.append(_figures(logits, yc))
             self.tell("scores", i + 1, chunks)

@@ -67,6 +67,9 @@ class TrainRecipe:
     input_divisor: float = 1.0
     normalize_mean: tuple[float, ...] = ()
     normalize_std: tuple[float, ...] = ()
+    # Cross-entropy against (1 - s) x the label + s / K on every class (torch's
+    # label_smoothing): the loss the weights minimise, so the engine differentiates it too.
+    label_smoothing: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
@@ -77,6 +80,8 @@ class TrainRecipe:
         if self.fixed_inputs() == NO_TRANSFORM:
             for key in ("input_divisor", "normalize_mean", "normalize_std"):
                 del data[key]
+        if self.label_smoothing == 0.0:  # the same: recorded where it was asked for
+            del data["label_smoothing"]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
 
@@ -96,6 +101,7 @@ class TrainRecipe:
             raise PumaError(f"--epochs {self.epochs}: train for at least 1 epoch")
         require_range("--lr", self.lr, 0, low_open=True)
         require_range("--weight-decay", self.weight_decay, 0)
+        require_range("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
         require_range("--seed", self.seed, 0, SEED_MAX)
         if self.batch_size < 1:
             raise PumaError(f"--batch-size {self.batch_size}: give 1 or more")
@@ -281,7 +287,7 @@ def fit(
                         f"{batch.numel()} rows in training; it must return logits (n, K) "
                         "for any n (does its forward fix a batch size?)"
                     )
-                loss = F.cross_entropy(logits, y[batch])
+                loss = F.cross_entropy(logits, y[batch], label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
