@@ -435,7 +435,7 @@ def _accumulate(
     about 1e-7, which turns the eigenbasis of a factor with eigenvalues that close (a
     convolution's patches: 2e-6 apart, relative, on a small image set) and with it
     EK-FAC's refitted eigenvalues, which belong to the basis: two processes' patch then
-    differed from one's by 5 %. `through_input`: the backward passes go to each batch (the
+    differed from one's by 4 %. `through_input`: the backward passes go to each batch (the
     layers' output gradients, all the factors need, and no weight gradient); the model is
     given a copy, so that a forward writing into its input works and each pass sees the
     batch as it was."""
