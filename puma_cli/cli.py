@@ -48,6 +48,7 @@ COMMANDS = (
     "calibrate",
     "eval",
     "info",
+    "export",
 )
 
 
@@ -1345,6 +1346,50 @@ def eval_(
         "ids_file": str(report.ids_file) if report.ids_file else None,
     }
     _render(as_json, payload, f"{model} on {report.data}")
+
+
+@app.command()
+@domain_errors
+def export(
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint whose network to export.", readable=False)
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", help="The .safetensors state dict to write.", readable=False
+        ),
+    ],
+    like: Annotated[
+        Path | None,
+        typer.Option(
+            "--like",
+            help="Name the tensors (and give them the dtypes) of this weights file, as "
+            "puma import read it: the file the model was imported from, so that the code "
+            "that loaded it loads the export.",
+            readable=False,
+        ),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a model's network as a plain safetensors state dict, to deploy it."""
+    from puma_cli.jobs.export import export as job
+
+    resolve_device(device)
+    report = job(model, output, like=like, overwrite=overwrite)
+    payload = {**asdict(report), "output": str(report.output), "model": str(report.model)}
+    inputs = report.inputs
+    if not as_json and inputs is not None and len(inputs["mean"]) > 8:  # a table's features
+        payload["inputs"] = (
+            f"divisor {inputs['divisor']:g}, then (x - mean) / std with {len(inputs['mean'])} "
+            "values each (--json, or the file's puma_export metadata)"
+        )
+    _render(as_json, payload, f"exported {report.output}")
 
 
 @app.command()

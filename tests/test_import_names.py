@@ -241,3 +241,24 @@ def test_another_network_under_foreign_names_is_refused_by_the_files_name(
         )  # fmt: skip
         assert_clean_error(result, message)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_export_like_the_foreign_file_gives_it_back(
+    case: str, digits: torch.Tensor, tmp_path: Path
+) -> None:
+    """Imported, then exported `--like` the same file: its names, its very tensors, which
+    the foreign network loads strictly."""
+    from safetensors.torch import load_file
+
+    make, arch, _ = FOREIGN[case]
+    net = _settled(make(), digits)
+    weights = _save(net.state_dict(), tmp_path / "w.safetensors")
+    model = tmp_path / "m.safetensors"
+    run_json("import", weights, *arch, "--data", DIGITS, "-o", model)
+    out = tmp_path / "back.safetensors"
+    run_json("export", model, "-o", out, "--like", weights)
+    original, back = load_file(weights), load_file(out)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    make().load_state_dict(back)  # strict

@@ -28,7 +28,12 @@ PREFIXES = ("net.", "module.", "_orig_mod.")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a plain safetensors file; pickles and damaged files are refused."""
+    """The tensors of a plain safetensors file, wrapper prefixes taken off; pickles and
+    damaged files are refused."""
+    return _without_wrappers(_read_tensors(path))[0]
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     require_file(path, "weights file", "a .safetensors file of the network's state dict")
     raw = Path(path).read_bytes()
     try:
@@ -42,14 +47,42 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
+    return tensors
+
+
+def _without_wrappers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors with the prefixes every name shares taken off, and those prefixes."""
+    taken = ""
     stripped = True
     while stripped:  # DDP around torch.compile writes module._orig_mod.
         stripped = False
         for prefix in PREFIXES:
             if all(k.startswith(prefix) for k in tensors):
                 tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                taken += prefix
                 stripped = True
-    return tensors
+    return tensors, taken
+
+
+def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, torch.dtype]]:
+    """The tensor names of the weights file `path` -> the network's name for each and the
+    file's dtype, as `puma import` reads the file (wrapper prefixes, another code base's
+    names): the names to write the network under so that the file's reader finds it. The
+    file must name the network's tensors, at their shapes."""
+    tensors, prefix = _without_wrappers(_read_tensors(path))
+    held = net.state_dict()
+    state, origin, _ = adopt_names(net, tensors, set(held))
+    names: dict[str, tuple[str, torch.dtype]] = {}
+    for ours, tensor in state.items():
+        theirs = prefix + origin.get(ours, ours)
+        if ours not in held or held[ours].shape != tensor.shape:
+            what = "does not have" if ours not in held else f"makes {_shape(held[ours])}"
+            raise DataError(
+                f"{path} names tensor {theirs!r} ({_shape(tensor)}), which {label} {what}; "
+                "give --like the weights file this model was imported from"
+            )
+        names[theirs] = (ours, tensor.dtype)
+    return names
 
 
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label: str) -> str | None:

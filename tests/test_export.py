@@ -1,0 +1,173 @@
+"""`puma export`: a model's network back out as a plain safetensors state dict, so that the
+weights a removal wrote can be deployed where the original ones were; with `--like`, under
+the tensor names (and dtypes) of the file the model was imported from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, run, run_json
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.datasets import load_dataset
+
+NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, 16), nn.ReLU())
+        self.head = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
+def _user_net() -> nn.Module:
+    scope: dict[str, object] = {}
+    exec(NET, scope)
+    return scope["Net"](2, 2)  # type: ignore[operator]
+
+
+@pytest.fixture(scope="module")
+def imported(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights trained by plain PyTorch, saved by DDP (a `module.` prefix) in float16,
+    imported behind a declared transform, and a PUMA removal of 5 % of the rows."""
+    folder = tmp_path_factory.mktemp("export")
+    (folder / "net.py").write_text(NET)
+    train = load_dataset(data_dir / "radial.csv")
+    torch.manual_seed(0)
+    net = _user_net()
+    X = (torch.as_tensor(train.X, dtype=torch.float32) - 0.5) / 2.0  # the user's transform
+    y = torch.as_tensor(train.y)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        optimizer.step()
+    state = {f"module.{k}": v.half() for k, v in net.state_dict().items()}
+    save_file(state, str(folder / "w.safetensors"))
+    run_json(
+        "import", folder / "w.safetensors", "--arch", f"{folder / 'net.py'}:Net",
+        "--data", data_dir / "radial.csv", "--val", data_dir / "radial-test.csv",
+        "--normalize-mean", "0.5", "--normalize-std", "2",
+        "--device", "cpu", "-o", folder / "m.safetensors",
+    )  # fmt: skip
+    run_json("mark", data_dir / "radial.csv", "--random", "0.05", "-o", folder / "ids.txt")
+    run_json(
+        "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
+        "--device", "cpu", "-o", folder / "removed.safetensors",
+    )  # fmt: skip
+    return folder
+
+
+def test_like_the_original_gives_its_names_dtypes_and_the_removed_values(
+    imported: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "deploy.safetensors"
+    report = run_json(
+        "export", imported / "removed.safetensors", "-o", out,
+        "--like", imported / "w.safetensors",
+    )  # fmt: skip
+    original = load_file(imported / "w.safetensors")
+    exported = load_file(out)
+    assert exported.keys() == original.keys()  # module.body.0.weight, ...: the file's own
+    assert all(exported[k].dtype == torch.float16 for k in exported)
+    removed = load_checkpoint(imported / "removed.safetensors").model.net.state_dict()
+    for key, value in exported.items():
+        ours = removed[key.removeprefix("module.")]
+        torch.testing.assert_close(value, ours.half())
+    assert any(not torch.equal(exported[k], original[k]) for k in original)  # the removal
+    assert report["tensors"] == len(original) and report["removals"] == 1
+    assert report["inputs"] == {"divisor": 1.0, "mean": [0.5], "std": [2.0]}
+    # The user's own class loads them and computes the removed model's logits.
+    net = _user_net()
+    net.load_state_dict({k.removeprefix("module."): v.float() for k, v in exported.items()})
+    train = load_dataset(data_dir / "radial.csv")
+    X = torch.as_tensor(train.X[:20], dtype=torch.float32)
+    model = load_checkpoint(imported / "removed.safetensors").model
+    with torch.no_grad():
+        torch.testing.assert_close(net((X - 0.5) / 2.0), model(X), atol=2e-2, rtol=1e-2)
+    with safe_open(str(out), "pt") as handle:
+        record = json.loads(handle.metadata()["puma_export"])
+    assert record["removals"][0]["method"] == "puma"
+    assert record["inputs"] == report["inputs"]
+
+
+def test_without_like_the_networks_own_names_load_into_its_class(
+    imported: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "plain.safetensors"
+    run_json("export", imported / "removed.safetensors", "-o", out)
+    net = _user_net()
+    net.load_state_dict(load_file(out))  # strict: every name, nothing else
+    removed = load_checkpoint(imported / "removed.safetensors").model.net
+    for (name, a), b in zip(net.state_dict().items(), removed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_model_puma_standardised_says_what_its_network_expects(
+    model_file: Path, tmp_path: Path
+) -> None:
+    report = run_json("export", model_file, "-o", tmp_path / "w.safetensors")
+    assert report["inputs"]["divisor"] == 1.0 and len(report["inputs"]["mean"]) == 2
+    assert any("(x - mean) / std" in w for w in report["warnings"])
+
+
+def test_tied_layers_are_written_under_each_name(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tied.py").write_text(
+        "from torch import nn\n\n\nclass Tied(nn.Module):\n"
+        "    def __init__(self, in_features, n_classes):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Linear(in_features, in_features)\n"
+        "        self.b = nn.Linear(in_features, in_features)\n"
+        "        self.b.weight = self.a.weight\n"
+        "        self.out = nn.Linear(in_features, n_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.out(self.b(self.a(x).relu()).relu())\n"
+    )
+    model = tmp_path / "m.safetensors"
+    run_json(
+        "train", data_dir / "radial.csv", "--arch", f"{tmp_path / 'tied.py'}:Tied",
+        "--epochs", "2", "--device", "cpu", "-o", model,
+    )  # fmt: skip
+    run_json("export", model, "-o", tmp_path / "w.safetensors")
+    exported = load_file(tmp_path / "w.safetensors")
+    assert torch.equal(exported["a.weight"], exported["b.weight"])
+
+
+def test_refusals_write_nothing(
+    imported: Path, data_dir: Path, model_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "w.safetensors"
+    removed = imported / "removed.safetensors"
+    # A file of another network's names or shapes.
+    other = tmp_path / "other.safetensors"
+    save_file({"module.body.0.weight": torch.zeros(3, 3)}, str(other))
+    assert_clean_error(run("export", removed, "-o", out, "--like", other), "other.safetensors")
+    save_file({"elsewhere.weight": torch.zeros(2, 2)}, str(other))
+    assert_clean_error(run("export", removed, "-o", out, "--like", other), "'elsewhere.weight'")
+    # A pickle given as --like, an output that is an input or exists, a SISA ensemble.
+    pickled = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    assert_clean_error(run("export", removed, "-o", out, "--like", pickled), "pickle")
+    assert_clean_error(run("export", removed, "-o", removed, "--overwrite"), "input")
+    out.write_bytes(b"keep")
+    assert_clean_error(run("export", removed, "-o", out), "--overwrite")
+    assert out.read_bytes() == b"keep"
+    out.unlink()
+    shards = tmp_path / "sisa.safetensors"
+    run_json("train", data_dir / "radial.csv", "--shards", "2", "--epochs", "2", "-o", shards)
+    assert_clean_error(run("export", shards, "-o", out), "SISA ensemble")
+    assert_clean_error(run("export", tmp_path / "missing.safetensors", "-o", out), "missing")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
