@@ -86,10 +86,13 @@ puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine -o "$out/d-resnet-aug.safetensors" --device "$dev" --json
 puma remove -m "$out/d-resnet-aug.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-resnet-aug-rt.safetensors" --device "$dev" --json
 # Weights trained elsewhere behind a declared transform (ToTensor's divisor), retrained
-# on cuda behind it: the digits CNN's own network, saved as a plain state dict.
-python3 -c "import sys; from safetensors.torch import load_file, save_file; t = load_file(sys.argv[1]); save_file({k[10:]: v for k, v in t.items() if k.startswith('model.net.')}, sys.argv[2])" "$out/d.safetensors" "$out/d-net.safetensors"
-puma import "$out/d-net.safetensors" --arch cnn --data sample_data/digits-train.npz --val sample_data/digits-test.npz --input-divisor 16 --epochs 3 -o "$out/d-imported.safetensors" --device "$dev" --json
+# on cuda behind it with AdamW and label smoothing: the digits CNN's own network, exported
+# as a plain state dict, and the retrained one exported back under its names.
+puma export "$out/d.safetensors" -o "$out/d-net.safetensors" --device "$dev" --json
+puma import "$out/d-net.safetensors" --arch cnn --data sample_data/digits-train.npz --val sample_data/digits-test.npz --input-divisor 16 --epochs 3 --optimizer adamw --weight-decay 0.01 --label-smoothing 0.1 -o "$out/d-imported.safetensors" --device "$dev" --json
 puma remove -m "$out/d-imported.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-imported-rt.safetensors" --device "$dev" --json
+puma remove -m "$out/d-imported.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-imported-p.safetensors" --device "$dev" --json
+puma export "$out/d-imported-p.safetensors" -o "$out/d-imported-p-net.safetensors" --like "$out/d-net.safetensors" --device "$dev" --json
 set +e
 fi
 if wanted user-nets; then
