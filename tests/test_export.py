@@ -156,6 +156,8 @@ def test_refusals_write_nothing(
     assert_clean_error(run("export", removed, "-o", out, "--like", other), "other.safetensors")
     save_file({"elsewhere.weight": torch.zeros(2, 2)}, str(other))
     assert_clean_error(run("export", removed, "-o", out, "--like", other), "'elsewhere.weight'")
+    save_file({"module.head.bias": torch.zeros(2)}, str(other))  # names too few of them
+    assert_clean_error(run("export", removed, "-o", out, "--like", other), "lacks tensor")
     # A pickle given as --like, an output that is an input or exists, a SISA ensemble.
     pickled = tmp_path / "w.pt"
     torch.save({"a": torch.zeros(1)}, pickled)

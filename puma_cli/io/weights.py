@@ -82,6 +82,16 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
                 "give --like the weights file this model was imported from"
             )
         names[theirs] = (ours, tensor.dtype)
+    named = {ours for ours, _ in names.values()}
+    groups: dict[int, list[str]] = {}
+    for name, value in net.state_dict(keep_vars=True).items():  # tied: one object
+        groups.setdefault(id(value), []).append(name)
+    for group in groups.values():
+        if not named & set(group) and not group[0].endswith("num_batches_tracked"):
+            raise DataError(
+                f"{path} lacks tensor {group[0]!r}, which {label} has; give --like the "
+                "weights file this model was imported from"
+            )
     return names
 
 
