@@ -320,6 +320,15 @@ LrScheduleOpt = Annotated[
     ),
 ]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+WarmupOpt = Annotated[
+    int,
+    typer.Option(
+        "--lr-warmup-epochs",
+        help="Raise the learning rate linearly from 1 % of --lr over these first epochs "
+        "(torchvision's linear warmup), then run --lr-schedule over the rest. Recorded "
+        "like --lr-schedule.",
+    ),
+]
 LabelSmoothingOpt = Annotated[
     float,
     typer.Option(
@@ -425,6 +434,7 @@ def _recipe(
     augment: Augment = Augment.none,
     lr_schedule: LrSchedule = LrSchedule.constant,
     label_smoothing: float = 0.0,
+    lr_warmup_epochs: int = 0,
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares)."""
     from puma_cli.models.training import TrainRecipe
@@ -443,6 +453,7 @@ def _recipe(
         augment=augment.value,
         lr_schedule=lr_schedule.value,
         label_smoothing=label_smoothing,
+        lr_warmup_epochs=lr_warmup_epochs,
     )
 
 
@@ -513,6 +524,7 @@ def train(
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
+    lr_warmup_epochs: WarmupOpt = 0,
     standardize: Annotated[
         bool,
         typer.Option(
@@ -567,7 +579,7 @@ def train(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule, label_smoothing,
+        mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
     )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
@@ -623,6 +635,7 @@ def import_(
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
+    lr_warmup_epochs: WarmupOpt = 0,
     input_divisor: Annotated[
         float,
         typer.Option(
@@ -661,7 +674,7 @@ def import_(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule, label_smoothing,
+        mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
     )  # fmt: skip
     recipe = replace(
         recipe,

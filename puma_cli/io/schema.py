@@ -149,7 +149,7 @@ def _architecture(f: _Fields, value: Any) -> dict[str, Any]:
 
 def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
     recipe = f.mapping(value, "recipe")
-    for key in ("epochs", "batch_size", "seed", "shards", "slices"):
+    for key in ("epochs", "batch_size", "seed", "shards", "slices", "lr_warmup_epochs"):
         if key in recipe:
             f.integer(recipe[key], f"recipe.{key}", 0, 2**32)
     for key in ("lr", "weight_decay", "label_smoothing"):

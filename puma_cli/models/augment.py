@@ -17,6 +17,7 @@ AUGMENTS = ("none", "flip", "crop", "flip-crop")
 LR_SCHEDULES = ("constant", "cosine", "step")
 STEP_AT = (0.5, 0.75)  # `step`: the rate divided by STEP_FACTOR at these shares of the epochs
 STEP_FACTOR = 10.0
+WARMUP_START = 0.01  # `--lr-warmup-epochs`: the first epoch's share of the rate
 
 
 def crop_padding(side: int) -> int:
@@ -49,12 +50,30 @@ def augment_batch(X: torch.Tensor, kind: str, generator: torch.Generator) -> tor
 
 
 def lr_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, epochs: int
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int, warmup: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The schedule, stepped once an epoch: `cosine` anneals the rate from the recipe's to
     0 over `epochs` (torch's CosineAnnealingLR); `step` divides it by 10 after half and
     after three quarters of them (He et al.'s CIFAR ResNet recipe; SalUn's 182 epochs
-    step at 91 and 136); `constant` keeps it (None)."""
+    step at 91 and 136); `constant` keeps it (None). With `warmup` W, the rate first rises
+    linearly from WARMUP_START of the recipe's over W epochs (torchvision's reference
+    recipes' `linear` warmup) and the schedule runs over the epochs left; a SISA slice,
+    fewer epochs than the recipe, keeps at least its last at the full rate."""
+    warmup = max(0, min(warmup, epochs - 1))
+    main = _schedule(optimizer, schedule, epochs - warmup)
+    if warmup == 0:
+        return main
+    rise = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=WARMUP_START, end_factor=1.0, total_iters=warmup
+    )
+    if main is None:
+        return rise  # past its W epochs LinearLR keeps the recipe's rate
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [rise, main], milestones=[warmup])
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if schedule == "step":

@@ -60,6 +60,7 @@ class TrainRecipe:
     # not the retrain of such a model.
     augment: str = "none"
     lr_schedule: str = "constant"
+    lr_warmup_epochs: int = 0  # a linear rise over these epochs first (`lr_scheduler`)
     # The transform imported weights were trained behind, fixed in place of a fitted
     # standardisation (`puma import --input-divisor --normalize-mean --normalize-std`):
     # the net sees (x / input_divisor - mean) / std, so retraining and shadow models see
@@ -80,8 +81,9 @@ class TrainRecipe:
         if self.fixed_inputs() == NO_TRANSFORM:
             for key in ("input_divisor", "normalize_mean", "normalize_std"):
                 del data[key]
-        if self.label_smoothing == 0.0:  # the same: recorded where it was asked for
-            del data["label_smoothing"]
+        for key in ("label_smoothing", "lr_warmup_epochs"):  # the same: recorded where
+            if not data[key]:  # they were asked for
+                del data[key]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
 
@@ -113,6 +115,13 @@ class TrainRecipe:
             raise PumaError("--hidden needs positive widths, like 64,32 (or none)")
         if self.shards < 1 or self.slices < 1:
             raise PumaError("--shards and --slices take 1 or more")
+        if self.lr_warmup_epochs < 0:
+            raise PumaError(f"--lr-warmup-epochs {self.lr_warmup_epochs}: give 0 or more")
+        if self.lr_warmup_epochs >= self.epochs:
+            raise PumaError(
+                f"--lr-warmup-epochs {self.lr_warmup_epochs} leaves none of the {self.epochs} "
+                "epochs at the full rate; give fewer warmup epochs than --epochs"
+            )
         if self.slices > self.epochs:
             raise PumaError(
                 f"--slices {self.slices} needs at least as many --epochs (each slice trains "
@@ -262,7 +271,7 @@ def fit(
     X = as_tensor(dataset.X, torch.float32, device)
     y = torch.as_tensor(dataset.y, dtype=torch.long, device=device)
     optimizer = make_optimizer(model, recipe)
-    schedule = lr_scheduler(optimizer, recipe.lr_schedule, epochs)
+    schedule = lr_scheduler(optimizer, recipe.lr_schedule, epochs, recipe.lr_warmup_epochs)
     generator = torch.Generator().manual_seed(seed)
     n = X.shape[0]
     grouped = None
