@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.weights import names_like
+from puma_cli.models.architectures import Classifier
 from puma_cli.models.training import TrainRecipe
 
 
@@ -81,16 +82,16 @@ def export(
     )
 
 
-def _inputs(classifier: Any, recipe: TrainRecipe) -> tuple[dict[str, Any] | None, list[str]]:
+def _inputs(classifier: Classifier, recipe: TrainRecipe) -> tuple[dict[str, Any] | None, list[str]]:
     """The transform puma applies before the network, and a warning where the network's
     users must apply it themselves (puma fitted it: no pipeline of theirs holds it)."""
-    mean, std = classifier.mean.detach().cpu(), classifier.std.detach().cpu()
     if not recipe.standardize:
         divisor, declared_mean, declared_std = recipe.fixed_inputs()
         if divisor == 1.0 and not declared_mean and not declared_std:
             return None, []
         # As declared at import: the transform the weights' own pipeline applies.
         return {"divisor": divisor, "mean": list(declared_mean), "std": list(declared_std)}, []
+    mean, std = classifier.mean.detach().cpu(), classifier.std.detach().cpu()
     if bool((mean == 0).all()) and bool((std == 1).all()):
         return None, []
     per = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
