@@ -37,6 +37,35 @@ def assert_clean_error(result: Result, fragment: str) -> None:
     assert result.stdout == ""
 
 
+def assert_recipe_setting(data: Path, folder: Path, flag: str, value: str, key: str) -> Path:
+    """A training-recipe setting through the CLI: a short run on `data` with `flag value`
+    and one without; the recipe records `key` only where it was given (older recipes, and
+    their shadow-model cache keys, stay as they were), the setting changes the weights,
+    and `remove --method retrain` re-runs it. Returns the model trained with it and the
+    ids file marked for it (`ids.txt` in `folder`)."""
+    import torch
+
+    from puma_cli.io.checkpoint import load_checkpoint
+
+    given, plain = folder / "given.safetensors", folder / "plain.safetensors"
+    for out, extra in ((given, [flag, value]), (plain, [])):
+        run_json(
+            "train", data, "--hidden", "8", "--epochs", "4", "--lr", "0.05", "--device", "cpu",
+            "-o", out, *extra,
+        )  # fmt: skip
+    recorded = run_json("info", given)["recipe"][key]
+    assert str(recorded) == value, recorded
+    assert key not in run_json("info", plain)["recipe"]
+    a, b = load_checkpoint(given).model.state_dict(), load_checkpoint(plain).model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    ids = folder / "ids.txt"
+    run_json("mark", data, "--random", "0.05", "-o", ids)
+    out = folder / "retrained.safetensors"
+    run_json("remove", "-m", given, "--marked", ids, "--method", "retrain", "-o", out)
+    assert str(run_json("info", out)["recipe"][key]) == value
+    return given
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """radial.csv (160 points) and radial-test.csv (40) made by the CLI."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_clean_error, run, run_json
+from conftest import assert_clean_error, assert_recipe_setting, run, run_json
 from safetensors.torch import save_file
 
 from puma_cli.engine.derivatives import InfluenceModel
@@ -88,28 +88,16 @@ def test_a_model_trained_with_smoothing_is_a_minimum_of_the_smoothed_loss_alone(
     assert slope(SMOOTH) < 1e-4 < 1e-2 < slope(0.0)
 
 
-def _train(data_dir: Path, out: Path, *extra: str) -> dict[str, object]:
-    return run_json(
-        "train", data_dir / "radial.csv", "--hidden", "8", "--epochs", "5", "--device", "cpu",
-        "-o", out, *extra,
-    )  # fmt: skip
-
-
 def test_smoothing_is_recorded_trained_with_and_retrained_with(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    smooth, plain = tmp_path / "smooth.safetensors", tmp_path / "plain.safetensors"
-    _train(data_dir, smooth, "--label-smoothing", "0.1")
-    _train(data_dir, plain)
-    assert run_json("info", smooth)["recipe"]["label_smoothing"] == 0.1
-    assert "label_smoothing" not in run_json("info", plain)["recipe"]  # as before it existed
-    a, b = load_checkpoint(smooth).model.state_dict(), load_checkpoint(plain).model.state_dict()
-    assert any(not torch.equal(a[k], b[k]) for k in a)
-    ids = tmp_path / "ids.txt"
-    run_json("mark", data_dir / "radial.csv", "--random", "0.05", "-o", ids)
-    for method in ("retrain", "puma", "scrub"):
+    smooth = assert_recipe_setting(
+        data_dir / "radial.csv", tmp_path, "--label-smoothing", "0.1", "label_smoothing"
+    )
+    for method in ("puma", "scrub"):
         out = tmp_path / f"{method}.safetensors"
-        report = run_json("remove", "-m", smooth, "--marked", ids, "--method", method, "-o", out)
+        marked = tmp_path / "ids.txt"
+        report = run_json("remove", "-m", smooth, "--marked", marked, "--method", method, "-o", out)
         assert report["removed"] > 0
         assert run_json("info", out)["recipe"]["label_smoothing"] == 0.1
 
@@ -118,7 +106,7 @@ def test_import_records_the_smoothing_the_weights_were_trained_with(
     data_dir: Path, tmp_path: Path
 ) -> None:
     trained = tmp_path / "t.safetensors"
-    _train(data_dir, trained)
+    run_json("train", data_dir / "radial.csv", "--hidden", "8", "--epochs", "5", "-o", trained)
     weights = tmp_path / "w.safetensors"
     save_file(load_checkpoint(trained).model.net.state_dict(), str(weights))
     out = tmp_path / "m.safetensors"

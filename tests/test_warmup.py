@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error, run, run_json
+from conftest import assert_clean_error, assert_recipe_setting, run
 
-from puma_cli.io.checkpoint import load_checkpoint
 from puma_cli.models.augment import lr_scheduler
 
 
@@ -42,24 +41,9 @@ def test_a_warmup_longer_than_a_slice_leaves_it_one_epoch_at_the_full_rate() -> 
 
 
 def test_warmup_is_recorded_and_retraining_re_runs_it(data_dir: Path, tmp_path: Path) -> None:
-    def train(out: Path, *extra: str) -> None:
-        run_json(
-            "train", data_dir / "radial.csv", "--hidden", "8", "--epochs", "4", "--lr", "0.05",
-            "--device", "cpu", "-o", out, *extra,
-        )  # fmt: skip
-
-    warm, cold = tmp_path / "warm.safetensors", tmp_path / "cold.safetensors"
-    train(warm, "--lr-warmup-epochs", "2")
-    train(cold)
-    assert run_json("info", warm)["recipe"]["lr_warmup_epochs"] == 2
-    assert "lr_warmup_epochs" not in run_json("info", cold)["recipe"]  # as before it existed
-    a, b = load_checkpoint(warm).model.state_dict(), load_checkpoint(cold).model.state_dict()
-    assert any(not torch.equal(a[k], b[k]) for k in a)
-    ids = tmp_path / "ids.txt"
-    run_json("mark", data_dir / "radial.csv", "--random", "0.05", "-o", ids)
-    out = tmp_path / "rt.safetensors"
-    run_json("remove", "-m", warm, "--marked", ids, "--method", "retrain", "-o", out)
-    assert run_json("info", out)["recipe"]["lr_warmup_epochs"] == 2
+    assert_recipe_setting(
+        data_dir / "radial.csv", tmp_path, "--lr-warmup-epochs", "2", "lr_warmup_epochs"
+    )
 
 
 @pytest.mark.parametrize(("value", "fragment"), [("-1", "--lr-warmup-epochs -1"), ("4", "fewer")])
