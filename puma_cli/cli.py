@@ -320,6 +320,15 @@ LrScheduleOpt = Annotated[
     ),
 ]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+ClipOpt = Annotated[
+    float,
+    typer.Option(
+        "--clip-grad-norm",
+        help="Scale each step's gradient down to this norm at most (torch's "
+        "clip_grad_norm_, as transformer recipes train); 0: off. Recorded like --lr-schedule; "
+        "the fine-tuning baselines clip too.",
+    ),
+]
 WarmupOpt = Annotated[
     int,
     typer.Option(
@@ -435,6 +444,7 @@ def _recipe(
     lr_schedule: LrSchedule = LrSchedule.constant,
     label_smoothing: float = 0.0,
     lr_warmup_epochs: int = 0,
+    clip_grad_norm: float = 0.0,
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares)."""
     from puma_cli.models.training import TrainRecipe
@@ -454,6 +464,7 @@ def _recipe(
         lr_schedule=lr_schedule.value,
         label_smoothing=label_smoothing,
         lr_warmup_epochs=lr_warmup_epochs,
+        clip_grad_norm=clip_grad_norm,
     )
 
 
@@ -525,6 +536,7 @@ def train(
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
     lr_warmup_epochs: WarmupOpt = 0,
+    clip_grad_norm: ClipOpt = 0.0,
     standardize: Annotated[
         bool,
         typer.Option(
@@ -580,6 +592,7 @@ def train(
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
         mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
+        clip_grad_norm,
     )  # fmt: skip
     recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
     torch_device = resolve_device(device)
@@ -636,6 +649,7 @@ def import_(
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
     lr_warmup_epochs: WarmupOpt = 0,
+    clip_grad_norm: ClipOpt = 0.0,
     input_divisor: Annotated[
         float,
         typer.Option(
@@ -675,6 +689,7 @@ def import_(
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
         mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
+        clip_grad_norm,
     )  # fmt: skip
     recipe = replace(
         recipe,

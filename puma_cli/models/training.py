@@ -61,6 +61,7 @@ class TrainRecipe:
     augment: str = "none"
     lr_schedule: str = "constant"
     lr_warmup_epochs: int = 0  # a linear rise over these epochs first (`lr_scheduler`)
+    clip_grad_norm: float = 0.0  # each step's gradient scaled to this norm at most; 0: off
     # The transform imported weights were trained behind, fixed in place of a fitted
     # standardisation (`puma import --input-divisor --normalize-mean --normalize-std`):
     # the net sees (x / input_divisor - mean) / std, so retraining and shadow models see
@@ -81,8 +82,8 @@ class TrainRecipe:
         if self.fixed_inputs() == NO_TRANSFORM:
             for key in ("input_divisor", "normalize_mean", "normalize_std"):
                 del data[key]
-        for key in ("label_smoothing", "lr_warmup_epochs"):  # the same: recorded where
-            if not data[key]:  # they were asked for
+        for key in ("label_smoothing", "lr_warmup_epochs", "clip_grad_norm"):  # as where
+            if not data[key]:  # they were asked for: recorded only then
                 del data[key]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
@@ -104,6 +105,7 @@ class TrainRecipe:
         require_range("--lr", self.lr, 0, low_open=True)
         require_range("--weight-decay", self.weight_decay, 0)
         require_range("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
+        require_range("--clip-grad-norm", self.clip_grad_norm, 0)
         require_range("--seed", self.seed, 0, SEED_MAX)
         if self.batch_size < 1:
             raise PumaError(f"--batch-size {self.batch_size}: give 1 or more")
@@ -297,9 +299,7 @@ def fit(
                         "for any n (does its forward fix a batch size?)"
                     )
                 loss = F.cross_entropy(logits, y[batch], label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(model, optimizer, loss, recipe)
             if on_step is not None and before is not None:
                 on_step(batch, parameters_to_vector(model.parameters()).detach() - before)
             total += float(loss.detach()) * batch.numel()
@@ -338,6 +338,18 @@ def train_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
     finally:
         for m in norms:
             m.train()
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, recipe: TrainRecipe
+) -> None:
+    """One step of the recipe's optimiser on `loss`, the gradient's norm clipped to the
+    recipe's `clip_grad_norm` first where it sets one."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe.clip_grad_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+    optimizer.step()
 
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:

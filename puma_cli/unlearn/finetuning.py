@@ -37,7 +37,13 @@ from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.augment import augment_batch
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import TrainRecipe, batch_bounds, make_optimizer, train_forward
+from puma_cli.models.training import (
+    TrainRecipe,
+    batch_bounds,
+    make_optimizer,
+    optimizer_step,
+    train_forward,
+)
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 Tensor = torch.Tensor
@@ -120,10 +126,9 @@ def _tuning(request: RemovalRequest, method: str) -> Tuning:
     )
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def _step(t: Tuning, optimizer: torch.optim.Optimizer, loss: Tensor) -> float:
+    """One step of the recipe's optimiser (its clipping too); the loss, refused if not finite."""
+    optimizer_step(t.model, optimizer, loss, t.recipe)
     value = float(loss.detach())
     if not math.isfinite(value):
         raise PumaError(f"the fine-tuning loss became {value}; lower --lr (nothing was written)")
@@ -147,7 +152,7 @@ def finetune(request: RemovalRequest) -> RemovalResult:
     optimizer = t.optimizer()
     t.model.train()
     for epoch in range(t.epochs):
-        losses = [_step(optimizer, t.loss(t.forward(b), t.y[b])) for b in t.batches(t.remaining)]
+        losses = [_step(t, optimizer, t.loss(t.forward(b), t.y[b])) for b in t.batches(t.remaining)]
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "finetune")
 
@@ -165,7 +170,7 @@ def neggrad(request: RemovalRequest) -> RemovalResult:
             f = next(forget)
             descent = t.loss(t.forward(b), t.y[b])
             ascent = t.loss(t.forward(f), t.y[f])
-            losses.append(_step(optimizer, alpha * descent - (1 - alpha) * ascent))
+            losses.append(_step(t, optimizer, alpha * descent - (1 - alpha) * ascent))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "neggrad", alpha=alpha)
 
@@ -204,7 +209,7 @@ def _relabelled_training(
     for epoch in range(t.epochs):
         losses = []
         for b in t.batches(rows):
-            losses.append(_step(optimizer, t.loss(t.forward(b), labels[b])))
+            losses.append(_step(t, optimizer, t.loss(t.forward(b), labels[b])))
             if after_step is not None:
                 after_step()
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
@@ -280,14 +285,14 @@ def scrub(request: RemovalRequest) -> RemovalResult:
                 x = t.inputs(b)
                 with torch.no_grad():
                     target = teacher(x)
-                losses.append(_step(optimizer, -_kl(train_forward(t.model, x), target)))
+                losses.append(_step(t, optimizer, -_kl(train_forward(t.model, x), target)))
         for b in t.batches(t.remaining):  # min steps: stay with it on the remaining rows
             x = t.inputs(b)  # the teacher sees the student's (augmented) batch
             with torch.no_grad():
                 target = teacher(x)
             out = train_forward(t.model, x)
             loss = SCRUB_GAMMA * t.loss(out, t.y[b]) + SCRUB_ALPHA * _kl(out, target)
-            losses.append(_step(optimizer, loss))
+            losses.append(_step(t, optimizer, loss))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(
         t,
