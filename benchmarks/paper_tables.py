@@ -63,7 +63,7 @@ def run_case(
     if not probe.exists():
         train_job.train(train_path, probe, TrainRecipe(epochs=1, seed=seed))
     trained_rows = np.flatnonzero(load_checkpoint(probe).roles == ROLE_TRAINED)
-    rows = trained_rows[random_marking(train.subset(trained_rows), fraction, seed)]
+    rows = trained_rows[random_marking(len(trained_rows), fraction, seed)]
     ids_file = work / f"marked-{scenario}-{fraction}-{seed}.txt"
     write_ids(ids_file, train.ids[rows].tolist())
     group = ids_file if scenario == "ordered" else None

@@ -38,17 +38,17 @@ def test_all_classes_marks_one_cluster_per_class(radial: Dataset) -> None:
 
 
 def test_random_marking_is_seeded_and_sized(radial: Dataset) -> None:
-    a, b = random_marking(radial, 0.1, seed=4), random_marking(radial, 0.1, seed=4)
+    a, b = random_marking(len(radial), 0.1, seed=4), random_marking(len(radial), 0.1, seed=4)
     np.testing.assert_array_equal(a, b)
     assert a.size == 30 and np.unique(a).size == 30
-    assert not np.array_equal(a, random_marking(radial, 0.1, seed=5))
+    assert not np.array_equal(a, random_marking(len(radial), 0.1, seed=5))
 
 
 def test_empty_and_total_markings_are_refused(radial: Dataset) -> None:
     with pytest.raises(PumaError, match="selects no point"):
-        check_marking(random_marking(radial, 0.001), radial)
+        check_marking(random_marking(len(radial), 0.001), len(radial), radial.name)
     with pytest.raises(PumaError, match="selects all 300 points"):
-        check_marking(random_marking(radial, 1.0), radial)
+        check_marking(random_marking(len(radial), 1.0), len(radial), radial.name)
 
 
 def test_absent_class_and_too_many_clusters_are_refused(radial: Dataset) -> None:

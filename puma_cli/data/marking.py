@@ -60,23 +60,24 @@ def all_classes_marking(dataset: Dataset, clusters: int = 8, seed: int = 0) -> n
     return np.sort(np.concatenate(marked))
 
 
-def random_marking(dataset: Dataset, frac: float, seed: int = 0) -> np.ndarray:
-    """A uniformly random `frac` of the rows."""
+def random_marking(n: int, frac: float, seed: int = 0) -> np.ndarray:
+    """A uniformly random `frac` of `n` rows (their positions, sorted)."""
     if not 0 < frac <= 1:
         raise PumaError(f"--random {frac} is out of range; give a fraction in (0, 1)")
-    count = round(frac * len(dataset))
+    count = round(frac * n)
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(len(dataset), size=count, replace=False))
+    return np.sort(rng.choice(n, size=count, replace=False))
 
 
-def check_marking(rows: np.ndarray, dataset: Dataset) -> None:
-    """A marking must leave something to remove and something to keep."""
+def check_marking(rows: np.ndarray, n: int, name: str) -> None:
+    """A marking of `n` rows of the data `name` must leave something to remove and
+    something to keep."""
     if rows.size == 0:
         raise PumaError(
-            f"the marking selects no point of {dataset.name}; raise --random or use cluster marking"
+            f"the marking selects no point of {name}; raise --random or use cluster marking"
         )
-    if np.unique(rows).size >= len(dataset):
+    if np.unique(rows).size >= n:
         raise PumaError(
-            f"the marking selects all {len(dataset)} points of {dataset.name}; nothing would "
-            "remain to learn from: mark fewer points"
+            f"the marking selects all {n} points of {name}; nothing would remain to learn "
+            "from: mark fewer points"
         )

@@ -19,6 +19,7 @@ from puma_cli.errors import PumaError, require_range
 from puma_cli.io.atomic import check_outputs, write_atomically
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import write_ids as write_ids_file
+from puma_cli.io.image_folder import index_image_folder
 from puma_cli.models.predict import Phases
 
 
@@ -52,9 +53,15 @@ def mark(
         )
     require_range("--clusters", clusters, 1, MAX_CLUSTERS)
     check_outputs([output], [data], overwrite)
-    dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
+    sha256: str | None
+    if random_frac is not None and Path(data).is_dir():  # the ids alone: nothing decoded
+        every, sha256 = index_image_folder(data, phases)
+        all_ids, name = np.array(every), str(data)
+    else:
+        dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
+        all_ids, sha256, name = dataset.ids, dataset.sha256, dataset.name
     if random_frac is not None:
-        rows, method = random_marking(dataset, random_frac, seed), f"random {random_frac}"
+        rows, method = random_marking(len(all_ids), random_frac, seed), f"random {random_frac}"
     elif all_classes:
         rows = all_classes_marking(dataset, clusters, seed)
         method = f"kmeans all classes, {clusters} clusters"
@@ -64,11 +71,11 @@ def mark(
         rows = kmeans_marking(dataset, number, clusters, seed)
         named = f"{cls} ({number})" if str(cls) != str(number) else str(number)
         method = f"kmeans class {named}, {clusters} clusters"
-    check_marking(rows, dataset)
-    ids = dataset.ids[np.sort(rows)].tolist()
+    check_marking(rows, len(all_ids), name)
+    ids = all_ids[np.sort(rows)].tolist()
     note = (
-        f"puma mark: {method}, seed {seed}, {len(ids)} of {len(dataset)} rows\n"
-        f"data: {data.name} sha256 {dataset.sha256}"
+        f"puma mark: {method}, seed {seed}, {len(ids)} of {len(all_ids)} rows\n"
+        f"data: {data.name} sha256 {sha256}"
     )
     write_atomically({output: lambda tmp: write_ids_file(tmp, ids, note)}, overwrite)
-    return MarkReport(ids_file=output, count=len(ids), n=len(dataset), method=method)
+    return MarkReport(ids_file=output, count=len(ids), n=len(all_ids), method=method)
