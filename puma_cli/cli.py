@@ -329,6 +329,24 @@ ClipOpt = Annotated[
         "the fine-tuning baselines clip too.",
     ),
 ]
+InputDivisorOpt = Annotated[
+    float,
+    typer.Option(
+        "--input-divisor",
+        help="The network takes the data's values divided by this: 255 for 8-bit images "
+        "as torchvision's ToTensor gives them (puma reads them as 0..255). import: what the "
+        "weights were trained behind; train: in place of the fitted standardisation.",
+    ),
+]
+NormalizeMeanOpt = Annotated[
+    str,
+    typer.Option(
+        "--normalize-mean",
+        help="And then normalised as torchvision's Normalize(mean, std) does: the mean, "
+        "one value or one per channel (0.4914,0.4822,0.4465), after the divisor.",
+    ),
+]
+NormalizeStdOpt = Annotated[str, typer.Option("--normalize-std", help="Normalize's std, likewise.")]
 WarmupOpt = Annotated[
     int,
     typer.Option(
@@ -487,6 +505,15 @@ def _architecture(arch: str, arch_args: str) -> dict[str, Any]:
     return {"arch": "user", "arch_args": args, "arch_source": parse_user_spec(arch)}
 
 
+def _transform(divisor: float, mean: str, std: str) -> dict[str, Any]:
+    """The recipe's fixed input transform from --input-divisor and --normalize-mean/std."""
+    return {
+        "input_divisor": divisor,
+        "normalize_mean": _floats(mean, "--normalize-mean"),
+        "normalize_std": _floats(std, "--normalize-std"),
+    }
+
+
 def _comma_parts(text: str) -> list[str]:
     """The items of a comma-separated list, brackets and spaces allowed; empty: none."""
     return [part for part in text.strip("[]() ").split(",") if part.strip()]
@@ -544,9 +571,13 @@ def train(
             help="Standardise the inputs with the training rows' mean and std (each "
             "feature's; each channel's for images), recorded in the model. "
             "--no-standardize gives the net the values as they are: token ids for an "
-            "Embedding, or a net that normalises its own inputs.",
+            "Embedding, or a net that normalises its own inputs. A declared transform "
+            "(--input-divisor, --normalize-mean/std) takes the place of either.",
         ),
     ] = True,
+    input_divisor: InputDivisorOpt = 1.0,
+    normalize_mean: NormalizeMeanOpt = "",
+    normalize_std: NormalizeStdOpt = "",
     val_frac: Annotated[
         float,
         typer.Option("--val-frac", help="Hold out this share as validation (not trained on)."),
@@ -594,7 +625,10 @@ def train(
         mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
         clip_grad_norm,
     )  # fmt: skip
-    recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize)
+    transform = _transform(input_divisor, normalize_mean, normalize_std)
+    declared = transform["input_divisor"] != 1.0 or bool(transform["normalize_mean"])
+    recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize and not declared)
+    recipe = replace(recipe, **transform)
     torch_device = resolve_device(device)
     with console.bars(enabled=not as_json) as shown:
         report = job(
@@ -650,25 +684,9 @@ def import_(
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
     lr_warmup_epochs: WarmupOpt = 0,
     clip_grad_norm: ClipOpt = 0.0,
-    input_divisor: Annotated[
-        float,
-        typer.Option(
-            "--input-divisor",
-            help="The weights were trained on the data's values divided by this: 255 for "
-            "8-bit images through torchvision's ToTensor (puma reads them as 0..255).",
-        ),
-    ] = 1.0,
-    normalize_mean: Annotated[
-        str,
-        typer.Option(
-            "--normalize-mean",
-            help="And then normalised as torchvision's Normalize(mean, std) does: the "
-            "mean, one value or one per channel (0.4914,0.4822,0.4465), after the divisor.",
-        ),
-    ] = "",
-    normalize_std: Annotated[
-        str, typer.Option("--normalize-std", help="Normalize's std, likewise.")
-    ] = "",
+    input_divisor: InputDivisorOpt = 1.0,
+    normalize_mean: NormalizeMeanOpt = "",
+    normalize_std: NormalizeStdOpt = "",
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Held-out data (the criterion for removal).", readable=False),
@@ -691,12 +709,7 @@ def import_(
         mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
         clip_grad_norm,
     )  # fmt: skip
-    recipe = replace(
-        recipe,
-        input_divisor=input_divisor,
-        normalize_mean=_floats(normalize_mean, "--normalize-mean"),
-        normalize_std=_floats(normalize_std, "--normalize-std"),
-    )
+    recipe = replace(recipe, **_transform(input_divisor, normalize_mean, normalize_std))
     torch_device = resolve_device(device)
     with console.phase_progress(enabled=not as_json) as phases:
         report = job(

@@ -208,3 +208,44 @@ def test_a_scaler_per_feature_comes_from_a_config_file(data_dir: Path, tmp_path:
     loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(train.y)))
     assert run_json("info", model)["metrics"]["train"]["loss"] == pytest.approx(loss, abs=2e-6)
     assert run_json("info", model)["recipe"]["normalize_std"] == pytest.approx(scale.tolist())
+
+
+def test_train_behind_a_declared_transform_exports_weights_for_that_pipeline(
+    tmp_path: Path,
+) -> None:
+    """`train --input-divisor --normalize-mean/std`: the network trains behind the transform
+    a serving pipeline applies (ToTensor, Normalize) in place of a fitted standardisation,
+    recorded and re-run by retraining; its export then needs nothing more than that
+    pipeline (no warning), and computes the model's logits from the transformed inputs."""
+    from puma_cli.io.checkpoint import load_checkpoint
+
+    X, y = _images(np.random.default_rng(0), 80)
+    data = tmp_path / "images.npz"
+    np.savez(data, X=X, y=y)
+    model = tmp_path / "m.safetensors"
+    transform = ["--input-divisor", "255", "--normalize-mean", "0.2", "--normalize-std", "0.3"]
+    (tmp_path / "net.py").write_text(NET)
+    run_json(
+        "train", data, "--arch", f"{tmp_path / 'net.py'}:Net", "--epochs", "5", "--val-frac",
+        "0", "--device", "cpu", "-o", model, *transform,
+    )  # fmt: skip
+    recipe = run_json("info", model)["recipe"]
+    assert recipe["standardize"] is False and recipe["input_divisor"] == 255.0
+    assert recipe["normalize_mean"] == [0.2] and recipe["normalize_std"] == [0.3]
+    exported = run_json("export", model, "-o", tmp_path / "w.safetensors")
+    assert exported["inputs"] == {"divisor": 255.0, "mean": [0.2], "std": [0.3]}
+    assert exported["warnings"] == []
+    scope: dict[str, object] = {}
+    exec(NET, scope)
+    net = scope["Net"](16, 2)  # type: ignore[operator]
+    net.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    x = torch.as_tensor(X[:10], dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net((x / 255 - 0.2) / 0.3), load_checkpoint(model).model(x), rtol=1e-4, atol=1e-5
+        )
+    (tmp_path / "ids.txt").write_text("0\n1\n")
+    out = tmp_path / "rt.safetensors"
+    run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--method", "retrain",
+             "--criterion-data", data, "-o", out)  # fmt: skip
+    assert run_json("info", out)["recipe"]["input_divisor"] == 255.0
