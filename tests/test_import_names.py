@@ -262,3 +262,5 @@ def test_export_like_the_foreign_file_gives_it_back(
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
     make().load_state_dict(back)  # strict
+    plain = run_json("export", model, "-o", tmp_path / "ours.safetensors")
+    assert any(f"--like {weights}" in w for w in plain["warnings"])  # theirs differ from ours

@@ -59,6 +59,13 @@ def export(
         }
         names = f"those of {like}"
     inputs, warnings = _inputs(classifier, TrainRecipe.from_dict(checkpoint.recipe))
+    imported = [e for e in checkpoint.provenance if e.get("op") == "import"]
+    if like is None and imported and imported[0].get("names_from"):
+        warnings.append(
+            f"the weights were imported under {imported[0]['names_from']}, and these are "
+            f"puma's names for them: give --like {imported[0]['weights']} to write them "
+            "under that file's names"
+        )
     removals = [entry for entry in checkpoint.provenance if entry.get("op") == "remove"]
     record = {
         "model": str(model),
