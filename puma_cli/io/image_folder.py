@@ -135,7 +135,7 @@ def image_files(root: Path) -> dict[str, list[tuple[str, str]]]:
                 continue
             seen.add(real)
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
-            within = at[len(base) + 1 :].replace(os.sep, "/")  # os.walk joins onto base
+            within = os.path.relpath(at, base).replace(os.sep, "/")  # once a folder
             images.extend(
                 (os.path.join(at, n), f"{within}/{n}")
                 for n in sorted(names)
