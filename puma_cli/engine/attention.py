@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from puma_cli.engine.conv1d import STAND_IN
+
 Tensor = torch.Tensor
 
 
@@ -137,8 +139,13 @@ def attention_as_modules(module: nn.Module) -> Iterator[None]:
 
 def theta_name(layer: str, part: str, names: set[str]) -> str:
     """The name theta holds a layer's `part` (weight, bias) under: `<layer>.weight`, or,
-    for an attention's `in_proj` stand-in, the attention's `in_proj_weight`."""
+    for an attention's `in_proj` stand-in, the attention's `in_proj_weight`, and for a
+    Conv1d's stand-in (`conv1d.STAND_IN`), the Conv1d's own `<conv1d>.weight`."""
     plain = f"{layer}.{part}" if layer else part
-    if plain in names or not layer.endswith(".in_proj"):
+    if plain in names:
         return plain
-    return f"{layer}_{part}"
+    if layer.endswith(f".{STAND_IN}"):
+        return f"{layer.removesuffix(f'.{STAND_IN}')}.{part}"
+    if layer.endswith(".in_proj"):
+        return f"{layer}_{part}"
+    return plain

@@ -219,7 +219,7 @@ def curvature_notes(engine: InfluenceModel) -> list[str]:
         return [engine.curvature_note] if engine.curvature_note else []
     layers = ", ".join(f"{kind} {count}" for kind, count in sorted(kron.left_out.items()))
     return [
-        f"{kron.uncovered} of {kron.size} parameters ({layers}) are outside the Linear and "
-        f"Conv2d layers {engine.curvature} approximates: the patch leaves them unchanged "
-        "(--curvature ggn covers every parameter)"
+        f"{kron.uncovered} of {kron.size} parameters ({layers}) are outside the Linear, "
+        f"Conv1d and Conv2d layers {engine.curvature} approximates: the patch leaves them "
+        "unchanged (--curvature ggn covers every parameter)"
     ]

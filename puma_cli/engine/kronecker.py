@@ -1,6 +1,7 @@
 """K-FAC and EK-FAC: the Gauss-Newton matrix as Kronecker factors, inverted in closed form.
 
-For each Linear and Conv2d layer, with its weight and bias taken together as one matrix
+For each Linear and Conv2d layer (a Conv1d runs as a Conv2d, `conv1d.py`), with its
+weight and bias taken together as one matrix
 M (out, in + 1), K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions)
 approximates the layer's block of the GGN as A (x) B: A the inputs' second moment,
 B that of the gradients at the layer's output (for shared weights, the reduce variant:
@@ -26,7 +27,8 @@ rows, once per model, and cached beside it (`<stem>.kfac.safetensors`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from puma_cli import parallel
 from puma_cli.engine.attention import attention_as_modules, theta_name
+from puma_cli.engine.conv1d import conv1d_as_conv2d
 from puma_cli.engine.kernels import composite_kernels
 from puma_cli.errors import PumaError
 
@@ -132,7 +135,7 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
     theta; one frozen in part gets no block, and its trainable part is left out) and whose
     forward runs on `probe`, a row or two of input. A layer whose weight another module
-    uses directly (MultiheadAttention's out_proj, outside `attention_as_modules`, which
+    uses directly (MultiheadAttention's out_proj, outside `as_layers`, which
     callers hold while fitting) has no input or output of its own for the factors to be
     taken at: it is left out, like any other layer K-FAC does not know,
     and so are layers that share a weight (`self.b.weight = self.a.weight`): one block per
@@ -158,9 +161,17 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     return [(n, m) for n, m in layers if n in ran]
 
 
+@contextmanager
+def as_layers(module: nn.Module) -> Iterator[None]:
+    """Within the block, what K-FAC cannot see as a layer runs as one: self-attention's
+    projections (`attention.py`) and each Conv1d as a Conv2d (`conv1d.py`)."""
+    with attention_as_modules(module), conv1d_as_conv2d(module):
+        yield
+
+
 def fits_kronecker(module: nn.Module, probe: Tensor) -> bool:
     """Whether K-FAC has a layer to fit in the module (self-attention's included)."""
-    with attention_as_modules(module):
+    with as_layers(module):
         return bool(supported_layers(module, probe))
 
 
@@ -248,7 +259,7 @@ def fit_kronecker(
     after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
-    with attention_as_modules(module):  # self-attention's projections as layers
+    with as_layers(module):  # self-attention's projections as layers
         return _fit(kind, module, names, sizes, batches, fisher, seed, progress)
 
 
@@ -265,7 +276,7 @@ def _fit(
     layers = supported_layers(module, batches[0][0][:2])
     if not layers:
         raise PumaError(
-            f"--curvature {kind} approximates Linear and Conv2d layers, and this model has "
+            f"--curvature {kind} approximates Linear, Conv1d and Conv2d layers, and this model has "
             "none it can fit (each is frozen, parametrized as by weight_norm, tied to "
             "another layer's weight, or used by weight alone); use --curvature ggn or exact"
         )
@@ -495,7 +506,7 @@ def kronecker_from_tensors(
     """The cached factors back as a curvature, or None when they do not fit the module
     (`probe`: a row or two of input, which tells the layers they were fitted for)."""
     factors: dict[str, tuple[Tensor, ...]] = {}
-    with attention_as_modules(module):  # the layers the factors were fitted for
+    with as_layers(module):  # the layers the factors were fitted for
         layers = supported_layers(module, probe)
         for name, layer in layers:
             parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
