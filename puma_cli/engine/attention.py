@@ -17,8 +17,7 @@ input) runs the original module, whose projections then stay out as before.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puma_cli.engine.conv1d import STAND_IN
+from puma_cli.engine.stand_ins import children_replaced
 
 Tensor = torch.Tensor
 
@@ -120,21 +120,16 @@ def through_modules(mha: nn.MultiheadAttention) -> bool:
     )
 
 
-@contextmanager
-def attention_as_modules(module: nn.Module) -> Iterator[None]:
+def attention_as_modules(module: nn.Module) -> AbstractContextManager[None]:
     """Within the block, each MultiheadAttention `through_modules` takes is replaced by
     its AttentionThroughModules (the same parameters); restored after."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for _, parent in list(module.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.MultiheadAttention) and through_modules(child):
-                setattr(parent, name, AttentionThroughModules(child))
-                swapped.append((parent, name, child))
-    try:
-        yield
-    finally:
-        for parent, name, child in reversed(swapped):
-            setattr(parent, name, child)
+
+    def replacement(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, nn.MultiheadAttention) and through_modules(child):
+            return AttentionThroughModules(child)
+        return None
+
+    return children_replaced(module, replacement)
 
 
 def theta_name(layer: str, part: str, names: set[str]) -> str:

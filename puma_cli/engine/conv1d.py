@@ -11,11 +11,12 @@ fitted; `theta_name` maps the stand-in's names back to the Conv1d's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+from puma_cli.engine.stand_ins import children_replaced
 
 STAND_IN = "as_conv2d"  # the stand-in's Conv2d child: `<conv1d>.as_conv2d`
 
@@ -59,8 +60,7 @@ def stands_in(conv: nn.Conv1d) -> bool:
     )
 
 
-@contextmanager
-def conv1d_as_conv2d(module: nn.Module) -> Iterator[None]:
+def conv1d_as_conv2d(module: nn.Module) -> AbstractContextManager[None]:
     """Within the block, each Conv1d `stands_in` takes is replaced by its Conv1dAsConv2d
     (the same parameters' values); restored after. A Conv1d sharing a parameter with
     another module stays (one block cannot hold a tensor's curvature from two layers)."""
@@ -68,16 +68,11 @@ def conv1d_as_conv2d(module: nn.Module) -> Iterator[None]:
     for _, layer in module.named_modules():
         for p in layer.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(id(layer))
-    stand: dict[int, Conv1dAsConv2d] = {}  # one for a Conv1d held under two names
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for _, parent in list(module.named_modules()):
-        for name, child in list(parent.named_children()):
-            shared = any(len(owners[id(p)]) > 1 for p in child.parameters(recurse=False))
-            if isinstance(child, nn.Conv1d) and stands_in(child) and not shared:
-                setattr(parent, name, stand.setdefault(id(child), Conv1dAsConv2d(child)))
-                swapped.append((parent, name, child))
-    try:
-        yield
-    finally:
-        for parent, name, child in reversed(swapped):
-            setattr(parent, name, child)
+
+    def replacement(child: nn.Module) -> nn.Module | None:
+        shared = any(len(owners[id(p)]) > 1 for p in child.parameters(recurse=False))
+        if isinstance(child, nn.Conv1d) and stands_in(child) and not shared:
+            return Conv1dAsConv2d(child)
+        return None
+
+    return children_replaced(module, replacement)
