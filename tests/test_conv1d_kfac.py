@@ -93,3 +93,20 @@ def test_a_conv1d_sharing_its_weight_or_padding_otherwise_stays_itself() -> None
     with conv1d_as_conv2d(holder):
         assert isinstance(net[0], nn.Conv1d)  # circular padding: K-FAC unfolds with zeros
         assert isinstance(net[1], nn.Conv1d) and isinstance(holder["tied"], nn.Conv1d)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+def test_ekfac_leaves_out_a_conv1d_it_cannot_unfold_and_kfac_fits_it() -> None:
+    """padding='same' over an even span pads one more after than before: EK-FAC's refit
+    cannot unfold that, so EK-FAC leaves the Conv1d out (as before it was fitted at all)
+    instead of refusing the model; K-FAC fits it."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 4, padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 8, 2)
+    ).double()
+    X = torch.randn(12, 2, 8, dtype=torch.float64)
+    y = torch.randint(0, 2, (12,))
+    ekfac = fit_kronecker("ekfac", net, *_layout(net), [(X, y)], fisher="type-2")
+    assert ekfac.left_out == {"Conv1d": 3 * 2 * 4 + 3}
+    kfac = fit_kronecker("kfac", net, *_layout(net), [(X, y)], fisher="type-2")
+    assert kfac.left_out == {}

@@ -50,20 +50,27 @@ class Conv1dAsConv2d(nn.Module):
         return inner(x.unsqueeze(2)).squeeze(2)
 
 
-def stands_in(conv: nn.Conv1d) -> bool:
+def stands_in(conv: nn.Conv1d, unequal_padding: bool = True) -> bool:
     """Whether `Conv1dAsConv2d` computes this Conv1d as it is: zero padding (K-FAC
-    unfolds the patches with zeros), every parameter trained, a plain weight."""
+    unfolds the patches with zeros), every parameter trained, a plain weight; without
+    `unequal_padding` (EK-FAC's refit cannot unfold it), not `padding='same'` over an
+    even span, which pads one more after than before."""
+    uneven = conv.padding == "same" and conv.dilation[0] * (conv.kernel_size[0] - 1) % 2 == 1
     return (
         conv.padding_mode == "zeros"
         and all(p.requires_grad for p in conv.parameters())
         and not torch.nn.utils.parametrize.is_parametrized(conv)
+        and (unequal_padding or not uneven)
     )
 
 
-def conv1d_as_conv2d(module: nn.Module) -> AbstractContextManager[None]:
+def conv1d_as_conv2d(
+    module: nn.Module, unequal_padding: bool = True
+) -> AbstractContextManager[None]:
     """Within the block, each Conv1d `stands_in` takes is replaced by its Conv1dAsConv2d
     (the same parameters' values); restored after. A Conv1d sharing a parameter with
-    another module stays (one block cannot hold a tensor's curvature from two layers)."""
+    another module stays (one block cannot hold a tensor's curvature from two layers),
+    and so does one EK-FAC cannot unfold (`unequal_padding` False): left out, as before."""
     owners: dict[int, set[int]] = {}
     for _, layer in module.named_modules():
         for p in layer.parameters(recurse=False):
@@ -71,7 +78,7 @@ def conv1d_as_conv2d(module: nn.Module) -> AbstractContextManager[None]:
 
     def replacement(child: nn.Module) -> nn.Module | None:
         shared = any(len(owners[id(p)]) > 1 for p in child.parameters(recurse=False))
-        if isinstance(child, nn.Conv1d) and stands_in(child) and not shared:
+        if isinstance(child, nn.Conv1d) and stands_in(child, unequal_padding) and not shared:
             return Conv1dAsConv2d(child)
         return None
 

@@ -162,10 +162,11 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
 
 
 @contextmanager
-def as_layers(module: nn.Module) -> Iterator[None]:
+def as_layers(module: nn.Module, kind: str = "kfac") -> Iterator[None]:
     """Within the block, what K-FAC cannot see as a layer runs as one: self-attention's
-    projections (`attention.py`) and each Conv1d as a Conv2d (`conv1d.py`)."""
-    with attention_as_modules(module), conv1d_as_conv2d(module):
+    projections (`attention.py`) and each Conv1d as a Conv2d (`conv1d.py`; for EK-FAC,
+    not one padded unequally, which its refit cannot unfold)."""
+    with attention_as_modules(module), conv1d_as_conv2d(module, kind != "ekfac"):
         yield
 
 
@@ -259,7 +260,7 @@ def fit_kronecker(
     after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
-    with as_layers(module):  # self-attention's projections as layers
+    with as_layers(module, kind):  # self-attention's projections as layers
         return _fit(kind, module, names, sizes, batches, fisher, seed, progress)
 
 
@@ -506,7 +507,7 @@ def kronecker_from_tensors(
     """The cached factors back as a curvature, or None when they do not fit the module
     (`probe`: a row or two of input, which tells the layers they were fitted for)."""
     factors: dict[str, tuple[Tensor, ...]] = {}
-    with as_layers(module):  # the layers the factors were fitted for
+    with as_layers(module, kind):  # the layers the factors were fitted for
         layers = supported_layers(module, probe)
         for name, layer in layers:
             parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
