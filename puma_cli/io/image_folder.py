@@ -62,13 +62,18 @@ def index_image_folder(root: Path, phases: Phases | None = None) -> tuple[list[s
     --random` needs (50,000 CIFAR-size PNGs take 13.9 s decoded, most of it decoding).
     The layout is checked as a read checks it; the images' contents are not."""
     files, ids, _, _ = _listed(root, None)
+    return ids, _digest(files, ids, _teller(root, phases))
+
+
+def _digest(files: list[str], ids: list[str], tell: Tell | None = None) -> str:
+    """sha256 over each image's id and its own sha256, in the order given (`tell`ed every
+    TOLD_EVERY images): the folder's digest, without decoding anything."""
     digest = hashlib.sha256()
-    tell = _teller(root, phases)
     for i, path in enumerate(files):
         _add_image(digest, ids[i], hashlib.sha256(_bytes(path)).hexdigest())
         if tell is not None and ((i + 1) % TOLD_EVERY == 0 or i + 1 == len(files)):
             tell(i + 1, len(files))
-    return ids, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _listed(
@@ -148,14 +153,10 @@ def image_files(root: Path) -> dict[str, list[tuple[str, str]]]:
 def folder_sha256(root: Path) -> str:
     """sha256 over each image's path relative to `root` and its own sha256, in the
     reader's order: renaming, adding, removing or changing an image changes it.
-    `read_image_folder` takes the same digest from the bytes it decodes."""
-    from puma_cli.io.atomic import sha256_file
-
-    digest = hashlib.sha256()
-    for images in image_files(root).values():
-        for path, image_id in images:
-            _add_image(digest, image_id, sha256_file(Path(path)))
-    return digest.hexdigest()
+    `read_image_folder` takes the same digest from the bytes it decodes. The layout is
+    not checked (a folder that changed so as not to read any more still has a digest)."""
+    images = [image for listed in image_files(root).values() for image in listed]
+    return _digest([path for path, _ in images], [image_id for _, image_id in images])
 
 
 def _add_image(digest: Any, image_id: str, image_sha256: str) -> None:
