@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from puma_cli.engine.stand_ins import children_replaced
+from puma_cli.engine.stand_ins import children_replaced, tied_layers
 
 STAND_IN = "as_conv2d"  # the stand-in's Conv2d child: `<conv1d>.as_conv2d`
 
@@ -71,14 +71,14 @@ def conv1d_as_conv2d(
     (the same parameters' values); restored after. A Conv1d sharing a parameter with
     another module stays (one block cannot hold a tensor's curvature from two layers),
     and so does one EK-FAC cannot unfold (`unequal_padding` False): left out, as before."""
-    owners: dict[int, set[int]] = {}
-    for _, layer in module.named_modules():
-        for p in layer.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(id(layer))
+    tied = tied_layers(module)
 
     def replacement(child: nn.Module) -> nn.Module | None:
-        shared = any(len(owners[id(p)]) > 1 for p in child.parameters(recurse=False))
-        if isinstance(child, nn.Conv1d) and stands_in(child, unequal_padding) and not shared:
+        if (
+            isinstance(child, nn.Conv1d)
+            and stands_in(child, unequal_padding)
+            and id(child) not in tied
+        ):
             return Conv1dAsConv2d(child)
         return None
 

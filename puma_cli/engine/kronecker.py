@@ -41,6 +41,7 @@ from puma_cli import parallel
 from puma_cli.engine.attention import attention_as_modules, theta_name
 from puma_cli.engine.conv1d import conv1d_as_conv2d
 from puma_cli.engine.kernels import composite_kernels
+from puma_cli.engine.stand_ins import tied_layers
 from puma_cli.errors import PumaError
 
 Tensor = torch.Tensor
@@ -174,15 +175,6 @@ def fits_kronecker(module: nn.Module, probe: Tensor) -> bool:
     """Whether K-FAC has a layer to fit in the module (self-attention's included)."""
     with as_layers(module):
         return bool(supported_layers(module, probe))
-
-
-def tied_layers(module: nn.Module) -> set[int]:
-    """The ids of the submodules that hold a parameter another submodule holds too."""
-    owners: dict[int, set[int]] = {}
-    for _, layer in module.named_modules():
-        for p in layer.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(id(layer))
-    return {layer for held in owners.values() if len(held) > 1 for layer in held}
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:

@@ -31,3 +31,12 @@ def children_replaced(
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
+
+
+def tied_layers(module: nn.Module) -> set[int]:
+    """The ids of the submodules that hold a parameter another submodule holds too."""
+    owners: dict[int, set[int]] = {}
+    for _, layer in module.named_modules():
+        for p in layer.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(layer))
+    return {layer for held in owners.values() if len(held) > 1 for layer in held}

@@ -83,10 +83,7 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
             )
         names[theirs] = (ours, tensor.dtype)
     named = {ours for ours, _ in names.values()}
-    groups: dict[int, list[str]] = {}
-    for name, value in net.state_dict(keep_vars=True).items():  # tied: one object
-        groups.setdefault(id(value), []).append(name)
-    for group in groups.values():
+    for group in _name_groups(net.state_dict(keep_vars=True)):
         if not named & set(group) and not group[0].endswith("num_batches_tracked"):
             raise DataError(
                 f"{path} lacks tensor {group[0]!r}, which {label} has; give --like the "
@@ -158,11 +155,8 @@ def _fill_tied_and_counters(
     """`state` with each tied tensor given under every name the network has for it (it may
     be stored under one; two stored copies must agree), and a missing BatchNorm step
     counter taken from the fresh network."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in held.items():  # tied names hold the one Parameter object
-        groups.setdefault(id(tensor), []).append(name)
     state = dict(state)
-    for names in groups.values():
+    for names in _name_groups(held):
         stored = [n for n in names if n in state]
         if len(names) < 2 or not stored:
             continue
@@ -181,6 +175,15 @@ def _fill_tied_and_counters(
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = tensor.detach().clone()
     return state
+
+
+def _name_groups(held: dict[str, torch.Tensor]) -> list[list[str]]:
+    """A state dict's names (`keep_vars=True`), grouped by the tensor they hold: a tied
+    layer's names share one Parameter object."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in held.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
 
 
 def _shape(tensor: torch.Tensor) -> str:
