@@ -619,16 +619,21 @@ def train(
     """Train a classifier and save it as one safetensors checkpoint with its full record."""
     from puma_cli.io.datasets import DataOptions
     from puma_cli.jobs.train import train as job
+    from puma_cli.models.training import NO_TRANSFORM
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
         mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
         clip_grad_norm,
     )  # fmt: skip
-    transform = _transform(input_divisor, normalize_mean, normalize_std)
-    declared = transform["input_divisor"] != 1.0 or bool(transform["normalize_mean"])
-    recipe = replace(recipe, shards=shards, slices=slices, standardize=standardize and not declared)
-    recipe = replace(recipe, **transform)
+    recipe = replace(
+        recipe,
+        shards=shards,
+        slices=slices,
+        **_transform(input_divisor, normalize_mean, normalize_std),
+    )
+    # A declared transform takes the place of the fitted standardisation.
+    recipe = replace(recipe, standardize=standardize and recipe.fixed_inputs() == NO_TRANSFORM)
     torch_device = resolve_device(device)
     with console.bars(enabled=not as_json) as shown:
         report = job(

@@ -12,7 +12,6 @@ warns where that is one puma fitted, which the network alone does not apply.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from puma_cli.io import checkpoint as ckpt
-from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.atomic import check_outputs, sha256_file, write_atomically
 from puma_cli.io.weights import names_like
 from puma_cli.models.architectures import Classifier
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.training import NO_TRANSFORM, TrainRecipe
 
 
 @dataclass
@@ -69,7 +68,7 @@ def export(
     removals = [entry for entry in checkpoint.provenance if entry.get("op") == "remove"]
     record = {
         "model": str(model),
-        "model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
+        "model_sha256": sha256_file(model),
         "architecture": classifier.arch.label,
         "provenance": checkpoint.provenance,
         "removals": removals,
@@ -93,9 +92,9 @@ def _inputs(classifier: Classifier, recipe: TrainRecipe) -> tuple[dict[str, Any]
     """The transform puma applies before the network, and a warning where the network's
     users must apply it themselves (puma fitted it: no pipeline of theirs holds it)."""
     if not recipe.standardize:
-        divisor, declared_mean, declared_std = recipe.fixed_inputs()
-        if divisor == 1.0 and not declared_mean and not declared_std:
+        if recipe.fixed_inputs() == NO_TRANSFORM:
             return None, []
+        divisor, declared_mean, declared_std = recipe.fixed_inputs()
         # As declared at import: the transform the weights' own pipeline applies.
         return {"divisor": divisor, "mean": list(declared_mean), "std": list(declared_std)}, []
     mean, std = classifier.mean.detach().cpu(), classifier.std.detach().cpu()
