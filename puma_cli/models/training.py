@@ -172,6 +172,10 @@ class TrainRecipe:
                 "place of the fitted standardisation; the recipe cannot have both"
             )
 
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean training loss: cross-entropy, label-smoothed where the recipe is."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
     def fixed_inputs(self) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
         """`Classifier.fix_standardisation`'s arguments."""
         return self.input_divisor, self.normalize_mean, self.normalize_std
@@ -298,7 +302,7 @@ def fit(
                         f"{batch.numel()} rows in training; it must return logits (n, K) "
                         "for any n (does its forward fix a batch size?)"
                     )
-                loss = F.cross_entropy(logits, y[batch], label_smoothing=recipe.label_smoothing)
+                loss = recipe.loss(logits, y[batch])
             optimizer_step(model, optimizer, loss, recipe)
             if on_step is not None and before is not None:
                 on_step(batch, parameters_to_vector(model.parameters()).detach() - before)

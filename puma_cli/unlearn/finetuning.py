@@ -85,10 +85,6 @@ class Tuning:
     def optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, replace(self.recipe, lr=self.lr))
 
-    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The recipe's training loss (label-smoothed where it trained so)."""
-        return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
-
     def parameters(self, method: str) -> dict[str, object]:
         return {
             "epochs": self.epochs,
@@ -152,7 +148,9 @@ def finetune(request: RemovalRequest) -> RemovalResult:
     optimizer = t.optimizer()
     t.model.train()
     for epoch in range(t.epochs):
-        losses = [_step(t, optimizer, t.loss(t.forward(b), t.y[b])) for b in t.batches(t.remaining)]
+        losses = [
+            _step(t, optimizer, t.recipe.loss(t.forward(b), t.y[b])) for b in t.batches(t.remaining)
+        ]
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "finetune")
 
@@ -168,8 +166,8 @@ def neggrad(request: RemovalRequest) -> RemovalResult:
         losses = []
         for b in t.batches(t.remaining):
             f = next(forget)
-            descent = t.loss(t.forward(b), t.y[b])
-            ascent = t.loss(t.forward(f), t.y[f])
+            descent = t.recipe.loss(t.forward(b), t.y[b])
+            ascent = t.recipe.loss(t.forward(f), t.y[f])
             losses.append(_step(t, optimizer, alpha * descent - (1 - alpha) * ascent))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(t, "neggrad", alpha=alpha)
@@ -209,7 +207,7 @@ def _relabelled_training(
     for epoch in range(t.epochs):
         losses = []
         for b in t.batches(rows):
-            losses.append(_step(t, optimizer, t.loss(t.forward(b), labels[b])))
+            losses.append(_step(t, optimizer, t.recipe.loss(t.forward(b), labels[b])))
             if after_step is not None:
                 after_step()
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
@@ -291,7 +289,7 @@ def scrub(request: RemovalRequest) -> RemovalResult:
             with torch.no_grad():
                 target = teacher(x)
             out = train_forward(t.model, x)
-            loss = SCRUB_GAMMA * t.loss(out, t.y[b]) + SCRUB_ALPHA * _kl(out, target)
+            loss = SCRUB_GAMMA * t.recipe.loss(out, t.y[b]) + SCRUB_ALPHA * _kl(out, target)
             losses.append(_step(t, optimizer, loss))
         _report(request, epoch + 1, t.epochs, float(np.mean(losses)))
     return _result(
