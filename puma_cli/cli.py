@@ -272,8 +272,9 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         help="mlp (the paper's FlexibleFCN), cnn, resnet18 (CIFAR form), densenet (the "
-        "paper's), or FILE.py:Class for your own nn.Module: that file is imported, so its "
-        "code runs; the model records its path and sha256.",
+        "paper's), or FILE.py:Class for your own nn.Module (or FILE.py:function, one that "
+        "builds and returns it): that file is imported, so its code runs; the model records "
+        "its path and sha256.",
     ),
 ]
 ArchArgsOpt = Annotated[

@@ -305,6 +305,48 @@ def test_derivatives_are_taken_in_eval_mode(data_dir: Path, arch: Path, tmp_path
         assert torch.allclose(engine.logits(engine.theta, X), deployed)
 
 
+FACTORY = (
+    NET.replace("class Net(", "class _Net(")
+    + '''
+
+def make_net(in_features, n_classes, width=16):
+    """A function that builds the network, as kuangliu's ResNet18() does."""
+    return _Net(in_features, n_classes, width)
+
+
+def TwoClass():
+    """No arguments at all: the class count is its own (kuangliu's num_classes=10)."""
+    return _Net(2, 2, 8)
+'''
+)
+
+
+def test_a_function_that_builds_the_network_serves_as_the_class(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    arch = tmp_path / "factory.py"
+    arch.write_text(FACTORY)
+    model = tmp_path / "m.safetensors"
+    trained = run_json(
+        "train", data_dir / "radial.csv", "--test", data_dir / "radial-test.csv",
+        "--arch", f"{arch}:make_net", "--arch-args", '{"width": 12}', "-o", model,
+        "--epochs", "100", "--device", "cpu",
+    )  # fmt: skip
+    assert trained["test_accuracy"] > 0.7
+    assert trained["n_parameters"] == 2 * 12 + 12 + 2 * 12 + 12 * 2 + 2  # width 12, built
+    assert run_json("info", model)["architecture"]["source"]["class"] == "make_net"
+    ids = (data_dir / "radial.csv").read_text().splitlines()[1:6]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",")[0] + "\n" for row in ids))
+    out = run_json(
+        "remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o", tmp_path / "r.safetensors"
+    )
+    assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    assert run_json("eval", "-m", tmp_path / "r.safetensors")["n"] == 40
+    bare = tmp_path / "bare.safetensors"
+    run_json("train", data_dir / "radial.csv", "--arch", f"{arch}:TwoClass", "-o", bare)
+    assert run_json("info", bare)["architecture"]["args"] == {}
+
+
 def test_a_changed_or_moved_file_is_never_imported_silently(
     data_dir: Path, arch: Path, tmp_path: Path
 ) -> None:
@@ -327,7 +369,10 @@ def test_a_changed_or_moved_file_is_never_imported_silently(
 
 BAD_FILES = {
     "missing file": (None, "no such architecture file"),
-    "no such class": (NET.replace("class Net", "class Other"), "defines no class 'Net'"),
+    "no such class": (
+        NET.replace("class Net", "class Other"),
+        "defines no class or function 'Net'",
+    ),
     "raises on import": ("raise RuntimeError('boom')\n", "raised RuntimeError on import (boom)"),
     # What `import torchvision` raises where its compiled operators were built for another
     # torch (PyPI's torchvision beside a CPU torch from elsewhere): the file is not at fault.
@@ -354,6 +399,15 @@ BAD_FILES = {
         "fails on the data's first rows, a batch of shape (2, 2)",
     ),
     "not a module": ("class Net:\n    pass\n", "is not an nn.Module class"),
+    "a built network, not its class": (
+        NET.replace("class Net(", "class Built(") + "\nNet = Built(2, 2)\n",
+        "is a network already built (an nn.Module instance); name its class",
+    ),
+    "neither a class nor a function": ("Net = 3\n", "is an int, not an nn.Module class"),
+    "a function that returns no module": (
+        "def Net(n_classes):\n    return [n_classes]\n",
+        "Net(n_classes=2) returned list, not an nn.Module; return the network",
+    ),
     "a tensor held as a plain attribute": (
         NET.replace(
             "    def forward", "        self.body[0].mask = torch.ones(2)\n\n    def forward"

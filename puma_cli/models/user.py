@@ -7,7 +7,8 @@ checkpoint records. A file that has changed or gone is refused, never replaced b
 another version: the sha256 is checked before any import, and a class is looked up by
 (sha256, class name), so two versions of one file never mix.
 
-The class is built as `Class(**arch_args)`; where its constructor takes `n_classes`
+The class (or a function that builds and returns the network, as kuangliu's
+`ResNet18()` does) is called as `Class(**arch_args)`; where its signature takes `n_classes`
 or `num_classes`, `input_shape`, `in_channels` or `in_features` and the arguments do
 not set them, puma passes them from the data. It must be an `nn.Module` whose forward
 maps a standardised batch (n, *input_shape) to logits (n, K).
@@ -21,6 +22,7 @@ import inspect
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,8 @@ from torch import nn
 from puma_cli.errors import DataError, PumaError
 
 _SPEC = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
-_CLASSES: dict[tuple[str, str], type[nn.Module]] = {}  # (sha256, class name) -> class
+# (sha256, name) -> the nn.Module class, or the function that builds the network
+_CLASSES: dict[tuple[str, str], Callable[..., nn.Module]] = {}
 _GIVEN: dict[str, Path] = {}  # sha256 -> a file the user named with --arch-file
 _IMPORTED: dict[str, str] = {}  # the path Python runs an imported file under -> its label
 
@@ -81,7 +84,7 @@ def register_arch_file(path: Path) -> str:
     return digest
 
 
-def user_class(source: UserSource) -> type[nn.Module]:
+def user_class(source: UserSource) -> Callable[..., nn.Module]:
     """The recorded class, from the file given with --arch-file or the recorded path, each
     only when its sha256 is, now, the recorded one."""
     given = _GIVEN.get(source.sha256)
@@ -103,7 +106,7 @@ def user_class(source: UserSource) -> type[nn.Module]:
     return _import_class(path, source)
 
 
-def _import_class(path: Path, source: UserSource) -> type[nn.Module]:
+def _import_class(path: Path, source: UserSource) -> Callable[..., nn.Module]:
     key = (source.sha256, source.name)
     if key in _CLASSES:
         return _CLASSES[key]
@@ -130,17 +133,28 @@ def _import_class(path: Path, source: UserSource) -> type[nn.Module]:
             n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
         )
         raise PumaError(
-            f"{path} defines no class {source.name!r} (its nn.Module classes: "
+            f"{path} defines no class or function {source.name!r} (its nn.Module classes: "
             f"{', '.join(names) or 'none'})"
         )
-    if not (isinstance(found, type) and issubclass(found, nn.Module)):
-        raise PumaError(f"{path}:{source.name} is not an nn.Module class")
+    where = f"{path}:{source.name}"
+    if isinstance(found, nn.Module):  # callable, but calling it would run its forward
+        raise PumaError(
+            f"{where} is a network already built (an nn.Module instance); name its class, "
+            "or a function that builds and returns it, so that puma can build it again"
+        )
+    if isinstance(found, type) and not issubclass(found, nn.Module):
+        raise PumaError(f"{where} is not an nn.Module class")
+    if not callable(found):
+        raise PumaError(
+            f"{where} is a{'n' if type(found).__name__[0] in 'aeiou' else ''} "
+            f"{type(found).__name__}, not an nn.Module class or a function that returns one"
+        )
     _CLASSES[key] = found
     return found
 
 
 def construct(
-    cls: type[nn.Module],
+    cls: Callable[..., nn.Module],
     args: dict[str, Any],
     input_shape: tuple[int, ...],
     n_classes: int,
@@ -163,13 +177,17 @@ def construct(
     for name, value in fill.items():
         if name in wanted and name not in given:
             given[name] = value
+    call = f"{label}({', '.join(f'{k}={v!r}' for k, v in given.items())})"
     try:
         net = cls(**given)
     except Exception as exc:  # the user's code
         raise PumaError(
-            f"{label}({', '.join(f'{k}={v!r}' for k, v in given.items())}) raised "
-            f"{type(exc).__name__} ({_first_line(exc)}); fix the class or --arch-args"
+            f"{call} raised {type(exc).__name__} ({_first_line(exc)}); fix the class or --arch-args"
         ) from exc
+    if not isinstance(net, nn.Module):  # a function's result; a class's is its instance
+        raise PumaError(
+            f"{call} returned {type(net).__name__}, not an nn.Module; return the network"
+        )
     return net
 
 
