@@ -147,6 +147,40 @@ def test_a_wrapper_prefix_is_taken_off(elsewhere: Path, data_dir: Path, tmp_path
     assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
 
 
+WRAPPED = NET.replace("self.hidden", "self.net.hidden").replace("self.out", "self.net.out")
+WRAPPED = WRAPPED.replace(
+    "super().__init__()\n", "super().__init__()\n        self.net = nn.Module()\n"
+)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "module._orig_mod."])
+def test_a_network_whose_one_child_is_called_net_keeps_its_names(
+    prefix: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """`net.` is a wrapper's prefix only where the network's own names do not start so
+    (it was taken off here, and every tensor was then missing)."""
+    (tmp_path / "net.py").write_text(WRAPPED)
+    scope: dict[str, object] = {}
+    exec(WRAPPED, scope)
+    state = scope["Net"](2, 2).state_dict()  # type: ignore[operator]
+    assert sorted(state) == [
+        "net.hidden.bias",
+        "net.hidden.weight",
+        "net.out.bias",
+        "net.out.weight",
+    ]
+    weights = tmp_path / "w.safetensors"
+    save_file({prefix + k: v for k, v in state.items()}, str(weights))
+    model = tmp_path / "m.safetensors"
+    result = _import(tmp_path, data_dir, weights, model)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    back = tmp_path / "back.safetensors"
+    run_json("export", model, "-o", back, "--like", weights)
+    again = load_file(str(back))  # the file's own names, wrapper and all, given back
+    assert again.keys() == {prefix + k for k in state}
+    assert all(torch.equal(again[prefix + k], v) for k, v in state.items())
+
+
 def test_import_refuses_what_it_cannot_wrap(
     elsewhere: Path, data_dir: Path, tmp_path: Path
 ) -> None:

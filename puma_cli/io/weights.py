@@ -2,7 +2,8 @@
 
 `puma import` reads the file a user saved with `safetensors.torch.save_file(net.state_dict(),
 ...)` (keys as the network names them; a `net.`, `module.` or `_orig_mod.` prefix, as
-DataParallel, DDP, torch.compile and some wrappers write, is taken off, nested ones too)
+DataParallel, DDP, torch.compile and some wrappers write, is taken off, nested ones too,
+unless the network's own names start so)
 and loads it into the network the architecture builds. A layer the network holds under two
 names (tied weights) may be stored once, as `safetensors.torch.save_model` writes it, and a
 BatchNorm's `num_batches_tracked` may be missing (a step counter, not a weight; some
@@ -13,6 +14,7 @@ Anything else that does not fit is refused, naming the first tensor that does no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +30,9 @@ PREFIXES = ("net.", "module.", "_orig_mod.")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a plain safetensors file, wrapper prefixes taken off; pickles and
-    damaged files are refused."""
-    return _without_wrappers(_read_tensors(path))[0]
+    """The tensors of a plain safetensors file, under the file's names; pickles and
+    damaged files are refused. `load_into` takes wrapper prefixes off where they wrap."""
+    return _read_tensors(path)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -50,18 +52,35 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _without_wrappers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors with the prefixes every name shares taken off, and those prefixes."""
+@dataclass
+class Named:
+    """A file's tensors under the network's names: the wrapper prefixes taken off them,
+    our name -> the file's where another code base's names were read (`adopt_names`),
+    and whose names those were."""
+
+    state: dict[str, torch.Tensor]
+    prefix: str
+    origin: dict[str, str]
+    whose: str | None
+
+
+def named_for(net: nn.Module, tensors: dict[str, torch.Tensor]) -> Named:
+    """The file's tensors under the names of `net`: each wrapper prefix every name shares
+    (DDP's `module.`, torch.compile's `_orig_mod.`, puma's `net.`) is taken off while
+    that names more of the network's tensors, or as many. A network whose one child is
+    itself called `net` or `module` holds names that start so: they stay."""
+    ours = set(net.state_dict())
+    best: Named | None = None
     taken = ""
-    stripped = True
-    while stripped:  # DDP around torch.compile writes module._orig_mod.
-        stripped = False
-        for prefix in PREFIXES:
-            if all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-                taken += prefix
-                stripped = True
-    return tensors, taken
+    while True:
+        state, origin, whose = adopt_names(net, tensors, ours)
+        if best is None or len(ours & set(state)) >= len(ours & set(best.state)):
+            best = Named(state, taken, origin, whose)
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in tensors)), None)
+        if prefix is None:  # DDP around torch.compile writes module._orig_mod.
+            return best
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+        taken += prefix
 
 
 def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, torch.dtype]]:
@@ -69,12 +88,11 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
     file's dtype, as `puma import` reads the file (wrapper prefixes, another code base's
     names): the names to write the network under so that the file's reader finds it. The
     file must name the network's tensors, at their shapes."""
-    tensors, prefix = _without_wrappers(_read_tensors(path))
+    found = named_for(net, _read_tensors(path))
     held = net.state_dict()
-    state, origin, _ = adopt_names(net, tensors, set(held))
     names: dict[str, tuple[str, torch.dtype]] = {}
-    for ours, tensor in state.items():
-        theirs = prefix + origin.get(ours, ours)
+    for ours, tensor in found.state.items():
+        theirs = found.prefix + found.origin.get(ours, ours)
         if ours not in held or held[ours].shape != tensor.shape:
             what = "does not have" if ours not in held else f"makes {_shape(held[ours])}"
             raise DataError(
@@ -97,7 +115,8 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, label:
     tensor by name. Returns whose names the file used, where they were another code
     base's for the same network (`adopt_names`), else None."""
     expected = net.state_dict(keep_vars=True)  # tied names hold one Parameter object
-    state, origin, whose = adopt_names(net, state, set(expected))
+    found = named_for(net, state)
+    state, origin, whose = found.state, found.origin, found.whose
 
     def named(name: str) -> str:  # ours, and the file's where it differs
         theirs = origin.get(name, name)
