@@ -347,6 +347,36 @@ def test_a_function_that_builds_the_network_serves_as_the_class(
     assert run_json("info", bare)["architecture"]["args"] == {}
 
 
+LAZY = NET.replace("nn.Linear(in_features, width)", "nn.LazyLinear(width)").replace(
+    "nn.Linear(width, n_classes)", "nn.LazyLinear(n_classes)"
+)
+
+
+def test_lazy_layers_are_sized_whenever_the_network_is_built(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """nn.LazyLinear takes its sizes from the first batch: training gave it one, but every
+    later command rebuilt the network unsized and failed with a traceback."""
+    arch = tmp_path / "lazy.py"
+    arch.write_text(LAZY)
+    model = tmp_path / "m.safetensors"
+    assert _train(data_dir, arch, model)["n_parameters"] == 86  # width 12, sized
+    ids = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",")[0] + "\n" for row in ids))
+    for _, out in _remove_each(model, tmp_path, ("auto", "kfac"), "--device", "cpu"):
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    assert out["parameters"]["uncovered_layers"] == {"BatchNorm1d": 24}  # both Linears in
+    assert run_json("eval", "-m", tmp_path / "r-auto.safetensors")["n"] == 40
+    weights = tmp_path / "w.safetensors"
+    run_json("export", model, "-o", weights)  # the network's own weights, imported again
+    again = run_json(
+        "import", weights, "--arch", f"{arch}:Net", "--arch-args", '{"width": 12}',
+        "--data", data_dir / "radial.csv", "-o", tmp_path / "i.safetensors",
+        "--epochs", "1", "--lr", "0.01", "--optimizer", "adam",
+    )  # fmt: skip
+    assert again["n_parameters"] == 86
+
+
 def test_a_changed_or_moved_file_is_never_imported_silently(
     data_dir: Path, arch: Path, tmp_path: Path
 ) -> None:
@@ -407,6 +437,13 @@ BAD_FILES = {
     "a function that returns no module": (
         "def Net(n_classes):\n    return [n_classes]\n",
         "Net(n_classes=2) returned list, not an nn.Module; return the network",
+    ),
+    "a lazy layer that zeros cannot size": (
+        NET.replace("nn.Linear(width, n_classes)", "nn.LazyLinear(n_classes)").replace(
+            "return self.body(x)", "assert x.any(), 'all zeros'\n        return self.body(x)"
+        ),
+        "has a LazyLinear layer that a batch of zeros of shape (2, 2) could not size: "
+        "AssertionError (all zeros)",
     ),
     "a tensor held as a plain attribute": (
         NET.replace(

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from puma_cli.errors import DataError, PumaError
 
@@ -188,7 +189,49 @@ def construct(
         raise PumaError(
             f"{call} returned {type(net).__name__}, not an nn.Module; return the network"
         )
+    _size_lazy_layers(net, input_shape, label)
     return net
+
+
+def _size_lazy_layers(net: nn.Module, input_shape: tuple[int, ...], label: str) -> None:
+    """Lazy layers (nn.LazyLinear, LazyConv2d, ...) take their sizes from the first batch
+    they see. puma builds the network again from its recorded arguments on every command,
+    before it reads any data (a checkpoint's tensors must then fit it), so it shows them a
+    batch at once: two rows of zeros of the data's shape (standardised, the mean), or,
+    for a network over token ids, zeros as int64 (the first id)."""
+
+    def unsized() -> list[nn.Module]:
+        return [
+            m
+            for m in net.modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
+        ]
+
+    if not unsized():
+        return
+    failure: Exception | None = None
+    was_training = net.training
+    net.eval()
+    try:
+        for dtype in (torch.float32, torch.int64):
+            try:
+                with torch.no_grad():
+                    net(torch.zeros(2, *input_shape, dtype=dtype))
+            except Exception as exc:  # the user's code, on a batch of another dtype
+                failure = failure or exc
+                continue
+            if not unsized():
+                return
+    finally:
+        net.train(was_training)
+    left = unsized()
+    kind = type(left[0]).__name__ if left else "lazy"
+    why = f": {type(failure).__name__} ({_first_line(failure)})" if failure else ""
+    raise PumaError(
+        f"{label} has a {kind} layer that a batch of zeros of shape "
+        f"(2, {', '.join(map(str, input_shape))}) could not size{why}; give its sizes "
+        "(nn.Linear(in, out) for nn.LazyLinear(out))"
+    )
 
 
 def _refuse_plain_tensors(net: nn.Module, label: str) -> None:
