@@ -330,6 +330,24 @@ ClipOpt = Annotated[
         "the fine-tuning baselines clip too.",
     ),
 ]
+MixupOpt = Annotated[
+    float,
+    typer.Option(
+        "--mixup",
+        help="Mixup's Beta alpha (0.2, say; 0: off): each batch's rows blended with partner "
+        "rows of the batch, and their losses by the same weights. Recorded like "
+        "--lr-schedule. Its loss pairs rows: removal differentiates each row's own loss.",
+    ),
+]
+CutmixOpt = Annotated[
+    float,
+    typer.Option(
+        "--cutmix",
+        help="CutMix's Beta alpha (1.0, say; 0: off): a box of a partner image pasted over "
+        "each image, the losses weighted by the areas. With --mixup too, each batch takes "
+        "one of the two, even odds. Recorded like --mixup.",
+    ),
+]
 InputDivisorOpt = Annotated[
     float,
     typer.Option(
@@ -458,14 +476,10 @@ def _recipe(
     batch_size: int,
     weight_decay: float,
     seed: int,
-    mixed_precision: bool = False,
-    augment: Augment = Augment.none,
-    lr_schedule: LrSchedule = LrSchedule.constant,
-    label_smoothing: float = 0.0,
-    lr_warmup_epochs: int = 0,
-    clip_grad_norm: float = 0.0,
+    **settings: Any,
 ) -> TrainRecipe:
-    """The training recipe the options describe (train's, or the one import declares)."""
+    """The training recipe the options describe (train's, or the one import declares);
+    `settings` are the recipe's other fields by name (a choice's enum as its value)."""
     from puma_cli.models.training import TrainRecipe
 
     return TrainRecipe(
@@ -478,12 +492,7 @@ def _recipe(
         batch_size=batch_size,
         weight_decay=weight_decay,
         seed=seed,
-        mixed_precision=mixed_precision,
-        augment=augment.value,
-        lr_schedule=lr_schedule.value,
-        label_smoothing=label_smoothing,
-        lr_warmup_epochs=lr_warmup_epochs,
-        clip_grad_norm=clip_grad_norm,
+        **{k: v.value if isinstance(v, enum.Enum) else v for k, v in settings.items()},
     )
 
 
@@ -565,6 +574,8 @@ def train(
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
     lr_warmup_epochs: WarmupOpt = 0,
     clip_grad_norm: ClipOpt = 0.0,
+    mixup: MixupOpt = 0.0,
+    cutmix: CutmixOpt = 0.0,
     standardize: Annotated[
         bool,
         typer.Option(
@@ -624,8 +635,9 @@ def train(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
-        clip_grad_norm,
+        mixed_precision=mixed_precision, augment=augment, lr_schedule=lr_schedule,
+        label_smoothing=label_smoothing, lr_warmup_epochs=lr_warmup_epochs,
+        clip_grad_norm=clip_grad_norm, mixup=mixup, cutmix=cutmix,
     )  # fmt: skip
     recipe = replace(
         recipe,
@@ -690,6 +702,8 @@ def import_(
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
     lr_warmup_epochs: WarmupOpt = 0,
     clip_grad_norm: ClipOpt = 0.0,
+    mixup: MixupOpt = 0.0,
+    cutmix: CutmixOpt = 0.0,
     input_divisor: InputDivisorOpt = 1.0,
     normalize_mean: NormalizeMeanOpt = "",
     normalize_std: NormalizeStdOpt = "",
@@ -712,8 +726,9 @@ def import_(
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,
-        mixed_precision, augment, lr_schedule, label_smoothing, lr_warmup_epochs,
-        clip_grad_norm,
+        mixed_precision=mixed_precision, augment=augment, lr_schedule=lr_schedule,
+        label_smoothing=label_smoothing, lr_warmup_epochs=lr_warmup_epochs,
+        clip_grad_norm=clip_grad_norm, mixup=mixup, cutmix=cutmix,
     )  # fmt: skip
     recipe = replace(recipe, **_transform(input_divisor, normalize_mean, normalize_std))
     torch_device = resolve_device(device)

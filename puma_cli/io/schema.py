@@ -152,7 +152,7 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "seed", "shards", "slices", "lr_warmup_epochs"):
         if key in recipe:
             f.integer(recipe[key], f"recipe.{key}", 0, 2**32)
-    for key in ("lr", "weight_decay", "label_smoothing", "clip_grad_norm"):
+    for key in ("lr", "weight_decay", "label_smoothing", "clip_grad_norm", "mixup", "cutmix"):
         if key in recipe:
             f.number(recipe[key], f"recipe.{key}")
     for key in ("arch", "activation", "optimizer", "augment", "lr_schedule"):

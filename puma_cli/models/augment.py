@@ -1,8 +1,9 @@
 """What a training recipe does to each batch and each epoch beside the optimiser step:
-random flips and crops of images (`--augment`), and the learning rate's schedule
-(`--lr-schedule`). The CIFAR recipe the unlearning literature trains ResNet-18 with uses
-both (a random 4-pixel crop and a horizontal flip, a cosine schedule); a retrain that
-left them out would not be the retrain of that model.
+random flips and crops of images (`--augment`), mixup and CutMix (`--mixup`, `--cutmix`),
+and the learning rate's schedule (`--lr-schedule`). The CIFAR recipe the unlearning
+literature trains ResNet-18 with uses flips, crops and a cosine schedule; timm's and
+torchvision's newer recipes mix pairs of rows too. A retrain that left them out would not
+be the retrain of that model.
 
 Draws come from the training's own generator, so the same seed gives the same bytes; a
 recipe without augmentation draws nothing, and trains as it did before these existed.
@@ -10,6 +11,9 @@ recipe without augmentation draws nothing, and trains as it did before these exi
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +51,37 @@ def augment_batch(X: torch.Tensor, kind: str, generator: torch.Generator) -> tor
         xs = (dx[:, None] + torch.arange(width, device=X.device))[:, None, None, :]
         X = padded[row, channel, ys, xs]  # (b, C, H, W): each row's own window
     return X
+
+
+def mix_batch(
+    X: torch.Tensor, mixup: float, cutmix: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each row of the batch mixed with a partner row of the same batch (a random
+    permutation): `mixup` alpha blends the two, lam X + (1 - lam) X[partner]; `cutmix`
+    alpha pastes a box of the partner's image over the row's (b, C, H, W), lam then the
+    share of the image left the row's own; with both, each batch takes one of the two at
+    random, even odds (timm's default). lam ~ Beta(alpha, alpha), one per batch (as in
+    Zhang et al. and Yun et al.). The training loss is then lam x the loss on the row's
+    label + (1 - lam) x the loss on the partner's. Returns the mixed batch (a new tensor:
+    X is never written), the partners' positions and lam. Draws come from `generator`."""
+    b = X.shape[0]
+    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(1, generator=generator)) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    draws = np.random.default_rng(seed)
+    lam = float(draws.beta(alpha, alpha))
+    partner = torch.randperm(b, generator=generator).to(X.device)
+    if not use_cutmix:
+        return lam * X + (1 - lam) * X[partner], partner, lam
+    height, width = X.shape[-2:]
+    side = math.sqrt(1 - lam)  # the box's share of each side
+    h, w = int(height * side), int(width * side)
+    cy, cx = int(draws.integers(height)), int(draws.integers(width))
+    top, bottom = max(cy - h // 2, 0), min(cy + h // 2, height)
+    left, right = max(cx - w // 2, 0), min(cx + w // 2, width)
+    mixed = X.clone()
+    mixed[..., top:bottom, left:right] = X[partner][..., top:bottom, left:right]
+    return mixed, partner, 1 - (bottom - top) * (right - left) / (height * width)
 
 
 def lr_scheduler(

@@ -23,7 +23,13 @@ from puma_cli.models.architectures import (
     Architecture,
     Classifier,
 )
-from puma_cli.models.augment import AUGMENTS, LR_SCHEDULES, augment_batch, lr_scheduler
+from puma_cli.models.augment import (
+    AUGMENTS,
+    LR_SCHEDULES,
+    augment_batch,
+    lr_scheduler,
+    mix_batch,
+)
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.user import UserSource, check_logits
 
@@ -72,6 +78,11 @@ class TrainRecipe:
     # Cross-entropy against (1 - s) x the label + s / K on every class (torch's
     # label_smoothing): the loss the weights minimise, so the engine differentiates it too.
     label_smoothing: float = 0.0
+    # Each batch's rows mixed with partner rows (`augment.mix_batch`): mixup's and CutMix's
+    # Beta alpha, 0 for off. The loss then pairs rows, which no per-row derivative holds:
+    # the engine differentiates each row's own loss, and removal says so.
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
@@ -82,8 +93,8 @@ class TrainRecipe:
         if self.fixed_inputs() == NO_TRANSFORM:
             for key in ("input_divisor", "normalize_mean", "normalize_std"):
                 del data[key]
-        for key in ("label_smoothing", "lr_warmup_epochs", "clip_grad_norm"):  # as where
-            if not data[key]:  # they were asked for: recorded only then
+        for key in ("label_smoothing", "lr_warmup_epochs", "clip_grad_norm", "mixup", "cutmix"):
+            if not data[key]:  # as where they were asked for: recorded only then
                 del data[key]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
         return data
@@ -106,6 +117,8 @@ class TrainRecipe:
         require_range("--weight-decay", self.weight_decay, 0)
         require_range("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
         require_range("--clip-grad-norm", self.clip_grad_norm, 0)
+        require_range("--mixup", self.mixup, 0)
+        require_range("--cutmix", self.cutmix, 0)
         require_range("--seed", self.seed, 0, SEED_MAX)
         if self.batch_size < 1:
             raise PumaError(f"--batch-size {self.batch_size}: give 1 or more")
@@ -176,6 +189,11 @@ class TrainRecipe:
         """The mean training loss: cross-entropy, label-smoothed where the recipe is."""
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
+    @property
+    def mixes(self) -> bool:
+        """Whether training mixes pairs of rows (`--mixup`, `--cutmix`)."""
+        return self.mixup > 0 or self.cutmix > 0
+
     def fixed_inputs(self) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
         """`Classifier.fix_standardisation`'s arguments."""
         return self.input_divisor, self.normalize_mean, self.normalize_std
@@ -220,6 +238,12 @@ def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
         raise PumaError(
             f"--augment {recipe.augment} flips and crops images (n, C, H, W), and the rows of "
             f"{dataset.name} are {shape}; give --augment none"
+        )
+    if recipe.cutmix > 0 and len(dataset.input_shape) != 3:
+        shape = "x".join(map(str, dataset.input_shape))
+        raise PumaError(
+            f"--cutmix pastes a box of one image (n, C, H, W) over another, and the rows of "
+            f"{dataset.name} are {shape}; give --mixup, which blends rows of any shape"
         )
 
 
@@ -294,8 +318,12 @@ def fit(
         for start, stop in batch_bounds(n, recipe.batch_size):
             batch = order[start:stop]
             before = parameters_to_vector(model.parameters()).detach() if on_step else None
+            inputs = augment_batch(X[batch], recipe.augment, generator)
+            partner, lam = None, 1.0
+            if recipe.mixes:
+                inputs, partner, lam = mix_batch(inputs, recipe.mixup, recipe.cutmix, generator)
             with autocast:
-                logits = train_forward(model, augment_batch(X[batch], recipe.augment, generator))
+                logits = train_forward(model, inputs)
                 if logits.ndim != 2 or logits.shape[0] != batch.numel():
                     raise PumaError(
                         f"the network returned {tuple(logits.shape)} for a batch of "
@@ -303,6 +331,8 @@ def fit(
                         "for any n (does its forward fix a batch size?)"
                     )
                 loss = recipe.loss(logits, y[batch])
+                if partner is not None:  # the loss is linear in the target: mix the two
+                    loss = lam * loss + (1 - lam) * recipe.loss(logits, y[batch][partner])
             optimizer_step(model, optimizer, loss, recipe)
             if on_step is not None and before is not None:
                 on_step(batch, parameters_to_vector(model.parameters()).detach() - before)
@@ -379,6 +409,20 @@ def loss_weight_decay(recipe: Mapping[str, Any]) -> float:
     if recipe.get("optimizer") == "adamw":
         return 0.0
     return float(recipe.get("weight_decay", 0.0))
+
+
+def mixing_notes(recipe: Mapping[str, Any]) -> list[str]:
+    """What a removal says of a recorded recipe that mixes rows (`--mixup`, `--cutmix`):
+    its loss pairs rows, which no row's own derivative holds."""
+    mixed = [f"{key} (alpha {recipe[key]:g})" for key in ("mixup", "cutmix") if recipe.get(key)]
+    if not mixed:
+        return []
+    return [
+        f"the model was trained with {' and '.join(mixed)}, whose loss blends pairs of "
+        "rows: the engine differentiates each row's own cross-entropy instead, so the patch "
+        "takes out a row's own term and not its share of the blends; check the removal "
+        "with `puma attack` or `puma compare` (retraining re-runs the mixing)"
+    ]
 
 
 def _epoch_order(

@@ -36,6 +36,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import as_tensor
+from puma_cli.models.training import mixing_notes
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 from puma_cli.unlearn.finetuning import finetune
 
@@ -201,6 +202,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
         repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
     warnings = notes
     warnings.extend(curvature_notes(engine))
+    warnings.extend(mixing_notes(request.checkpoint.recipe))
     if step.residual > UNCONVERGED:  # CG ran out of iterations (an asymmetric product, say)
         warnings.append(
             f"the patch's solve stopped after {step.iterations} iterations at a relative "
