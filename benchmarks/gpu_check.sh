@@ -82,8 +82,9 @@ puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_ra
 puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device "$dev" --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device "$dev" --json
-# The CIFAR recipe's flips, crops and cosine schedule on cuda, and a retrain that re-runs it.
-puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine -o "$out/d-resnet-aug.safetensors" --device "$dev" --json
+# The CIFAR recipe's flips, crops and cosine schedule, with mixup and CutMix, on cuda, and a
+# retrain that re-runs them.
+puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine --mixup 0.2 --cutmix 1.0 -o "$out/d-resnet-aug.safetensors" --device "$dev" --json
 puma remove -m "$out/d-resnet-aug.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-resnet-aug-rt.safetensors" --device "$dev" --json
 # Weights trained elsewhere behind a declared transform (ToTensor's divisor), retrained
 # on cuda behind it with AdamW and label smoothing: the digits CNN's own network, exported
