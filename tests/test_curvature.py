@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
@@ -297,6 +297,31 @@ def test_kronecker_factors_are_cached_and_a_damaged_cache_is_refit(copy: Path, k
     third = _remove(copy, "c.safetensors", "--curvature", kind)
     assert third["parameters"]["curvature_cached"] is False
     assert any("m.factors.safetensors is unreadable" in w for w in third["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("part", "value"), [("Qa", float("nan")), ("Qb", float("inf")), ("E", -1.0)]
+)
+def test_cached_factors_with_one_bad_value_are_refit(copy: Path, part: str, value: float) -> None:
+    """One NaN, inf or negative eigenvalue anywhere in the cached factors refits them."""
+    import json
+
+    first = _remove(copy, "a.safetensors", "--curvature", "kfac")
+    cache = copy / "m.factors.safetensors"
+    with open(cache, "rb") as handle:
+        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    tensors = load_file(str(cache))
+    name = next(k for k in sorted(tensors) if k.endswith(f".{part}"))
+    bad = tensors[name].clone()
+    bad.view(-1)[bad.numel() // 2] = value
+    save_file({**tensors, name: bad}, str(cache), metadata=meta)
+    (copy / "m.influence.safetensors").unlink()  # so that the factors are what is read
+    second = _remove(copy, "b.safetensors", "--curvature", "kfac")
+    assert second["parameters"]["curvature_cached"] is False
+    assert any("does not hold factors for this model's layers" in w for w in second["warnings"])
+    a, b = (load_file(str(copy / f"{x}.safetensors")) for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # refit: the cold result again
+    assert first["parameters"]["curvature_cached"] is False
 
 
 def test_curvature_options_are_checked(copy: Path) -> None:
