@@ -21,7 +21,8 @@ accuracy from 1.00 to 0.19 at every step size the guard tried.
 
 The factors are fitted by `curvlinops-for-pytorch` (pinned; it handles the hooks, the
 unfolding of convolutions and the sampling of labels) on a subsample of the training
-rows, once per model, and cached beside it (`<stem>.kfac.safetensors`).
+rows, once per model, and cached beside it (`<stem>.factors.safetensors`, in the dtype
+they were fitted in).
 """
 
 from __future__ import annotations

@@ -65,10 +65,11 @@ class Named:
 
 
 def named_for(net: nn.Module, tensors: dict[str, torch.Tensor]) -> Named:
-    """The file's tensors under the names of `net`: each wrapper prefix every name shares
-    (DDP's `module.`, torch.compile's `_orig_mod.`, puma's `net.`) is taken off while
-    that names more of the network's tensors, or as many. A network whose one child is
-    itself called `net` or `module` holds names that start so: they stay."""
+    """The file's tensors under the names of `net`. Wrapper prefixes every name shares
+    (DDP's `module.`, torch.compile's `_orig_mod.`, puma's `net.`) are taken off one by
+    one, and the reading that names the most of the network's tensors is kept (on a tie,
+    the one with more taken off). A network whose one child is itself called `net` or
+    `module` holds names that start so: they stay."""
     ours = set(net.state_dict())
     best: Named | None = None
     taken = ""
