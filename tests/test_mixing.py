@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, assert_recipe_setting, run, run_json
@@ -112,14 +111,3 @@ def test_cutmix_on_rows_that_are_not_images_is_refused(data_dir: Path, tmp_path:
     assert_clean_error(result, "--cutmix pastes a box of one image (n, C, H, W) over another")
     assert "give --mixup" in result.stderr
     assert list(tmp_path.iterdir()) == []
-
-
-def test_a_recipe_without_mixing_trains_as_before(data_dir: Path, tmp_path: Path) -> None:
-    """--mixup 0 draws nothing: the same weights as a recipe that never heard of it."""
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run_json("train", data_dir / "radial.csv", "--epochs", "3", "-o", a)
-    run_json("train", data_dir / "radial.csv", "--epochs", "3", "-o", b, "--mixup", "0")
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
