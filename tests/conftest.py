@@ -37,6 +37,17 @@ def assert_clean_error(result: Result, fragment: str) -> None:
     assert result.stdout == ""
 
 
+def rewrite_tensor(path: Path, name: str, change: Any) -> None:
+    """Replace tensor `name` of the safetensors file `path` with `change(tensor)`, keeping
+    the file's other tensors and its metadata (a cache's key)."""
+    from safetensors.torch import load_file, save_file
+
+    with open(path, "rb") as handle:
+        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    tensors = load_file(str(path))
+    save_file({**tensors, name: change(tensors[name])}, str(path), metadata=meta)
+
+
 def assert_recipe_setting(data: Path, folder: Path, flag: str, value: str, key: str) -> Path:
     """A training-recipe setting through the CLI: a short run on `data` with `flag value`
     and one without; the recipe records `key` only where it was given (older recipes, and

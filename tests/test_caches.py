@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, run, run_json
+from conftest import assert_clean_error, rewrite_tensor, run, run_json
 from safetensors.torch import load_file, save_file
 
 from puma_cli.io import cache as cache_module
@@ -34,15 +34,6 @@ def _remove(folder: Path, out: str) -> dict:
         "remove", "-m", folder / "m.safetensors", "--marked", folder / "ids.txt",
         "-o", folder / out, "--device", "cpu",
     )  # fmt: skip
-
-
-def _rewrite(path: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
-    with open(path, "rb") as handle:
-        import json
-
-        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
-    tensors = load_file(str(path))
-    save_file({**tensors, name: change(tensors[name])}, str(path), metadata=meta)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +55,7 @@ def test_a_cache_that_fails_its_check_is_rebuilt_and_said(folder: Path, name, ch
     first = _remove(folder, "a.safetensors")
     assert not first["cached"] and first["warnings"] == []
     cache = folder / "m.influence.safetensors"
-    _rewrite(cache, name, change)
+    rewrite_tensor(cache, name, change)
     second = _remove(folder, "b.safetensors")
     assert not second["cached"]
     assert any(note in w and "recomputed it" in w for w in second["warnings"]), second
@@ -277,7 +268,7 @@ def test_the_upweighted_rows_gradient_is_kept_beside_v(
         (lambda x: x.float(), f"does not hold {name} as a"),
         (lambda x: torch.full_like(x, float("nan")), f"holds NaN or inf in {name}"),
     ):
-        _rewrite(folder / "m.influence.safetensors", name, change)
+        rewrite_tensor(folder / "m.influence.safetensors", name, change)
         again = remove("a.txt", "d.safetensors", "--overwrite")
         assert not again["cached"]
         assert any(note in w and "recomputed it" in w for w in again["warnings"]), again

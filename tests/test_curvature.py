@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, run, run_json
-from safetensors.torch import load_file, save_file
+from conftest import assert_clean_error, rewrite_tensor, run, run_json
+from safetensors.torch import load_file
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
@@ -304,17 +304,16 @@ def test_kronecker_factors_are_cached_and_a_damaged_cache_is_refit(copy: Path, k
 )
 def test_cached_factors_with_one_bad_value_are_refit(copy: Path, part: str, value: float) -> None:
     """One NaN, inf or negative eigenvalue anywhere in the cached factors refits them."""
-    import json
-
     first = _remove(copy, "a.safetensors", "--curvature", "kfac")
     cache = copy / "m.factors.safetensors"
-    with open(cache, "rb") as handle:
-        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
-    tensors = load_file(str(cache))
-    name = next(k for k in sorted(tensors) if k.endswith(f".{part}"))
-    bad = tensors[name].clone()
-    bad.view(-1)[bad.numel() // 2] = value
-    save_file({**tensors, name: bad}, str(cache), metadata=meta)
+    name = next(k for k in sorted(load_file(str(cache))) if k.endswith(f".{part}"))
+
+    def one_bad(tensor: torch.Tensor) -> torch.Tensor:
+        bad = tensor.clone()
+        bad.view(-1)[bad.numel() // 2] = value
+        return bad
+
+    rewrite_tensor(cache, name, one_bad)
     (copy / "m.influence.safetensors").unlink()  # so that the factors are what is read
     second = _remove(copy, "b.safetensors", "--curvature", "kfac")
     assert second["parameters"]["curvature_cached"] is False
