@@ -255,7 +255,7 @@ def fit_kronecker(
     after each batch of this process's (EK-FAC takes two passes over them)."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
-    with as_layers(module, kind):  # self-attention's projections as layers
+    with as_layers(module, kind):  # self-attention's projections, Conv1d, as layers
         return _fit(kind, module, names, sizes, batches, fisher, seed, progress)
 
 

@@ -233,18 +233,18 @@ def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
     recipe.validate()
     if np.unique(dataset.y).size < 2:
         raise PumaError(f"{dataset.name} holds one class only; a classifier needs two or more")
-    if recipe.augment != "none" and len(dataset.input_shape) != 3:
+    if len(dataset.input_shape) != 3:  # not images: what only images take is refused
         shape = "x".join(map(str, dataset.input_shape))
-        raise PumaError(
-            f"--augment {recipe.augment} flips and crops images (n, C, H, W), and the rows of "
-            f"{dataset.name} are {shape}; give --augment none"
-        )
-    if recipe.cutmix > 0 and len(dataset.input_shape) != 3:
-        shape = "x".join(map(str, dataset.input_shape))
-        raise PumaError(
-            f"--cutmix pastes a box of one image (n, C, H, W) over another, and the rows of "
-            f"{dataset.name} are {shape}; give --mixup, which blends rows of any shape"
-        )
+        if recipe.augment != "none":
+            raise PumaError(
+                f"--augment {recipe.augment} flips and crops images (n, C, H, W), and the rows "
+                f"of {dataset.name} are {shape}; give --augment none"
+            )
+        if recipe.cutmix > 0:
+            raise PumaError(
+                f"--cutmix pastes a box of one image (n, C, H, W) over another, and the rows "
+                f"of {dataset.name} are {shape}; give --mixup, which blends rows of any shape"
+            )
 
 
 STANDARDIZED_HINT = (

@@ -224,11 +224,9 @@ def _size_lazy_layers(net: nn.Module, input_shape: tuple[int, ...], label: str) 
                 return
     finally:
         net.train(was_training)
-    left = unsized()
-    kind = type(left[0]).__name__ if left else "lazy"
     why = f": {type(failure).__name__} ({_first_line(failure)})" if failure else ""
     raise PumaError(
-        f"{label} has a {kind} layer that a batch of zeros of shape "
+        f"{label} has a {type(unsized()[0]).__name__} layer that a batch of zeros of shape "
         f"(2, {', '.join(map(str, input_shape))}) could not size{why}; give its sizes "
         "(nn.Linear(in, out) for nn.LazyLinear(out))"
     )
