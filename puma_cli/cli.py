@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -98,7 +99,18 @@ def domain_errors(fn: F) -> F:
             _report(said)
             raise typer.Exit(1) from None
 
+    wrapper.__doc__ = _reflowed(fn.__doc__)
     return wrapper  # type: ignore[return-value]
+
+
+def _reflowed(doc: str | None) -> str | None:
+    """A command's docstring with each paragraph on one line: typer keeps the single line
+    breaks of the paragraphs after the first, and rich then wraps each source line again
+    (an 80-column terminal showed a word alone on a line)."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in paragraphs)
 
 
 def _version(wanted: bool) -> None:
@@ -554,7 +566,12 @@ def _hidden(text: str) -> tuple[int, ...]:
 @domain_errors
 def train(
     data: Annotated[
-        Path, typer.Argument(help="Training data: CSV, NPZ or IDX images file.", readable=False)
+        Path,
+        typer.Argument(
+            help="Training data: a CSV, NPZ or IDX images file, or a folder of images "
+            "(root/<class>/<image>).",
+            readable=False,
+        ),
     ],
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)

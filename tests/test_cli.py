@@ -13,6 +13,9 @@ import pytest
 import torch
 from conftest import FAST, assert_clean_error, run, run_json
 from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from puma_cli.cli import app
 
 COMMANDS = ["make-data", "train", "mark", "eval", "info"]
 
@@ -514,3 +517,21 @@ def test_version_names_puma_and_what_a_bug_report_needs_without_loading_torch() 
 
     assert first.startswith(f"puma {__version__} (python ") and "torch 2." in first
     assert last == "False 0"
+
+
+@pytest.mark.parametrize("command", ["remove", "compare"])
+def test_help_paragraphs_are_reflowed_not_broken_where_the_source_wraps(command: str) -> None:
+    """typer keeps a docstring's single line breaks after its first paragraph, and rich then
+    wraps each source line again: an 80-column terminal showed `sisa` alone on a line."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    description = result.stdout.split("Usage:")[1].split("╭")[0].splitlines()[2:]
+    paragraphs: list[list[str]] = [[]]
+    for line in description:
+        if line.strip():
+            paragraphs[-1].append(line.strip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    lines = [line for paragraph in paragraphs for line in paragraph[:-1]]
+    assert lines, result.stdout  # each command's help has a paragraph wrapped over lines
+    assert all(len(line) > 60 for line in lines), description
