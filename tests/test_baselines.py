@@ -302,3 +302,48 @@ def test_ssd_says_when_its_threshold_cannot_select_anything(work: Path, data_dir
     lower = run_json(*base, "-o", work / "ssd2.safetensors", "--alpha", "1.5")
     assert lower["parameters"]["dampened"] > 0
     assert not [w for w in lower["warnings"] if "SSD dampened" in w]
+
+
+def test_a_removal_that_empties_a_shard_keeps_nothing_of_its_rows(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Exact unlearning holds for the file, not only for its predictions: two ensembles
+    whose training files differ only in one shard's rows, with those rows removed, are the
+    same tensors. The emptied shard's weights and standardisation (its rows' mean and std)
+    were kept in the file though it no longer voted."""
+    source = data_dir / "radial.csv"
+    first = tmp_path / "a.safetensors"
+    run_json("train", source, "-o", first, *EPOCHS, "--shards", "3", "--seed", "4")
+    plan = SisaPlan.from_tensors(load_checkpoint(first).extra)
+    data = load_dataset(source)
+    shard0 = np.flatnonzero(plan.shard == 0)
+    assert shard0.size > 0
+    lines = source.read_text().splitlines()
+    header = lines[0].split(",")
+    features = [i for i, name in enumerate(header) if name not in ("id", "label")]
+    for row in shard0:  # shard 0's rows moved elsewhere; every other row as it was
+        cells = lines[row + 1].split(",")
+        for i in features:
+            cells[i] = str(float(cells[i]) + 3.0)
+        lines[row + 1] = ",".join(cells)
+    changed = tmp_path / "changed.csv"
+    changed.write_text("\n".join(lines) + "\n")
+    second = tmp_path / "b.safetensors"
+    run_json("train", changed, "-o", second, *EPOCHS, "--shards", "3", "--seed", "4")
+    ids = tmp_path / "shard0.txt"
+    ids.write_text("\n".join(data.ids[shard0]) + "\n")
+    removed = []
+    for model in (first, second):
+        out = run_json("remove", "-m", model, "--marked", ids, "--method", "sisa")
+        assert any("no longer vote" in w for w in out["warnings"])
+        removed.append(load_checkpoint(Path(out["output"])))
+    assert not _weights(first)["members.0.net.layers.0.weight"].equal(
+        _weights(second)["members.0.net.layers.0.weight"]
+    )  # the two ensembles did learn different things from shard 0
+    a, b = (r.model.state_dict() for r in removed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a), [
+        name for name in a if not torch.equal(a[name], b[name])
+    ]
+    assert removed[0].extra.keys() == removed[1].extra.keys()
+    assert all(torch.equal(removed[0].extra[n], removed[1].extra[n]) for n in removed[0].extra)

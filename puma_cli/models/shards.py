@@ -25,7 +25,7 @@ import torch
 
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
-from puma_cli.models.architectures import Classifier, Model, ShardEnsemble
+from puma_cli.models.architectures import Architecture, Classifier, Model, ShardEnsemble
 from puma_cli.models.predict import as_tensor
 from puma_cli.models.training import (
     Progress,
@@ -174,9 +174,10 @@ def _train_shard(
     filled = [r for r in range(recipe.slices) if rows_of[r].size]
     member = ensemble.members[k]
     assert isinstance(member, Classifier)
-    if not filled:  # every row of the shard is gone: it stops voting
+    if not filled:  # every row of the shard is gone: it stops voting, and holds nothing
         ensemble.active[k] = 0.0
         plan.states.pop(k, None)
+        member.load_state_dict(_untrained(member.arch, recipe, recipe.seed + 1000 * k))
         return 0
     base = filled[0]
     stages = plan.states.setdefault(k, {})
@@ -206,6 +207,19 @@ def _train_shard(
     member.eval()
     ensemble.active[k] = 1.0
     return first_stage
+
+
+def _untrained(arch: Architecture, recipe: TrainRecipe, seed: int) -> dict[str, torch.Tensor]:
+    """The state of a shard no row is left in: its initial weights (from the seed alone)
+    and no standardisation fitted (the declared transform, where the recipe has one). Its
+    trained weights and its rows' mean and std would keep in the file what the removal
+    took out, though the shard no longer votes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = Classifier(arch)
+    if not recipe.standardize:
+        fresh.fix_standardisation(*recipe.fixed_inputs())
+    return fresh.state_dict()
 
 
 def _stage(progress: Progress | None, r: int, recipe: TrainRecipe) -> Progress | None:

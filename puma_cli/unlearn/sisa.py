@@ -34,7 +34,8 @@ def sisa(request: RemovalRequest) -> RemovalResult:
     warnings = []
     if emptied:
         warnings.append(
-            f"shards {', '.join(map(str, emptied))} lost every row and no longer vote; "
+            f"shards {', '.join(map(str, emptied))} lost every row and no longer vote (their "
+            "weights are back at their initial values); "
             f"{int(model.active.sum())} of {recipe.shards} shards remain"
         )
     return RemovalResult(
