@@ -304,24 +304,28 @@ def test_ssd_says_when_its_threshold_cannot_select_anything(work: Path, data_dir
     assert not [w for w in lower["warnings"] if "SSD dampened" in w]
 
 
-def test_a_removal_that_empties_a_shard_keeps_nothing_of_its_rows(
-    data_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("emptied", ["shard", "first slice"])
+def test_a_removal_keeps_nothing_of_the_rows_it_empties(
+    emptied: str, data_dir: Path, tmp_path: Path
 ) -> None:
     """Exact unlearning holds for the file, not only for its predictions: two ensembles
-    whose training files differ only in one shard's rows, with those rows removed, are the
-    same tensors. The emptied shard's weights and standardisation (its rows' mean and std)
-    were kept in the file though it no longer voted."""
+    whose training files differ only in the rows of one shard (or of its first slice),
+    with those rows removed, are the same tensors. The emptied shard's weights and
+    standardisation (its rows' mean and std) were kept though it no longer voted, and so
+    was the state after an emptied first slice, trained on those rows alone."""
     source = data_dir / "radial.csv"
+    sisa = ["--shards", "3", "--slices", "3", "--seed", "4"]
     first = tmp_path / "a.safetensors"
-    run_json("train", source, "-o", first, *EPOCHS, "--shards", "3", "--seed", "4")
+    run_json("train", source, "-o", first, *EPOCHS, *sisa)
     plan = SisaPlan.from_tensors(load_checkpoint(first).extra)
     data = load_dataset(source)
-    shard0 = np.flatnonzero(plan.shard == 0)
-    assert shard0.size > 0
+    held = (plan.shard == 0) & ((plan.slice == 0) if emptied == "first slice" else True)
+    rows = np.flatnonzero(held)
+    assert rows.size > 0
     lines = source.read_text().splitlines()
     header = lines[0].split(",")
     features = [i for i, name in enumerate(header) if name not in ("id", "label")]
-    for row in shard0:  # shard 0's rows moved elsewhere; every other row as it was
+    for row in rows:  # these rows moved elsewhere; every other row as it was
         cells = lines[row + 1].split(",")
         for i in features:
             cells[i] = str(float(cells[i]) + 3.0)
@@ -329,21 +333,19 @@ def test_a_removal_that_empties_a_shard_keeps_nothing_of_its_rows(
     changed = tmp_path / "changed.csv"
     changed.write_text("\n".join(lines) + "\n")
     second = tmp_path / "b.safetensors"
-    run_json("train", changed, "-o", second, *EPOCHS, "--shards", "3", "--seed", "4")
-    ids = tmp_path / "shard0.txt"
-    ids.write_text("\n".join(data.ids[shard0]) + "\n")
+    run_json("train", changed, "-o", second, *EPOCHS, *sisa)
+    ids = tmp_path / "emptied.txt"
+    ids.write_text("\n".join(data.ids[rows]) + "\n")
     removed = []
     for model in (first, second):
         out = run_json("remove", "-m", model, "--marked", ids, "--method", "sisa")
-        assert any("no longer vote" in w for w in out["warnings"])
+        assert any("no longer vote" in w for w in out["warnings"]) == (emptied == "shard")
         removed.append(load_checkpoint(Path(out["output"])))
     assert not _weights(first)["members.0.net.layers.0.weight"].equal(
         _weights(second)["members.0.net.layers.0.weight"]
-    )  # the two ensembles did learn different things from shard 0
-    a, b = (r.model.state_dict() for r in removed)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[name], b[name]) for name in a), [
-        name for name in a if not torch.equal(a[name], b[name])
-    ]
-    assert removed[0].extra.keys() == removed[1].extra.keys()
-    assert all(torch.equal(removed[0].extra[n], removed[1].extra[n]) for n in removed[0].extra)
+    )  # the two ensembles did learn different things from those rows
+    (a, a_extra), (b, b_extra) = ((r.model.state_dict(), r.extra) for r in removed)
+    assert a.keys() == b.keys() and a_extra.keys() == b_extra.keys()
+    differ = [name for name in a if not torch.equal(a[name], b[name])]
+    differ += [name for name in a_extra if not torch.equal(a_extra[name], b_extra[name])]
+    assert not differ, differ

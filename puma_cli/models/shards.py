@@ -191,8 +191,9 @@ def _train_shard(
         else:
             fresh.fix_standardisation(*recipe.fixed_inputs())
         member.load_state_dict(fresh.state_dict())
-        for r in [r for r in stages if r >= base]:
-            del stages[r]
+        # Every stored state goes: those from `base` on are trained again, and one before
+        # it saw only slices that are now empty, so it holds removed rows and nothing else.
+        stages.clear()
     else:
         member.load_state_dict(stages[first_stage - 1])
     for r in range(first_stage, recipe.slices):
