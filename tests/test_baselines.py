@@ -322,16 +322,7 @@ def test_a_removal_keeps_nothing_of_the_rows_it_empties(
     held = (plan.shard == 0) & ((plan.slice == 0) if emptied == "first slice" else True)
     rows = np.flatnonzero(held)
     assert rows.size > 0
-    lines = source.read_text().splitlines()
-    header = lines[0].split(",")
-    features = [i for i, name in enumerate(header) if name not in ("id", "label")]
-    for row in rows:  # these rows moved elsewhere; every other row as it was
-        cells = lines[row + 1].split(",")
-        for i in features:
-            cells[i] = str(float(cells[i]) + 3.0)
-        lines[row + 1] = ",".join(cells)
-    changed = tmp_path / "changed.csv"
-    changed.write_text("\n".join(lines) + "\n")
+    changed = _moved(source, rows, tmp_path / "changed.csv")
     second = tmp_path / "b.safetensors"
     run_json("train", changed, "-o", second, *EPOCHS, *sisa)
     ids = tmp_path / "emptied.txt"
@@ -349,3 +340,36 @@ def test_a_removal_keeps_nothing_of_the_rows_it_empties(
     differ = [name for name in a if not torch.equal(a[name], b[name])]
     differ += [name for name in a_extra if not torch.equal(a_extra[name], b_extra[name])]
     assert not differ, differ
+
+
+def test_retraining_keeps_nothing_of_the_rows_it_removes(data_dir: Path, tmp_path: Path) -> None:
+    """The reference itself: two models whose training files differ only in the marked
+    rows (some of them validation rows) are retrained into the same tensors."""
+    source = data_dir / "radial.csv"
+    data = load_dataset(source)
+    rows = np.arange(0, len(data.ids), 3)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(data.ids[rows]) + "\n")
+    retrained = []
+    for name, file in (("a", source), ("b", _moved(source, rows, tmp_path / "changed.csv"))):
+        model = tmp_path / f"{name}.safetensors"
+        run_json("train", file, "-o", model, *EPOCHS)
+        out = run_json("remove", "-m", model, "--marked", ids, "--method", "retrain")
+        assert out["skipped"]["validation"] > 0  # marked validation rows leave the criterion
+        retrained.append(_weights(Path(out["output"])))
+    a, b = retrained
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+def _moved(source: Path, rows: np.ndarray, out: Path) -> Path:
+    """`source` with the features of `rows` moved by 3, every other row as it was."""
+    lines = source.read_text().splitlines()
+    header = lines[0].split(",")
+    features = [i for i, name in enumerate(header) if name not in ("id", "label")]
+    for row in rows:
+        cells = lines[row + 1].split(",")
+        for i in features:
+            cells[i] = str(float(cells[i]) + 3.0)
+        lines[row + 1] = ",".join(cells)
+    out.write_text("\n".join(lines) + "\n")
+    return out
