@@ -103,6 +103,27 @@ def test_like_the_original_gives_its_names_dtypes_and_the_removed_values(
     assert record["inputs"] == report["inputs"]
 
 
+def test_the_deployed_file_cannot_tell_whose_rows_were_removed(
+    imported: Path, tmp_path: Path
+) -> None:
+    """The checkpoint keeps each removal's sha256 of its ids and its marked rows' losses
+    for the owner's audit; the file deployed does not: a hash of one guessable id (an
+    e-mail address, a user number) confirms a guess, and one row's loss is its own."""
+    out = tmp_path / "deploy.safetensors"
+    run_json("export", imported / "removed.safetensors", "-o", out)
+    kept = run_json("info", imported / "removed.safetensors")["provenance"]
+    kept_removal = next(entry for entry in kept if entry["op"] == "remove")
+    assert "ids_sha256" in kept_removal and "marked_loss_after" in kept_removal["metrics"]
+    with safe_open(str(out), "pt") as handle:
+        record = json.loads(handle.metadata()["puma_export"])
+    for entries in (record["removals"], record["provenance"]):
+        removal = next(entry for entry in entries if entry["op"] == "remove")
+        assert "ids_sha256" not in removal
+        assert not [key for key in removal["metrics"] if key.startswith("marked_")]
+        assert removal["removed"] == kept_removal["removed"]  # the count stays
+        assert removal["metrics"]["criterion_after"] == kept_removal["metrics"]["criterion_after"]
+
+
 def test_without_like_the_networks_own_names_load_into_its_class(
     imported: Path, tmp_path: Path
 ) -> None:

@@ -6,8 +6,9 @@ The network's own tensor names by default (each name of a tied layer written, so
 and dtypes of that weights file (the one the model was imported from: its `module.`
 prefix, another code base's names, float16), read as `puma import` reads it. The file's
 metadata (`puma_export`, JSON) records the model's removals (their provenance entries,
-never the ids) and the transform the network expects its inputs through; the report
-warns where that is one puma fitted, which the network alone does not apply.
+never the ids, nor their hash or the marked rows' figures) and the transform the network
+expects its inputs through; the report warns where that is one puma fitted, which the
+network alone does not apply.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def export(
             f"puma's names for them: give --like {imported[0]['weights']} to write them "
             "under that file's names"
         )
-    removals = [entry for entry in checkpoint.provenance if entry.get("op") == "remove"]
+    provenance = [_deployable(entry) for entry in checkpoint.provenance]
+    removals = [entry for entry in provenance if entry.get("op") == "remove"]
     record = {
         "model": str(model),
         "model_sha256": sha256_file(model),
         "architecture": classifier.arch.label,
-        "provenance": checkpoint.provenance,
+        "provenance": provenance,
         "removals": removals,
         "inputs": inputs,
     }
@@ -86,6 +88,21 @@ def export(
         inputs=inputs,
         warnings=warnings,
     )
+
+
+def _deployable(entry: dict[str, Any]) -> dict[str, Any]:
+    """A provenance entry as the deployed file carries it: without a removal's sha256 of
+    its ids and its marked rows' losses and accuracies, which the checkpoint keeps for the
+    owner's audit. Whoever holds the deployed weights could confirm a guessed id (an
+    e-mail address, a user number) against the hash, and one marked row's loss is that
+    row's own."""
+    if entry.get("op") != "remove":
+        return entry
+    kept = {key: value for key, value in entry.items() if key != "ids_sha256"}
+    metrics = kept.get("metrics")
+    if isinstance(metrics, dict):
+        kept["metrics"] = {k: v for k, v in metrics.items() if not k.startswith("marked_")}
+    return kept
 
 
 def _inputs(classifier: Classifier, recipe: TrainRecipe) -> tuple[dict[str, Any] | None, list[str]]:
