@@ -1463,7 +1463,9 @@ def export(
     report = job(model, output, like=like, overwrite=overwrite)
     payload = {**asdict(report), "output": str(report.output), "model": str(report.model)}
     inputs = report.inputs
-    if not as_json and inputs is not None and len(inputs["mean"]) > 8:  # a table's features
+    if not as_json and inputs is not None and report.ensemble is not None:
+        payload["inputs"] = "one transform a shard (--json, or the file's puma_export metadata)"
+    elif not as_json and inputs is not None and len(inputs["mean"]) > 8:  # a table's features
         payload["inputs"] = (
             f"divisor {inputs['divisor']:g}, then (x - mean) / std with {len(inputs['mean'])} "
             "values each (--json, or the file's puma_export metadata)"

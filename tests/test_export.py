@@ -4,6 +4,7 @@ the tensor names (and dtypes) of the file the model was imported from."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -190,7 +191,55 @@ def test_refusals_write_nothing(
     out.unlink()
     shards = tmp_path / "sisa.safetensors"
     run_json("train", data_dir / "radial.csv", "--shards", "2", "--epochs", "2", "-o", shards)
-    assert_clean_error(run("export", shards, "-o", out), "SISA ensemble")
+    assert_clean_error(run("export", shards, "-o", out, "--like", other), "SISA ensemble")
     assert_clean_error(run("export", tmp_path / "missing.safetensors", "-o", out), "missing")
     assert not out.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_sisa_ensemble_exports_its_voting_shards_and_how_they_vote(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Each shard still voting under `shard<k>.`, with its own input transform and the
+    aggregate in the metadata: enough to predict as the ensemble does. A shard a removal
+    emptied is left out."""
+    model = tmp_path / "sisa.safetensors"
+    run_json("train", data_dir / "radial.csv", "--shards", "3", "--epochs", "3", "-o", model)
+    checkpoint = load_checkpoint(model)
+    data = load_dataset(data_dir / "radial.csv")
+    shard = checkpoint.extra["sisa.shard"].numpy()
+    ids = tmp_path / "shard1.txt"
+    ids.write_text("\n".join(data.ids[shard == 1]) + "\n")
+    removed = tmp_path / "removed.safetensors"
+    run_json("remove", "-m", model, "--marked", ids, "--method", "sisa", "-o", removed)
+    out = tmp_path / "deploy.safetensors"
+    said = run("export", removed, "-o", tmp_path / "read.safetensors")  # the table a person reads
+    assert said.exit_code == 0 and "one transform a shard" in said.stdout, said.output
+    report = run_json("export", removed, "-o", out)
+    assert report["ensemble"]["members"] == ["shard0", "shard2"]
+    assert any("shard 1" in w and "left out" in w for w in report["warnings"])
+    assert any("mean of their softmax" in w for w in report["warnings"])
+    exported = load_file(out)
+    assert {name.split(".", 1)[0] for name in exported} == {"shard0", "shard2"}
+    with safe_open(str(out), "pt") as handle:
+        record = json.loads(handle.metadata()["puma_export"])
+    assert record["ensemble"] == report["ensemble"]
+    assert record["inputs"].keys() == {"shard0", "shard2"}
+    # Predict from the file alone, as its metadata says, and get the ensemble's output.
+    ensemble = load_checkpoint(removed).model
+    X = torch.as_tensor(data.X[:30], dtype=torch.float32)
+    probs = []
+    for prefix in record["ensemble"]["members"]:
+        net = copy.deepcopy(ensemble.members[0].net)  # the architecture; weights from the file
+        for p in net.parameters():
+            p.data.zero_()
+        net.load_state_dict(
+            {k.removeprefix(prefix + "."): v for k, v in exported.items() if k.startswith(prefix)}
+        )
+        inputs = record["inputs"][prefix]
+        mean, std = torch.tensor(inputs["mean"]), torch.tensor(inputs["std"])
+        with torch.no_grad():
+            probs.append(torch.softmax(net((X / inputs["divisor"] - mean) / std), dim=1))
+    with torch.no_grad():
+        expected = torch.softmax(ensemble(X), dim=1)
+    torch.testing.assert_close(sum(probs) / len(probs), expected, atol=1e-5, rtol=1e-4)

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+from torch import Tensor
 
+from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs, sha256_file, write_atomically
 from puma_cli.io.weights import names_like
-from puma_cli.models.architectures import Classifier
+from puma_cli.models.architectures import Classifier, ShardEnsemble
 from puma_cli.models.training import NO_TRANSFORM, TrainRecipe
 
 
@@ -37,15 +39,74 @@ class ExportReport:
     removals: int
     inputs: dict[str, Any] | None  # the transform the network expects, None: the values as they are
     warnings: list[str] = field(default_factory=list)
+    ensemble: dict[str, Any] | None = None  # a SISA ensemble's voting members and aggregate
 
 
 def export(
     model: Path, output: Path, *, like: Path | None = None, overwrite: bool = False
 ) -> ExportReport:
-    """Write the network of `model` to `output` as a plain state dict."""
+    """Write the network of `model` to `output` as a plain state dict (a SISA ensemble's:
+    each voting shard's network under `shard<k>.`)."""
     check_outputs([output], [model, like], overwrite)
     checkpoint = ckpt.load_checkpoint(model)
-    classifier = ckpt.single_model(checkpoint, "puma export")
+    recipe = TrainRecipe.from_dict(checkpoint.recipe)
+    if isinstance(checkpoint.model, ShardEnsemble):
+        if like is not None:
+            raise PumaError(
+                f"--like names the tensors of one imported network, and {model} is a SISA "
+                "ensemble puma trained: export it without --like"
+            )
+        written = _members(checkpoint.model, recipe)
+    else:
+        written = _single(ckpt.single_model(checkpoint, "puma export"), recipe, like)
+    imported = [e for e in checkpoint.provenance if e.get("op") == "import"]
+    if like is None and imported and imported[0].get("names_from"):
+        written.warnings.append(
+            f"the weights were imported under {imported[0]['names_from']}, and these are "
+            f"puma's names for them: give --like {imported[0]['weights']} to write them "
+            "under that file's names"
+        )
+    provenance = [_deployable(entry) for entry in checkpoint.provenance]
+    removals = [entry for entry in provenance if entry.get("op") == "remove"]
+    record = {
+        "model": str(model),
+        "model_sha256": sha256_file(model),
+        "architecture": checkpoint.arch.label,
+        "provenance": provenance,
+        "removals": removals,
+        "inputs": written.inputs,
+        **({} if written.ensemble is None else {"ensemble": written.ensemble}),
+    }
+    metadata = {"format": "pt", "puma_export": json.dumps(record)}
+    tensors = written.tensors
+    write_atomically({output: lambda tmp: save_file(tensors, str(tmp), metadata)}, overwrite)
+    return ExportReport(
+        output=output,
+        model=model,
+        tensors=len(tensors),
+        names=written.names,
+        n_parameters=written.n_parameters,
+        removals=len(removals),
+        inputs=written.inputs,
+        warnings=written.warnings,
+        ensemble=written.ensemble,
+    )
+
+
+@dataclass
+class _Written:
+    """What export writes: the tensors by name, and what the report and metadata say."""
+
+    tensors: dict[str, Tensor]
+    names: str
+    n_parameters: int
+    inputs: dict[str, Any] | None
+    warnings: list[str]
+    ensemble: dict[str, Any] | None = None
+
+
+def _single(classifier: Classifier, recipe: TrainRecipe, like: Path | None) -> _Written:
+    """One network: under its own names, or under those of the weights file `like`."""
     net = classifier.net
     held = {name: tensor.detach().cpu() for name, tensor in net.state_dict().items()}
     if like is None:
@@ -58,36 +119,48 @@ def export(
             for theirs, (ours, dtype) in mapping.items()
         }
         names = f"those of {like}"
-    inputs, warnings = _inputs(classifier, TrainRecipe.from_dict(checkpoint.recipe))
-    imported = [e for e in checkpoint.provenance if e.get("op") == "import"]
-    if like is None and imported and imported[0].get("names_from"):
+    inputs, warnings = _inputs(classifier, recipe)
+    n_parameters = sum(p.numel() for p in net.parameters())
+    return _Written(tensors, names, n_parameters, inputs, warnings)
+
+
+def _members(model: ShardEnsemble, recipe: TrainRecipe) -> _Written:
+    """A SISA ensemble's voting shards, each network under `shard<k>.` with its own input
+    transform (a shard's standardisation is fitted on its own rows). A shard that lost
+    every row to removals no longer votes and is left out."""
+    voting = [k for k in range(len(model.members)) if float(model.active[k]) > 0]
+    left_out = [k for k in range(len(model.members)) if k not in voting]
+    members = [f"shard{k}" for k in voting]
+    tensors: dict[str, Tensor] = {}
+    inputs: dict[str, Any] = {}
+    warnings = [
+        f"a SISA ensemble: the networks of its {len(voting)} voting shards are written under "
+        f"{', '.join(m + '.' for m in members)}; it predicts the mean of their softmax "
+        "outputs, each network behind its own inputs (puma_export's ensemble and inputs)"
+    ]
+    n_parameters = 0
+    for k, prefix in zip(voting, members, strict=True):
+        member = model.members[k]
+        assert isinstance(member, Classifier)
+        for name, tensor in member.net.state_dict().items():
+            tensors[f"{prefix}.{name}"] = tensor.detach().cpu().clone().contiguous()
+        inputs[prefix], said = _inputs(member, recipe)
+        warnings += [w for w in said if w not in warnings]
+        n_parameters += sum(p.numel() for p in member.net.parameters())
+    if left_out:
+        verb, pronoun = ("is", "it") if len(left_out) == 1 else ("are", "they")
         warnings.append(
-            f"the weights were imported under {imported[0]['names_from']}, and these are "
-            f"puma's names for them: give --like {imported[0]['weights']} to write them "
-            "under that file's names"
+            f"shard {', '.join(map(str, left_out))} lost every row to removals and {verb} "
+            f"left out: {pronoun} no longer vote{'s' if pronoun == 'it' else ''}"
         )
-    provenance = [_deployable(entry) for entry in checkpoint.provenance]
-    removals = [entry for entry in provenance if entry.get("op") == "remove"]
-    record = {
-        "model": str(model),
-        "model_sha256": sha256_file(model),
-        "architecture": classifier.arch.label,
-        "provenance": provenance,
-        "removals": removals,
-        "inputs": inputs,
+    ensemble = {
+        "members": members,
+        "left_out": left_out,
+        "aggregate": "mean of the members' softmax outputs, equal weights",
     }
-    metadata = {"format": "pt", "puma_export": json.dumps(record)}
-    write_atomically({output: lambda tmp: save_file(tensors, str(tmp), metadata)}, overwrite)
-    return ExportReport(
-        output=output,
-        model=model,
-        tensors=len(tensors),
-        names=names,
-        n_parameters=sum(p.numel() for p in net.parameters()),
-        removals=len(removals),
-        inputs=inputs,
-        warnings=warnings,
-    )
+    transforms = inputs if any(v is not None for v in inputs.values()) else None
+    return _Written(tensors, "each voting shard's own, under shard<k>.", n_parameters,
+                    transforms, warnings, ensemble)  # fmt: skip
 
 
 def _deployable(entry: dict[str, Any]) -> dict[str, Any]:
