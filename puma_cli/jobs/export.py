@@ -4,11 +4,12 @@ weights a removal wrote where the original ones ran.
 The network's own tensor names by default (each name of a tied layer written, so that
 `net.load_state_dict(load_file(path))` takes it as it is); with `--like FILE`, the names
 and dtypes of that weights file (the one the model was imported from: its `module.`
-prefix, another code base's names, float16), read as `puma import` reads it. The file's
-metadata (`puma_export`, JSON) records the model's removals (their provenance entries,
-never the ids, nor their hash or the marked rows' figures) and the transform the network
-expects its inputs through; the report warns where that is one puma fitted, which the
-network alone does not apply.
+prefix, another code base's names, float16), read as `puma import` reads it. A SISA
+ensemble: each voting shard's network under `shard<k>.`, with its own transform, and the
+aggregate in the metadata. The file's metadata (`puma_export`, JSON) records the model's
+removals (their provenance entries, never the ids, nor their hash or the marked rows'
+figures) and the transform the network expects its inputs through; the report warns
+where that is one puma fitted, which the network alone does not apply.
 """
 
 from __future__ import annotations
