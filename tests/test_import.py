@@ -205,6 +205,8 @@ def test_an_import_without_validation_data_says_how_to_give_it(
         "--data", data_dir / "radial.csv", "-o", model,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())  # said at import, before a removal needs it
+    assert "Warning: no --val" in said and "import again with --val FILE" in said, said
     (tmp_path / "ids.txt").write_text("0\n2\n")
     result = run("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--arch-file",
                  elsewhere / "net.py")  # fmt: skip
@@ -229,7 +231,8 @@ def test_weights_near_chance_on_their_own_rows_get_a_warning(
         "--data", data_dir / "radial.csv", "-o", tmp_path / "b.safetensors",
     )  # fmt: skip
     assert out["train_accuracy"] < 0.7
-    (warning,) = out["warnings"]
+    warning, no_val = out["warnings"]
+    assert no_val.startswith("no --val")
     assert "little better than always answering the largest class" in warning
     assert "--normalize-mean/--normalize-std" in warning and "network's forward" in warning
 

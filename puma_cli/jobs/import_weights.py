@@ -93,6 +93,12 @@ def import_weights(
     metrics: dict[str, Any] = {"train": figures(own)}
     warnings = _near_chance(own.accuracy, dataset.y, n_classes)
     warnings += _saturated(own.loss, dataset, recipe)
+    if val_set is None:
+        warnings.append(
+            "no --val: remove, debug-labels and calibrate need held-out rows for their "
+            "criterion, and will ask for --criterion-data FILE each time; import again "
+            "with --val FILE (rows the weights were not trained on) to record them"
+        )
     if val_set is not None:
         metrics["val"] = figures(next(found))
     if test_set is not None:
