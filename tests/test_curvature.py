@@ -464,3 +464,60 @@ def test_a_layer_frozen_in_part_gets_no_block_and_its_trainable_part_is_left_out
     assert curvature.uncovered == 4 and curvature.left_out == {"Linear": 4}
     x = curvature.inverse(torch.ones(curvature.size, dtype=torch.float64), 0.1)
     assert torch.equal(x[:4], torch.zeros(4, dtype=torch.float64))  # the bias stays
+
+
+def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
+    """An input factor wider than twice the rows it is fitted on (ResNet-18's 4,608-wide
+    last stage on 2,000 rows) has rank at most those rows under K-FAC-reduce: its
+    eigenbasis comes from a sketch of that rank, completed by the null space, and the
+    damped inverse is the float64 eigendecomposition's, nearer than a float32 eigh."""
+    from puma_cli.engine.kronecker import LOW_RANK_MIN, OVERSAMPLE, decompose
+
+    torch.manual_seed(0)
+    d, rows = LOW_RANK_MIN + 100, 300
+    patches = torch.randn(rows, d) * torch.logspace(0, -3, d)  # a decaying spectrum
+    factor = patches.T @ patches / rows
+    values, vectors = decompose(factor, rows)
+    assert values.shape == (d,) and vectors.shape == (d, d)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(d), atol=1e-5, rtol=0)
+    assert (values[: d - rows - OVERSAMPLE] == 0).all()  # the null space no row reaches
+    exact_values, exact_vectors = torch.linalg.eigh(factor.double())
+    torch.testing.assert_close(values[-rows:].double(), exact_values[-rows:], atol=1e-6, rtol=1e-4)
+    mu = 0.01 * float(exact_values.max())
+    b = torch.randn(d, 4, dtype=torch.float64)
+
+    def inverse(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        vectors, values = vectors.double(), values.double().clamp_min(0)
+        return vectors @ ((vectors.T @ b) / (values + mu)[:, None])
+
+    exact = inverse(exact_values, exact_vectors)
+    error = float((inverse(values, vectors) - exact).norm() / exact.norm())
+    error32 = float((inverse(*torch.linalg.eigh(factor)) - exact).norm() / exact.norm())
+    assert error < 1e-5 and error <= error32, (error, error32)
+    # A bound near the width, or a narrow factor: the plain eigendecomposition.
+    for wide, bound in ((factor, d // 2), (factor[:500, :500], 10)):
+        plain = decompose(wide, bound)
+        assert torch.equal(plain[0], torch.linalg.eigh(wide)[0])
+
+
+def test_fitted_factors_through_their_rank_invert_as_the_float64_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """K-FAC of a Linear layer wider than twice its fitting rows, decomposed through its
+    rank: its inverse is the float64 fit's, as near as the full float32 eigenbasis's."""
+    from puma_cli.engine import kronecker
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(kronecker.LOW_RANK_MIN + 50, 3))
+    X, y = torch.randn(200, kronecker.LOW_RANK_MIN + 50), torch.randint(0, 3, (200,))
+    through_rank = fit_kronecker("kfac", net, *_layout(net), [(X, y)])
+    monkeypatch.setattr(kronecker, "LOW_RANK_MIN", 10**9)
+    full = fit_kronecker("kfac", net, *_layout(net), [(X, y)])
+    exact = fit_kronecker("kfac", net.double(), *_layout(net), [(X.double(), y)])
+    v = torch.randn(full.size, dtype=torch.float64)
+    top = float(full.blocks[0].E.max())
+    for mu in (0.01 * top, 0.1 * top):
+        reference = exact.inverse(v, mu)
+        errors = [float((k.inverse(v, mu) - reference).norm() / reference.norm())
+                  for k in (through_rank, full)]  # fmt: skip
+        assert errors[0] < 1e-5 and errors[0] <= errors[1], errors

@@ -29,6 +29,7 @@ from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.kronecker import (
     APPROXIMATION,
     KINDS,
+    LOW_RANK_MIN,
     KroneckerCurvature,
     fit_kronecker,
     kronecker_from_tensors,
@@ -150,6 +151,7 @@ def attach_curvature(
                 "labels": "seeded per batch", "batch": str(size),
                 "fit_precision": str(fit_dtype), "decomposed_in": str(fit_dtype),
                 "shared_weights": APPROXIMATION,
+                "input_factors": f"through their rank past {LOW_RANK_MIN} wide",
                 "self_attention": "as modules"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []

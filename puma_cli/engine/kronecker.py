@@ -58,6 +58,12 @@ FISHER = ("type-2", "mc")  # the exact GGN per row, or one sampled label per row
 # (3.1 s against 13.1 s); the same on the digits CNN (0.62-0.72 for both). For a Linear
 # layer on (rows, features) the two are the same.
 APPROXIMATION = "reduce"
+# Under K-FAC-reduce each fitting row adds one vector (its inputs averaged over positions)
+# to a layer's input factor, so the factor's rank is at most the rows it is fitted on. Past
+# this width, a factor wider than twice its rank bound is decomposed through a sketch of
+# that rank (`decompose`): ResNet-18's 4,608-wide last-stage factors on 2,000 rows.
+LOW_RANK_MIN = 1024
+OVERSAMPLE = 64  # sketch columns past the rank bound: rounding lifts the null space a little
 
 
 @dataclass
@@ -346,13 +352,38 @@ def _fit(
             Qb = state["gradient_covariances_eigenvectors"][name]
             E = _joint_eigenvalues(state["corrected_eigenvalues"][name])
         else:
-            la, Qa = torch.linalg.eigh(state["input_covariances"][name])
+            la, Qa = decompose(state["input_covariances"][name], total)
             lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name])
             E = lb.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         factors[name] = (Qa.double(), Qb.double(), E.clamp_min(0).double())
     curvature = _curvature(kind, module, layers, names, sizes, factors)
     curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
     return curvature
+
+
+def decompose(factor: Tensor, rank_bound: int) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric PSD factor whose rank is at
+    most `rank_bound`, as `torch.linalg.eigh` gives them.
+
+    A factor at least LOW_RANK_MIN wide and more than twice k = rank_bound + OVERSAMPLE is
+    decomposed through its range (Halko et al. 2011, Algorithm 5.3): the range of the
+    factor times a seeded Gaussian (d, k) sketch, orthonormalised by a complete QR whose
+    last d - k columns span the null space (eigenvalue 0); the eigendecomposition of the
+    factor in that range, k wide, gives the rest. Measured on 2 cores, d = 4,608 of rank
+    2,000 in float32: 3.4 s against eigh's 8.1 s; the damped inverse within 4e-5 of
+    eigh's in float64 (float32 eigh's own: 9e-6), far below K-FAC's own error."""
+    d = factor.shape[0]
+    k = rank_bound + OVERSAMPLE
+    if d < LOW_RANK_MIN or 2 * k > d:
+        return torch.linalg.eigh(factor)
+    generator = torch.Generator(device=factor.device).manual_seed(0)
+    sketch = torch.randn(d, k, generator=generator, device=factor.device, dtype=factor.dtype)
+    Q, _ = torch.linalg.qr(factor @ sketch, mode="complete")
+    in_range = Q[:, :k]
+    small = in_range.T @ factor @ in_range
+    values, vectors = torch.linalg.eigh((small + small.T) / 2)
+    zeros = torch.zeros(d - k, device=factor.device, dtype=factor.dtype)
+    return torch.cat([zeros, values]), torch.cat([Q[:, k:], in_range @ vectors], dim=1)
 
 
 def _check_ekfac_unfolds(layers: list[tuple[str, nn.Linear | nn.Conv2d]]) -> None:
