@@ -494,8 +494,9 @@ def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
     error = float((inverse(values, vectors) - exact).norm() / exact.norm())
     error32 = float((inverse(*torch.linalg.eigh(factor)) - exact).norm() / exact.norm())
     assert error < 1e-5 and error <= error32, (error, error32)
-    # A bound near the width, or a narrow factor: the plain eigendecomposition.
-    for wide, bound in ((factor, d // 2), (factor[:500, :500], 10)):
+    # A bound near the width, a narrow factor, or a bound the factor exceeds (a layer
+    # called twice in a forward adds two vectors a row): the plain eigendecomposition.
+    for wide, bound in ((factor, d // 2), (factor[:500, :500], 10), (factor, rows // 2)):
         plain = decompose(wide, bound)
         assert torch.equal(plain[0], torch.linalg.eigh(wide)[0])
 

@@ -64,6 +64,7 @@ APPROXIMATION = "reduce"
 # that rank (`decompose`): ResNet-18's 4,608-wide last-stage factors on 2,000 rows.
 LOW_RANK_MIN = 1024
 OVERSAMPLE = 64  # sketch columns past the rank bound: rounding lifts the null space a little
+RANGE_TOLERANCE = 1e-4  # what the sketch may miss of the factor on random probes
 
 
 @dataclass
@@ -382,8 +383,17 @@ def decompose(factor: Tensor, rank_bound: int) -> tuple[Tensor, Tensor]:
     in_range = Q[:, :k]
     small = in_range.T @ factor @ in_range
     values, vectors = torch.linalg.eigh((small + small.T) / 2)
+    vectors = in_range @ vectors
+    # The bound holds where each row adds one vector; a layer called twice in a forward
+    # adds two. Checked on probes: a factor the sketch does not hold gets eigh.
+    probe = torch.randn(d, 8, generator=generator, device=factor.device, dtype=factor.dtype)
+    applied = factor @ probe
+    if (applied - vectors @ (values[:, None] * (vectors.T @ probe))).norm() > (
+        RANGE_TOLERANCE * applied.norm()
+    ):
+        return torch.linalg.eigh(factor)
     zeros = torch.zeros(d - k, device=factor.device, dtype=factor.dtype)
-    return torch.cat([zeros, values]), torch.cat([Q[:, k:], in_range @ vectors], dim=1)
+    return torch.cat([zeros, values]), torch.cat([Q[:, k:], vectors], dim=1)
 
 
 def _check_ekfac_unfolds(layers: list[tuple[str, nn.Linear | nn.Conv2d]]) -> None:
