@@ -50,6 +50,7 @@ COMMANDS = (
     "eval",
     "info",
     "export",
+    "relink",
 )
 
 
@@ -1471,6 +1472,51 @@ def export(
             "values each (--json, or the file's puma_export metadata)"
         )
     _render(as_json, payload, f"exported {report.output}")
+
+
+@app.command()
+@domain_errors
+def relink(
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint whose removed rows you deleted.", readable=False)
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="The training file as it is now: the recorded one less the rows the model "
+            "removed, every other row as it was (ids, column order and path may differ).",
+            readable=False,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Checkpoint to write.", readable=False)
+    ],
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    arch_file: ArchFileOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Point a model at its training file once the rows it removed are deleted from it.
+
+    A checkpoint refuses a changed training file; after `remove`, delete the removed rows
+    from the file too, and relink: the model then records the file as it is, and every
+    later command (mark, remove, attack, eval) works on it.
+    """
+    from puma_cli.jobs.relink import relink as job
+
+    resolve_device(device)
+    with console.phase_progress(enabled=not as_json) as phases:
+        report = job(model, data, output, overwrite=overwrite, phases=phases)
+    payload = {
+        **asdict(report),
+        "output": str(report.output),
+        "model": str(report.model),
+        "data": str(report.data),
+    }
+    _render(as_json, payload, f"relinked {report.output}")
 
 
 @app.command()

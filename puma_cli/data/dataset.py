@@ -1,7 +1,9 @@
-"""The in-memory dataset every layer passes around, and the stratified split."""
+"""The in-memory dataset every layer passes around, the stratified split, and the digest
+of some rows that stands for them once a file is rewritten."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,3 +67,20 @@ def split_rows(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.nd
     held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
     kept = np.setdiff1d(np.arange(y.shape[0]), held_out)
     return kept, held_out
+
+
+DIGEST_CHUNK = 4096  # rows hashed at a time: a memory-mapped file is read a slice at a time
+
+
+def rows_digest(dataset: Dataset, rows: np.ndarray) -> str:
+    """sha256 of the given rows' values and labels, in order: what a file must hold, row
+    for row, to stand for them (`puma relink`). The ids are left out, since a file without
+    an id column numbers its rows, and deleting rows renumbers the rest; the values are
+    taken in the file's own type, as read (a CSV's as float64)."""
+    digest = hashlib.sha256()
+    digest.update(f"{dataset.X.dtype.str} {dataset.input_shape} {rows.size}\n".encode())
+    for start in range(0, rows.size, DIGEST_CHUNK):
+        chunk = rows[start : start + DIGEST_CHUNK]
+        digest.update(np.ascontiguousarray(dataset.X[chunk]).tobytes())
+        digest.update(np.ascontiguousarray(dataset.y[chunk], dtype="<i8").tobytes())
+    return digest.hexdigest()

@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
-from puma_cli.io.checkpoint import ROLE_VALIDATION, Checkpoint
+from puma_cli.io.checkpoint import ROLE_REMOVED, ROLE_VALIDATION, Checkpoint
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
 from puma_cli.models.predict import Phases
@@ -34,9 +34,19 @@ def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
     if not path.exists():
         raise DataError(
             f"the {_ROLE_NAMES[role]} file recorded in {checkpoint.path}, {path}, is missing; "
-            "put it back there or give the file with --data"
+            f"put it back there or give the file with --data{_relink_hint(checkpoint, role)}"
         )
     return path
+
+
+def _relink_hint(checkpoint: Checkpoint, role: str) -> str:
+    """Where the model has removed rows, the way on once they are deleted from its file."""
+    if role != "train" or not bool((checkpoint.roles == ROLE_REMOVED).any()):
+        return ""
+    return (
+        " (if you deleted the removed rows from it, `puma relink MODEL --data FILE -o OUT` "
+        "points the model at the file as it is now)"
+    )
 
 
 def load_recorded_dataset(
@@ -53,7 +63,7 @@ def load_recorded_dataset(
             raise DataError(
                 f"{path} has changed since {checkpoint.path} was made (sha256 "
                 f"{record.sha256[:12]} recorded, {digest[:12]} now); restore the original "
-                "file or retrain the model"
+                f"file or retrain the model{_relink_hint(checkpoint, role)}"
             )
 
     if path.is_dir():  # each image read once, hashed as it is decoded

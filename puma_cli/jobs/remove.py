@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from puma_cli import parallel
-from puma_cli.data.dataset import Dataset
+from puma_cli.data.dataset import Dataset, rows_digest
 from puma_cli.engine.criterion import EngineCaches
 from puma_cli.engine.derivatives import Phases
 from puma_cli.errors import DataError, PumaError
@@ -154,6 +154,8 @@ def remove(
         skipped=skipped,
     )
     entry = _provenance_entry(report, ids, options)
+    # What the file must hold, row for row, once the removed rows are deleted from it.
+    entry["held_rows_sha256"] = rows_digest(dataset, np.flatnonzero(new_roles != ckpt.ROLE_REMOVED))
     new = replace(
         checkpoint,
         model=result.model,
