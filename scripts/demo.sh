@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on shipped data, every step reading and writing files:
-# make-data -> train -> mark -> remove -> eval -> attack, the baselines, then debug-labels
-# and calibrate.
+# make-data -> train -> mark -> remove -> eval -> attack -> relink, the baselines, then
+# debug-labels and calibrate.
 set -euo pipefail
 out=demo-out
 mkdir -p "$out"
@@ -24,6 +24,15 @@ for model in radial radial.removed radial.retrained; do
   step puma attack --model "$out/$model.safetensors" --targets "$out/marked.txt" --attack shokri \
       --shadows 8 --json   # the paper's attack, on the same cached shadows
 done
+
+# Then the data: the marked rows deleted from the training file (as a deletion request
+# asks), and the model pointed at the file as it is now, for the next request.
+grep -v '^#' "$out/marked.txt" > "$out/marked-ids.txt"
+awk -F, 'NR == FNR { gone[$1]; next } FNR == 1 || !($1 in gone)' "$out/marked-ids.txt" \
+    "$out/radial.csv" > "$out/radial-now.csv"
+step puma relink "$out/radial.removed.safetensors" --data "$out/radial-now.csv" \
+    -o "$out/radial.relinked.safetensors" --overwrite
+step puma eval --model "$out/radial.relinked.safetensors"
 
 # The baselines: SISA retrains only the shards that held the marked points; Amnesiac
 # subtracts the recorded updates of their batches (grouped together: the ordered scenario);
