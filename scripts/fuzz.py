@@ -104,7 +104,8 @@ def _invoke(*args: str | Path) -> None:
 
 
 def build_workspace(folder: Path) -> dict[str, Path]:
-    """Sample data, a model that records it (with Amnesiac updates), ids and a config."""
+    """Sample data, a model that records it (with Amnesiac updates) and the same model with
+    five rows removed, ids and a config."""
     w = {name: folder / name for name in ("radial.csv", "radial-test.csv", "m.safetensors")}
     _invoke("make-data", "radial", "-o", w["radial.csv"], "--n", "200", "--test-frac", "0.2")
     _invoke(
@@ -116,6 +117,14 @@ def build_workspace(folder: Path) -> dict[str, Path]:
     w["ids.txt"].write_text("\n".join(ids[:5]) + "\n")
     w["all-ids.txt"] = folder / "all-ids.txt"
     w["all-ids.txt"].write_text("\n".join(ids) + "\n")
+    w["removed.safetensors"] = folder / "removed.safetensors"  # what relink starts from
+    _invoke(
+        "remove", "-m", w["m.safetensors"], "--marked", w["ids.txt"],
+        "-o", w["removed.safetensors"], "--device", "cpu",
+    )  # fmt: skip
+    w["now.csv"] = folder / "now.csv"  # the training file less those rows
+    lines = w["radial.csv"].read_text().splitlines()
+    w["now.csv"].write_text("\n".join([lines[0], *lines[6:]]) + "\n")
     w["existing.out"] = folder / "existing.out"
     w["existing.out"].write_text("keep me\n")
     w["folder"] = folder / "a-folder"
@@ -315,6 +324,7 @@ def build_cases(folder: Path) -> list[Case]:
         "train --test": lambda f: ["train", data, "--test", f, "-o", out, "--epochs", "1"],
         "train --val": lambda f: ["train", data, "--val", f, "-o", out, "--epochs", "1"],
         "mark DATA": lambda f: ["mark", f, "--random", "0.1", "-o", out],
+        "relink --data": lambda f: ["relink", w["removed.safetensors"], "--data", f, "-o", out],
         "eval --data": lambda f: ["eval", "-m", model, "--data", f],
         "remove --criterion-data": lambda f: [
             "remove",
@@ -387,6 +397,8 @@ def build_cases(folder: Path) -> list[Case]:
         "attack": lambda f: ["attack", "-m", f, "--targets", ids],
         "debug-labels": lambda f: ["debug-labels", "-m", f],
         "calibrate": lambda f: ["calibrate", "-m", f, "-o", out],
+        "export": lambda f: ["export", f, "-o", out],
+        "relink": lambda f: ["relink", f, "--data", data, "-o", out],
     }
     models = {**bad_checkpoints(folder, model), **{k: v for k, v in specials.items()}}
     for place, make in model_places.items():
@@ -449,6 +461,14 @@ def build_cases(folder: Path) -> list[Case]:
         ),
         "debug-labels -o": (lambda o: ["debug-labels", "-m", model, "-o", o], model_inputs),
         "calibrate": (lambda o: ["calibrate", "-m", model, "-o", o], model_inputs),
+        "relink": (
+            lambda o: ["relink", w["removed.safetensors"], "--data", w["now.csv"], "-o", o],
+            {
+                "the model": w["removed.safetensors"],
+                "the recorded training data": data,
+                "the new training data": w["now.csv"],
+            },
+        ),
     }
     for command, (make, inputs) in writers.items():
         add(f"outputs: {command}", "exists, no --overwrite", *make(w["existing.out"]))
