@@ -153,9 +153,8 @@ def remove(
         warnings=warnings,
         skipped=skipped,
     )
-    entry = _provenance_entry(report, ids, options)
-    # What the file must hold, row for row, once the removed rows are deleted from it.
-    entry["held_rows_sha256"] = rows_digest(dataset, np.flatnonzero(new_roles != ckpt.ROLE_REMOVED))
+    held = rows_digest(dataset, np.flatnonzero(new_roles != ckpt.ROLE_REMOVED))
+    entry = _provenance_entry(report, ids, options, held)
     new = replace(
         checkpoint,
         model=result.model,
@@ -248,10 +247,12 @@ _RECORDED_METRICS = (
 
 
 def _provenance_entry(
-    report: RemoveReport, ids: list[str], options: RemovalOptions
+    report: RemoveReport, ids: list[str], options: RemovalOptions, held_rows_sha256: str
 ) -> dict[str, Any]:
     """What the checkpoint keeps of a removal: never the ids, only their count and sha256;
-    the options as given, so that an audit (`attack --attack u-lira`) can repeat it."""
+    the options as given, so that an audit (`attack --attack u-lira`) can repeat it; and
+    the digest of the rows it keeps, which the file must hold once the removed rows are
+    deleted from it (`puma relink`)."""
     return {
         "op": "remove",
         "method": report.method,
@@ -264,4 +265,5 @@ def _provenance_entry(
         "seconds": round(report.seconds, 4),
         "metrics": {key: getattr(report, key) for key in _RECORDED_METRICS},
         "warnings": report.warnings,
+        "held_rows_sha256": held_rows_sha256,
     }
