@@ -73,8 +73,9 @@ def relink(
     if rows_digest(dataset, np.arange(len(dataset))) != last["held_rows_sha256"]:
         raise PumaError(
             f"{data} has the {held.size} rows {model} holds, but not their values and labels "
-            "in their order (a row changed, or rows moved): relink takes the recorded "
-            "training file less the removed rows, every other row as it was"
+            "in their order (a row changed, or rows moved; a CSV written again with its "
+            "numbers rounded changes them): relink takes the recorded training file "
+            "less the removed rows, every other row as it was, so delete those lines alone"
         )
     extra = dict(checkpoint.extra)
     for name in PLAN_TENSORS:
