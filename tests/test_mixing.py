@@ -111,3 +111,33 @@ def test_cutmix_on_rows_that_are_not_images_is_refused(data_dir: Path, tmp_path:
     assert_clean_error(result, "--cutmix pastes a box of one image (n, C, H, W) over another")
     assert "give --mixup" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mixup_of_whole_numbers_taken_as_they_are_is_warned(tmp_path: Path) -> None:
+    """Token ids (whole numbers, --no-standardize) blended by mixup are no ids, and a net
+    that casts them reads other tokens: train says so. Standardised rows, or the same
+    recipe without mixup, say nothing of it."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tokens.npz"
+    y = rng.integers(0, 3, 120)
+    np.savez(data, X=rng.integers(0, 40, (120, 6)), y=y)
+    (tmp_path / "bag.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, n_classes):\n        super().__init__()\n"
+        "        self.embedding = nn.Embedding(40, 4)\n"
+        "        self.head = nn.Linear(4, n_classes)\n\n"
+        "    def forward(self, x):\n        return self.head(self.embedding(x.long()).mean(1))\n"
+    )
+    common = ["--arch", f"{tmp_path / 'bag.py'}:Net", "--epochs", "2", "--no-standardize"]
+    mixed = run_json("train", data, "-o", tmp_path / "a.safetensors", *common, "--mixup", "0.4")
+    said = [w for w in mixed["warnings"] if w.startswith("--mixup blends")]
+    assert len(said) == 1 and "whole numbers" in said[0] and "without --mixup" in said[0]
+    plain = run_json("train", data, "-o", tmp_path / "b.safetensors", *common)
+    assert not [w for w in plain["warnings"] if "--mixup" in w]
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, X=rng.normal(size=(120, 6)), y=y)
+    values = run_json("train", floats, "-o", tmp_path / "c.safetensors", "--epochs", "2",
+                      "--no-standardize", "--mixup", "0.4")  # fmt: skip
+    assert not [w for w in values["warnings"] if "--mixup" in w]

@@ -36,6 +36,7 @@ from puma_cli.models.training import (
     TrainRecipe,
     architecture_for,
     check_trainable,
+    mixing_warnings,
 )
 from puma_cli.models.user import check_logits
 from puma_cli.quality.evaluation import evaluate_each, near_chance
@@ -93,6 +94,7 @@ def import_weights(
     metrics: dict[str, Any] = {"train": figures(own)}
     warnings = _near_chance(own.accuracy, dataset.y, n_classes)
     warnings += _saturated(own.loss, dataset, recipe)
+    warnings += mixing_warnings(dataset, recipe)
     if val_set is None:
         warnings.append(
             "no --val: remove, debug-labels and calibrate need held-out rows for their "

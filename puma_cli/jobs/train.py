@@ -20,7 +20,7 @@ from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
 from puma_cli.models.predict import Phases, phase_teller
-from puma_cli.models.training import Progress, TrainRecipe, train_classifier
+from puma_cli.models.training import Progress, TrainRecipe, mixing_warnings, train_classifier
 from puma_cli.quality.evaluation import Evaluation, evaluate_each, near_chance
 from puma_cli.unlearn.amnesiac import UpdateRecorder
 
@@ -172,7 +172,10 @@ def train(
         shards=recipe.shards,
         updates_file=sidecar,
         updates_bytes=sidecar.stat().st_size if sidecar is not None else None,
-        warnings=_learnt_nothing(metrics["train"]["accuracy"], trained.y, n_classes, recipe),
+        warnings=[
+            *_learnt_nothing(metrics["train"]["accuracy"], trained.y, n_classes, recipe),
+            *mixing_warnings(dataset, recipe),
+        ],
     )
 
 

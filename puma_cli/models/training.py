@@ -247,6 +247,26 @@ def check_trainable(dataset: Dataset, recipe: TrainRecipe) -> None:
             )
 
 
+def mixing_warnings(dataset: Dataset, recipe: TrainRecipe) -> list[str]:
+    """A warning where mixup blends rows of whole numbers taken as they are: token ids (an
+    nn.Embedding's input) blended are no ids, and a net that casts them reads others. The
+    data cannot tell ids from counts or pixel values, so this warns and does not refuse;
+    images (n, C, H, W) blend as pictures and are not warned of."""
+    if (
+        recipe.mixup <= 0
+        or recipe.standardize
+        or len(dataset.input_shape) == 3
+        or not np.issubdtype(dataset.X.dtype, np.integer)
+    ):
+        return []
+    return [
+        f"--mixup blends the values of two rows, and the rows of {dataset.name} are whole "
+        "numbers taken as they are: if they are ids (an nn.Embedding's input), a blend is no "
+        "id and the net reads another (x.long() truncates it); train without --mixup. "
+        "Counts blend fine."
+    ]
+
+
 STANDARDIZED_HINT = (
     " (standardised: for a net that takes the values as they are, token ids say, train "
     "with --no-standardize)"
