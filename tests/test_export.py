@@ -233,9 +233,8 @@ def test_a_sisa_ensemble_exports_its_voting_shards_and_how_they_vote(
         net = copy.deepcopy(ensemble.members[0].net)  # the architecture; weights from the file
         for p in net.parameters():
             p.data.zero_()
-        net.load_state_dict(
-            {k.removeprefix(prefix + "."): v for k, v in exported.items() if k.startswith(prefix)}
-        )
+        mine = {k: v for k, v in exported.items() if k.startswith(f"{prefix}.")}
+        net.load_state_dict({k.removeprefix(f"{prefix}."): v for k, v in mine.items()})
         inputs = record["inputs"][prefix]
         mean, std = torch.tensor(inputs["mean"]), torch.tensor(inputs["std"])
         with torch.no_grad():
