@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from puma_cli.data.dataset import rows_digest
 from puma_cli.errors import PumaError
@@ -29,8 +28,7 @@ from puma_cli.io import recorded
 from puma_cli.io.atomic import check_outputs
 from puma_cli.io.datasets import load_dataset
 from puma_cli.models.predict import Phases
-
-PLAN_TENSORS = ("sisa.shard", "sisa.slice")  # one entry a row of the training file
+from puma_cli.models.shards import SisaPlan
 
 
 @dataclass
@@ -58,7 +56,7 @@ def relink(
     recorded.protect_recorded([output], checkpoint)
     held = np.flatnonzero(checkpoint.roles != ckpt.ROLE_REMOVED)
     dropped = int(checkpoint.roles.size - held.size)
-    last = _last_removal(checkpoint, model)
+    last = _last_removal(checkpoint, model, dropped)
     previous = checkpoint.data["train"]
     assert previous is not None  # every checkpoint records its training file
     columns = (previous.label_col, previous.id_col)  # read as the recorded file was
@@ -78,9 +76,9 @@ def relink(
             "less the removed rows, every other row as it was, so delete those lines alone"
         )
     extra = dict(checkpoint.extra)
-    for name in PLAN_TENSORS:
-        if name in extra:
-            extra[name] = extra[name][torch.from_numpy(held)].clone()
+    if checkpoint.arch.shards > 1:  # the SISA plan, one shard and slice a row of the file
+        plan = SisaPlan.from_tensors(extra)
+        extra.update(SisaPlan(plan.shard[held], plan.slice[held], plan.states).to_tensors())
     warnings = []
     if checkpoint.sidecars:
         warnings.append(
@@ -106,10 +104,11 @@ def relink(
     return RelinkReport(output, model, data, int(held.size), dropped, warnings)
 
 
-def _last_removal(checkpoint: ckpt.Checkpoint, model: Path) -> dict[str, Any]:
-    """The latest removal's record, which says what the file must hold now."""
+def _last_removal(checkpoint: ckpt.Checkpoint, model: Path, dropped: int) -> dict[str, Any]:
+    """The latest removal's record, which says what the file must hold now (`dropped`:
+    the rows the model has removed)."""
     removals = [e for e in checkpoint.provenance if e.get("op") == "remove"]
-    if not removals or not int((checkpoint.roles == ckpt.ROLE_REMOVED).sum()):
+    if not removals or not dropped:
         raise PumaError(
             f"{model} has removed no rows since its training file was recorded, so that "
             "file is still the one it needs: restore it, or retrain on the new file"
