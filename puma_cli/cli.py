@@ -1531,19 +1531,24 @@ def info(
 ) -> None:
     """Architecture, training recipe, data files and provenance of a checkpoint."""
     from puma_cli.jobs.info import describe as job
+    from puma_cli.jobs.info import metrics_line, provenance_line
 
     resolve_device(device)
     meta = job(model)
     if as_json:
         console.emit_json(meta)
         return
+    history = meta["provenance"]
+    imported = bool(history) and history[0].get("op") == "import"
     rows: list[tuple[str, Any]] = [
         ("architecture", meta["architecture"]),
         ("parameters", meta["n_parameters"]),
         ("classes", meta["class_names"] or meta["n_classes"]),
         ("recipe", meta["recipe"]),
         ("rows", meta["rows"]),
-        ("metrics", meta["metrics"]),
+        # Measured once, on the model as trained or imported; what each later operation
+        # measured is in its provenance line.
+        (f"metrics as {'imported' if imported else 'trained'}", metrics_line(meta["metrics"])),
     ]
     for role, record in meta["data"].items():
         if record is not None:
@@ -1553,7 +1558,8 @@ def info(
             )
     for name, record in meta["sidecars"].items():
         rows.append((f"{name} file", f"{record['path']} ({record['n']} steps)"))
-    rows.append(("provenance", meta["provenance"] or "none (as trained)"))
+    lines = [f"{i}. {provenance_line(entry)}" for i, entry in enumerate(history, 1)]
+    rows.append(("provenance", "\n".join(lines) or "none (as trained)"))
     rows.append(("puma", f"{meta['puma_version']} (format {meta['format_version']})"))
     console.table(str(model), rows)
 

@@ -55,6 +55,9 @@ def test_calibrate_lowers_held_out_ece_and_records_it(noisy: Path, tmp_path: Pat
     assert entry["op"] == "calibrate" and entry["metrics"]["ece_after"] == pytest.approx(
         out["ece_after"]
     )
+    shown = " ".join(run("info", tmp_path / "c.safetensors").stdout.split())
+    assert "1. 20" in shown and "calibrate (puma), ECE " in shown
+    assert f"ECE {out['ece_before']:.3g} -> {out['ece_after']:.3g}" in shown
     assert (tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG"
     again = run_json("eval", "-m", tmp_path / "c.safetensors", "--on", "val")
     assert again["ece"] == pytest.approx(out["ece_after"], abs=1e-6)

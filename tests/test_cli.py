@@ -81,6 +81,31 @@ def test_human_output_goes_to_stdout_without_json(model_file: Path) -> None:
     result = run("info", model_file)
     assert result.exit_code == 0
     assert "recipe" in result.stdout and "provenance" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "metrics as trained train: accuracy " in text and "none (as trained)" in text
+
+
+def test_info_says_each_operation_in_a_line_with_its_figures(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The figures recorded at training describe the model as trained; `info` says so, and
+    gives each later operation with what it measured before and after, not a dict."""
+    ids = tmp_path / "ids.txt"
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:6]
+    ids.write_text("".join(r.split(",", 1)[0] + "\n" for r in rows))
+    removed = run_json(
+        "remove", "-m", model_file, "--marked", ids, "-o", tmp_path / "r.safetensors",
+        "--device", "cpu",
+    )  # fmt: skip
+    result = run("info", tmp_path / "r.safetensors")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "metrics as trained train: accuracy " in text and "; test: accuracy " in text
+    before, after = removed["test_accuracy_before"], removed["test_accuracy_after"]
+    assert "1. 20" in text and f"remove (puma, {removed['parameters']['curvature']}): " in text
+    assert f"{removed['removed']} trained rows of 5 marked ids" in text
+    assert f"test accuracy {before:.3f} -> {after:.3f}" in text
+    assert "{'op'" not in text and "2. " not in text
 
 
 def test_make_data_with_flipped_labels_writes_their_ids(tmp_path: Path) -> None:

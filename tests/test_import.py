@@ -92,6 +92,14 @@ def test_imported_weights_predict_as_they_did_and_go_through_every_command(
         assert out["removed"] == 8
     retrained = run_json("info", tmp_path / "retrain.safetensors")
     assert retrained["recipe"]["standardize"] is False  # the declared recipe, re-run as such
+    # Read by a person: the figures are the imported model's, each operation one line.
+    shown = run("info", tmp_path / "puma.safetensors")
+    text = " ".join(shown.stdout.split())
+    assert shown.exit_code == 0 and "metrics as imported train: accuracy" in text
+    assert "1. import of " in text and "w.safetensors (sha256 " in text
+    assert "2. " in text and " remove (puma, " in text
+    assert ": 8 trained rows of 8 marked ids" in text
+    assert "{'op'" not in text
 
 
 def _tamper(folder: Path, change: object) -> Path:

@@ -69,6 +69,8 @@ def test_a_model_follows_its_file_once_the_removed_rows_are_deleted(
     ))  # fmt: skip
     info = run_json("info", relinked)
     assert info["data_status"]["train"] == "ok" and info["rows"]["removed"] == 0
+    shown = " ".join(run("info", relinked).stdout.split())
+    assert f"relink: to a file of {report['rows']} rows ({report['dropped']} removed" in shown
     # Every later command works on the file as it is: a marking of it, removed, evaluated.
     run_json("mark", now, "--random", "0.05", "--seed", "4", "-o", tmp_path / "w.txt")
     again = run_json(
