@@ -8,19 +8,23 @@
 #                   retraining in the same run, at GPU_EPOCHS epochs (default 5)
 #   scale-densenet  the paper's DenseNet on 60,000 images, likewise
 #   tests           the test suite (CPU paths; CI runs it already)
-# Usage: bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]   (default: chain scale-resnet)
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]   (default: scale-resnet chain)
+# Stages run in the order given, each on its own: a command that fails ends its stage
+# (named in the summary at the end, exit 1), not the stages after it, so a broken
+# command in one cannot cost a lease the figures of another.
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh, carried) are installed first, for a machine
 # whose image lacks curvlinops or typer. Fewer epochs than the issue's 20 make retraining
 # cheaper, so a ratio to it is an upper bound on the ratio to a 20-epoch retrain.
 # GPU_CHECK_DEVICE=cpu runs the same commands on the CPU: a rehearsal of chain and
-# user-nets (8 minutes on 2 cores) before spending a lease on them.
+# user-nets (8 minutes on 2 cores) before spending a lease on them; GPU_ROWS=N with it
+# runs the scale- stages on N images instead of 50,000 or 60,000 (the same code path).
 set -uo pipefail
 dev=${GPU_CHECK_DEVICE:-cuda}
 dev0=$([ "$dev" = cuda ] && echo cuda:0 || echo "$dev")
 out=${1:-gpu-check-out}
 shift || true
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(chain scale-resnet)
+[ ${#stages[@]} -eq 0 ] && stages=(scale-resnet chain)
 mkdir -p "$out"
 # Everything also into a file under OUTDIR: a device run returns only its output's tail.
 exec > >(tee "$out/gpu_check.log") 2>&1
@@ -32,16 +36,11 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 puma() { python3 -m puma_cli "$@"; }
 python3 -c "import torch, typer, sklearn, safetensors, curvlinops; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)" || exit 1
-wanted() { [[ " ${stages[*]} " == *" $1 "* ]]; }
-stamp() { echo "== $1 at $(date +%T)"; }
 
-if wanted tests; then
-  stamp tests
+stage_tests() {
   python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
-fi
-if wanted chain; then
-stamp chain
-set -e
+}
+stage_chain() {
 puma make-data radial -o "$out/r.csv" --test-frac 0.2 --json
 puma train "$out/r.csv" --test "$out/r-test.csv" -o "$out/r.safetensors" --device "$dev" --json
 puma mark "$out/r.csv" --class 1 -o "$out/ids.txt" --json
@@ -94,11 +93,8 @@ puma import "$out/d-net.safetensors" --arch cnn --data sample_data/digits-train.
 puma remove -m "$out/d-imported.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-imported-rt.safetensors" --device "$dev" --json
 puma remove -m "$out/d-imported.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-imported-p.safetensors" --device "$dev" --json
 puma export "$out/d-imported-p.safetensors" -o "$out/d-imported-p-net.safetensors" --like "$out/d-net.safetensors" --device "$dev" --json
-set +e
-fi
-if wanted user-nets; then
-stamp user-nets
-set -e
+}
+stage_user-nets() {
 # Your own nets on sequences: a GRU (cuDNN's RNN backward refuses the eval mode every
 # derivative is taken in, so the engine runs it without cuDNN) and attention (composite).
 python3 - "$out" <<'PY'
@@ -138,17 +134,32 @@ for net in GRUNet AttentionNet; do
   done
   puma debug-labels -m "$out/seq-$net.safetensors" --score self-influence --device "$dev" --json
 done
-set +e
-fi
+}
 epochs=${GPU_EPOCHS:-5}
-if wanted scale-resnet; then
-  stamp scale-resnet
+rows=()
+[ -n "${GPU_ROWS:-}" ] && rows=(--rows "$GPU_ROWS")
+stage_scale-resnet() {
   python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-resnet18-50k \
-      --out "$out/scale-gpu-resnet.md"
-fi
-if wanted scale-densenet; then
-  stamp scale-densenet
+      ${rows[@]+"${rows[@]}"} --out "$out/scale-gpu-resnet.md"
+}
+stage_scale-densenet() {
   python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-densenet-60k \
-      --out "$out/scale-gpu-densenet.md"
-fi
-stamp done
+      ${rows[@]+"${rows[@]}"} --out "$out/scale-gpu-densenet.md"
+}
+
+failed=()
+for stage in "${stages[@]}"; do
+  if ! declare -F "stage_$stage" > /dev/null; then
+    echo "no stage $stage (chain, user-nets, scale-resnet, scale-densenet, tests)"
+    failed+=("$stage")
+    continue
+  fi
+  echo "== $stage at $(date +%T)"
+  # A subshell with -e: the first command that fails ends this stage, and only it (not
+  # under || or if, where bash ignores -e inside).
+  ( set -e; "stage_$stage" )
+  status=$?
+  [ $status -eq 0 ] || { echo "== $stage FAILED (exit $status)"; failed+=("$stage"); }
+done
+echo "== done at $(date +%T); failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
