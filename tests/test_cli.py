@@ -297,6 +297,10 @@ BAD_CSV = {
         "line 3, column 'x1': 'oops' is not a number",
     ),
     "missing_label": ("x0,x1,target\n1,2,0\n3,4,1\n", "no 'label' column"),
+    "missing_label_comma_names": (
+        'id,"weight, kg",target\na,2,0\nb,4,1\n',
+        "no 'label' column (columns: id, 'weight, kg', target)",
+    ),
     "nan": ("x0,x1,label\n1,2,0\n3,nan,1\n", "NaN or inf"),
     "inf": ("x0,x1,label\n1,-inf,0\n3,4,1\n", "NaN or inf"),
     "fractional_label": ("x0,x1,label\n1,2,0\n3,4,0.5\n", "label '0.5' is not a class"),

@@ -91,8 +91,10 @@ def _read_csv(
     if not lines:
         raise DataError(f"{path} has a header but no rows")
     if label_col not in header:
+        # Quoted where a name holds a comma, so the list reads as the file's columns.
+        shown = ", ".join(repr(h) if "," in h else h for h in header)
         raise DataError(
-            f"{path} has no '{label_col}' column (columns: {', '.join(header)}); "
+            f"{path} has no '{label_col}' column (columns: {shown}); "
             "name the label column with --label-col"
         )
     if len(set(header)) != len(header):
