@@ -297,7 +297,8 @@ def report(rows: list[dict[str, Any]], seconds: float, kept: int = 0) -> str:
     # measured is an upper bound, and scaling the retrain's time by its epochs estimates
     # the ratio to a 20-epoch one (an estimate, said as such).
     short = [
-        f"- {r['case']}: trained and retrained for {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}, not 20; a retrain's "
+        f"- {r['case']}: trained and retrained for {r['epochs']} "
+        f"epoch{'s' if r['epochs'] != 1 else ''}, not 20; a retrain's "
         f"time grows with its epochs, so against a 20-epoch retrain the cold ratio would be "
         f"about {r['cold_ratio'] * r['epochs'] / 20:.3g} and the cached one "
         f"{r['cached_ratio'] * r['epochs'] / 20:.3g} (estimated, not measured)"
