@@ -251,6 +251,16 @@ def bad_checkpoints(folder: Path, good: Path) -> dict[str, Path]:
     zipped = folder / "bad-model-torch.pt"
     torch.save({"w": torch.zeros(2)}, zipped)
     paths["torch.save zip"] = zipped
+    # Safetensors state dicts, not checkpoints: as safetensors.torch and Hugging Face save
+    # them ({"format": "pt"}, no JSON), and as `puma export` writes a deployed network.
+    network = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    for name, extra in (
+        ("a state dict saved as torch does", {}),
+        ("a network puma export wrote", {"puma_export": json.dumps({"model": str(good)})}),
+    ):
+        path = folder / f"bad-model-{len(paths):02d}.safetensors"
+        save_file(network, str(path), metadata={"format": "pt", **extra})
+        paths[name] = path
 
     def tampered(name: str, change: Callable[[dict[str, Any], dict[str, Any]], object]) -> None:
         m = {k: json.loads(v) for k, v in meta.items()}

@@ -145,6 +145,47 @@ def test_a_model_puma_standardised_says_what_its_network_expects(
     assert any("(x - mean) / std" in w for w in report["warnings"])
 
 
+def test_an_exported_network_is_named_as_such_and_imports_behind_its_transform(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """A deployed file given where a checkpoint goes is not called damaged: the error says
+    what it is and which checkpoint it came from. Imported again, it is put behind the
+    standardisation it was exported expecting (recorded in its metadata), and predicts as
+    the model did; a transform declared instead is used, with a warning that it differs."""
+    out = tmp_path / "w.safetensors"
+    run_json("export", model_file, "-o", out)
+    for command in (["info", out], ["eval", "-m", out], ["remove", "-m", out, "--marked", out]):
+        assert_clean_error(run(*command), f"not a puma checkpoint: give the checkpoint it was "
+                           f"exported from ({model_file})")  # fmt: skip
+    back = tmp_path / "back.safetensors"
+    report = run_json(
+        "import", out, "--arch", "mlp", "--data", data_dir / "radial.csv",
+        "--val", data_dir / "radial-test.csv", "-o", back,
+    )  # fmt: skip
+    assert report["inputs_from"] == f"{out} (puma export's inputs)" and not report["warnings"]
+    test = data_dir / "radial-test.csv"
+    before = run_json("eval", "-m", model_file, "--data", test)
+    after = run_json("eval", "-m", back, "--data", test)
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+    assert len(run_json("info", back)["recipe"]["normalize_mean"]) == 2
+    shown = " ".join(run("info", back).stdout.split())
+    assert "transform its puma_export metadata records" in shown
+    declared = run_json(
+        "import", out, "--arch", "mlp", "--data", data_dir / "radial.csv",
+        "--normalize-mean", "0", "--normalize-std", "2", "-o", tmp_path / "d.safetensors",
+    )  # fmt: skip
+    assert declared["inputs_from"] is None
+    assert any("differs from the one" in w for w in declared["warnings"])
+
+
+def test_a_plain_state_dict_is_not_called_damaged(tmp_path: Path) -> None:
+    """safetensors.torch and the Hugging Face libraries save {"format": "pt"} metadata,
+    which is no JSON: such a file was said to be truncated or damaged."""
+    path = tmp_path / "hf.safetensors"
+    save_file({"weight": torch.zeros(3)}, path, metadata={"format": "pt"})
+    assert_clean_error(run("eval", "-m", path), "not a puma checkpoint (no puma metadata): wrap")
+
+
 def test_tied_layers_are_written_under_each_name(data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "tied.py").write_text(
         "from torch import nn\n\n\nclass Tied(nn.Module):\n"
@@ -242,3 +283,8 @@ def test_a_sisa_ensemble_exports_its_voting_shards_and_how_they_vote(
     with torch.no_grad():
         expected = torch.softmax(ensemble(X), dim=1)
     torch.testing.assert_close(sum(probs) / len(probs), expected, atol=1e-5, rtol=1e-4)
+    # One network a shard is no network import can wrap: refused, naming the checkpoint.
+    refused = run("import", out, "--arch", "mlp", "--data", data_dir / "radial.csv",
+                  "-o", tmp_path / "i.safetensors")  # fmt: skip
+    assert_clean_error(refused, "is a SISA ensemble written by `puma export`")
+    assert not (tmp_path / "i.safetensors").exists()

@@ -165,10 +165,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
             "retrain it or restore it from a copy"
         ) from exc
     if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is a safetensors file but not a puma checkpoint (no puma metadata); "
-            "train one with `puma train`"
-        )
+        raise CheckpointError(_not_a_checkpoint(path, meta))
     validate_metadata(path, meta, FORMAT_VERSION)
     arch = Architecture.from_dict(meta["architecture"])
     validate_tensors(path, meta, arch, tensors)
@@ -176,13 +173,38 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
 
 
 def _read_metadata(raw: bytes) -> dict[str, Any]:
+    """The header's metadata, each value parsed as JSON (puma writes them so) where it is
+    JSON: other files' values are plain strings (`{"format": "pt"}`, as safetensors.torch
+    and the Hugging Face libraries save a state dict), kept as they are, so that such a
+    file is named for what it is rather than as damaged."""
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
     strings = header.get("__metadata__", {}) or {}
-    try:
-        return {key: json.loads(value) for key, value in strings.items()}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"metadata is not JSON ({exc})") from exc
+    meta: dict[str, Any] = {}
+    for key, value in strings.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+def _not_a_checkpoint(path: Path, meta: dict[str, Any]) -> str:
+    """Why a safetensors file without puma's metadata is not a checkpoint, and the way on."""
+    wrap = f"`puma import {path} --arch ... --data TRAIN`"
+    exported = meta.get("puma_export")
+    if isinstance(exported, dict):
+        source = exported.get("model")
+        where = f" ({source})" if isinstance(source, str) else ""
+        return (
+            f"{path} is a network written by `puma export` (a plain state dict to deploy), "
+            f"not a puma checkpoint: give the checkpoint it was exported from{where}, or "
+            f"wrap the network into a new one with {wrap}"
+        )
+    return (
+        f"{path} is a safetensors file but not a puma checkpoint (no puma metadata): wrap a "
+        f"network's state dict into one with {wrap}, or train one with `puma train`"
+    )
 
 
 def _build(

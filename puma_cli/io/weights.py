@@ -14,8 +14,10 @@ Anything else that does not fit is refused, naming the first tensor that does no
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +35,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a plain safetensors file, under the file's names; pickles and
     damaged files are refused. `load_into` takes wrapper prefixes off where they wrap."""
     return _read_tensors(path)
+
+
+def exported_record(path: Path) -> dict[str, Any] | None:
+    """What `puma export` recorded in a weights file (its `puma_export` metadata: the
+    source checkpoint, the inputs transform, an ensemble's members), or None for any other
+    file. Read after `read_state_dict`, which has refused a file that is not safetensors."""
+    with Path(path).open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(size))
+            record = json.loads((header.get("__metadata__") or {}).get("puma_export", "null"))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+    return record if isinstance(record, dict) else None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

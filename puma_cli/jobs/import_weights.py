@@ -27,7 +27,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs
 from puma_cli.io.datasets import DataOptions, load_dataset
-from puma_cli.io.weights import load_into, read_state_dict
+from puma_cli.io.weights import exported_record, load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
@@ -53,6 +53,7 @@ class ImportReport:
     n_parameters: int
     seconds: float
     names_from: str | None  # whose tensor names the file used, where not the network's own
+    inputs_from: str | None  # where the inputs transform came from, where not declared
     warnings: list[str]
 
 
@@ -77,6 +78,13 @@ def import_weights(
         raise PumaError("puma import wraps one network; a SISA ensemble is made by `puma train`")
     check_outputs([output], [weights, data, val, test], overwrite)
     state = read_state_dict(weights)
+    exported = exported_record(weights)
+    if exported is not None and exported.get("ensemble"):
+        raise PumaError(
+            f"{weights} is a SISA ensemble written by `puma export` (one network a shard, "
+            "under shard<k>.), and puma import wraps one network: give puma's commands the "
+            f"ensemble's checkpoint ({exported.get('model')}) instead"
+        )
     dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     check_trainable(dataset, recipe)  # the recipe must run on it: retrain re-runs it
     n_classes = class_count(dataset)
@@ -84,6 +92,7 @@ def import_weights(
     test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))
     names_from = load_into(model.net, state, weights, model.arch.label)
+    recipe, inputs_from, said = _recorded_inputs(recipe, exported, model, weights)
     model.fix_standardisation(*recipe.fixed_inputs())
     model = model.to(device).eval()
     first = as_tensor(dataset.X[:2], torch.float32, device)
@@ -92,7 +101,7 @@ def import_weights(
     found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
     own = next(found)
     metrics: dict[str, Any] = {"train": figures(own)}
-    warnings = _near_chance(own.accuracy, dataset.y, n_classes)
+    warnings = said + _near_chance(own.accuracy, dataset.y, n_classes)
     warnings += _saturated(own.loss, dataset, recipe)
     warnings += mixing_warnings(dataset, recipe)
     if val_set is None:
@@ -125,6 +134,7 @@ def import_weights(
                 "weights": str(Path(weights).resolve()),
                 "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
                 "names_from": names_from,
+                "inputs_from": inputs_from,
             }
         ],
     )
@@ -139,8 +149,83 @@ def import_weights(
         n_parameters=sum(p.numel() for p in model.parameters()),
         seconds=time.perf_counter() - started,
         names_from=names_from,
+        inputs_from=inputs_from,
         warnings=warnings,
     )
+
+
+def _recorded_inputs(
+    recipe: TrainRecipe, exported: dict[str, Any] | None, model: Classifier, weights: Path
+) -> tuple[TrainRecipe, str | None, list[str]]:
+    """The recipe with the inputs transform a file `puma export` wrote records (`inputs`:
+    the fitted standardisation, or the transform declared at import), where none is
+    declared: the network was exported expecting it, so without it every row would reach
+    it on another scale. Also where it came from, and a warning where a declared
+    transform differs from the recorded one or the recorded one does not fit the rows."""
+    inputs = exported.get("inputs") if exported is not None else None
+    if not isinstance(inputs, dict):
+        return recipe, None, []
+    try:
+        recorded = (
+            float(inputs["divisor"]),
+            tuple(float(v) for v in inputs["mean"]),
+            tuple(float(v) for v in inputs["std"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return (
+            recipe,
+            None,
+            [
+                f"{weights} records an inputs transform (puma export's metadata) that cannot be "
+                "read; declare it with --input-divisor, --normalize-mean and --normalize-std"
+            ],
+        )
+    declared = recipe.fixed_inputs()
+    if declared != NO_TRANSFORM:
+        if not _same_transform(declared, recorded):
+            return (
+                recipe,
+                None,
+                [
+                    f"the declared inputs transform differs from the one {weights} records "
+                    f"(puma export's: divisor {recorded[0]:g}, {len(recorded[1])} mean(s), "
+                    f"{len(recorded[2])} std(s)); the declared one is used"
+                ],
+            )
+        return recipe, None, []
+    divisor, mean, std = recorded
+    taken = replace(recipe, input_divisor=divisor, normalize_mean=mean, normalize_std=std)
+    try:
+        taken.validate()
+        model.fix_standardisation(*taken.fixed_inputs())
+    except PumaError as exc:
+        return (
+            recipe,
+            None,
+            [
+                f"{weights} records the inputs transform puma applied before the network (puma "
+                f"export's metadata), which import cannot take for these rows ({exc}); the "
+                "network gets the values as they are"
+            ],
+        )
+    return taken, f"{weights} (puma export's inputs)", []
+
+
+def _same_transform(
+    a: tuple[float, tuple[float, ...], tuple[float, ...]],
+    b: tuple[float, tuple[float, ...], tuple[float, ...]],
+) -> bool:
+    """Whether two (divisor, mean, std) transforms give the same values (one value stands
+    for every channel), to float32's precision."""
+    if not np.isclose(a[0], b[0], rtol=1e-5):
+        return False
+    for x, y in ((a[1] or (0.0,), b[1] or (0.0,)), (a[2] or (1.0,), b[2] or (1.0,))):
+        if len(x) != len(y) and 1 not in (len(x), len(y)):
+            return False
+        left, right = np.broadcast_arrays(np.array(x), np.array(y))
+        if not np.allclose(left, right, rtol=1e-5):
+            return False
+    return True
 
 
 def _near_chance(accuracy: float, y: np.ndarray, n_classes: int) -> list[str]:

@@ -100,7 +100,12 @@ def provenance_line(entry: dict[str, Any]) -> str:
         ]
     elif op == "import":
         digest = str(entry.get("weights_sha256", ""))[:12]
-        parts = [f"import of {entry.get('weights')} (sha256 {digest})"]
+        parts = [
+            f"import of {entry.get('weights')} (sha256 {digest})",
+            "behind the inputs transform its puma_export metadata records"
+            if entry.get("inputs_from")
+            else None,
+        ]
     else:
         return str(entry)
     if isinstance(entry.get("seconds"), (int, float)):
