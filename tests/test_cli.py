@@ -392,6 +392,42 @@ def test_foreign_safetensors(tmp_path: Path) -> None:
     assert_clean_error(run("info", tmp_path / "hf.safetensors"), "not a puma checkpoint")
 
 
+WRONG_KIND = {
+    "a checkpoint imported as weights": (
+        lambda m, d, o: ["import", m, "--arch", "mlp", "--data", d, "-o", o],
+        "is a puma checkpoint, not a network's weights: give it to puma's commands as it is",
+    ),
+    "a checkpoint as --like": (
+        lambda m, d, o: ["export", m, "-o", o, "--like", m],
+        "is a puma checkpoint, not a network's weights: give --like the weights file",
+    ),
+    "a checkpoint trained on": (
+        lambda m, d, o: ["train", m, "-o", o],
+        "is a safetensors file (a model or a network's weights), not data",
+    ),
+    "a checkpoint as --data": (
+        lambda m, d, o: ["eval", "-m", m, "--data", m],
+        "is a safetensors file (a model or a network's weights), not data",
+    ),
+    "the data as the ids": (
+        lambda m, d, o: ["remove", "-m", m, "--marked", d, "-o", o],
+        "looks like a table (its first line, 'id,x0,x1,label', holds commas)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_KIND))
+def test_a_file_of_another_kind_is_named_for_what_it_is(
+    model_file: Path, data_dir: Path, tmp_path: Path, case: str
+) -> None:
+    """A model where data goes, data where ids go, a checkpoint where a network's weights
+    go: each refused saying what the file is, not as damaged or as another network."""
+    command, message = WRONG_KIND[case]
+    out = tmp_path / "out.safetensors"
+    assert_clean_error(run(*command(model_file, data_dir / "radial.csv", out)), message)
+    assert not out.exists()
+
+
 def test_checkpoint_from_another_feature_count(model_file: Path, tmp_path: Path) -> None:
     (tmp_path / "wide.csv").write_text("a,b,c,label\n1,2,3,0\n4,5,6,1\n")
     result = run("eval", "--model", model_file, "--data", tmp_path / "wide.csv")

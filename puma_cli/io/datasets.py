@@ -54,7 +54,12 @@ def load_dataset(
         return read_image_folder(path, class_names, phases)  # hashed as it is read
     require_file(path, "file", "a CSV, NPZ or IDX file, or a folder of images")
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+    if _is_safetensors(head, path.stat().st_size):
+        raise DataError(
+            f"{path} is a safetensors file (a model or a network's weights), not data: give "
+            "a CSV, NPZ or IDX file, or a folder of images"
+        )
     if head[:2] == b"PK":
         dataset = _read_npz(path, class_names)
     elif _is_idx(head) or path.suffix == ".gz":
@@ -66,6 +71,12 @@ def load_dataset(
         dataset = _read_csv(path, raw, label_col, id_col, class_names)
     _check_finite(dataset, path)
     return replace(dataset, path=path, sha256=known_sha256 or sha256_file(path))
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file opens with its JSON header's length (8 bytes, little-endian)
+    and then the header's opening brace."""
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
 
 
 # --- CSV ---------------------------------------------------------------------------------

@@ -66,6 +66,13 @@ def rows_for_ids(dataset: Dataset, ids: Sequence[str], ids_path: Path | str) -> 
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        if len(missing) == len(ids) > 1 and "," in ids[0]:  # a table, the data itself say
+            first = ids[0] if len(ids[0]) <= 60 else ids[0][:57] + "..."
+            raise DataError(
+                f"{ids_path} looks like a table (its first line, {first!r}, holds commas), "
+                f"and no line of it is an id of {dataset.name}: an ids file holds one id "
+                "per line, as `puma mark` writes it"
+            )
         raise DataError(
             f"{ids_path}: {len(missing)} id(s) are not in {dataset.name}: {shown}{more} "
             f"({_describe_ids(dataset)})"

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from puma_cli.errors import DataError
+from puma_cli.io.checkpoint import FORMAT
 from puma_cli.io.files import require_file
 from puma_cli.models.zoo import ForeignNames
 
@@ -34,24 +35,27 @@ PREFIXES = ("net.", "module.", "_orig_mod.")
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a plain safetensors file, under the file's names; pickles and
     damaged files are refused. `load_into` takes wrapper prefixes off where they wrap."""
-    return _read_tensors(path)
+    return _read_tensors(
+        path,
+        "give it to puma's commands as it is, or write its network as a state dict with "
+        "`puma export` first",
+    )
 
 
 def exported_record(path: Path) -> dict[str, Any] | None:
     """What `puma export` recorded in a weights file (its `puma_export` metadata: the
     source checkpoint, the inputs transform, an ensemble's members), or None for any other
     file. Read after `read_state_dict`, which has refused a file that is not safetensors."""
-    with Path(path).open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        try:
-            header = json.loads(handle.read(size))
-            record = json.loads((header.get("__metadata__") or {}).get("puma_export", "null"))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return None
+    try:
+        record = json.loads(_metadata(path).get("puma_export", "null"))
+    except (json.JSONDecodeError, TypeError):
+        return None
     return record if isinstance(record, dict) else None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
+    """A weights file's tensors; a puma checkpoint is refused with `if_checkpoint`, the
+    way on, since its tensors would only be named as another architecture's."""
     require_file(path, "weights file", "a .safetensors file of the network's state dict")
     raw = Path(path).read_bytes()
     try:
@@ -65,7 +69,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
+    if _metadata(path).get("format") == json.dumps(FORMAT):  # as puma writes it
+        raise DataError(f"{path} is a puma checkpoint, not a network's weights: {if_checkpoint}")
     return tensors
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    """A safetensors file's metadata strings, as stored (none where it has none)."""
+    with Path(path).open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 @dataclass
@@ -105,7 +123,9 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
     file's dtype, as `puma import` reads the file (wrapper prefixes, another code base's
     names): the names to write the network under so that the file's reader finds it. The
     file must name the network's tensors, at their shapes."""
-    found = named_for(net, _read_tensors(path))
+    found = named_for(
+        net, _read_tensors(path, "give --like the weights file this model was imported from")
+    )
     held = net.state_dict()
     names: dict[str, tuple[str, torch.dtype]] = {}
     for ours, tensor in found.state.items():
