@@ -409,6 +409,14 @@ WRONG_KIND = {
         lambda m, d, o: ["eval", "-m", m, "--data", m],
         "is a safetensors file (a model or a network's weights), not data",
     ),
+    "the data as the model": (
+        lambda m, d, o: ["eval", "-m", d],
+        "is a text file (data, ids or code?), not a puma checkpoint",
+    ),
+    "the data as weights": (
+        lambda m, d, o: ["import", d, "--arch", "mlp", "--data", d, "-o", o],
+        "is a text file (data, ids or code?), not a network's weights",
+    ),
     "the data as the ids": (
         lambda m, d, o: ["remove", "-m", m, "--marked", d, "-o", o],
         "looks like a table (its first line, 'id,x0,x1,label', holds commas)",

@@ -28,7 +28,7 @@ from puma_cli import __version__
 from puma_cli.data.dataset import Dataset
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
-from puma_cli.io.files import require_file
+from puma_cli.io.files import is_text, require_file
 from puma_cli.io.schema import validate_metadata, validate_tensors
 from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
@@ -159,6 +159,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
             raise CheckpointError(
                 f"{path} is a pickle or torch.save file; puma never unpickles files. "
                 "Give a checkpoint written by `puma train`"
+            ) from exc
+        if is_text(raw):
+            raise CheckpointError(
+                f"{path} is a text file (data, ids or code?), not a puma checkpoint: give "
+                "the .safetensors model file `puma train` or `puma import` wrote"
             ) from exc
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or damaged: {exc}); "

@@ -39,3 +39,17 @@ def require_file(path: Path, missing: str, give: str, error: type[PumaError] = D
             f"{path} is not readable (permission denied); give yourself read permission "
             "(chmod u+r) or run as a user who may read it"
         )
+
+
+def is_text(raw: bytes) -> bool:
+    """Whether a file's bytes read as text (UTF-8, no NUL in its first 4 KiB): a CSV, an
+    ids file, a script. No safetensors file does: its first 8 bytes are its header's
+    length, which holds NUL bytes for any header under 72 PB."""
+    head = raw[:4096]
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at 4 KiB is still text
+        return exc.start >= len(head) - 3
+    return True

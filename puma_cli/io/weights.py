@@ -26,7 +26,7 @@ from torch import nn
 
 from puma_cli.errors import DataError
 from puma_cli.io.checkpoint import FORMAT
-from puma_cli.io.files import require_file
+from puma_cli.io.files import is_text, require_file
 from puma_cli.models.zoo import ForeignNames
 
 PREFIXES = ("net.", "module.", "_orig_mod.")
@@ -65,6 +65,11 @@ def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
             raise DataError(
                 f"{path} is a pickle or torch.save file, which puma never unpickles; save the "
                 "weights with safetensors.torch.save_file(net.state_dict(), path)"
+            ) from exc
+        if is_text(raw):
+            raise DataError(
+                f"{path} is a text file (data, ids or code?), not a network's weights: save "
+                "them with safetensors.torch.save_file(net.state_dict(), path)"
             ) from exc
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
