@@ -17,6 +17,8 @@ from puma_cli.audit.scoring import auc_score, roc_curve, tpr_at_fpr
 from puma_cli.audit.shadows import ShadowSet, sorted_log_softmax
 from puma_cli.audit.shokri import shokri_scores
 from puma_cli.data.dataset import Dataset
+from puma_cli.io.checkpoint import ROLE_VALIDATION, load_checkpoint
+from puma_cli.io.datasets import load_dataset
 from puma_cli.models.training import TrainRecipe, train_classifier
 
 
@@ -93,6 +95,13 @@ def test_attack_through_the_cli(model_file: Path, data_dir: Path, tmp_path: Path
     } <= set(out)
     assert out["n_nonmembers"] == 40  # the recorded test file
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert not any("validation row" in note for note in out["notes"])
+    # Targets the model never trained on (its validation rows) are said to be such.
+    roles = load_checkpoint(model_file).roles
+    held = load_dataset(data_dir / "radial.csv").ids[roles == ROLE_VALIDATION]
+    (tmp_path / "held.txt").write_text("\n".join(held[:3]) + "\n")
+    said = run_json("attack", "-m", model_file, "--targets", tmp_path / "held.txt")
+    assert any("every target is a validation row" in note for note in said["notes"])
     (tmp_path / "none.txt").write_text("ghost\n")
     assert_clean_error(
         run("attack", "-m", model_file, "--targets", tmp_path / "none.txt"), "are not in"

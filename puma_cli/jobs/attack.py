@@ -111,6 +111,9 @@ def attack(
                 "the scores"
             )
         report = replace(report, notes=notes, shadows=shadows)
+    held_out = int((checkpoint.roles[target_rows] == ckpt.ROLE_VALIDATION).sum())
+    if held_out and method != "u-lira":
+        report = replace(report, notes=[*report.notes, _held_out_note(held_out, target_rows.size)])
     if not parallel.leader():  # under torchrun, rank 0 writes the plot and the cache
         return report
     if plot is not None:
@@ -120,6 +123,19 @@ def attack(
         write_atomically({plot: lambda tmp: save_roc(tmp, fpr, tpr, report.auc, method)}, overwrite)
     notes = commit_all([cache])
     return replace(report, notes=[*report.notes, *notes]) if notes else report
+
+
+def _held_out_note(held_out: int, count: int) -> str:
+    """Targets the model never trained on (its validation split) are non-members whatever
+    was removed: an attack that finds them out of the model says nothing of a removal."""
+    if held_out == count:
+        which = "every target is a validation row"
+    else:
+        which = f"{held_out} of the {count} targets are validation rows"
+    return (
+        f"{which} the model was never trained on, a non-member whatever a removal did: "
+        "give the ids `puma remove` was given to audit a removal"
+    )
 
 
 ULIRA_METHODS = ("puma", "influence", "retrain", "finetune", "neggrad", "random-labels",
