@@ -436,6 +436,34 @@ def test_a_file_of_another_kind_is_named_for_what_it_is(
     assert not out.exists()
 
 
+def test_held_out_data_that_repeats_trained_rows_is_warned_of(
+    model_file: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The training file given again as held-out data (validation, test, the criterion,
+    the attack's non-members) is trained on: every use says so, and a real held-out file
+    draws no such warning."""
+    train, test = data_dir / "radial.csv", data_dir / "radial-test.csv"
+    said = "repeat a row the model is trained on, values and label"
+    trained = run_json("train", train, "--val", train, "--test", train, "-o",
+                       tmp_path / "m.safetensors", *FAST)  # fmt: skip
+    assert [w.split(" (")[1].split(")")[0] for w in trained["warnings"] if said in w] == [
+        "--val",
+        "--test",
+    ]
+    assert any(w.startswith("160 of the 160 rows") for w in trained["warnings"])
+    plain = run_json("train", train, "--test", test, "-o", tmp_path / "p.safetensors", *FAST)
+    assert not any(said in w for w in plain["warnings"])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(r.split(",", 1)[0] + "\n" for r in train.read_text().splitlines()[1:4]))
+    removed = run_json("remove", "-m", model_file, "--marked", ids, "--criterion-data", train,
+                       "-o", tmp_path / "r.safetensors")  # fmt: skip
+    assert any(said in w and "(--criterion-data)" in w for w in removed["warnings"])
+    attacked = run_json("attack", "-m", model_file, "--targets", ids, "--nonmembers", train)
+    assert any(said in n and "(--nonmembers)" in n for n in attacked["notes"])
+    clean = run_json("attack", "-m", model_file, "--targets", ids, "--nonmembers", test)
+    assert not any(said in n for n in clean["notes"])
+
+
 def test_checkpoint_from_another_feature_count(model_file: Path, tmp_path: Path) -> None:
     (tmp_path / "wide.csv").write_text("a,b,c,label\n1,2,3,0\n4,5,6,1\n")
     result = run("eval", "--model", model_file, "--data", tmp_path / "wide.csv")

@@ -173,9 +173,11 @@ def test_an_exported_network_is_named_as_such_and_imports_behind_its_transform(
     declared = run_json(
         "import", out, "--arch", "mlp", "--data", data_dir / "radial.csv",
         "--normalize-mean", "0", "--normalize-std", "2", "-o", tmp_path / "d.safetensors",
+        "--test", data_dir / "radial.csv",
     )  # fmt: skip
     assert declared["inputs_from"] is None
     assert any("differs from the one" in w for w in declared["warnings"])
+    assert any("(--test) repeat a row the model is trained on" in w for w in declared["warnings"])
 
 
 def test_a_plain_state_dict_is_not_called_damaged(tmp_path: Path) -> None:

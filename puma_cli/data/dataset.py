@@ -84,3 +84,50 @@ def rows_digest(dataset: Dataset, rows: np.ndarray) -> str:
         digest.update(np.ascontiguousarray(dataset.X[chunk]).tobytes())
         digest.update(np.ascontiguousarray(dataset.y[chunk], dtype="<i8").tobytes())
     return digest.hexdigest()
+
+
+def shared_rows(train: Dataset, rows: np.ndarray, other: Dataset) -> int:
+    """How many rows of `other` hold the values and the label of one of `train`'s `rows`
+    (the values compared in `train`'s type): held-out data that is in fact trained on."""
+    if other.input_shape != train.input_shape or rows.size == 0:
+        return 0
+    keys: set[tuple[bytes, int]] = set()
+    for start in range(0, rows.size, DIGEST_CHUNK):
+        chunk = rows[start : start + DIGEST_CHUNK]
+        keys.update(_row_keys(np.asarray(train.X[chunk]), train.y[chunk], train.X.dtype))
+    found = 0
+    for start in range(0, len(other), DIGEST_CHUNK):
+        part = slice(start, start + DIGEST_CHUNK)
+        found += sum(key in keys for key in _row_keys(
+            np.asarray(other.X[part]), other.y[part], train.X.dtype))  # fmt: skip
+    return found
+
+
+def _row_keys(X: np.ndarray, y: np.ndarray, dtype: np.dtype) -> list[tuple[bytes, int]]:
+    flat = np.ascontiguousarray(X.reshape(len(X), -1), dtype=dtype)
+    return [(row.tobytes(), int(label)) for row, label in zip(flat, y, strict=True)]
+
+
+# What held-out rows that are in fact trained on do to each use of them.
+HELD_OUT_USES = {
+    "--val": "the model's validation figures, and the criterion removals keep, are then "
+    "in part a fit to training rows",
+    "--test": "the model's test figures are then in part training figures",
+    "--criterion-data": "the criterion C is held-out data, and on training rows a patch "
+    "keeps the model's fit to them",
+    "--nonmembers": "non-members the model was trained on look like members, and the "
+    "attack's figures understate what it tells apart",
+}
+
+
+def trained_rows_warning(train: Dataset, rows: np.ndarray, other: Dataset, use: str) -> list[str]:
+    """A warning where held-out data given as `use` (HELD_OUT_USES) holds rows the model
+    is trained on (`train`'s `rows`): the same file given twice, or a split that leaks."""
+    shared = shared_rows(train, rows, other)
+    if not shared:
+        return []
+    return [
+        f"{shared} of the {len(other)} rows of {other.name} ({use}) repeat a row the model "
+        "is trained on, values and label (the same file twice, a split that leaks, or "
+        f"duplicate records): {HELD_OUT_USES[use]}"
+    ]

@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from puma_cli.data.dataset import Dataset
+from puma_cli.data.dataset import Dataset, trained_rows_warning
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
-from puma_cli.io.checkpoint import ROLE_REMOVED, ROLE_VALIDATION, Checkpoint
+from puma_cli.io.checkpoint import ROLE_REMOVED, ROLE_TRAINED, ROLE_VALIDATION, Checkpoint
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
 from puma_cli.models.predict import Phases
@@ -195,6 +195,14 @@ def criterion_set(
             f"pass --criterion-data FILE (rows it was not trained on) or {again}"
         )
     return dataset.subset(rows)
+
+
+def trained_on_warning(
+    checkpoint: Checkpoint, dataset: Dataset, other: Dataset, use: str
+) -> list[str]:
+    """A warning where held-out data given as `use` holds rows the model is trained on."""
+    rows = np.flatnonzero(checkpoint.roles == ROLE_TRAINED)
+    return trained_rows_warning(dataset, rows, other, use)
 
 
 def recorded_paths(checkpoint: Checkpoint) -> list[Path]:

@@ -114,6 +114,9 @@ def attack(
     held_out = int((checkpoint.roles[target_rows] == ckpt.ROLE_VALIDATION).sum())
     if held_out and method != "u-lira":
         report = replace(report, notes=[*report.notes, _held_out_note(held_out, target_rows.size)])
+    if nonmembers is not None:
+        leaks = recorded.trained_on_warning(checkpoint, dataset, other, "--nonmembers")
+        report = replace(report, notes=[*report.notes, *leaks])
     if not parallel.leader():  # under torchrun, rank 0 writes the plot and the cache
         return report
     if plot is not None:

@@ -229,6 +229,10 @@ def calibrate(
         shown = test if test is not None else criterion
         writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
     write_atomically(writers, overwrite)
+    if criterion_data is not None:
+        report.warnings.extend(
+            recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
+        )
     report.warnings.extend(commit_all(caches.all()))
     return report
 

@@ -75,6 +75,11 @@ def debug_labels(
     dataset = recorded.load_recorded_dataset(checkpoint, "train", phases)
     rows = np.flatnonzero(checkpoint.roles == ckpt.ROLE_TRAINED)
     criterion = criterion_set(checkpoint, dataset, checkpoint.roles, criterion_data, phases)
+    leaks = (
+        recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
+        if criterion_data is not None
+        else []
+    )
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
@@ -118,7 +123,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
-    notes = commit_all(caches.all())
+    notes = leaks + commit_all(caches.all())
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,

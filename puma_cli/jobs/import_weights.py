@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli.data.dataset import Dataset
+from puma_cli.data.dataset import Dataset, trained_rows_warning
 from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs
@@ -104,6 +104,10 @@ def import_weights(
     warnings = said + _near_chance(own.accuracy, dataset.y, n_classes)
     warnings += _saturated(own.loss, dataset, recipe)
     warnings += mixing_warnings(dataset, recipe)
+    every = np.arange(len(dataset))
+    for given, use in ((val_set, "--val"), (test_set, "--test")):
+        if given is not None:
+            warnings += trained_rows_warning(dataset, every, given, use)
     if val_set is None:
         warnings.append(
             "no --val: remove, debug-labels and calibrate need held-out rows for their "

@@ -122,6 +122,8 @@ def remove(
     )
     test_after = after_t[0].accuracy if after_t else None
     warnings = list(result.warnings)
+    if criterion_data is not None:
+        warnings += recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
     whole = _whole_classes(checkpoint, dataset, trained_marked)
     if whole and after_m.accuracy >= WHOLE_CLASS_KEPT:
         warnings.append(_whole_class_warning(whole, after_m.accuracy, method))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from puma_cli.data.dataset import Dataset, split_rows
+from puma_cli.data.dataset import Dataset, split_rows, trained_rows_warning
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs, write_atomically
@@ -175,6 +175,16 @@ def train(
         warnings=[
             *_learnt_nothing(metrics["train"]["accuracy"], trained.y, n_classes, recipe),
             *mixing_warnings(dataset, recipe),
+            *(
+                trained_rows_warning(dataset, trained_rows, val_set, "--val")
+                if val is not None and val_set is not None
+                else []
+            ),
+            *(
+                trained_rows_warning(dataset, trained_rows, test_set, "--test")
+                if test_set is not None
+                else []
+            ),
         ],
     )
 
