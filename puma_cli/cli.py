@@ -1531,7 +1531,7 @@ def info(
 ) -> None:
     """Architecture, training recipe, data files and provenance of a checkpoint."""
     from puma_cli.jobs.info import describe as job
-    from puma_cli.jobs.info import metrics_line, provenance_line
+    from puma_cli.jobs.info import metrics_line, provenance_line, rows_line, settings_line
 
     resolve_device(device)
     meta = job(model)
@@ -1541,11 +1541,11 @@ def info(
     history = meta["provenance"]
     imported = bool(history) and history[0].get("op") == "import"
     rows: list[tuple[str, Any]] = [
-        ("architecture", meta["architecture"]),
-        ("parameters", meta["n_parameters"]),
-        ("classes", meta["class_names"] or meta["n_classes"]),
-        ("recipe", meta["recipe"]),
-        ("rows", meta["rows"]),
+        ("architecture", settings_line(meta["architecture"])),
+        ("parameters", f"{meta['n_parameters']:,}"),
+        ("classes", ", ".join(meta["class_names"] or []) or meta["n_classes"]),
+        ("recipe", settings_line(meta["recipe"])),
+        ("rows", rows_line(meta["rows"])),
         # Measured once, on the model as trained or imported; what each later operation
         # measured is in its provenance line.
         (f"metrics as {'imported' if imported else 'trained'}", metrics_line(meta["metrics"])),

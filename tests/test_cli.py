@@ -83,6 +83,8 @@ def test_human_output_goes_to_stdout_without_json(model_file: Path) -> None:
     assert "recipe" in result.stdout and "provenance" in result.stdout
     text = " ".join(result.stdout.split())
     assert "metrics as trained train: accuracy " in text and "none (as trained)" in text
+    assert "name=mlp, input_shape=2, n_classes=2, hidden=64,32" in text
+    assert "epochs=30" in text and "trained, " in text and " validation, 0 removed" in text
 
 
 def test_info_says_each_operation_in_a_line_with_its_figures(

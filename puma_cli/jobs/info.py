@@ -40,6 +40,24 @@ def _change(name: str, before: Any, after: Any) -> str | None:
     return f"{name} {_figure(before, spec)} -> {_figure(after, spec)}"
 
 
+def settings_line(settings: dict[str, Any]) -> str:
+    """An architecture's or a recipe's settings as `name=value` pairs, in their order."""
+    return ", ".join(f"{key}={_setting(value)}" for key, value in settings.items()) or "none"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(_setting(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return "{" + (settings_line(value) if value else "") + "}"
+    return str(value)
+
+
+def rows_line(rows: dict[str, Any]) -> str:
+    """The training file's rows by role: `417 trained, 43 validation, 20 removed`."""
+    return ", ".join(f"{count:,} {role}" for role, count in rows.items())
+
+
 def metrics_line(metrics: dict[str, Any]) -> str:
     """The recorded figures of each split on one line: `train: accuracy 0.97, loss 0.1,
     ECE 0.02 (432 rows); test: ...`."""
