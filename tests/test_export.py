@@ -176,7 +176,7 @@ def test_an_exported_network_is_named_as_such_and_imports_behind_its_transform(
         "--test", data_dir / "radial.csv",
     )  # fmt: skip
     assert declared["inputs_from"] is None
-    assert any("differs from the one" in w for w in declared["warnings"])
+    assert any("the declared one differs from it" in w for w in declared["warnings"])
     assert any("(--test) repeat a row the model is trained on" in w for w in declared["warnings"])
 
 

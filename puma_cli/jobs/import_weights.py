@@ -169,6 +169,7 @@ def _recorded_inputs(
     inputs = exported.get("inputs") if exported is not None else None
     if not isinstance(inputs, dict):
         return recipe, None, []
+    said = f"{weights} records an inputs transform (puma export's metadata)"
     try:
         recorded = (
             float(inputs["divisor"]),
@@ -176,42 +177,21 @@ def _recorded_inputs(
             tuple(float(v) for v in inputs["std"]),
         )
     except (KeyError, TypeError, ValueError):
-        return (
-            recipe,
-            None,
-            [
-                f"{weights} records an inputs transform (puma export's metadata) that cannot be "
-                "read; declare it with --input-divisor, --normalize-mean and --normalize-std"
-            ],
-        )
-    declared = recipe.fixed_inputs()
-    if declared != NO_TRANSFORM:
-        if not _same_transform(declared, recorded):
-            return (
-                recipe,
-                None,
-                [
-                    f"the declared inputs transform differs from the one {weights} records "
-                    f"(puma export's: divisor {recorded[0]:g}, {len(recorded[1])} mean(s), "
-                    f"{len(recorded[2])} std(s)); the declared one is used"
-                ],
-            )
-        return recipe, None, []
+        unread = f"{said} that cannot be read; declare it with --input-divisor and --normalize-*"
+        return recipe, None, [unread]
+    if recipe.fixed_inputs() != NO_TRANSFORM:
+        if _same_transform(recipe.fixed_inputs(), recorded):
+            return recipe, None, []
+        differs = f"{said}, and the declared one differs from it: the declared one is used"
+        return recipe, None, [differs]
     divisor, mean, std = recorded
     taken = replace(recipe, input_divisor=divisor, normalize_mean=mean, normalize_std=std)
     try:
         taken.validate()
         model.fix_standardisation(*taken.fixed_inputs())
     except PumaError as exc:
-        return (
-            recipe,
-            None,
-            [
-                f"{weights} records the inputs transform puma applied before the network (puma "
-                f"export's metadata), which import cannot take for these rows ({exc}); the "
-                "network gets the values as they are"
-            ],
-        )
+        unfit = f"{said} that does not fit these rows ({exc}): the network takes them as they are"
+        return recipe, None, [unfit]
     return taken, f"{weights} (puma export's inputs)", []
 
 
