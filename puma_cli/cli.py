@@ -1531,12 +1531,21 @@ def info(
 ) -> None:
     """Architecture, training recipe, data files and provenance of a checkpoint."""
     from puma_cli.jobs.info import describe as job
-    from puma_cli.jobs.info import metrics_line, provenance_line, rows_line, settings_line
+    from puma_cli.jobs.info import (
+        exported_rows,
+        metrics_line,
+        provenance_line,
+        rows_line,
+        settings_line,
+    )
 
     resolve_device(device)
     meta = job(model)
     if as_json:
         console.emit_json(meta)
+        return
+    if meta["format"] == "puma-export":
+        console.table(str(model), exported_rows(meta))
         return
     history = meta["provenance"]
     imported = bool(history) and history[0].get("op") == "import"

@@ -123,6 +123,15 @@ def test_the_deployed_file_cannot_tell_whose_rows_were_removed(
         assert not [key for key in removal["metrics"] if key.startswith("marked_")]
         assert removal["removed"] == kept_removal["removed"]  # the count stays
         assert removal["metrics"]["criterion_after"] == kept_removal["metrics"]["criterion_after"]
+    # `info` reads the deployed file as what it is, from its record alone.
+    described = run_json("info", out)
+    assert described["format"] == "puma-export" and described["provenance"] == record["provenance"]
+    assert described["model"] == str(imported / "removed.safetensors")
+    assert described["tensors"] == len(load_file(out))
+    assert described["n_values"] == sum(t.numel() for t in load_file(out).values())
+    shown = " ".join(run("info", out).stdout.split())
+    assert "written by puma export: a network's state dict to deploy" in shown
+    assert "2. " in shown and " remove (puma, " in shown and "marked loss" not in shown
 
 
 def test_without_like_the_networks_own_names_load_into_its_class(
@@ -154,7 +163,7 @@ def test_an_exported_network_is_named_as_such_and_imports_behind_its_transform(
     the model did; a transform declared instead is used, with a warning that it differs."""
     out = tmp_path / "w.safetensors"
     run_json("export", model_file, "-o", out)
-    for command in (["info", out], ["eval", "-m", out], ["remove", "-m", out, "--marked", out]):
+    for command in (["eval", "-m", out], ["remove", "-m", out, "--marked", out]):
         assert_clean_error(run(*command), f"not a puma checkpoint: give the checkpoint it was "
                            f"exported from ({model_file})")  # fmt: skip
     back = tmp_path / "back.safetensors"
@@ -178,6 +187,14 @@ def test_an_exported_network_is_named_as_such_and_imports_behind_its_transform(
     assert declared["inputs_from"] is None
     assert any("the declared one differs from it" in w for w in declared["warnings"])
     assert any("(--test) repeat a row the model is trained on" in w for w in declared["warnings"])
+
+
+def test_a_deployed_file_whose_record_is_damaged_is_refused(tmp_path: Path) -> None:
+    """`info` reads a deployed file's record, which may come from anywhere."""
+    path = tmp_path / "d.safetensors"
+    record = json.dumps({"model": "m.safetensors", "provenance": [1, 2]})
+    save_file({"w": torch.zeros(3)}, path, metadata={"format": "pt", "puma_export": record})
+    assert_clean_error(run("info", path), "whose 'provenance' is not as `puma export` writes it")
 
 
 def test_a_plain_state_dict_is_not_called_damaged(tmp_path: Path) -> None:

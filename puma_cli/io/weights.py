@@ -45,7 +45,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def exported_record(path: Path) -> dict[str, Any] | None:
     """What `puma export` recorded in a weights file (its `puma_export` metadata: the
     source checkpoint, the inputs transform, an ensemble's members), or None for any other
-    file. Read after `read_state_dict`, which has refused a file that is not safetensors."""
+    file, a damaged one included."""
     try:
         record = json.loads(_metadata(path).get("puma_export", "null"))
     except (json.JSONDecodeError, TypeError):
@@ -81,14 +81,33 @@ def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
 
 def _metadata(path: Path) -> dict[str, Any]:
     """A safetensors file's metadata strings, as stored (none where it has none)."""
+    metadata = _header(path).get("__metadata__")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """The shape of each tensor a safetensors file holds, read from its header alone."""
+    shapes = {}
+    for name, entry in _header(path).items():
+        if name != "__metadata__" and isinstance(entry, dict):
+            shape = entry.get("shape")
+            if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                shapes[name] = shape
+    return shapes
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header ({} where the file holds none): its first 8
+    bytes give its length, which a damaged file may put past its end."""
     with Path(path).open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
+        if size > Path(path).stat().st_size - 8:
+            return {}
         try:
             header = json.loads(handle.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
+    return header if isinstance(header, dict) else {}
 
 
 @dataclass
