@@ -195,6 +195,11 @@ def test_a_deployed_file_whose_record_is_damaged_is_refused(tmp_path: Path) -> N
     record = json.dumps({"model": "m.safetensors", "provenance": [1, 2]})
     save_file({"w": torch.zeros(3)}, path, metadata={"format": "pt", "puma_export": record})
     assert_clean_error(run("info", path), "whose 'provenance' is not as `puma export` writes it")
+    # A record cannot pass itself off as another kind of file.
+    record = json.dumps({"model": "m.safetensors", "format": "puma-checkpoint"})
+    save_file({"w": torch.zeros(3)}, path, metadata={"format": "pt", "puma_export": record})
+    assert run_json("info", path)["format"] == "puma-export"
+    assert run("info", path).exit_code == 0
 
 
 def test_a_plain_state_dict_is_not_called_damaged(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`puma info`: a checkpoint's metadata, with the state of each file it records."""
+"""`puma info`: a checkpoint's metadata, with the state of each file it records; or what a
+deployed file `puma export` wrote records of itself."""
 
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ def _exported(path: Path) -> dict[str, Any] | None:
         return None
     _check_export_record(path, record)
     shapes = tensor_shapes(path).values()
-    return {
+    return {  # the record first: what puma says of the file is not the file's to override
+        **record,
         "format": "puma-export",
         "file": str(path),
-        **record,
         "tensors": len(shapes),
         "n_values": sum(math.prod(shape) for shape in shapes),
     }
