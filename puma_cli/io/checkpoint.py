@@ -177,14 +177,31 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     return _build(path, meta, arch, tensors, device)
 
 
+def safetensors_header(raw: bytes) -> dict[str, Any]:
+    """A safetensors file's JSON header, from the file's first bytes ({} where they hold
+    none: a length past their end, as a damaged file gives, or no JSON object)."""
+    size = int.from_bytes(raw[:8], "little")
+    if size > len(raw) - 8:
+        return {}
+    try:
+        header = json.loads(raw[8 : 8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def metadata_strings(header: dict[str, Any]) -> dict[str, Any]:
+    """A header's metadata, as stored: a string a key (none where it has none)."""
+    strings = header.get("__metadata__")
+    return strings if isinstance(strings, dict) else {}
+
+
 def _read_metadata(raw: bytes) -> dict[str, Any]:
     """The header's metadata, each value parsed as JSON (puma writes them so) where it is
     JSON: other files' values are plain strings (`{"format": "pt"}`, as safetensors.torch
     and the Hugging Face libraries save a state dict), kept as they are, so that such a
     file is named for what it is rather than as damaged."""
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    strings = header.get("__metadata__", {}) or {}
+    strings = metadata_strings(safetensors_header(raw))
     meta: dict[str, Any] = {}
     for key, value in strings.items():
         try:

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from puma_cli.errors import DataError
-from puma_cli.io.checkpoint import FORMAT
+from puma_cli.io.checkpoint import FORMAT, metadata_strings, safetensors_header
 from puma_cli.io.files import is_text, require_file
 from puma_cli.models.zoo import ForeignNames
 
@@ -42,12 +42,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def exported_record(path: Path) -> dict[str, Any] | None:
-    """What `puma export` recorded in a weights file (its `puma_export` metadata: the
-    source checkpoint, the inputs transform, an ensemble's members), or None for any other
-    file, a damaged one included."""
+def exported_record(header: dict[str, Any]) -> dict[str, Any] | None:
+    """What `puma export` recorded in a weights file, given its header (`file_header`):
+    its `puma_export` metadata (the source checkpoint, the inputs transform, an ensemble's
+    members), or None for any other file, a damaged one included."""
     try:
-        record = json.loads(_metadata(path).get("puma_export", "null"))
+        record = json.loads(metadata_strings(header).get("puma_export", "null"))
     except (json.JSONDecodeError, TypeError):
         return None
     return record if isinstance(record, dict) else None
@@ -74,21 +74,15 @@ def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
-    if _metadata(path).get("format") == json.dumps(FORMAT):  # as puma writes it
+    if metadata_strings(safetensors_header(raw)).get("format") == json.dumps(FORMAT):
         raise DataError(f"{path} is a puma checkpoint, not a network's weights: {if_checkpoint}")
     return tensors
 
 
-def _metadata(path: Path) -> dict[str, Any]:
-    """A safetensors file's metadata strings, as stored (none where it has none)."""
-    metadata = _header(path).get("__metadata__")
-    return metadata if isinstance(metadata, dict) else {}
-
-
-def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """The shape of each tensor a safetensors file holds, read from its header alone."""
+def tensor_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
+    """The shape of each tensor a safetensors file holds, from its header alone."""
     shapes = {}
-    for name, entry in _header(path).items():
+    for name, entry in header.items():
         if name != "__metadata__" and isinstance(entry, dict):
             shape = entry.get("shape")
             if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
@@ -96,18 +90,14 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _header(path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header ({} where the file holds none): its first 8
-    bytes give its length, which a damaged file may put past its end."""
+def file_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, read without its tensors ({} where it has none)."""
     with Path(path).open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         if size > Path(path).stat().st_size - 8:
             return {}
-        try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}
-    return header if isinstance(header, dict) else {}
+        handle.seek(0)
+        return safetensors_header(handle.read(8 + size))
 
 
 @dataclass

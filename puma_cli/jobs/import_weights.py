@@ -27,7 +27,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs
 from puma_cli.io.datasets import DataOptions, load_dataset
-from puma_cli.io.weights import exported_record, load_into, read_state_dict
+from puma_cli.io.weights import exported_record, file_header, load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
@@ -78,7 +78,7 @@ def import_weights(
         raise PumaError("puma import wraps one network; a SISA ensemble is made by `puma train`")
     check_outputs([output], [weights, data, val, test], overwrite)
     state = read_state_dict(weights)
-    exported = exported_record(weights)
+    exported = exported_record(file_header(weights))
     if exported is not None and exported.get("ensemble"):
         raise PumaError(
             f"{weights} is a SISA ensemble written by `puma export` (one network a shard, "

@@ -12,7 +12,7 @@ from puma_cli.errors import DataError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
 from puma_cli.io.files import is_regular_file
-from puma_cli.io.weights import exported_record, tensor_shapes
+from puma_cli.io.weights import exported_record, file_header, tensor_shapes
 from puma_cli.models.architectures import OPTIONAL_FIELDS, SHAPED_BY
 
 # The recipe's names for the architecture's fields (`train` records both).
@@ -46,11 +46,12 @@ def _exported(path: Path) -> dict[str, Any] | None:
     holds. None for any other file (a checkpoint is loaded and checked as such)."""
     if not is_regular_file(path):
         return None
-    record = exported_record(path)
+    header = file_header(path)
+    record = exported_record(header)
     if record is None:
         return None
     _check_export_record(path, record)
-    shapes = tensor_shapes(path).values()
+    shapes = tensor_shapes(header).values()
     return {  # the record first: what puma says of the file is not the file's to override
         **record,
         "format": "puma-export",
