@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, run, run_json
+from conftest import assert_clean_error, rewrite_tensor, run, run_json
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel, tensor_slots
@@ -375,6 +375,36 @@ def test_lazy_layers_are_sized_whenever_the_network_is_built(
         "--epochs", "1", "--lr", "0.01", "--optimizer", "adam",
     )  # fmt: skip
     assert again["n_parameters"] == 86
+
+
+def test_a_lazy_net_whose_forward_reads_values_loads_and_its_shapes_are_checked(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A checkpoint's shapes are checked on the meta device, where a forward pass that reads
+    a value (`if x.abs().max() > 100`) cannot run: sizing lazy layers there refused such a
+    net at every command after `train` ("could not size"), and cost seconds of torch's
+    symbolic-shape imports for any lazy net. Their shapes are now checked on the real build."""
+    arch = tmp_path / "lazy.py"
+    arch.write_text(
+        LAZY.replace(
+            "return self.body(x)",
+            "if x.abs().max() > 100:\n            x = x / 100\n        return self.body(x)",
+        )
+    )
+    model = tmp_path / "m.safetensors"
+    assert _train(data_dir, arch, model)["n_parameters"] == 86
+    assert run_json("eval", "-m", model)["n"] == 40
+    sisa = tmp_path / "sisa.safetensors"
+    _train(data_dir, arch, sisa, "--shards", "2", "--slices", "2", "--epochs", "5")
+    assert run_json("eval", "-m", sisa)["n"] == 40  # each stored stage's shapes checked
+    rewrite_tensor(sisa, "sisa.state.0.0.net.body.0.weight", lambda w: torch.cat([w, w]))
+    assert_clean_error(run("eval", "-m", sisa), "tensor sisa.state.0.0.net.body.0.weight is")
+    rewrite_tensor(model, "model.net.body.0.weight", lambda w: torch.cat([w, w]))
+    assert_clean_error(
+        run("eval", "-m", model),
+        "tensor model.net.body.0.weight is torch.float32 of shape 24x2, expected torch.float32 "
+        "of shape 12x2 for its architecture",
+    )
 
 
 def test_a_changed_or_moved_file_is_never_imported_silently(

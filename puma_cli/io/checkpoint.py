@@ -29,7 +29,7 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
 from puma_cli.io.files import is_text, require_file
-from puma_cli.io.schema import validate_metadata, validate_tensors
+from puma_cli.io.schema import check_state, validate_metadata, validate_tensors
 from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
 
 FORMAT = "puma-checkpoint"
@@ -239,6 +239,7 @@ def _build(
     try:
         model = build_model(arch)
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        check_state(path, tensors, model.state_dict())  # lazy layers' shapes, now sized
         model.load_state_dict(state, strict=True)
         bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:

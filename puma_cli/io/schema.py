@@ -6,7 +6,8 @@ its range and its agreement with the tensors, and the first violation is refused
 its name, so no command meets a string where it expects a list, a shard count that
 would loop for hours, or a row-role tensor of the wrong length. The network's tensor
 shapes are compared against the architecture built on the meta device, which allocates
-nothing: a recorded width of a billion costs no memory before it is refused.
+nothing: a recorded width of a billion costs no memory before it is refused (a lazy
+layer's shapes wait for the real build, `check_state`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from puma_cli.data.dataset import MAX_ROW_AXES
 from puma_cli.errors import CheckpointError, PumaError
@@ -238,20 +240,35 @@ def validate_tensors(
         if arch.source is not None:
             raise  # the user's file is gone, changed or fails: its own message says so
         raise f.fail("architecture", f"cannot be built ({exc})") from None
+    check_state(path, tensors, expected)
+
+
+def check_state(
+    path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> None:
+    """A file's `model.*` tensors are each tensor of `expected` (the network's state dict)
+    at its dtype and shape, and nothing else; a SISA file's stored stages (`sisa.state.*`)
+    each a whole member's state. A lazy layer's tensors (nn.LazyLinear's) have no shape
+    until a batch has gone through the network, and on the meta device none can (a
+    forward that reads a value fails there, and any costs seconds of torch's
+    symbolic-shape imports): there only their presence and dtype are checked, their
+    shapes again once the network is built on a real device and sized (`io.checkpoint`)."""
     given = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     for name, want in expected.items():
-        have = given.get(name)
-        if have is None or have.shape != want.shape or have.dtype != want.dtype:
-            shape = "x".join(map(str, want.shape)) or "scalar"
+        have, lazy = given.get(name), is_lazy(want)
+        if have is None or have.dtype != want.dtype or (not lazy and have.shape != want.shape):
             raise _tensor(
-                path, f"model.{name}", have, f"{want.dtype} of shape {shape} for its architecture"
+                path,
+                f"model.{name}",
+                have,
+                f"{want.dtype} of shape {_shape(want)} for its architecture",
             )
     for name in sorted(set(given) - set(expected)):
         raise CheckpointError(
             f"{path}: tensor model.{name} is not part of its recorded architecture; the file "
             "was altered or written by another tool"
         )
-    if arch.shards > 1:
+    if "members.0.mean" in expected:  # a SISA ensemble
         _sisa_states(path, tensors, expected)
 
 
@@ -286,8 +303,12 @@ def _sisa_states(
             continue
         _, _, k, r, name = key.split(".", 4)
         want = member.get(name)
-        if want is None or tensor.shape != want.shape or tensor.dtype != want.dtype:
-            shape = "x".join(map(str, want.shape)) if want is not None else "none"
+        if (
+            want is None
+            or tensor.dtype != want.dtype
+            or (not is_lazy(want) and tensor.shape != want.shape)
+        ):
+            shape = "none" if want is None else _shape(want)
             raise _tensor(path, key, tensor, f"a shard model's tensor (shape {shape})")
         stages.setdefault(f"{k}.{r}", set()).add(name)
     for stage, names in sorted(stages.items()):
@@ -305,6 +326,12 @@ def _tensor(path: Path, name: str, tensor: torch.Tensor | None, want: str) -> Ch
         f"{path}: tensor {name} is {have}, expected {want}; the file was altered or written "
         "by another tool: restore it from a copy or retrain"
     )
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    if is_lazy(tensor):
+        return "its layer's"  # not sized yet
+    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 def _kind(value: Any) -> str:

@@ -207,8 +207,8 @@ def _size_lazy_layers(net: nn.Module, input_shape: tuple[int, ...], label: str) 
             if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
         ]
 
-    if not unsized():
-        return
+    if not unsized() or any(p.device.type == "meta" for p in net.parameters()):
+        return  # on the meta device (a checkpoint's shapes checked), the real build sizes them
     failure: Exception | None = None
     was_training = net.training
     net.eval()
