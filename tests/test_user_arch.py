@@ -489,6 +489,24 @@ BAD_FILES = {
         NET.replace("return self.body(x)", "return self.body(x.reshape(2, -1)[:, :2])"),
         "the network returned (2, 2) for a batch of",
     ),
+    # Logits beside other outputs, as many code bases return them: the way to hand them in.
+    "returns logits and features": (
+        NET.replace("return self.body(x)", "return self.body(x), x"),
+        "returns tuple for a batch of 2; it must return logits (n, 2), one per class (its "
+        "first item has that shape): wrap it in a class whose forward returns self.net(x)[0]",
+    ),
+    "returns a dict of logits": (
+        NET.replace("return self.body(x)", "return {'logits': self.body(x)}"),
+        'whose forward returns self.net(x)["logits"]',
+    ),
+    # Trained fine, then every removal failed inside the user's code ("Expected more than
+    # 1 value per channel") and blamed it: a row's logits moved with its batch.
+    "batch statistics in eval mode": (
+        NET.replace("nn.BatchNorm1d(width)", "nn.BatchNorm1d(width, track_running_stats=False)"),
+        "logits for a row change with the other rows of its batch: puma takes each row's loss "
+        "and gradient on its own, so such a network has no per-row influence to remove; its "
+        "BatchNorm1d at body.1 has track_running_stats=False",
+    ),
     "nothing trains": (
         NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),
         "has no trainable parameters",

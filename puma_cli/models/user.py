@@ -22,7 +22,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,14 +290,69 @@ def check_logits(
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise PumaError(
             f"{label} returns {shape} for a batch of 2; it must return logits (n, {n_classes}), "
-            "one per class"
+            f"one per class{_logits_inside(out, n_classes)}"
         )
+    _refuse_batch_statistics(net, batch.to(device), out, label)
     if _probabilities(out):
         raise PumaError(
             f"{label} returns probabilities (each row non-negative, summing to 1); return the "
             "logits, before the softmax: puma's cross-entropy takes logits, and would learn "
             "next to nothing from probabilities (log_softmax's output is fine)"
         )
+
+
+def _logits_inside(out: object, n_classes: int) -> str:
+    """Where a network returns its logits beside other outputs (a tuple of logits and
+    features, a dict or Hugging Face output with `logits`), how to hand puma them alone."""
+    if isinstance(out, (tuple, list)) and out:
+        first, how = out[0], "self.net(x)[0]"
+    elif isinstance(out, Mapping) and "logits" in out:
+        first, how = out["logits"], 'self.net(x)["logits"]'
+    else:
+        return ""
+    if not isinstance(first, torch.Tensor) or tuple(first.shape) != (2, n_classes):
+        return ""
+    return (
+        f" (its {'first item' if how.endswith('[0]') else 'logits'} has that shape): wrap it in "
+        f"a class whose forward returns {how}, and name that class"
+    )
+
+
+def _refuse_batch_statistics(
+    net: nn.Module, batch: torch.Tensor, out: torch.Tensor, label: str
+) -> None:
+    """Refuse a network whose logits for a row depend on the rows beside it in eval mode
+    (a BatchNorm built with track_running_stats=False normalises by each batch's own
+    statistics): a row then has no loss or gradient of its own, and its prediction moves
+    with the batch it is put in. Seen as the first row's logits changing when the second
+    row is replaced by a copy of the first."""
+    if torch.equal(batch[0], batch[1]):
+        return  # the two rows cannot tell
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            alone = net(batch[[0, 0]])[0]
+    finally:
+        net.train(was_training)
+    if (alone - out[0]).abs().max() <= 1e-4 * (1 + out[0].abs().max()):
+        return
+    inner = getattr(net, "net", net)  # a Classifier's network
+    culprit = next(
+        (
+            f"its {type(m).__name__} at {name} has track_running_stats=False, so it "
+            "normalises by each batch's own statistics even in eval mode; build it with "
+            "track_running_stats=True (the default), or use a GroupNorm or LayerNorm"
+            for name, m in inner.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+        ),
+        "make each row's logits its own in eval mode (no statistics over the batch)",
+    )
+    raise PumaError(
+        f"{label}'s logits for a row change with the other rows of its batch: puma takes each "
+        f"row's loss and gradient on its own, so such a network has no per-row influence to "
+        f"remove; {culprit}"
+    )
 
 
 def _probabilities(out: torch.Tensor) -> bool:
