@@ -407,6 +407,34 @@ def test_a_lazy_net_whose_forward_reads_values_loads_and_its_shapes_are_checked(
     )
 
 
+def test_a_net_that_fails_in_float64_is_differentiated_in_float32(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """puma takes a small model's derivatives in float64; a net whose forward makes its own
+    float32 tensors (torch.eye(d) without a dtype) failed there, and the error blamed the
+    user's code, which is right in the float32 it was trained in. The engine now falls back
+    to float32 and says why; a net that runs in float64 keeps it."""
+    arch = tmp_path / "mix.py"
+    arch.write_text(
+        NET.replace("return self.body(x)", "return self.body(x @ torch.eye(x.shape[1]))")
+    )
+    model = tmp_path / "m.safetensors"
+    _train(data_dir, arch, model)
+    ids = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",")[0] + "\n" for row in ids))
+    for curvature, out in _remove_each(model, tmp_path, ("exact", "kfac")):
+        assert out["parameters"]["precision"] == "float32", curvature
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+        note = [w for w in out["warnings"] if "fails in float64" in w]
+        assert note and "dtype=x.dtype" in note[0], out["warnings"]
+    plain = tmp_path / "plain.py"
+    plain.write_text(NET)
+    _train(data_dir, plain, model, "--overwrite")
+    for _, out in _remove_each(model, tmp_path, ("exact",), "--overwrite"):
+        assert out["parameters"]["precision"] == "float64"
+        assert not any("float64" in w for w in out["warnings"])
+
+
 def test_a_changed_or_moved_file_is_never_imported_silently(
     data_dir: Path, arch: Path, tmp_path: Path
 ) -> None:
@@ -506,6 +534,13 @@ BAD_FILES = {
         "logits for a row change with the other rows of its batch: puma takes each row's loss "
         "and gradient on its own, so such a network has no per-row influence to remove; its "
         "BatchNorm1d at body.1 has track_running_stats=False",
+    ),
+    "random in eval mode": (
+        NET.replace(
+            "return self.body(x)",
+            "return self.body(nn.functional.dropout(x, 0.5, training=True))",
+        ),
+        "gives other logits on a second pass over the same rows in eval mode",
     ),
     "nothing trains": (
         NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),

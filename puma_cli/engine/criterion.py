@@ -194,15 +194,50 @@ def _engine(
     checkpoint: Checkpoint, dataset: Dataset, rows: np.ndarray, precision: str
 ) -> InfluenceModel:
     data = dataset.subset(rows)
-    return InfluenceModel(
-        single_model(checkpoint, "the influence engine (puma, influence, debug-labels, calibrate)"),
-        data.X,
-        data.y,
-        loss_weight_decay(checkpoint.recipe),
-        chunk_size=CONV_CHUNK if is_convolutional(checkpoint) else 2048,
-        dtype=derivative_dtype(checkpoint, precision),
-        label_smoothing=float(checkpoint.recipe.get("label_smoothing", 0.0)),
+    model = single_model(
+        checkpoint, "the influence engine (puma, influence, debug-labels, calibrate)"
     )
+
+    def engine(dtype: torch.dtype) -> InfluenceModel:
+        return InfluenceModel(
+            model,
+            data.X,
+            data.y,
+            loss_weight_decay(checkpoint.recipe),
+            chunk_size=CONV_CHUNK if is_convolutional(checkpoint) else 2048,
+            dtype=dtype,
+            label_smoothing=float(checkpoint.recipe.get("label_smoothing", 0.0)),
+        )
+
+    dtype = derivative_dtype(checkpoint, precision)
+    chosen = engine(dtype)
+    failure = _float64_failure(chosen) if precision == "auto" else None
+    if failure is not None:
+        # The net was trained in float32, where it runs; one that makes its own tensors
+        # in forward (torch.eye(d), torch.ones(n, 1)) gets float32 ones beside float64.
+        chosen = engine(torch.float32)
+        chosen.precision_note = (
+            f"the network fails in float64 ({failure}), where puma takes a small model's "
+            "derivatives: they were taken in float32, as for a large one; to have float64, "
+            "make the tensors its forward creates with the input's dtype (dtype=x.dtype)"
+        )
+    return chosen
+
+
+def _float64_failure(engine: InfluenceModel) -> str | None:
+    """Why a float64 engine's network cannot run in float64 (it raises on two rows, or
+    returns logits of another dtype), or None: where it can, or the engine is float32."""
+    if engine.dtype != torch.float64:
+        return None
+    try:
+        with torch.no_grad():
+            logits = engine.logits(engine.theta, engine.X[:2])
+    except Exception as exc:  # the user's code, in a dtype it was not written for
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
+    if logits.dtype != torch.float64:
+        return f"its logits come out {str(logits.dtype).removeprefix('torch.')}"
+    return None
 
 
 def criterion_direction(

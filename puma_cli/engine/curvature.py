@@ -215,14 +215,17 @@ def describe(engine: InfluenceModel) -> dict[str, object]:
 
 
 def curvature_notes(engine: InfluenceModel) -> list[str]:
-    """Warnings a report carries about the curvature: why `auto` took the GGN, or the
-    parameters K-FAC leaves out."""
+    """Warnings a report carries about the engine: why its derivatives are float32 where
+    a small model's are float64, why `auto` took the GGN, or the parameters K-FAC leaves
+    out."""
+    notes = [engine.precision_note] if engine.precision_note else []
     kron = engine.kronecker
     if kron is None or not kron.uncovered:
-        return [engine.curvature_note] if engine.curvature_note else []
+        return notes + ([engine.curvature_note] if engine.curvature_note else [])
     layers = ", ".join(f"{kind} {count}" for kind, count in sorted(kron.left_out.items()))
     return [
+        *notes,
         f"{kron.uncovered} of {kron.size} parameters ({layers}) are outside the Linear, "
         f"Conv1d and Conv2d layers {engine.curvature} approximates: the patch leaves them "
-        "unchanged (--curvature ggn covers every parameter)"
+        "unchanged (--curvature ggn covers every parameter)",
     ]

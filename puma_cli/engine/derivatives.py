@@ -132,6 +132,7 @@ class InfluenceModel:
         # a pass has met one (None: forward mode works, as far as the passes have gone).
         self.no_forward_mode: str | None = None
         self.curvature_note = ""  # why `auto` chose the curvature, where a report says so
+        self.precision_note = ""  # why a small model's derivatives are float32, where so
 
     @property
     def n(self) -> int:

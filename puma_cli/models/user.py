@@ -292,7 +292,7 @@ def check_logits(
             f"{label} returns {shape} for a batch of 2; it must return logits (n, {n_classes}), "
             f"one per class{_logits_inside(out, n_classes)}"
         )
-    _refuse_batch_statistics(net, batch.to(device), out, label)
+    _refuse_row_dependence(net, batch.to(device), out, label)
     if _probabilities(out):
         raise PumaError(
             f"{label} returns probabilities (each row non-negative, summing to 1); return the "
@@ -318,24 +318,35 @@ def _logits_inside(out: object, n_classes: int) -> str:
     )
 
 
-def _refuse_batch_statistics(
+def _refuse_row_dependence(
     net: nn.Module, batch: torch.Tensor, out: torch.Tensor, label: str
 ) -> None:
-    """Refuse a network whose logits for a row depend on the rows beside it in eval mode
-    (a BatchNorm built with track_running_stats=False normalises by each batch's own
-    statistics): a row then has no loss or gradient of its own, and its prediction moves
-    with the batch it is put in. Seen as the first row's logits changing when the second
-    row is replaced by a copy of the first."""
-    if torch.equal(batch[0], batch[1]):
-        return  # the two rows cannot tell
+    """Refuse a network whose logits for a row are not fixed by that row in eval mode:
+    random (dropout applied with training=True, as MC dropout does, or noise), or moved
+    by the rows beside it (a BatchNorm built with track_running_stats=False normalises by
+    each batch's own statistics). A row then has no loss or gradient of its own, and its
+    prediction moves from pass to pass. Seen on three more passes over the same two rows, then
+    with the second row replaced by a copy of the first."""
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
-            alone = net(batch[[0, 0]])[0]
+            again = [net(batch) for _ in range(3)]  # three: a small net's masks can repeat
+            alone = None if torch.equal(batch[0], batch[1]) else net(batch[[0, 0]])[0]
     finally:
         net.train(was_training)
-    if (alone - out[0]).abs().max() <= 1e-4 * (1 + out[0].abs().max()):
+
+    def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool((a - b).abs().max() > 1e-4 * (1 + b.abs().max()))
+
+    if any(differs(logits, out) for logits in again):
+        raise PumaError(
+            f"{label} gives other logits on a second pass over the same rows in eval mode "
+            "(dropout applied with training=True, as MC dropout does, or noise): puma's "
+            "derivatives, its guard and its attacks take each row's logits as fixed; apply "
+            "dropout through nn.Dropout, or F.dropout(..., training=self.training)"
+        )
+    if alone is None or not differs(alone, out[0]):
         return
     inner = getattr(net, "net", net)  # a Classifier's network
     culprit = next(
