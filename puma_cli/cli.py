@@ -397,6 +397,17 @@ LabelSmoothingOpt = Annotated[
         "fine-tuning baselines train with it, and removal differentiates that loss.",
     ),
 ]
+ClassWeightOpt = Annotated[
+    str,
+    typer.Option(
+        "--class-weight",
+        help="Weigh each class's rows in the cross-entropy (torch's weight): balanced "
+        "(n / (K x the class's count) over the trained rows, scikit-learn's), or one number "
+        "a class in label order, like 1,5. Recorded as numbers: retraining, SISA, shadow "
+        "models and the fine-tuning baselines train with them, and removal differentiates "
+        "that loss.",
+    ),
+]
 RemovalModelOpt = Annotated[
     Path, typer.Option("--model", "-m", help="Checkpoint to remove points from.", readable=False)
 ]
@@ -587,6 +598,7 @@ def train(
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
     label_smoothing: LabelSmoothingOpt = 0.0,
+    class_weight: ClassWeightOpt = "",
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
@@ -681,6 +693,7 @@ def train(
             overwrite=overwrite,
             progress=shown.epochs(f"training {data.name}"),
             phases=shown.phases,
+            class_weight=class_weight,
         )
     payload = {**asdict(report), "device": str(torch_device)}
     _render(as_json, payload, f"trained {report.model}")
@@ -715,6 +728,7 @@ def import_(
     batch_size: BatchSizeOpt = 32,
     weight_decay: WeightDecayOpt = 0.0,
     label_smoothing: LabelSmoothingOpt = 0.0,
+    class_weight: ClassWeightOpt = "",
     mixed_precision: MixedPrecisionOpt = False,
     augment: AugmentOpt = Augment.none,
     lr_schedule: LrScheduleOpt = LrSchedule.constant,
@@ -762,6 +776,7 @@ def import_(
             device=torch_device,
             overwrite=overwrite,
             phases=phases,
+            class_weight=class_weight,
         )
     _render(as_json, {**asdict(report), "device": str(torch_device)}, f"imported {weights}")
 

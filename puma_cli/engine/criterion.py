@@ -207,6 +207,7 @@ def _engine(
             chunk_size=CONV_CHUNK if is_convolutional(checkpoint) else 2048,
             dtype=dtype,
             label_smoothing=float(checkpoint.recipe.get("label_smoothing", 0.0)),
+            class_weights=tuple(checkpoint.recipe.get("class_weights") or ()),
         )
 
     dtype = derivative_dtype(checkpoint, precision)

@@ -182,7 +182,7 @@ def attach_curvature(
     with torch.enable_grad():
         engine.kronecker = fit_kronecker(
             choice.name, module, engine.names, engine.sizes, batches, choice.fisher, seed,
-            lambda done, total: engine.tell(phase, done, total),
+            lambda done, total: engine.tell(phase, done, total), engine.class_weight,
         )  # fmt: skip
     engine.kronecker_cached = False
     if cache is not None:

@@ -90,6 +90,7 @@ class InfluenceModel:
         chunk_size: int = 2048,
         dtype: torch.dtype = torch.float64,
         label_smoothing: float = 0.0,
+        class_weights: tuple[float, ...] = (),
     ) -> None:
         device = next(model.parameters()).device
         self.dtype = dtype
@@ -121,6 +122,14 @@ class InfluenceModel:
         # scores and Hessian take it; the figures (`_figures`) and the held-out criterion
         # (`gradient_on`) stay the plain cross-entropy.
         self.label_smoothing = float(label_smoothing)
+        # The recipe's class weights (K,), scaled to a mean of 1 over the engine's rows: a
+        # row's loss is its class's weight x its cross-entropy, and the mean over the
+        # rows, J's, is then torch's weighted mean, the loss the weights minimise (and its
+        # weight decay in the same proportion). None: every row weighs 1.
+        self.class_weight: Tensor | None = None
+        if class_weights:
+            weight = torch.tensor(class_weights, dtype=torch.float64, device=device)
+            self.class_weight = (weight / weight[self.y].mean()).to(dtype)
         self.chunk_size = chunk_size
         self.device = device
         # Which curvature the solvers invert (`engine.curvature`): exact, ggn, kfac, ekfac.
@@ -168,7 +177,14 @@ class InfluenceModel:
         return self._row_loss(self.logits(flat, X), y)
 
     def _row_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        return loss if self.class_weight is None else loss * self.row_weights(y)
+
+    def row_weights(self, y: Tensor) -> Tensor:
+        """Each row's weight in J (n,): its class's, or 1 where the recipe weighs none."""
+        if self.class_weight is None:
+            return torch.ones(y.shape, dtype=self.dtype, device=y.device)
+        return self.class_weight.to(y.device).index_select(0, y.reshape(-1)).reshape(y.shape)
 
     def _chunks(
         self, X: Tensor | None = None, y: Tensor | None = None, local: bool = False
@@ -212,17 +228,20 @@ class InfluenceModel:
     def ggn_vp(self, v: Tensor) -> Tensor:
         """G v, the Gauss-Newton matrix of J times v (P,): mean_i J_i^T H_i J_i v, with J_i
         the Jacobian of row i's logits and H_i = diag(p_i) - p_i p_i^T the cross-entropy's
-        Hessian in the logits, plus the weight decay. Positive semi-definite, unlike H:
-        the curvature that stays meaningful where the model interpolates. One forward-mode
+        Hessian in the logits (times the row's class weight), plus the weight decay.
+        Positive semi-definite, unlike H: the curvature that stays meaningful where the
+        model interpolates. One forward-mode
         pass (J v) and one backward pass (J^T) per chunk."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
-        for X, _ in self._chunks(local=True):
+        for X, y in self._chunks(local=True):
             logits, jv = self._forward_or_reverse(
                 partial(self._logits_jv_forward, v_in, X), partial(self._logits_jv_reverse, v_in, X)
             )
             p = torch.softmax(logits, dim=1)
             hjv = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
+            if self.class_weight is not None:
+                hjv = hjv * self.row_weights(y)[:, None]
             theta = self._leaf()
             (gv,) = torch.autograd.grad((self.logits(theta, X) * hjv).sum(), theta)
             out += gv.double()
@@ -323,7 +342,7 @@ class InfluenceModel:
     ) -> tuple[Tensor, Tensor]:
         """The scores from J v of the logits by the reverse route: the cross-entropy's
         derivative in the logits is softmax - target (the one-hot label, smoothed as the
-        model was trained)."""
+        model was trained), times the row's class weight."""
         parts = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         figures = [torch.zeros((0, 2), dtype=torch.float64, device=self.device)]
         chunks = self._chunk_count(y)
@@ -333,7 +352,7 @@ class InfluenceModel:
             k, smooth = logits.shape[1], self.label_smoothing
             target = F.one_hot(yc, k).to(jv.dtype) * (1 - smooth) + smooth / k
             slope = torch.softmax(logits, dim=1) - target
-            parts.append((slope * jv).sum(dim=1))
+            parts.append((slope * jv).sum(dim=1) * self.row_weights(yc))
             figures.append(_figures(logits, yc))
             self.tell("scores", i + 1, chunks)
         return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))

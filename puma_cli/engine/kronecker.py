@@ -256,14 +256,17 @@ def fit_kronecker(
     fisher: str = "mc",
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    class_weight: Tensor | None = None,
 ) -> KroneckerCurvature:
     """Fit K-FAC or EK-FAC of the mean cross-entropy's GGN over `batches` (X, y), for the
     module's parameters in the order `names` (theta's layout); `progress(done, total)`
-    after each batch of this process's (EK-FAC takes two passes over them)."""
+    after each batch of this process's (EK-FAC takes two passes over them). With
+    `class_weight` (K,), each row's share is weighted by its class's weight, as the
+    class-weighted loss's GGN weighs it."""
     if kind not in KINDS:
         raise PumaError(f"--curvature {kind!r}: choose exact, ggn, kfac or ekfac")
     with as_layers(module, kind):  # self-attention's projections, Conv1d, as layers
-        return _fit(kind, module, names, sizes, batches, fisher, seed, progress)
+        return _fit(kind, module, names, sizes, batches, fisher, seed, progress, class_weight)
 
 
 def _fit(
@@ -275,6 +278,7 @@ def _fit(
     fisher: str,
     seed: int,
     progress: Callable[[int, int], None] | None,
+    class_weight: Tensor | None = None,
 ) -> KroneckerCurvature:
     layers = supported_layers(module, batches[0][0][:2])
     if not layers:
@@ -317,6 +321,7 @@ def _fit(
                 num_per_example_loss_terms=1,
                 kfac_approx=APPROXIMATION,
             )
+            operator._class_weight = class_weight
             # One batch at a time, each with its own seed for the sampled labels, so that
             # the sums (all-reduced under torchrun) do not depend on how the batches are
             # split. curvlinops 3.0.1 accumulates the factors over calls; pinned for that.
@@ -432,12 +437,20 @@ def _batched_type2(base: type) -> type:
     """curvlinops' operator, its type-2 Fisher for cross-entropy computed for the whole batch
     at once: curvlinops 3.0.1 builds each row's Hessian square root in a Python loop, which
     was a third of a cold removal on a 2k-parameter MLP over 9,000 rows. The same S, with
-    S S^T = diag(p) - p p^T row by row (tested equal to the library's own)."""
+    S S^T = diag(p) - p p^T row by row (tested equal to the library's own). Each row
+    weighted by its class weight where the recipe has them (any Fisher type)."""
 
     class Batched(base):
         _fit_targets: list[Tensor] | None = None  # set by `_accumulate`
+        _class_weight: Tensor | None = None  # set by `_fit`: the recipe's, (K,)
 
         def _compute_loss_and_backward(self, output: Tensor, y: Tensor) -> None:
+            if self._class_weight is not None:
+                # Each row's gradients at the layers' outputs scaled by the root of its
+                # class weight, the output itself unchanged: every factor built from them
+                # (the gradient covariances, EK-FAC's eigenvalues) takes the weight once.
+                root = self._class_weight.to(output).index_select(0, y).sqrt()[:, None]
+                output = output * root + (output * (1 - root)).detach()
             cross_entropy = isinstance(self._loss_func, nn.CrossEntropyLoss)
             if self._fisher_type != "type-2" or not cross_entropy or output.ndim != 2:
                 return super()._compute_loss_and_backward(output, y)

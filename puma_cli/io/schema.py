@@ -165,8 +165,11 @@ def _recipe(f: _Fields, value: Any, arch: dict[str, Any]) -> None:
             raise f.fail(f"recipe.{key}", "is not true or false")
     if "input_divisor" in recipe:
         f.number(recipe["input_divisor"], "recipe.input_divisor")
-    for key in ("normalize_mean", "normalize_std"):
+    for key in ("normalize_mean", "normalize_std", "class_weights"):
         f.numbers(recipe.get(key) or [], f"recipe.{key}")
+    weights = recipe.get("class_weights") or []
+    if weights and len(weights) != arch.get("n_classes"):
+        raise f.fail("recipe.class_weights", f"holds {len(weights)} weights, not one a class")
     if "hidden" in recipe:
         f.integers(recipe["hidden"], "recipe.hidden", 1, range(MAX_LAYERS + 1))
     f.mapping(recipe.get("arch_args") or {}, "recipe.arch_args")

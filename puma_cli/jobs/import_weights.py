@@ -69,6 +69,7 @@ def import_weights(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     phases: Phases | None = None,
+    class_weight: str = "",
 ) -> ImportReport:
     """Fit `weights` to the declared architecture, measure them on the data, and save."""
     started = time.perf_counter()
@@ -88,6 +89,7 @@ def import_weights(
     dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     check_trainable(dataset, recipe)  # the recipe must run on it: retrain re-runs it
     n_classes = class_count(dataset)
+    recipe = recipe.with_class_weights(class_weight, dataset.y, n_classes)
     val_set = load_for(val, dataset, options, n_classes, phases) if val is not None else None
     test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))

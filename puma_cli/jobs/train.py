@@ -72,6 +72,7 @@ def train(
     overwrite: bool = False,
     progress: Progress | None = None,
     phases: Phases | None = None,
+    class_weight: str = "",
 ) -> TrainReport:
     """Train on `data` less a held-out validation split, record everything, save atomically.
 
@@ -108,6 +109,7 @@ def train(
     test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     trained_rows = np.flatnonzero(roles == ckpt.ROLE_TRAINED)
     trained = dataset.subset(trained_rows)
+    recipe = recipe.with_class_weights(class_weight, trained.y, n_classes)
     grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
     extra: dict[str, torch.Tensor] = {}
     writers = {}

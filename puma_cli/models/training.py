@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,17 +83,25 @@ class TrainRecipe:
     # the engine differentiates each row's own loss, and removal says so.
     mixup: float = 0.0
     cutmix: float = 0.0
+    # Each class's weight in the cross-entropy (torch's `weight`: a batch's loss is the
+    # weighted mean over its rows), one a class in label order; () for none. Resolved
+    # from `--class-weight balanced` on the trained rows and recorded as numbers, so that
+    # retraining minimises the loss the weights did, and the engine differentiates it.
+    class_weights: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "hidden": list(self.hidden)}
-        for key in ("normalize_mean", "normalize_std"):
+        for key in ("normalize_mean", "normalize_std", "class_weights"):
             data[key] = list(data[key])
         # The transform is recorded where one was declared: a recipe without one keeps
         # the dict (and its shadow models' cache keys) it had before the fields existed.
         if self.fixed_inputs() == NO_TRANSFORM:
             for key in ("input_divisor", "normalize_mean", "normalize_std"):
                 del data[key]
-        for key in ("label_smoothing", "lr_warmup_epochs", "clip_grad_norm", "mixup", "cutmix"):
+        for key in (
+            "label_smoothing", "lr_warmup_epochs", "clip_grad_norm", "mixup", "cutmix",
+            "class_weights",
+        ):  # fmt: skip
             if not data[key]:  # as where they were asked for: recorded only then
                 del data[key]
         data["arch_source"] = self.arch_source.to_dict() if self.arch_source else None
@@ -103,7 +111,7 @@ class TrainRecipe:
     def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["hidden"] = tuple(fields.get("hidden", (64, 32)))
-        for key in ("normalize_mean", "normalize_std"):
+        for key in ("normalize_mean", "normalize_std", "class_weights"):
             fields[key] = tuple(fields.get(key) or ())
         fields["arch_args"] = dict(fields.get("arch_args") or {})
         source = fields.get("arch_source")
@@ -143,6 +151,11 @@ class TrainRecipe:
                 f"ceil(epochs / slices) epochs); give --epochs {self.slices} or more"
             )
         self._validate_inputs()
+        if not all(math.isfinite(w) and w > 0 for w in self.class_weights):
+            raise PumaError(
+                f"--class-weight {_listed(self.class_weights)}: give positive numbers, one a "
+                "class, or balanced"
+            )
         if self.arch == "cnn" and not self.hidden:
             raise PumaError("--arch cnn needs a hidden width, like --hidden 64")
         if self.optimizer not in OPTIMIZERS:
@@ -186,8 +199,45 @@ class TrainRecipe:
             )
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean training loss: cross-entropy, label-smoothed where the recipe is."""
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        """The mean training loss: cross-entropy, label-smoothed and class-weighted where the
+        recipe is (a weighted mean over the batch's rows, as torch's `weight` takes it)."""
+        weight = None
+        if self.class_weights:
+            weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
+
+    def with_class_weights(self, spec: str, y: np.ndarray, n_classes: int) -> TrainRecipe:
+        """The recipe with `--class-weight`'s weights: `balanced` (scikit-learn's:
+        n / (K x the class's count) over the rows `y` it trains on), or one number a class
+        in label order, comma-separated; empty: none."""
+        text = spec.strip()
+        if not text:
+            return self
+        if text.lower() == "balanced":
+            counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes)
+            if not counts.all():
+                missing = int(np.flatnonzero(counts == 0)[0])
+                raise PumaError(
+                    f"--class-weight balanced: class {missing} has no trained row to weigh; "
+                    "give the weights as numbers, one a class"
+                )
+            weights = tuple(float(w) for w in len(y) / (n_classes * counts))
+        else:
+            try:
+                weights = tuple(float(part) for part in text.strip("[]() ").split(",") if part)
+            except ValueError:
+                raise PumaError(
+                    f"--class-weight {text!r}: give balanced, or numbers separated by commas, "
+                    "one a class in label order, like 1,5"
+                ) from None
+        if len(weights) != n_classes:
+            raise PumaError(
+                f"--class-weight gives {len(weights)} weights for {n_classes} classes; give one "
+                "a class, in label order (or the class names' sorted order), or balanced"
+            )
+        recipe = replace(self, class_weights=weights)
+        recipe.validate()
+        return recipe
 
     @property
     def mixes(self) -> bool:
