@@ -230,8 +230,8 @@ class InfluenceModel:
         the Jacobian of row i's logits and H_i = diag(p_i) - p_i p_i^T the cross-entropy's
         Hessian in the logits (times the row's class weight), plus the weight decay.
         Positive semi-definite, unlike H: the curvature that stays meaningful where the
-        model interpolates. One forward-mode
-        pass (J v) and one backward pass (J^T) per chunk."""
+        model interpolates. One forward-mode pass (J v) and one backward pass (J^T) per
+        chunk."""
         out = torch.zeros(self.theta.shape, dtype=torch.float64, device=self.device)
         v_in = v.to(self.dtype)
         for X, y in self._chunks(local=True):

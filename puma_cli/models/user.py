@@ -325,8 +325,8 @@ def _refuse_row_dependence(
     random (dropout applied with training=True, as MC dropout does, or noise), or moved
     by the rows beside it (a BatchNorm built with track_running_stats=False normalises by
     each batch's own statistics). A row then has no loss or gradient of its own, and its
-    prediction moves from pass to pass. Seen on three more passes over the same two rows, then
-    with the second row replaced by a copy of the first."""
+    prediction moves from pass to pass. Seen on three more passes over the same two rows,
+    then with the second row replaced by a copy of the first."""
     was_training = net.training
     net.eval()
     try:
