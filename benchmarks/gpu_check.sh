@@ -81,6 +81,11 @@ puma train sample_data/digits-train.npz --arch densenet --arch-args '{"growth_ra
 puma remove -m "$out/d-dense.safetensors" --marked "$out/d-ids.txt" --curvature ekfac -o "$out/d-dense-ekfac.safetensors" --device "$dev" --json
 # Mixed precision: the same recipe with bfloat16 autocast, timed against float32.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --test sample_data/digits-test.npz -o "$out/d-resnet-mp.safetensors" --mixed-precision --device "$dev" --json
+# A class-weighted loss (--class-weight): trained, removed with K-FAC (each row's output
+# gradients scaled by the root of its class weight) and retrained with the weights on cuda.
+puma train sample_data/digits-train.npz --arch cnn --class-weight balanced --epochs 5 -o "$out/d-cw.safetensors" --device "$dev" --json
+puma remove -m "$out/d-cw.safetensors" --marked "$out/d-ids.txt" --curvature kfac -o "$out/d-cw-kfac.safetensors" --device "$dev" --json
+puma remove -m "$out/d-cw.safetensors" --marked "$out/d-ids.txt" --method retrain -o "$out/d-cw-rt.safetensors" --device "$dev" --json
 # The CIFAR recipe's flips, crops and cosine schedule, with mixup and CutMix, on cuda, and a
 # retrain that re-runs them.
 puma train sample_data/digits-train.npz --arch resnet18 --arch-args '{"width": 8}' --epochs 3 --augment flip-crop --lr-schedule cosine --mixup 0.2 --cutmix 1.0 -o "$out/d-resnet-aug.safetensors" --device "$dev" --json
