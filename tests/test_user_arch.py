@@ -542,6 +542,15 @@ BAD_FILES = {
         ),
         "gives other logits on a second pass over the same rows in eval mode",
     ),
+    # GoogLeNet's and Inception's auxiliary heads: logits in eval mode, a tuple in
+    # training mode (it ended training with a traceback, "'tuple' object has no ndim").
+    "a tuple in training mode": (
+        NET.replace(
+            "return self.body(x)",
+            "return (self.body(x), x) if self.training else self.body(x)",
+        ),
+        "returns tuple in training mode (logits in eval mode): puma trains on the logits alone",
+    ),
     "nothing trains": (
         NET.replace("    def forward", "        self.requires_grad_(False)\n\n    def forward"),
         "has no trainable parameters",

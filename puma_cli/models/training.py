@@ -429,19 +429,32 @@ def batch_bounds(n: int, size: int) -> list[tuple[int, int]]:
 def train_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
     """model(X) in training mode; for a batch of one row (one marked row alone) the
     BatchNorm layers use their running statistics, since torch cannot normalise a single
-    row by its own (it raises)."""
-    if X.shape[0] > 1:
-        return model(X)
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-    ]
+    row by its own (it raises). A network whose training-mode output is not its logits
+    (GoogLeNet's and Inception's auxiliary heads: a tuple) is refused, naming the fix."""
+    norms = []
+    if X.shape[0] == 1:
+        norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
     for m in norms:
         m.eval()
     try:
-        return model(X)
+        out = model(X)
     finally:
         for m in norms:
             m.train()
+    if not isinstance(out, torch.Tensor):
+        arch = getattr(model, "arch", None)
+        label = arch.label if isinstance(arch, Architecture) else "the network"
+        raise PumaError(
+            f"{label} returns {type(out).__name__} in training mode (logits in eval mode): puma "
+            "trains on the logits alone (retraining, SISA and shadow models re-run that "
+            "recipe) and has no loss for an auxiliary head; return the logits in training "
+            "mode too"
+        )
+    return out
 
 
 def optimizer_step(
