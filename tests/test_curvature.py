@@ -461,9 +461,30 @@ def test_a_layer_frozen_in_part_gets_no_block_and_its_trainable_part_is_left_out
     assert engine.names == ["0.bias", "2.weight", "2.bias"]  # the frozen weight is no theta
     curvature = fit_kronecker("kfac", engine.module, engine.names, engine.sizes, [(X, y)])
     assert [b.module for b in curvature.blocks] == ["2"]
-    assert curvature.uncovered == 4 and curvature.left_out == {"Linear": 4}
+    assert curvature.uncovered == 4 and curvature.left_out == {"partly frozen Linear": 4}
     x = curvature.inverse(torch.ones(curvature.size, dtype=torch.float64), 0.1)
     assert torch.equal(x[:4], torch.zeros(4, dtype=torch.float64))  # the bias stays
+
+
+class _Spare(nn.Module):
+    """A Linear the forward never calls (a head kept for another task): its parameters are
+    in theta with no gradient, left out of K-FAC, and named as such rather than as a
+    layer K-FAC does not know (the warning said "Linear ... outside the Linear layers")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.spare = nn.Linear(3, 3), nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+def test_a_layer_never_called_is_named_so() -> None:
+    net = _Spare().double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    curvature = fit_kronecker("kfac", net, *_layout(net), [(X, y)], fisher="type-2")
+    assert [b.module for b in curvature.blocks] == ["a"]
+    assert curvature.left_out == {"Linear never called as a layer": 16}
 
 
 def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:

@@ -209,6 +209,11 @@ def _left_out(
             kind = f"parametrized {kind.removeprefix('Parametrized')}"  # torch's subclass
         elif id(holder) in tied:  # shares a weight with another layer
             kind = f"tied {kind}"
+        elif isinstance(holder, nn.Linear | nn.Conv2d):  # a layer K-FAC knows, left out:
+            if not all(p.requires_grad for p in holder.parameters()):
+                kind = f"partly frozen {kind}"
+            else:  # its forward never ran (or another module takes its weight directly)
+                kind = f"{kind} never called as a layer"
         counts[kind] = counts.get(kind, 0) + size
     return counts
 
