@@ -96,6 +96,7 @@ def test_class_weights_through_train_remove_retrain_and_import(tmp_path: Path) -
     # scikit-learn's balanced weights over the 630 trained rows (the stratified 10 % held
     # out): n / (K x count), 441 and 189 of them.
     assert weights == pytest.approx([630 / (2 * 441), 630 / (2 * 189)])
+    assert "class_weights=0.714286,1.66667," in run("info", model).stdout.replace("\n", " ")
     assert out["test_accuracy"] > 0.6
     ids = tmp_path / "ids.txt"
     run_json("mark", CREDIT, "--random", "0.03", "-o", ids)

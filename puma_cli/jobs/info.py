@@ -123,6 +123,8 @@ def _setting(value: Any) -> str:
         return ",".join(_setting(v) for v in value) or "-"
     if isinstance(value, dict):
         return "{" + (settings_line(value) if value else "") + "}"
+    if isinstance(value, float):
+        return f"{value:.6g}"  # a balanced class weight's 0.7142857142857143: 0.714286
     return str(value)
 
 
