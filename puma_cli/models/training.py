@@ -3,6 +3,7 @@ recorded; for a model trained elsewhere (`puma import`) it is the recipe its use
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -203,7 +204,7 @@ class TrainRecipe:
         recipe is (a weighted mean over the batch's rows, as torch's `weight` takes it)."""
         weight = None
         if self.class_weights:
-            weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
+            weight = _class_weight_tensor(self.class_weights, logits.dtype, logits.device)
         return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
 
     def with_class_weights(self, spec: str, y: np.ndarray, n_classes: int) -> TrainRecipe:
@@ -247,6 +248,15 @@ class TrainRecipe:
     def fixed_inputs(self) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
         """`Classifier.fix_standardisation`'s arguments."""
         return self.input_divisor, self.normalize_mean, self.normalize_std
+
+
+@functools.lru_cache(maxsize=8)
+def _class_weight_tensor(
+    weights: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The class weights as a tensor, made once per dtype and device rather than copied
+    to a GPU at every step."""
+    return torch.tensor(weights, dtype=dtype, device=device)
 
 
 def _listed(values: tuple[float, ...]) -> str:
