@@ -305,16 +305,16 @@ def _logits_inside(out: object, n_classes: int) -> str:
     """Where a network returns its logits beside other outputs (a tuple of logits and
     features, a dict or Hugging Face output with `logits`), how to hand puma them alone."""
     if isinstance(out, (tuple, list)) and out:
-        first, how = out[0], "self.net(x)[0]"
+        logits, part, how = out[0], "first item", "self.net(x)[0]"
     elif isinstance(out, Mapping) and "logits" in out:
-        first, how = out["logits"], 'self.net(x)["logits"]'
+        logits, part, how = out["logits"], "logits", 'self.net(x)["logits"]'
     else:
         return ""
-    if not isinstance(first, torch.Tensor) or tuple(first.shape) != (2, n_classes):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, n_classes):
         return ""
     return (
-        f" (its {'first item' if how.endswith('[0]') else 'logits'} has that shape): wrap it in "
-        f"a class whose forward returns {how}, and name that class"
+        f" (its {part} has that shape): wrap it in a class whose forward returns {how}, and "
+        "name that class"
     )
 
 
