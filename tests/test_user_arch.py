@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_clean_error, rewrite_tensor, run, run_json
 from torch import nn
 
@@ -24,6 +25,7 @@ DIGITS_TEST = ROOT / "sample_data" / "digits-test.npz"
 
 NET = '''
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -113,6 +115,7 @@ def _user_model(data_dir: Path, tmp_path: Path, source: str, marked: int) -> Pat
 
 UNCOVERED_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -145,6 +148,7 @@ def test_the_report_names_the_layers_kfac_leaves_out(data_dir: Path, tmp_path: P
 
 RAW_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -189,6 +193,7 @@ def test_auto_takes_the_ggn_where_kfac_has_no_layer_to_fit(data_dir: Path, tmp_p
 
 EVEN_SAME_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -229,6 +234,7 @@ def test_ekfac_names_a_convolution_it_cannot_unfold(tmp_path: Path) -> None:
 
 FROZEN_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -433,6 +439,81 @@ def test_a_net_that_fails_in_float64_is_differentiated_in_float32(
     for _, out in _remove_each(model, tmp_path, ("exact",), "--overwrite"):
         assert out["parameters"]["precision"] == "float64"
         assert not any("float64" in w for w in out["warnings"])
+
+
+BINARY = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, width=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_a_binary_head_of_one_logit_is_read_as_class_1_against_0(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A two-class net with one output, as BCEWithLogitsLoss trains it, was refused
+    ("returns (2, 1) ... it must return logits (n, 2)"). Its logit z is now class 1's
+    against 0, whose cross-entropy is the binary cross-entropy on z: weights trained with
+    BCEWithLogitsLoss import with the same loss and predictions, and train, remove and
+    attack like any net."""
+    from safetensors.torch import save_file
+
+    arch = tmp_path / "binary.py"
+    arch.write_text(BINARY)
+    table = np.loadtxt(data_dir / "radial.csv", delimiter=",", skiprows=1)
+    header = (data_dir / "radial.csv").read_text().splitlines()[0].split(",")
+    X = torch.as_tensor(table[:, [header.index(c) for c in header if c not in ("id", "label")]])
+    y = torch.as_tensor(table[:, header.index("label")]).float()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(200):
+        loss = F.binary_cross_entropy_with_logits(net(X.float())[:, 0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        z = net(X.float())[:, 0]
+    weights = tmp_path / "w.safetensors"
+    save_file({f"body.{k}": v for k, v in net.state_dict().items()}, weights)
+    imported = run_json(
+        "import", weights, "--arch", f"{arch}:Net", "--data", data_dir / "radial.csv",
+        "--val", data_dir / "radial-test.csv", "-o", tmp_path / "i.safetensors",
+    )  # fmt: skip
+    assert imported["train_accuracy"] == pytest.approx(float(((z > 0).float() == y).float().mean()))
+    measured = run_json("eval", "-m", tmp_path / "i.safetensors", "--on", "train")
+    bce = float(F.binary_cross_entropy_with_logits(z, y))
+    assert measured["loss"] == pytest.approx(bce, rel=1e-5)
+    model = tmp_path / "m.safetensors"
+    assert _train(data_dir, arch, model, "--lr", "0.02")["test_accuracy"] > 0.8
+    ids = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",")[0] + "\n" for row in ids))
+    for curvature, out in _remove_each(model, tmp_path, ("exact", "kfac")):
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6, curvature
+    attacked = run_json(
+        "attack", "-m", tmp_path / "r-kfac.safetensors", "--targets", tmp_path / "ids.txt"
+    )
+    assert attacked["n_targets"] == 4
+    wrong = tmp_path / "three.py"
+    wrong.write_text(BINARY)
+    three = tmp_path / "three.csv"
+    rows = (data_dir / "radial.csv").read_text().splitlines()
+    three.write_text(
+        "\n".join([rows[0], *(r[: r.rfind(",")] + f",{i % 3}" for i, r in enumerate(rows[1:]))])
+        + "\n"
+    )
+    assert_clean_error(
+        run("train", three, "--arch", f"{wrong}:Net", "-o", tmp_path / "t.safetensors"),
+        "returns (2, 1) for a batch of 2; it must return logits (n, 3)",
+    )
 
 
 def test_a_changed_or_moved_file_is_never_imported_silently(
@@ -648,6 +729,7 @@ def test_help_says_that_a_user_file_is_imported() -> None:
 
 
 SEQUENCE_NET = """
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -725,6 +807,7 @@ def test_each_kind_of_data_is_standardised_along_its_own_axes() -> None:
 
 
 ATTENTION_NET = """
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -791,6 +874,7 @@ class Net(nn.Module):
 NO_DERIVATIVE_NET = (
     """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -843,6 +927,7 @@ def test_an_op_without_a_forward_mode_derivative_takes_the_reverse_route(
 
 
 WARP_NET = """
+import torch.nn.functional as F
 import torch.nn.functional as F
 from torch import nn
 
@@ -905,6 +990,7 @@ def test_the_reverse_routes_equal_forward_mode_and_vmap() -> None:
 
 
 TOKEN_NET = """
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -965,6 +1051,7 @@ def test_the_engine_runs_recurrent_nets_without_cudnn_and_restores_the_flags() -
 
 PARAMETRIZED_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
@@ -1007,6 +1094,7 @@ def test_parametrized_layers_are_left_out_of_kfac(
 ONCE_DIFFERENTIABLE_NET = (
     """
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -1048,6 +1136,7 @@ def test_a_solve_that_does_not_converge_is_said(tmp_path: Path) -> None:
 
 
 TIED_NET = """
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -1147,6 +1236,7 @@ def test_an_error_outside_user_code_is_not_blamed_on_the_user() -> None:
 
 
 SCALING_NET = """
+import torch.nn.functional as F
 from torch import nn
 
 

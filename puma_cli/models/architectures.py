@@ -130,7 +130,13 @@ def standardised_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class Classifier(nn.Module):
-    """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K)."""
+    """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K).
+
+    A two-class network with one output (a binary head, trained elsewhere with
+    BCEWithLogitsLoss) gives logits (0, z): the softmax of those is (1 - sigmoid(z),
+    sigmoid(z)), so the cross-entropy puma trains, differentiates and measures is the
+    binary cross-entropy on z, and the weights are the network's as they are.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -143,7 +149,15 @@ class Classifier(nn.Module):
         self.net = build_net(arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        out = self.net((x - self.mean) / self.std)
+        if (
+            self.arch.n_classes == 2
+            and isinstance(out, torch.Tensor)
+            and out.ndim == 2
+            and out.shape[1] == 1
+        ):
+            return torch.cat([torch.zeros_like(out), out], dim=1)  # class 1's logit against 0
+        return out
 
     def fit_standardisation(self, X: torch.Tensor) -> None:
         """The training data's mean and std along `standardised_shape`'s axes."""
