@@ -178,13 +178,15 @@ class InfluenceModel:
 
     def _row_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         loss = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
-        return loss if self.class_weight is None else loss * self.row_weights(y)
+        return self._weighted(loss, y)
 
-    def row_weights(self, y: Tensor) -> Tensor:
-        """Each row's weight in J (n,): its class's, or 1 where the recipe weighs none."""
+    def _weighted(self, per_row: Tensor, y: Tensor) -> Tensor:
+        """`per_row` (n, ...) times each row's weight in J, its class's; as it is where the
+        recipe weighs no class."""
         if self.class_weight is None:
-            return torch.ones(y.shape, dtype=self.dtype, device=y.device)
-        return self.class_weight.to(y.device).index_select(0, y.reshape(-1)).reshape(y.shape)
+            return per_row
+        weight = self.class_weight.to(y.device).index_select(0, y.reshape(-1))
+        return per_row * weight.reshape(-1, *(1,) * (per_row.ndim - 1))
 
     def _chunks(
         self, X: Tensor | None = None, y: Tensor | None = None, local: bool = False
@@ -239,9 +241,7 @@ class InfluenceModel:
                 partial(self._logits_jv_forward, v_in, X), partial(self._logits_jv_reverse, v_in, X)
             )
             p = torch.softmax(logits, dim=1)
-            hjv = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
-            if self.class_weight is not None:
-                hjv = hjv * self.row_weights(y)[:, None]
+            hjv = self._weighted(p * jv - p * (p * jv).sum(dim=1, keepdim=True), y)
             theta = self._leaf()
             (gv,) = torch.autograd.grad((self.logits(theta, X) * hjv).sum(), theta)
             out += gv.double()
@@ -352,7 +352,7 @@ class InfluenceModel:
             k, smooth = logits.shape[1], self.label_smoothing
             target = F.one_hot(yc, k).to(jv.dtype) * (1 - smooth) + smooth / k
             slope = torch.softmax(logits, dim=1) - target
-            parts.append((slope * jv).sum(dim=1) * self.row_weights(yc))
+            parts.append(self._weighted((slope * jv).sum(dim=1), yc))
             figures.append(_figures(logits, yc))
             self.tell("scores", i + 1, chunks)
         return parallel.gather(torch.cat(parts).double()), parallel.gather(torch.cat(figures))
