@@ -289,3 +289,27 @@ def test_marking_a_folder_at_random_decodes_no_image(
     assert_clean_error(
         run("mark", train, "--random", "0.25", "-o", tmp_path / "c.txt"), "holds no images"
     )
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_grey_images_without_a_channel_axis_are_named_as_such(arch: str, tmp_path: Path) -> None:
+    """MNIST as numpy and Keras keep it, (n, 28, 28): a built-in image net was refused
+    with "use --arch mlp", which throws the images' shape away; the fix is one axis."""
+    X = np.random.default_rng(5).integers(0, 255, (40, 12, 12), dtype=np.uint8)
+    np.savez(tmp_path / "hw.npz", X=X, y=np.arange(40) % 2)
+    result = run("train", tmp_path / "hw.npz", "--arch", arch, "-o", tmp_path / "m.safetensors")
+    assert_clean_error(result, "needs image data (n, C, H, W)")
+    assert "grey images of 12x12" in result.output and "X[:, None]" in result.output
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_keras_style_archive_is_told_how_to_split(tmp_path: Path) -> None:
+    """`keras.datasets` archives (mnist.npz) hold x_train, y_train, x_test, y_test; puma
+    reads one split a file as X and y, and says how to write them so."""
+    X = np.zeros((10, 4, 4), dtype=np.uint8)
+    y = np.arange(10) % 2
+    np.savez(tmp_path / "mnist.npz", x_train=X, y_train=y, x_test=X, y_test=y)
+    result = run("mark", tmp_path / "mnist.npz", "--random", "2", "-o", tmp_path / "ids.txt")
+    assert_clean_error(result, "has no array 'X' (arrays: x_train, y_train, x_test, y_test)")
+    assert "np.savez('train.npz', X=d['x_train'], y=d['y_train'])" in result.output
+    assert not (tmp_path / "ids.txt").exists()

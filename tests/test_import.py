@@ -3,6 +3,7 @@ weights that do not fit are refused by the first tensor that does not."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -82,6 +83,8 @@ def test_imported_weights_predict_as_they_did_and_go_through_every_command(
     info = run_json("info", model)
     assert info["recipe"]["optimizer"] == "sgd" and info["recipe"]["standardize"] is False
     assert info["provenance"][0]["op"] == "import" and info["rows"]["trained"] == 160
+    digest = hashlib.sha256((elsewhere / "w.safetensors").read_bytes()).hexdigest()
+    assert info["provenance"][0]["weights_sha256"] == digest  # the bytes the tensors came from
     rows = (data_dir / "radial.csv").read_text().splitlines()[1:9]
     (tmp_path / "ids.txt").write_text("".join(r.split(",", 1)[0] + "\n" for r in rows))
     for method in ("puma", "retrain"):

@@ -311,9 +311,15 @@ def _read_npz(path: Path, class_names: Sequence[str] | None) -> Dataset:
     arrays = read_npz_arrays(path)
     for key in ("X", "y"):
         if key not in arrays:
+            how = "np.savez(path, X=..., y=...)"
+            if {"x_train", "y_train"} <= set(arrays):  # keras.datasets' archives (mnist.npz)
+                how = (
+                    "one split a file, d = np.load(path); "
+                    "np.savez('train.npz', X=d['x_train'], y=d['y_train'])"
+                )
             raise DataError(
                 f"{path} has no array '{key}' (arrays: {', '.join(arrays) or 'none'}); save "
-                "the features as X and the labels as y: np.savez(path, X=..., y=...)"
+                f"the features as X and the labels as y: {how}"
             )
     X, y = arrays["X"], arrays["y"]
     if not 2 <= X.ndim <= 1 + MAX_ROW_AXES:

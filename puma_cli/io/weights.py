@@ -14,6 +14,7 @@ Anything else that does not fit is refused, naming the first tensor that does no
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,26 @@ from puma_cli.models.zoo import ForeignNames
 PREFIXES = ("net.", "module.", "_orig_mod.")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file as read once: its tensors under the file's names, its JSON header
+    and the sha256 of the bytes they came from (a file rewritten while it is read cannot
+    be recorded under another version's digest)."""
+
+    tensors: dict[str, torch.Tensor]
+    header: dict[str, Any]
+    sha256: str
+
+
+def read_state_dict(path: Path) -> WeightsFile:
     """The tensors of a plain safetensors file, under the file's names; pickles and
     damaged files are refused. `load_into` takes wrapper prefixes off where they wrap."""
-    return _read_tensors(
+    raw, tensors = _read_tensors(
         path,
         "give it to puma's commands as it is, or write its network as a state dict with "
         "`puma export` first",
     )
+    return WeightsFile(tensors, safetensors_header(raw), hashlib.sha256(raw).hexdigest())
 
 
 def exported_record(header: dict[str, Any]) -> dict[str, Any] | None:
@@ -53,9 +66,10 @@ def exported_record(header: dict[str, Any]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
-    """A weights file's tensors; a puma checkpoint is refused with `if_checkpoint`, the
-    way on, since its tensors would only be named as another architecture's."""
+def _read_tensors(path: Path, if_checkpoint: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A weights file's bytes and tensors; a puma checkpoint is refused with
+    `if_checkpoint`, the way on, since its tensors would only be named as another
+    architecture's."""
     require_file(path, "weights file", "a .safetensors file of the network's state dict")
     raw = Path(path).read_bytes()
     try:
@@ -76,7 +90,7 @@ def _read_tensors(path: Path, if_checkpoint: str) -> dict[str, torch.Tensor]:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
     if metadata_strings(safetensors_header(raw)).get("format") == json.dumps(FORMAT):
         raise DataError(f"{path} is a puma checkpoint, not a network's weights: {if_checkpoint}")
-    return tensors
+    return raw, tensors
 
 
 def tensor_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
@@ -137,9 +151,8 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
     file's dtype, as `puma import` reads the file (wrapper prefixes, another code base's
     names): the names to write the network under so that the file's reader finds it. The
     file must name the network's tensors, at their shapes."""
-    found = named_for(
-        net, _read_tensors(path, "give --like the weights file this model was imported from")
-    )
+    _, tensors = _read_tensors(path, "give --like the weights file this model was imported from")
+    found = named_for(net, tensors)
     held = net.state_dict()
     names: dict[str, tuple[str, torch.dtype]] = {}
     for ours, tensor in found.state.items():

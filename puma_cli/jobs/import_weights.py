@@ -13,7 +13,6 @@ the data the same way.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs
 from puma_cli.io.datasets import DataOptions, load_dataset
-from puma_cli.io.weights import exported_record, file_header, load_into, read_state_dict
+from puma_cli.io.weights import exported_record, load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
@@ -78,8 +77,8 @@ def import_weights(
     if recipe.shards > 1:
         raise PumaError("puma import wraps one network; a SISA ensemble is made by `puma train`")
     check_outputs([output], [weights, data, val, test], overwrite)
-    state = read_state_dict(weights)
-    exported = exported_record(file_header(weights))
+    weights_file = read_state_dict(weights)
+    exported = exported_record(weights_file.header)
     if exported is not None and exported.get("ensemble"):
         raise PumaError(
             f"{weights} is a SISA ensemble written by `puma export` (one network a shard, "
@@ -93,7 +92,7 @@ def import_weights(
     val_set = load_for(val, dataset, options, n_classes, phases) if val is not None else None
     test_set = load_for(test, dataset, options, n_classes, phases) if test is not None else None
     model = Classifier(architecture_for(recipe, dataset, n_classes))
-    names_from = load_into(model.net, state, weights, model.arch.label)
+    names_from = load_into(model.net, weights_file.tensors, weights, model.arch.label)
     recipe, inputs_from, said = _recorded_inputs(recipe, exported, model, weights)
     model.fix_standardisation(*recipe.fixed_inputs())
     model = model.to(device).eval()
@@ -138,7 +137,7 @@ def import_weights(
             {
                 "op": "import",
                 "weights": str(Path(weights).resolve()),
-                "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+                "weights_sha256": weights_file.sha256,
                 "names_from": names_from,
                 "inputs_from": inputs_from,
             }

@@ -243,9 +243,16 @@ def build_net(arch: Architecture) -> nn.Module:
         choices = ", ".join(ARCHITECTURES)
         raise PumaError(f"unknown architecture {arch.name!r}; choose {choices} or FILE.py:Class")
     if len(arch.input_shape) != 3:
+        grey = ""
+        if len(arch.input_shape) == 2 and min(arch.input_shape) >= 4:
+            height, width = arch.input_shape  # MNIST as numpy and Keras keep it
+            grey = (
+                f" (grey images of {height}x{width}? save X[:, None], shape "
+                f"(n, 1, {height}, {width}))"
+            )
         raise PumaError(
             f"--arch {arch.name} needs image data (n, C, H, W); this data has shape "
-            f"(n, {', '.join(map(str, arch.input_shape))}): use --arch mlp or your own "
+            f"(n, {', '.join(map(str, arch.input_shape))}){grey}: use --arch mlp or your own "
             "FILE.py:Class"
         )
     if min(arch.input_shape[1:]) < 4:
