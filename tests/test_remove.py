@@ -421,6 +421,10 @@ def test_a_whole_class_kept_after_its_removal_is_said_with_what_forgets_it(
              "-o", model, "--epochs", "20", "--device", "cpu")  # fmt: skip
     with np.load(digits / "digits-train.npz") as data:
         threes = [str(i) for i, y in zip(data["ids"], data["y"], strict=True) if y == 3]
+        others = [str(i) for i, y in zip(data["ids"], data["y"], strict=True) if y in (0, 1, 7)]
+        is_three = data["y"] == 3
+        np.savez(tmp_path / "t.npz", X=data["X"][is_three], y=data["y"][is_three],
+                 ids=data["ids"][is_three])  # fmt: skip
     (tmp_path / "three.txt").write_text("\n".join(threes))
     (tmp_path / "most.txt").write_text("\n".join(threes[:-1]))
 
@@ -433,3 +437,13 @@ def test_a_whole_class_kept_after_its_removal_is_said_with_what_forgets_it(
     assert "PUMA keeps held-out performance" in warning and "--method scrub" in warning
     assert said("three.txt", "retrain") == []
     assert said("most.txt", "puma") == []
+    # The class beside rows of other classes, which a retrained model still predicts: the
+    # figure is the class's own rows' (it was every marked row's, so retraining, which
+    # predicts none of the threes, was said to keep the class).
+    (tmp_path / "more.txt").write_text("\n".join(threes + others[::2]))  # half of 0, 1, 7
+    assert len(others[::2]) > 1.4 * len(threes)
+    assert said("more.txt", "retrain") == []
+    (warning,) = said("more.txt", "puma")
+    kept = float(warning.split("still classifies ")[1].split("%")[0]) / 100
+    marked = run_json("eval", "-m", tmp_path / "more.txt-puma.st", "--data", tmp_path / "t.npz")
+    assert kept == pytest.approx(marked["accuracy"], abs=1e-3)
