@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
 
-from puma_cli.io.checkpoint import load_checkpoint, save_checkpoint
+from puma_cli.io.checkpoint import GONE, ROLE_REMOVED, load_checkpoint, save_checkpoint
 from puma_cli.io.datasets import load_dataset
 
 FAST = ["--epochs", "5", "--device", "cpu"]
@@ -38,7 +38,7 @@ def removed(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert out["skipped"]["validation"] > 0
     roles = load_checkpoint(folder / "m1.safetensors").roles
-    _without(data, np.flatnonzero(roles == 2), folder / "now.csv")
+    _without(data, np.flatnonzero(np.isin(roles, GONE)), folder / "now.csv")  # withdrawn too
     return folder
 
 
@@ -59,16 +59,18 @@ def test_a_model_follows_its_file_once_the_removed_rows_are_deleted(
     relinked = tmp_path / "m2.safetensors"
     report = run_json("relink", model, "--data", now, "-o", relinked)
     before, after = load_checkpoint(model), load_checkpoint(relinked)
-    assert report["dropped"] == int((before.roles == 2).sum()) > 0
+    gone = np.isin(before.roles, GONE)
+    assert report["dropped"] == int(gone.sum()) > int((before.roles == ROLE_REMOVED).sum())
     assert report["rows"] == len(load_dataset(now)) == after.roles.size
-    np.testing.assert_array_equal(after.roles, before.roles[before.roles != 2])
+    np.testing.assert_array_equal(after.roles, before.roles[~gone])
     assert after.data["train"] is not None and after.data["train"].path == str(now.resolve())
     assert after.provenance[-1]["op"] == "relink"
     assert all(torch.equal(a, b) for a, b in zip(
         before.model.state_dict().values(), after.model.state_dict().values(), strict=True
     ))  # fmt: skip
     info = run_json("info", relinked)
-    assert info["data_status"]["train"] == "ok" and info["rows"]["removed"] == 0
+    assert info["data_status"]["train"] == "ok"
+    assert info["rows"]["removed"] == info["rows"]["withdrawn"] == 0
     shown = " ".join(run("info", relinked).stdout.split())
     assert f"relink: to a file of {report['rows']} rows ({report['dropped']} removed" in shown
     # Every later command works on the file as it is: a marking of it, removed, evaluated.
@@ -80,7 +82,7 @@ def test_a_model_follows_its_file_once_the_removed_rows_are_deleted(
     assert run_json("eval", "-m", tmp_path / "m3.safetensors", "--on", "train")["n"] > 0
     # And a further relink after that removal, with those rows deleted too.
     later = load_checkpoint(tmp_path / "m3.safetensors").roles
-    _without(now, np.flatnonzero(later == 2), tmp_path / "later.csv")
+    _without(now, np.flatnonzero(np.isin(later, GONE)), tmp_path / "later.csv")
     run_json("relink", tmp_path / "m3.safetensors", "--data", tmp_path / "later.csv",
              "-o", tmp_path / "m4.safetensors")  # fmt: skip
 
@@ -115,7 +117,7 @@ def test_a_sisa_plan_follows_the_rows(data_dir: Path, tmp_path: Path) -> None:
     run_json("remove", "-m", model, "--marked", tmp_path / "u.txt", "--method", "sisa",
              "-o", tmp_path / "s1.safetensors")  # fmt: skip
     before = load_checkpoint(tmp_path / "s1.safetensors")
-    kept = before.roles != 2
+    kept = ~np.isin(before.roles, GONE)
     now = _without(data, np.flatnonzero(~kept), tmp_path / "now.csv")
     run_json(
         "relink", tmp_path / "s1.safetensors", "--data", now, "-o", tmp_path / "s2.safetensors"

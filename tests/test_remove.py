@@ -53,7 +53,8 @@ def test_each_method_removes_and_records_provenance(workspace: Path, method: str
     assert entry["removed"] == out["removed"] and len(entry["ids_sha256"]) == 64
     ids = [i for i in (workspace / "ids.txt").read_text().split() if not i.startswith("#")]
     assert not any(f'"{i}"' in str(entry) for i in ids[:3])  # never the raw ids
-    assert info["rows"]["removed"] == out["removed"] + out["skipped"]["validation"]
+    assert info["rows"]["removed"] == out["removed"]  # validation rows marked: withdrawn
+    assert info["rows"]["withdrawn"] == out["skipped"]["validation"]
     if method != "retrain":
         assert out["marked_loss_after"] > out["marked_loss_before"]
         assert np.isfinite(out["predicted_criterion_change"])

@@ -10,7 +10,8 @@ import pytest
 from conftest import FAST, assert_clean_error, run, run_json
 
 from puma_cli.audit.ulira import UnlearnedShadows, epsilon, forgetting_score, game_scores
-from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.checkpoint import ROLE_WITHDRAWN, load_checkpoint
+from puma_cli.io.datasets import load_dataset
 from puma_cli.io.ids import read_ids
 
 
@@ -68,8 +69,12 @@ def _ulira(folder: Path, model: str, *args: str) -> dict:
 def test_u_lira_audits_the_removal_the_model_records(removed: Path) -> None:
     report = _ulira(removed, "puma")
     assert report["attack"] == "u-lira"
-    n_targets = len(read_ids(removed / "ids.txt"))
-    assert report["n_targets"] == report["n_nonmembers"] == 4 * n_targets  # pairs
+    rows = run_json("info", removed / "puma.safetensors")["rows"]
+    assert rows["removed"] + rows["withdrawn"] == len(read_ids(removed / "ids.txt"))
+    assert rows["withdrawn"] > 0  # the marking holds validation rows, never trained on:
+    assert report["n_targets"] == report["n_nonmembers"] == 4 * rows["removed"]  # pairs
+    (said,) = [note for note in report["notes"] if "left out of the audit" in note]
+    assert said.startswith(f"{rows['withdrawn']} of the {rows['removed'] + rows['withdrawn']}")
     for key in ("auc", "accuracy", "forgetting_score", "model_flagged"):
         assert 0.0 <= report[key] <= 1.0, key
     assert any("repeating --method puma" in note for note in report["notes"])
@@ -101,6 +106,18 @@ def test_u_lira_refusals(removed: Path, data_dir: Path, tmp_path: Path) -> None:
     assert_clean_error(run(*base[:1], "-m", removed / "puma.safetensors", "--targets", other,
                            "--attack", "u-lira", "--shadows", "8"),
                        "were not removed")  # fmt: skip
+    # Marked validation rows were never trained on: nothing of theirs to audit.
+    roles = load_checkpoint(removed / "puma.safetensors").roles
+    withdrawn = load_dataset(data_dir / "radial.csv").ids[roles == ROLE_WITHDRAWN]
+    (tmp_path / "held.txt").write_text("\n".join(withdrawn) + "\n")
+    assert_clean_error(run(*base[:1], "-m", removed / "puma.safetensors", "--targets",
+                           tmp_path / "held.txt", "--attack", "u-lira", "--shadows", "8"),
+                       "every target is a validation row")  # fmt: skip
+    # A membership attack keeps them, and says what they are.
+    said = run_json("attack", "-m", removed / "puma.safetensors", "--targets",
+                    tmp_path / "held.txt")  # fmt: skip
+    assert any("every target is a validation row" in note for note in said["notes"])
+    assert f"{len(withdrawn)} withdrawn" in run("info", removed / "puma.safetensors").stdout
     assert not (tmp_path / "x.png").exists()
 
 

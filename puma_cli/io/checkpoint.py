@@ -35,6 +35,11 @@ from puma_cli.models.architectures import Architecture, Classifier, Model, build
 FORMAT = "puma-checkpoint"
 FORMAT_VERSION = 1
 ROLE_TRAINED, ROLE_VALIDATION, ROLE_REMOVED = 0, 1, 2
+# A validation row a removal was asked for: never trained on, out of the criterion and, as
+# a removed row, out of the file once its rows are deleted (older files hold such rows as
+# removed). Kept apart so that an audit can tell it from a row the removal unlearned.
+ROLE_WITHDRAWN = 3
+GONE = (ROLE_REMOVED, ROLE_WITHDRAWN)  # the rows a request took out of the file
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Checkpoint:
                 "trained": int((self.roles == ROLE_TRAINED).sum()),
                 "validation": int((self.roles == ROLE_VALIDATION).sum()),
                 "removed": int((self.roles == ROLE_REMOVED).sum()),
+                "withdrawn": int((self.roles == ROLE_WITHDRAWN).sum()),
             },
             "metrics": self.metrics,
             "provenance": self.provenance,

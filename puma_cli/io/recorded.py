@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from puma_cli.data.dataset import Dataset, trained_rows_warning
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
-from puma_cli.io.checkpoint import ROLE_REMOVED, ROLE_TRAINED, ROLE_VALIDATION, Checkpoint
+from puma_cli.io.checkpoint import GONE, ROLE_TRAINED, ROLE_VALIDATION, Checkpoint
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
 from puma_cli.models.predict import Phases
@@ -41,7 +41,7 @@ def recorded_data_path(checkpoint: Checkpoint, role: str) -> Path:
 
 def _relink_hint(checkpoint: Checkpoint, role: str) -> str:
     """Where the model has removed rows, the way on once they are deleted from its file."""
-    if role != "train" or not bool((checkpoint.roles == ROLE_REMOVED).any()):
+    if role != "train" or not bool(np.isin(checkpoint.roles, GONE).any()):
         return ""
     return (
         " (if you deleted the removed rows from it, `puma relink MODEL --data FILE -o OUT` "

@@ -25,7 +25,7 @@ from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, build_model
 from puma_cli.models.training import TrainRecipe
 
-ROLES = (0, 1, 2)  # trained on, validation, removed (io.checkpoint names them)
+ROLES = (0, 1, 2, 3)  # trained on, validation, removed, withdrawn (io.checkpoint names them)
 DATA_ROLES = ("train", "val", "test")
 MAX_DIM = 10**7  # one input dimension, class count or layer width
 MAX_LAYERS = 1000

@@ -111,7 +111,8 @@ def attack(
                 "the scores"
             )
         report = replace(report, notes=notes, shadows=shadows)
-    held_out = int((checkpoint.roles[target_rows] == ckpt.ROLE_VALIDATION).sum())
+    never = (ckpt.ROLE_VALIDATION, ckpt.ROLE_WITHDRAWN)  # a removal may have withdrawn them
+    held_out = int(np.isin(checkpoint.roles[target_rows], never).sum())
     if held_out and method != "u-lira":
         report = replace(report, notes=[*report.notes, _held_out_note(held_out, target_rows.size)])
     if nonmembers is not None:
@@ -129,15 +130,16 @@ def attack(
 
 
 def _held_out_note(held_out: int, count: int) -> str:
-    """Targets the model never trained on (its validation split) are non-members whatever
-    was removed: an attack that finds them out of the model says nothing of a removal."""
+    """Targets the model never trained on (its validation split, marked for removal or
+    not) are non-members whatever was removed: an attack that finds them out of the
+    model says nothing of a removal."""
     if held_out == count:
         which = "every target is a validation row"
     else:
         which = f"{held_out} of the {count} targets are validation rows"
     return (
         f"{which} the model was never trained on, a non-member whatever a removal did: "
-        "give the ids `puma remove` was given to audit a removal"
+        "leave them out of --targets to audit a removal"
     )
 
 
@@ -181,13 +183,27 @@ def _ulira(
             f"recipe), which --method {method} cannot run on; it audits "
             f"{', '.join(ULIRA_METHODS)}"
         )
+    notes = []
+    withdrawn = checkpoint.roles[target_rows] == ckpt.ROLE_WITHDRAWN
+    if withdrawn.all():
+        raise PumaError(
+            f"every target is a validation row {model} was never trained on (the removal "
+            "withdrew them from its criterion, nothing to unlearn): u-lira audits the removal "
+            "of trained rows; give their ids"
+        )
+    if withdrawn.any():
+        notes.append(
+            f"{int(withdrawn.sum())} of the {target_rows.size} targets are validation rows the "
+            "model was never trained on (the removal withdrew them from its criterion): left "
+            f"out of the audit, which is of the {int((~withdrawn).sum())} rows it unlearned"
+        )
+        target_rows = target_rows[~withdrawn]
     still = int((checkpoint.roles[target_rows] != ckpt.ROLE_REMOVED).sum())
     if still:
         raise PumaError(
             f"{still} of the {target_rows.size} targets were not removed from {model}: "
             "u-lira audits a removal; give the ids file that `puma remove` was given"
         )
-    notes = []
     if "options" not in entry:
         notes.append(
             "the removal's options were not recorded (an older puma): its defaults are used"

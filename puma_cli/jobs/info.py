@@ -129,8 +129,11 @@ def _setting(value: Any) -> str:
 
 
 def rows_line(rows: dict[str, Any]) -> str:
-    """The training file's rows by role: `417 trained, 43 validation, 20 removed`."""
-    return ", ".join(f"{count:,} {role}" for role, count in rows.items())
+    """The training file's rows by role: `417 trained, 43 validation, 20 removed` (and
+    `2 withdrawn`, validation rows a removal was asked for, where there are any)."""
+    return ", ".join(
+        f"{count:,} {role}" for role, count in rows.items() if count or role != "withdrawn"
+    )
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:

@@ -54,7 +54,7 @@ def relink(
     check_outputs([output], [model, data], overwrite)
     checkpoint = ckpt.load_checkpoint(model)
     recorded.protect_recorded([output], checkpoint)
-    held = np.flatnonzero(checkpoint.roles != ckpt.ROLE_REMOVED)
+    held = np.flatnonzero(~np.isin(checkpoint.roles, ckpt.GONE))
     dropped = int(checkpoint.roles.size - held.size)
     last = _last_removal(checkpoint, model, dropped)
     previous = checkpoint.data["train"]

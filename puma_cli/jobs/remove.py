@@ -97,7 +97,8 @@ def remove(
     ids = read_ids(marked)
     rows, trained_marked, skipped = _marked_rows(checkpoint, dataset, ids, marked)
     new_roles = checkpoint.roles.copy()
-    new_roles[rows] = ckpt.ROLE_REMOVED
+    new_roles[trained_marked] = ckpt.ROLE_REMOVED
+    new_roles[rows[checkpoint.roles[rows] == ckpt.ROLE_VALIDATION]] = ckpt.ROLE_WITHDRAWN
     criterion = criterion_set(checkpoint, dataset, new_roles, criterion_data, phases)
     test_set = recorded.load_recorded_or_none(checkpoint, "test", phases)
     marked_set = dataset.subset(trained_marked)
@@ -162,7 +163,7 @@ def remove(
         warnings=warnings,
         skipped=skipped,
     )
-    held = rows_digest(dataset, np.flatnonzero(new_roles != ckpt.ROLE_REMOVED))
+    held = rows_digest(dataset, np.flatnonzero(~np.isin(new_roles, ckpt.GONE)))
     entry = _provenance_entry(report, ids, options, held)
     new = replace(
         checkpoint,
@@ -190,7 +191,7 @@ def _marked_rows(
     roles = checkpoint.roles[rows]
     trained = rows[roles == ckpt.ROLE_TRAINED]
     skipped = {
-        "already_removed": int((roles == ckpt.ROLE_REMOVED).sum()),
+        "already_removed": int(np.isin(roles, ckpt.GONE).sum()),
         "validation": int((roles == ckpt.ROLE_VALIDATION).sum()),
     }
     if trained.size == 0:
