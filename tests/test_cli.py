@@ -73,6 +73,7 @@ def test_the_chain_make_train_mark_eval_info(tmp_path: Path) -> None:
         "trained": trained["n_train"],
         "validation": trained["n_val"],
         "removed": 0,
+        "withdrawn": 0,
     }
     assert info["provenance"] == []
 
