@@ -489,9 +489,9 @@ def test_a_layer_never_called_is_named_so() -> None:
 
 def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
     """An input factor wider than twice the rows it is fitted on (ResNet-18's 4,608-wide
-    last stage on 2,000 rows) has rank at most those rows under K-FAC-reduce: its
-    eigenbasis comes from a sketch of that rank, completed by the null space, and the
-    damped inverse is the float64 eigendecomposition's, nearer than a float32 eigh."""
+    last stage on 2,000 rows) has rank at most those rows under K-FAC-reduce: the
+    eigenbasis of its range comes from a sketch of that rank, it is 0 on the rest, and
+    the damped inverse is the float64 eigendecomposition's, nearer than a float32 eigh."""
     from puma_cli.engine.kronecker import LOW_RANK_MIN, OVERSAMPLE, decompose
 
     torch.manual_seed(0)
@@ -499,9 +499,9 @@ def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
     patches = torch.randn(rows, d) * torch.logspace(0, -3, d)  # a decaying spectrum
     factor = patches.T @ patches / rows
     values, vectors = decompose(factor, rows)
-    assert values.shape == (d,) and vectors.shape == (d, d)
-    torch.testing.assert_close(vectors.T @ vectors, torch.eye(d), atol=1e-5, rtol=0)
-    assert (values[: d - rows - OVERSAMPLE] == 0).all()  # the null space no row reaches
+    k = rows + OVERSAMPLE  # the range alone: the factor is 0 on the rest
+    assert values.shape == (k,) and vectors.shape == (d, k)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(k), atol=1e-5, rtol=0)
     exact_values, exact_vectors = torch.linalg.eigh(factor.double())
     torch.testing.assert_close(values[-rows:].double(), exact_values[-rows:], atol=1e-6, rtol=1e-4)
     mu = 0.01 * float(exact_values.max())
@@ -509,7 +509,9 @@ def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
 
     def inverse(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         vectors, values = vectors.double(), values.double().clamp_min(0)
-        return vectors @ ((vectors.T @ b) / (values + mu)[:, None])
+        inside = vectors.T @ b
+        rest = (b - vectors @ inside) / mu  # 0 where the basis is complete
+        return vectors @ (inside / (values + mu)[:, None]) + rest
 
     exact = inverse(exact_values, exact_vectors)
     error = float((inverse(values, vectors) - exact).norm() / exact.norm())
@@ -543,3 +545,42 @@ def test_fitted_factors_through_their_rank_invert_as_the_float64_fit(
         errors = [float((k.inverse(v, mu) - reference).norm() / reference.norm())
                   for k in (through_rank, full)]  # fmt: skip
         assert errors[0] < 1e-5 and errors[0] <= errors[1], errors
+        # The thin basis (the range's columns alone) inverts its own product, as near as
+        # the full float32 basis does (both orthonormal to float32's rounding).
+        for k in (through_rank, full):
+            back = k.inverse(k.matvec(v) + mu * v, mu)
+            assert float((back - v).norm() / v.norm()) < 1e-4
+    assert through_rank.blocks[0].Qa.shape == (X.shape[1] + 1, 200 + kronecker.OVERSAMPLE)
+
+
+def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
+    tmp_path: Path,
+) -> None:
+    """An MLP on 1,200 features fitted on 180 rows: its first layer's input factor keeps
+    the eigenvectors of its range (244 of 1,201), in the cache too; a removal from
+    the cached factors writes the same model as the one that fitted them."""
+    from puma_cli.engine.kronecker import OVERSAMPLE
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 1200)).astype(np.float32)
+    y = (X[:, :5].sum(axis=1) > 0).astype(np.int64)
+    np.savez(tmp_path / "wide.npz", X=X, y=y)
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "wide.npz", "--hidden", "8", "--epochs", "5", "-o", model,
+             "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 200, 20)))
+
+    def removal(name: str) -> dict:
+        (tmp_path / "m.influence.safetensors").unlink(missing_ok=True)  # the factors' turn
+        return run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o",
+                        tmp_path / name, "--curvature", "kfac", "--device", "cpu")  # fmt: skip
+
+    first = removal("a.safetensors")
+    factors = load_file(str(tmp_path / "m.factors.safetensors"))
+    assert first["parameters"]["curvature_cached"] is False
+    # fitted on the 180 trained rows (20 are validation): a range of 180 + the oversample
+    assert factors["net.layers.0.Qa"].shape == (1201, 180 + OVERSAMPLE)
+    second = removal("b.safetensors")
+    assert second["parameters"]["curvature_cached"] is True
+    a, b = (load_file(str(tmp_path / f"{x}.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -151,7 +151,7 @@ def attach_curvature(
                 "labels": "seeded per batch", "batch": str(size),
                 "fit_precision": str(fit_dtype), "decomposed_in": str(fit_dtype),
                 "shared_weights": APPROXIMATION,
-                "input_factors": f"through their rank past {LOW_RANK_MIN} wide",
+                "input_factors": f"their range alone past {LOW_RANK_MIN} wide",
                 "self_attention": "as modules"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
