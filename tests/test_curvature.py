@@ -580,7 +580,12 @@ def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
     assert first["parameters"]["curvature_cached"] is False
     # fitted on the 180 trained rows (20 are validation): a range of 180 + the oversample
     assert factors["net.layers.0.Qa"].shape == (1201, 180 + OVERSAMPLE)
+    # 5 epochs of an 8-wide layer on 180 rows against a 1,201-wide factor: said so
+    (said,) = [w for w in first["warnings"] if "multiply-adds of training" in w]
+    assert "layer 'net.layers.0' has an input factor 1,201 wide" in said
+    assert "fitted on 180 rows" in said and "--curvature-samples" in said
     second = removal("b.safetensors")
     assert second["parameters"]["curvature_cached"] is True
+    assert not any("multiply-adds" in w for w in second["warnings"])  # nothing fitted
     a, b = (load_file(str(tmp_path / f"{x}.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

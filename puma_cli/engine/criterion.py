@@ -28,6 +28,7 @@ from puma_cli.engine.curvature import (
     CURVATURES,
     MAX_SAMPLES,
     attach_curvature,
+    factor_cost_note,
     multiply_adds,
     resolve_curvature,
 )
@@ -148,6 +149,8 @@ def training_engine(
             key["checkpoint_sha256"] = sha256_file(path)
         fit_dtype = torch.float64 if precision == "float64" else torch.float32
         attach_curvature(engine, choice, key, settings.seed, factor_cache, fit_dtype)
+        epochs = int(checkpoint.recipe.get("epochs") or 0)
+        engine.cost_note = factor_cost_note(engine, choice.samples, epochs)
     return engine
 
 

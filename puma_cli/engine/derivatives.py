@@ -142,6 +142,7 @@ class InfluenceModel:
         self.no_forward_mode: str | None = None
         self.curvature_note = ""  # why `auto` chose the curvature, where a report says so
         self.precision_note = ""  # why a small model's derivatives are float32, where so
+        self.cost_note = ""  # where fitting K-FAC's factors cost more than training did
 
     @property
     def n(self) -> int:
