@@ -219,12 +219,13 @@ def factor_cost_note(engine: InfluenceModel, samples: int, epochs: int) -> str:
     if ratio < FACTOR_COST_NOTED or engine.kronecker is None:
         return ""
     widest = max(engine.kronecker.blocks, key=lambda b: b.Qa.shape[0])
+    of = "its inputs and bias" if widest.bias is not None else "its inputs"
     return (
         f"fitting the {engine.curvature} factors took about {ratio:.0f}x the multiply-adds "
         f"of training this model ({epochs} epochs on {engine.n:,} rows): layer "
-        f"{widest.module!r} has an input factor {widest.Qa.shape[0]:,} wide (its inputs and "
-        f"bias), fitted on {samples:,} rows; fewer rows (--curvature-samples) cost less, "
-        'and --method retrain may be quicker (README: "Removal at scale")'
+        f"{widest.module!r} has an input factor {widest.Qa.shape[0]:,} wide ({of}), fitted "
+        f"on {samples:,} rows; fewer rows (--curvature-samples) cost less, and --method "
+        'retrain may be quicker (README: "Removal at scale")'
     )
 
 

@@ -391,7 +391,7 @@ def decompose(factor: Tensor, rank_bound: int) -> tuple[Tensor, Tensor]:
     and the factor is 0 on the rest, which `KroneckerCurvature.inverse` takes as such.
     Measured on 2 cores in float32, d = 4,608: 3.1 s against eigh's 8.7 s on 1,295 rows,
     3.9 s against 7.3 s on 2,000 with the null space's basis completed, which the thin
-    form no longer builds (a 10,001-wide input factor on 3,564 rows: 60 s to decompose
+    form no longer builds (a 10,001-wide input factor on 3,600 rows: 60 s to decompose
     that way, its basis 800 MB in float64). Its damped inverse is at least as near the
     float64 eigendecomposition's as a float32 eigh's (tested): its null space is exactly
     0, where eigh's rounding leaves noise."""
