@@ -589,3 +589,10 @@ def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
     assert not any("multiply-adds" in w for w in second["warnings"])  # nothing fitted
     a, b = (load_file(str(tmp_path / f"{x}.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # debug-labels and calibrate, fitting the same factors again, say the same
+    for command in ("debug-labels", "calibrate"):
+        for cache in ("m.factors.safetensors", "m.influence.safetensors"):
+            (tmp_path / cache).unlink(missing_ok=True)
+        out = run_json(command, "-m", model, "--curvature", "kfac", "-o",
+                       tmp_path / f"{command}.out", "--device", "cpu")  # fmt: skip
+        assert any("has an input factor 1,201 wide" in w for w in out["warnings"]), command

@@ -26,6 +26,7 @@ from puma_cli.engine.criterion import (
     engine_and_direction,
     scores,
 )
+from puma_cli.engine.curvature import curvature_notes
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError, require_range
@@ -233,6 +234,7 @@ def calibrate(
         report.warnings.extend(
             recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
         )
+    report.warnings.extend(curvature_notes(engine))
     report.warnings.extend(commit_all(caches.all()))
     return report
 

@@ -16,6 +16,7 @@ from puma_cli.engine.criterion import (
     SolverSettings,
     engine_and_direction,
 )
+from puma_cli.engine.curvature import curvature_notes
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import flush_denormals
 from puma_cli.errors import DataError, PumaError
@@ -123,7 +124,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
-    notes = leaks + commit_all(caches.all())
+    notes = leaks + curvature_notes(engine) + commit_all(caches.all())
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,
