@@ -131,6 +131,7 @@ def training_engine(
     engine.phases = phases
     if settings is not None:
         auto = settings.curvature == "auto"  # what it weighs: one small forward pass each
+        work_per_row = multiply_adds(engine.module, engine.X[:1]) if auto else None
         choice = resolve_curvature(
             settings.curvature,
             engine.n_parameters,
@@ -138,7 +139,7 @@ def training_engine(
             checkpoint.arch.n_classes,
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
-            work_per_row=multiply_adds(engine.module, engine.X[:1]) if auto else 0,
+            work_per_row=work_per_row or 0,
             kronecker_fits=not auto or fits_kronecker(engine.module, engine.X[:2]),
         )
         key = {"precision": str(engine.dtype)}
@@ -150,7 +151,7 @@ def training_engine(
         fit_dtype = torch.float64 if precision == "float64" else torch.float32
         attach_curvature(engine, choice, key, settings.seed, factor_cache, fit_dtype)
         epochs = int(checkpoint.recipe.get("epochs") or 0)
-        engine.cost_note = factor_cost_note(engine, choice.samples, epochs)
+        engine.cost_note = factor_cost_note(engine, choice.samples, epochs, work_per_row)
     return engine
 
 

@@ -194,13 +194,16 @@ def attach_curvature(
         cache.stage(engine.kronecker.to_tensors(fit_dtype), full_key)
 
 
-def factor_cost_ratio(engine: InfluenceModel, samples: int, epochs: int) -> float:
+def factor_cost_ratio(
+    engine: InfluenceModel, samples: int, epochs: int, work_per_row: int | None = None
+) -> float:
     """Multiply-adds of fitting and decomposing the engine's K-FAC factors over those of
     training the model (0 where no factors were fitted). Training: 3 passes a row and
     epoch of the Linear and convolution layers' work, at least one multiply-add per
     parameter; the factors: samples x d^2 each and the decomposition's d^3, or 2 d^2 k
     where only a range of width k is kept. Both are rough, for telling cases apart that
-    differ by far: a very wide input layer, whose factor is d x d."""
+    differ by far: a very wide input layer, whose factor is d x d. `work_per_row`: the
+    row's multiply-adds where already counted (`multiply_adds`), else counted here."""
     kron = engine.kronecker
     if kron is None or engine.kronecker_cached or not kron.blocks:
         return 0.0
@@ -208,14 +211,18 @@ def factor_cost_ratio(engine: InfluenceModel, samples: int, epochs: int) -> floa
     for block in kron.blocks:
         for d, k in (block.Qa.shape, block.Qb.shape):
             work += samples * d * d + (2 * d * d * k if k < d else d**3)
-    per_row = max(multiply_adds(engine.module, engine.X[:1]), engine.n_parameters)
+    if work_per_row is None:
+        work_per_row = multiply_adds(engine.module, engine.X[:1])
+    per_row = max(work_per_row, engine.n_parameters)
     return work / (3 * max(epochs, 1) * engine.n * per_row)
 
 
-def factor_cost_note(engine: InfluenceModel, samples: int, epochs: int) -> str:
+def factor_cost_note(
+    engine: InfluenceModel, samples: int, epochs: int, work_per_row: int | None = None
+) -> str:
     """A warning where the factors cost FACTOR_COST_NOTED times training or more, naming
     the layer with the widest input factor; else ""."""
-    ratio = factor_cost_ratio(engine, samples, epochs)
+    ratio = factor_cost_ratio(engine, samples, epochs, work_per_row)
     if ratio < FACTOR_COST_NOTED or engine.kronecker is None:
         return ""
     widest = max(engine.kronecker.blocks, key=lambda b: b.Qa.shape[0])

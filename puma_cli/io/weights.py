@@ -47,12 +47,12 @@ class WeightsFile:
 def read_state_dict(path: Path) -> WeightsFile:
     """The tensors of a plain safetensors file, under the file's names; pickles and
     damaged files are refused. `load_into` takes wrapper prefixes off where they wrap."""
-    raw, tensors = _read_tensors(
+    raw, header, tensors = _read_tensors(
         path,
         "give it to puma's commands as it is, or write its network as a state dict with "
         "`puma export` first",
     )
-    return WeightsFile(tensors, safetensors_header(raw), hashlib.sha256(raw).hexdigest())
+    return WeightsFile(tensors, header, hashlib.sha256(raw).hexdigest())
 
 
 def exported_record(header: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,8 +66,10 @@ def exported_record(header: dict[str, Any]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _read_tensors(path: Path, if_checkpoint: str) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """A weights file's bytes and tensors; a puma checkpoint is refused with
+def _read_tensors(
+    path: Path, if_checkpoint: str
+) -> tuple[bytes, dict[str, Any], dict[str, torch.Tensor]]:
+    """A weights file's bytes, JSON header and tensors; a puma checkpoint is refused with
     `if_checkpoint`, the way on, since its tensors would only be named as another
     architecture's."""
     require_file(path, "weights file", "a .safetensors file of the network's state dict")
@@ -88,9 +90,10 @@ def _read_tensors(path: Path, if_checkpoint: str) -> tuple[bytes, dict[str, torc
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
     if not tensors:
         raise DataError(f"{path} holds no tensors; save the network's state dict into it")
-    if metadata_strings(safetensors_header(raw)).get("format") == json.dumps(FORMAT):
+    header = safetensors_header(raw)
+    if metadata_strings(header).get("format") == json.dumps(FORMAT):
         raise DataError(f"{path} is a puma checkpoint, not a network's weights: {if_checkpoint}")
-    return raw, tensors
+    return raw, header, tensors
 
 
 def tensor_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
@@ -151,7 +154,7 @@ def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, t
     file's dtype, as `puma import` reads the file (wrapper prefixes, another code base's
     names): the names to write the network under so that the file's reader finds it. The
     file must name the network's tensors, at their shapes."""
-    _, tensors = _read_tensors(path, "give --like the weights file this model was imported from")
+    _, _, tensors = _read_tensors(path, "give --like the weights file this model was imported from")
     found = named_for(net, tensors)
     held = net.state_dict()
     names: dict[str, tuple[str, torch.dtype]] = {}
