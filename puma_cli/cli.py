@@ -886,7 +886,9 @@ CurvatureOpt = Annotated[
         "--curvature",
         help="exact (the Hessian), ggn (Gauss-Newton), kfac or ekfac (Kronecker-factored "
         "GGN, fitted once and cached beside the model); auto: exact up to 10 million "
-        "parameter-rows (parameters x rows trained on), kfac past that.",
+        "parameter-rows (parameters x rows trained on), kfac past that, or ggn where "
+        "the factors would cost more than its solves or half the memory (a very wide "
+        "input layer).",
     ),
 ]
 CurvatureSamplesOpt = Annotated[

@@ -46,3 +46,24 @@ def _indexed_gpu(index: int) -> torch.device:
         )
     torch.cuda.set_device(index)  # what library code means by "cuda" from here on
     return torch.device("cuda", index)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes one process may use on `device`, None where it cannot be told: a GPU's total
+    memory; on the CPU the machine's physical memory (or its cgroup's limit, where lower),
+    shared among the processes torchrun starts on it (LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit:
+            text = limit.read().strip()
+        if text.isdigit():
+            memory = min(memory, int(text))
+    except OSError:
+        pass
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return memory // (int(local) if local.isdigit() and int(local) > 0 else 1)

@@ -19,6 +19,7 @@ from torch import nn
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.kronecker import fit_kronecker, kronecker_from_tensors
 from puma_cli.engine.solvers import solve
+from puma_cli.errors import PumaError
 
 
 def _mlp(seed: int = 0, bn: bool = False) -> nn.Module:
@@ -596,3 +597,128 @@ def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
         out = run_json(command, "-m", model, "--curvature", "kfac", "-o",
                        tmp_path / f"{command}.out", "--device", "cpu")  # fmt: skip
         assert any("has an input factor 1,201 wide" in w for w in out["warnings"]), command
+
+
+class _Encoder(nn.Module):
+    """Convolutions, with and without a bias, then self-attention and a bias-free head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 8, (1, 3), padding=(0, 1), bias=False)
+        self.attend = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.mix(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)
+        return self.head(self.attend(tokens).mean(1))
+
+
+def test_factor_shapes_read_before_fitting_are_the_fitted_ones() -> None:
+    """What `auto` weighs before fitting (each layer's factor widths) is what K-FAC then
+    fits: a convolution's patch and bias, a bias-free one, attention's projections."""
+    from puma_cli.engine.kronecker import factor_shapes
+
+    torch.manual_seed(0)
+    net = _Encoder().eval()
+    X, y = torch.randn(24, 2, 4, 4), torch.randint(0, 3, (24,))
+    shapes = factor_shapes(net, X[:2])
+    fitted = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "mc", 0)
+    assert [(s.layer, s.inputs, s.outputs) for s in shapes] == [
+        (b.module, b.Qa.shape[0], b.Qb.shape[0]) for b in fitted.blocks
+    ]
+    assert (shapes[0].inputs, shapes[1].inputs) == (2 * 9 + 1, 6 * 3)
+    assert len(shapes) == 7  # stem, mix, attention's in and out projections, linear1 and 2, head
+    assert factor_shapes(nn.Sequential(nn.LayerNorm(4)), torch.randn(2, 4)) == []
+
+
+def test_factors_are_weighed_before_they_are_fitted() -> None:
+    """auto takes the GGN where K-FAC's factors would cost more than AUTO_FACTOR_PASSES
+    passes over the rows, or half the memory; kfac asked for by name is refused only
+    where they cannot fit at all. The wide cases are the two measured ones."""
+    from puma_cli.engine.curvature import CurvatureChoice, fit_bytes, weigh_factors
+    from puma_cli.engine.kronecker import FactorShape
+
+    def shapes(features: int, hidden: int, classes: int) -> list[FactorShape]:
+        return [FactorShape("net.layers.0", features + 1, hidden),
+                FactorShape("net.layers.2", hidden + 1, classes)]  # fmt: skip
+
+    def weigh(
+        layers: list[FactorShape], rows: int, auto: bool = True, memory: int | None = None
+    ) -> CurvatureChoice:
+        size = sum(s.inputs * s.outputs for s in layers)
+        return weigh_factors(CurvatureChoice("kfac", rows, "mc"), layers, auto=auto,
+                             rows=rows, work_per_row=size, n_parameters=size,
+                             element_size=4, memory=memory)  # fmt: skip
+
+    thirty = weigh(shapes(30_000, 16, 4), 1_349)  # K-FAC 200 s, the GGN 27 s
+    assert thirty.name == "ggn" and thirty.samples == 1_349
+    assert "about 5,802 passes of the model over its 1,349 rows" in thirty.note
+    assert "'net.layers.0' has an input factor 30,001 wide" in thirty.note
+    assert "18.0 GB" in thirty.note  # measured: 17.3 GB above the process's size before
+    assert weigh(shapes(10_000, 64, 2), 3_600).name == "ggn"  # K-FAC 72 s, the GGN 54 s
+    narrow = shapes(64, 64, 10)
+    assert weigh(narrow, 9_000).name == "kfac"  # the benchmark's 64k MLP, its 0.06x
+    # by memory alone
+    need = fit_bytes(narrow, 4)
+    assert weigh(narrow, 9_000, memory=2 * need).name == "kfac"
+    assert weigh(narrow, 9_000, memory=2 * need - 1).name == "ggn"
+    # asked for by name: fitted where the memory holds it, however long it takes
+    wide = shapes(30_000, 16, 4)
+    assert weigh(wide, 1_349, auto=False).name == "kfac"
+    assert weigh(wide, 1_349, auto=False, memory=fit_bytes(wide, 4)).name == "kfac"
+    with pytest.raises(PumaError, match=r"about 18\.0 GB of memory .* more than the 1\.0 GB"):
+        weigh(wide, 1_349, auto=False, memory=10**9)
+    exact = CurvatureChoice("exact", 0, "mc")
+    assert weigh_factors(exact, wide, auto=True, rows=9, work_per_row=1, n_parameters=1,
+                         element_size=8, memory=1) == exact  # fmt: skip
+
+
+def test_auto_takes_the_ggn_for_a_wide_input_layer_and_says_why(tmp_path: Path) -> None:
+    """A 2,000-feature MLP, 8 hidden, on 700 rows: K-FAC's 2,001-wide input factor would
+    cost many times training, so `auto` solves with the GGN and says so; asked for,
+    K-FAC fits, and its note after the fit gives the cost `auto` predicted."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(700, 2000)).astype(np.float32)
+    y = (X[:, :4].sum(axis=1) > 0).astype(np.int64)
+    np.savez(tmp_path / "wide.npz", X=X, y=y)
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "wide.npz", "--hidden", "8", "--epochs", "3", "-o", model,
+             "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 700, 35)))
+    auto = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o",
+                    tmp_path / "a.safetensors", "--device", "cpu")  # fmt: skip
+    assert auto["parameters"]["curvature"] == "ggn"
+    assert not (tmp_path / "m.factors.safetensors").exists()  # nothing fitted
+    (said,) = [w for w in auto["warnings"] if w.startswith("--curvature auto")]
+    assert "'net.layers.0' has an input factor 2,001 wide" in said
+    kfac = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature",
+                    "kfac", "-o", tmp_path / "k.safetensors", "--device", "cpu")  # fmt: skip
+    assert kfac["parameters"]["curvature"] == "kfac"
+    # the fit's own count (x 3 epochs' 3 passes) is the one auto made before it
+    (fitted,) = [w for w in kfac["warnings"] if "multiply-adds of training" in w]
+    passes = float(said.split("about ")[1].split(" passes")[0].replace(",", ""))
+    times = float(fitted.split("took about ")[1].split("x the")[0])
+    assert abs(passes - 9 * times) <= 9 * 0.5, (passes, times)
+
+
+def test_a_kfac_fit_larger_than_memory_is_refused_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--curvature kfac whose factors would not fit in memory: one Error line naming the
+    layer and the way on, before any fitting, nothing written."""
+    from puma_cli.engine import criterion
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 300)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=X, y=(X[:, 0] > 0).astype(np.int64))
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "d.npz", "--hidden", "4", "--epochs", "2", "-o", model,
+             "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("0\n1\n")
+    monkeypatch.setattr(criterion, "device_memory", lambda device: 1_000_000)
+    result = run("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature",
+                 "kfac", "-o", tmp_path / "out.safetensors", "--device", "cpu")  # fmt: skip
+    assert_clean_error(result, "more than the 1 MB here; use --curvature ggn or exact")
+    assert "layer 'net.layers.0' has an input factor 301 wide" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "ids.txt", "m.safetensors"]

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from puma_cli import parallel
 from puma_cli.data.dataset import Dataset
+from puma_cli.devices import device_memory
 from puma_cli.engine.curvature import (
     CURVATURES,
     MAX_SAMPLES,
@@ -31,9 +33,10 @@ from puma_cli.engine.curvature import (
     factor_cost_note,
     multiply_adds,
     resolve_curvature,
+    weigh_factors,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
-from puma_cli.engine.kronecker import KINDS, fits_kronecker
+from puma_cli.engine.kronecker import KINDS, factor_shapes
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file
@@ -132,6 +135,8 @@ def training_engine(
     if settings is not None:
         auto = settings.curvature == "auto"  # what it weighs: one small forward pass each
         work_per_row = multiply_adds(engine.module, engine.X[:1]) if auto else None
+        kronecker = auto or settings.curvature in KINDS
+        shapes = factor_shapes(engine.module, engine.X[:2]) if kronecker else []
         choice = resolve_curvature(
             settings.curvature,
             engine.n_parameters,
@@ -140,7 +145,20 @@ def training_engine(
             settings.curvature_samples,
             convolutional=is_convolutional(checkpoint),
             work_per_row=work_per_row or 0,
-            kronecker_fits=not auto or fits_kronecker(engine.module, engine.X[:2]),
+            kronecker_fits=not auto or bool(shapes),
+        )
+        epochs = int(checkpoint.recipe.get("epochs") or 0)
+        if work_per_row is None and choice.name in KINDS:
+            work_per_row = multiply_adds(engine.module, engine.X[:1])
+        choice = weigh_factors(
+            choice,
+            shapes,
+            auto=auto,
+            rows=engine.n,
+            work_per_row=work_per_row or 0,
+            n_parameters=engine.n_parameters,
+            element_size=8 if precision == "float64" else 4,
+            memory=_least_memory(engine.device) if choice.name in KINDS else None,
         )
         key = {"precision": str(engine.dtype)}
         path = checkpoint.path
@@ -150,9 +168,19 @@ def training_engine(
             key["checkpoint_sha256"] = sha256_file(path)
         fit_dtype = torch.float64 if precision == "float64" else torch.float32
         attach_curvature(engine, choice, key, settings.seed, factor_cache, fit_dtype)
-        epochs = int(checkpoint.recipe.get("epochs") or 0)
         engine.cost_note = factor_cost_note(engine, choice.samples, epochs, work_per_row)
     return engine
+
+
+def _least_memory(device: torch.device) -> int | None:
+    """The memory each process may use (`device_memory`), the least over torchrun's
+    processes, so that every process weighs the factors alike."""
+    memory = device_memory(device)
+    if not parallel.active():
+        return memory
+    known = torch.tensor([-1 if memory is None else memory], dtype=torch.float64)
+    every = parallel.gather(known)
+    return None if bool((every < 0).any()) else int(every.min())
 
 
 @dataclass

@@ -13,7 +13,9 @@
   Hessian).
   Measured (benchmarks/results/scale.md): on every CPU case past the threshold, K-FAC
   removed faster (0.3-0.4x retraining cold against 0.7-2.6x for exact CG) and nearer
-  to retraining on the marked rows' loss.
+  to retraining on the marked rows' loss. Past it, `auto` still takes the GGN where the
+  factors, weighed before fitting (`weigh_factors`), would cost more than its solves or
+  half the memory: a very wide input layer, whose input factor is d x d.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from puma_cli.engine.kronecker import (
     APPROXIMATION,
     KINDS,
     LOW_RANK_MIN,
+    OVERSAMPLE,
+    FactorShape,
     KroneckerCurvature,
     fit_kronecker,
     kronecker_from_tensors,
@@ -57,6 +61,14 @@ FIT_BATCH = 512  # most rows per batch when fitting (a convolution's: its engine
 # (9.7 s against 11 s); the benchmark's 2k, 64k and 1 M MLPs 0.075x, 0.063x and 0.017x,
 # the digits CNN 0.009x (20 epochs, factors fitted on every row or 10,000).
 FACTOR_COST_NOTED = 2
+# `auto` takes the GGN where K-FAC's factors would cost more multiply-adds than this many
+# passes of the model over the rows. Measured on wide input layers (2 cores, float32):
+# the factors' large products ran at about 17 G multiply-adds a second, the GGN's
+# conjugate gradients (50-100 products, 3-4 passes each) at about 4 G; 30,000 features,
+# 16 hidden, 1,349 rows: factors of 5,800 passes' work, K-FAC 200 s (an 18.5 GB peak)
+# against the GGN's 27 s (1.3 GB) and training's 9 s; 10,000 features, 64 hidden, 3,600
+# rows: 480 passes' work, K-FAC 72 s against the GGN's 54 s and training's 11 s.
+AUTO_FACTOR_PASSES = 400
 FIT_BATCHES = 16  # fewest batches (down to 128 rows each), so that torchrun can split them
 
 
@@ -207,14 +219,99 @@ def factor_cost_ratio(
     kron = engine.kronecker
     if kron is None or engine.kronecker_cached or not kron.blocks:
         return 0.0
-    work = 0
-    for block in kron.blocks:
-        for d, k in (block.Qa.shape, block.Qb.shape):
-            work += samples * d * d + (2 * d * d * k if k < d else d**3)
+    factors = [shape for block in kron.blocks for shape in (block.Qa.shape, block.Qb.shape)]
     if work_per_row is None:
         work_per_row = multiply_adds(engine.module, engine.X[:1])
-    per_row = max(work_per_row, engine.n_parameters)
-    return work / (3 * max(epochs, 1) * engine.n * per_row)
+    work = _factor_work([(int(d), int(k)) for d, k in factors], samples)
+    return work / _training_work(epochs, engine.n, work_per_row, engine.n_parameters)
+
+
+def _factor_work(factors: list[tuple[int, int]], samples: int) -> int:
+    """Multiply-adds of fitting (d, k) factors on `samples` rows and decomposing them:
+    samples x d^2 each, and d^3 for eigh, or 2 d^2 k where the range alone is kept."""
+    return sum(samples * d * d + (2 * d * d * k if k < d else d**3) for d, k in factors)
+
+
+def _training_work(epochs: int, rows: int, work_per_row: int, n_parameters: int) -> int:
+    """Multiply-adds of training: 3 passes a row and epoch, at least one per parameter."""
+    return 3 * max(epochs, 1) * rows * max(work_per_row, n_parameters)
+
+
+def predicted_factor_work(shapes: list[FactorShape], samples: int) -> int:
+    """`_factor_work` before fitting, from the layers' widths: an input factor past
+    LOW_RANK_MIN and more than twice samples + OVERSAMPLE wide keeps its range alone, as
+    `decompose` does; an output factor is decomposed whole."""
+
+    def kept(d: int) -> int:
+        k = samples + OVERSAMPLE
+        return d if d < LOW_RANK_MIN or 2 * k > d else k
+
+    factors = [(s.inputs, kept(s.inputs)) for s in shapes]
+    return _factor_work(factors + [(s.outputs, s.outputs) for s in shapes], samples)
+
+
+def fit_bytes(shapes: list[FactorShape], element_size: int) -> int:
+    """Memory a K-FAC fit holds at its peak, roughly: every factor's float64 total and
+    its copy in the fit's dtype, and for the widest one a batch's share and the
+    decomposition's work. Measured: one 30,001-wide input factor (3.6 GB in float32),
+    17.3 GB above the process's 1.2 GB before fitting; this gives 18.0 GB."""
+    squares = [d * d for s in shapes for d in (s.inputs, s.outputs)]
+    return sum(squares) * (8 + element_size) + max(squares, default=0) * 2 * element_size
+
+
+def _amount(size: int) -> str:
+    """Bytes as a person reads them: GB from a tenth of one, else MB."""
+    return f"{size / 1e9:.1f} GB" if size >= 10**8 else f"{size / 1e6:.0f} MB"
+
+
+def weigh_factors(
+    choice: CurvatureChoice,
+    shapes: list[FactorShape],
+    *,
+    auto: bool,
+    rows: int,
+    work_per_row: int,
+    n_parameters: int,
+    element_size: int,
+    memory: int | None,
+) -> CurvatureChoice:
+    """K-FAC or EK-FAC weighed before fitting. `auto` takes the GGN where the factors
+    would cost more multiply-adds than AUTO_FACTOR_PASSES passes of the model over the
+    rows, or would fill half the memory (`memory`: bytes this process may use, None
+    where unknown); asked for by name, a fit that would need more than all of the memory
+    is refused."""
+    if choice.name not in KINDS or not shapes:
+        return choice
+    need = fit_bytes(shapes, element_size)
+    widest = max(shapes, key=lambda s: max(s.inputs, s.outputs))
+    width = max(widest.inputs, widest.outputs)
+    side = "input" if widest.inputs >= widest.outputs else "output"
+    gigabytes = _amount(need)
+    if auto:
+        work = predicted_factor_work(shapes, choice.samples)
+        passes = work / (rows * max(work_per_row, n_parameters, 1))
+        if passes <= AUTO_FACTOR_PASSES and (memory is None or need <= memory / 2):
+            return choice
+        return CurvatureChoice(
+            "ggn",
+            choice.samples,
+            choice.fisher,
+            f"--curvature auto: fitting K-FAC's factors would take the multiply-adds of "
+            f"about {passes:,.0f} passes of the model over its {rows:,} rows and about "
+            f"{gigabytes} of memory (layer {widest.layer!r} has an {side} factor {width:,} "
+            "wide), more than the Gauss-Newton matrix's conjugate-gradient solves, so they "
+            "use it; --curvature kfac fits the factors anyway, on fewer rows with "
+            '--curvature-samples (README: "Removal at scale")',
+        )
+    if memory is not None and need > memory:
+        raise PumaError(
+            f"--curvature {choice.name} would need about {gigabytes} of memory to fit its "
+            f"factors (layer {widest.layer!r} has an {side} factor {width:,} wide, "
+            f"{width:,} x {width:,} values), more than the {_amount(memory)} here; use "
+            "--curvature ggn or exact (conjugate gradients, no factor), or a network that "
+            "narrows its input first"
+        )
+    return choice
 
 
 def factor_cost_note(

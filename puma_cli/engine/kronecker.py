@@ -189,10 +189,30 @@ def as_layers(module: nn.Module, kind: str = "kfac") -> Iterator[None]:
         yield
 
 
-def fits_kronecker(module: nn.Module, probe: Tensor) -> bool:
-    """Whether K-FAC has a layer to fit in the module (self-attention's included)."""
+@dataclass(frozen=True)
+class FactorShape:
+    """A layer K-FAC would fit, before fitting: its input factor `inputs` wide (in', with
+    the bias's 1, a convolution's patch), its output factor `outputs` wide."""
+
+    layer: str
+    inputs: int
+    outputs: int
+
+
+def factor_shapes(module: nn.Module, probe: Tensor) -> list[FactorShape]:
+    """The layers K-FAC would fit in the module (self-attention's included; none: K-FAC
+    has nothing to fit) and the widths of their factors, read off the layers."""
     with as_layers(module):
-        return bool(supported_layers(module, probe))
+        layers = supported_layers(module, probe)
+    shapes = []
+    for name, layer in layers:
+        bias = int(layer.bias is not None)
+        if isinstance(layer, nn.Conv2d):
+            patch = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            shapes.append(FactorShape(name, patch + bias, layer.out_channels))
+        else:
+            shapes.append(FactorShape(name, layer.in_features + bias, layer.out_features))
+    return shapes
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
