@@ -240,6 +240,14 @@ def test_the_exact_fisher_is_fitted_where_it_is_cheap_only() -> None:
     assert fisher(9_000, 2) == "type-2"
     assert fisher(9_000, 10) == "mc"  # one backward pass a batch, not ten
     assert fisher(1_000, 10, 200_000) == "mc"
+    # weighed against training too: its rows x classes at most a quarter of its passes
+    from puma_cli.engine.curvature import resolve_curvature as resolve
+
+    assert resolve("kfac", 13_706, 1_166, 10, 0, epochs=20).fisher == "type-2"  # 0.17
+    assert resolve("kfac", 28_666, 2_250, 10, 2_000, epochs=3).fisher == "mc"  # 0.99
+    assert resolve("kfac", 41_722, 2_250, 10, 2_000, epochs=8).fisher == "mc"  # 0.37
+    assert resolve("kfac", 41_722, 2_250, 10, 2_000, epochs=12).fisher == "type-2"  # 0.247
+    assert resolve("kfac", 41_722, 2_250, 10, 2_000, epochs=0).fisher == "type-2"  # unknown
 
 
 POSITIONAL_NET = """

@@ -136,6 +136,7 @@ def training_engine(
         auto = settings.curvature == "auto"  # what it weighs: one small forward pass each
         work_per_row = multiply_adds(engine.module, engine.X[:1]) if auto else None
         kronecker = auto or settings.curvature in KINDS
+        epochs = int(checkpoint.recipe.get("epochs") or 0)
         shapes = factor_shapes(engine.module, engine.X[:2]) if kronecker else []
         choice = resolve_curvature(
             settings.curvature,
@@ -146,8 +147,8 @@ def training_engine(
             convolutional=is_convolutional(checkpoint),
             work_per_row=work_per_row or 0,
             kronecker_fits=not auto or bool(shapes),
+            epochs=epochs,
         )
-        epochs = int(checkpoint.recipe.get("epochs") or 0)
         if work_per_row is None and choice.name in KINDS:
             work_per_row = multiply_adds(engine.module, engine.X[:1])
         choice = weigh_factors(
