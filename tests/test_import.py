@@ -151,11 +151,21 @@ def test_weights_that_do_not_fit_are_refused_by_name(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_a_wrapper_prefix_is_taken_off(elsewhere: Path, data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefix", ["module.", "model.", "backbone.model."])
+def test_a_wrapper_prefix_is_taken_off(
+    prefix: str, elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """DDP's `module.`, a Lightning module's `model.` (the network held as self.model),
+    any name every tensor starts with (it was refused, "lacks tensor 'hidden.weight'")."""
     state = load_file(str(elsewhere / "w.safetensors"))
-    save_file({f"module.{k}": v for k, v in state.items()}, str(tmp_path / "dp.safetensors"))
-    result = _import(elsewhere, data_dir, tmp_path / "dp.safetensors", tmp_path / "m.safetensors")
+    weights = tmp_path / "wrapped.safetensors"
+    save_file({prefix + k: v for k, v in state.items()}, str(weights))
+    model = tmp_path / "m.safetensors"
+    result = _import(elsewhere, data_dir, weights, model)
     assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    run_json("export", model, "-o", tmp_path / "plain.safetensors")
+    plain = load_file(str(tmp_path / "plain.safetensors"))
+    assert plain.keys() == state.keys() and all(torch.equal(plain[k], state[k]) for k in state)
 
 
 WRAPPED = NET.replace("self.hidden", "self.net.hidden").replace("self.out", "self.net.out")
@@ -164,7 +174,7 @@ WRAPPED = WRAPPED.replace(
 )
 
 
-@pytest.mark.parametrize("prefix", ["", "module.", "module._orig_mod."])
+@pytest.mark.parametrize("prefix", ["", "module.", "module._orig_mod.", "model."])
 def test_a_network_whose_one_child_is_called_net_keeps_its_names(
     prefix: str, data_dir: Path, tmp_path: Path
 ) -> None:

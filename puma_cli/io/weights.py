@@ -1,9 +1,10 @@
 """Weights trained elsewhere: a plain safetensors state dict, fitted to an architecture.
 
 `puma import` reads the file a user saved with `safetensors.torch.save_file(net.state_dict(),
-...)` (keys as the network names them; a `net.`, `module.` or `_orig_mod.` prefix, as
-DataParallel, DDP, torch.compile and some wrappers write, is taken off, nested ones too,
-unless the network's own names start so)
+...)` (keys as the network names them; a prefix every key shares, as DataParallel and
+DDP (`module.`), torch.compile (`_orig_mod.`), a Lightning module holding the network as
+`self.model` (`model.`) and other wrappers write, is taken off, nested ones too, unless
+the network's own names start so)
 and loads it into the network the architecture builds. A layer the network holds under two
 names (tied weights) may be stored once, as `safetensors.torch.save_model` writes it, and a
 BatchNorm's `num_batches_tracked` may be missing (a step counter, not a weight; some
@@ -29,8 +30,6 @@ from puma_cli.errors import DataError
 from puma_cli.io.checkpoint import FORMAT, metadata_strings, safetensors_header
 from puma_cli.io.files import is_text, require_file
 from puma_cli.models.zoo import ForeignNames
-
-PREFIXES = ("net.", "module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -131,10 +130,11 @@ class Named:
 
 def named_for(net: nn.Module, tensors: dict[str, torch.Tensor]) -> Named:
     """The file's tensors under the names of `net`. Wrapper prefixes every name shares
-    (DDP's `module.`, torch.compile's `_orig_mod.`, puma's `net.`) are taken off one by
-    one, and the reading that names the most of the network's tensors is kept (on a tie,
-    the one with more taken off). A network whose one child is itself called `net` or
-    `module` holds names that start so: they stay."""
+    (DDP's `module.`, torch.compile's `_orig_mod.`, puma's `net.`, Lightning's `model.`,
+    any first name all of them start with) are taken off one by one, and the reading that
+    names the most of the network's tensors is kept (on a tie, the one with more taken
+    off). A network whose one child is itself called `net` or `model` holds names that
+    start so: they stay."""
     ours = set(net.state_dict())
     best: Named | None = None
     taken = ""
@@ -142,11 +142,21 @@ def named_for(net: nn.Module, tensors: dict[str, torch.Tensor]) -> Named:
         state, origin, whose = adopt_names(net, tensors, ours)
         if best is None or len(ours & set(state)) >= len(ours & set(best.state)):
             best = Named(state, taken, origin, whose)
-        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in tensors)), None)
+        prefix = _shared_prefix(tensors)
         if prefix is None:  # DDP around torch.compile writes module._orig_mod.
             return best
         tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
         taken += prefix
+
+
+def _shared_prefix(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first name every tensor's name starts with (`module.` of DDP, `_orig_mod.` of
+    torch.compile, `model.` of a Lightning module that holds the network as self.model),
+    None where they do not share one or a name has no dot."""
+    firsts = {name.split(".", 1)[0] for name in tensors if "." in name}
+    if len(firsts) != 1 or not all("." in name for name in tensors):
+        return None
+    return f"{firsts.pop()}."
 
 
 def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, torch.dtype]]:
