@@ -533,43 +533,78 @@ def test_a_wide_factor_of_few_rows_is_decomposed_through_its_rank() -> None:
         assert torch.equal(plain[0], torch.linalg.eigh(wide)[0])
 
 
-def test_fitted_factors_through_their_rank_invert_as_the_float64_fit(
-    monkeypatch: pytest.MonkeyPatch,
+class _Twice(nn.Module):
+    """One Linear layer applied to each half of the row: two calls a forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[1] // 2
+        return self.layer(x[:, :half]) + self.layer(x[:, half:])
+
+
+class _Tokens(nn.Module):
+    """A bias-free Linear layer over 4 tokens a row (K-FAC-reduce: their mean)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.view(x.shape[0], 4, -1)).mean(dim=1)
+
+
+@pytest.mark.parametrize("case", ["plain", "twice", "tokens"])
+def test_fitted_factors_through_their_rows_invert_as_the_float64_fit(
+    case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """K-FAC of a Linear layer wider than twice its fitting rows, decomposed through its
-    rank: its inverse is the float64 fit's, as near as the full float32 eigenbasis's."""
+    """K-FAC of a Linear layer wider than twice its fitting rows takes its input factor
+    from the rows of its inputs (never the d x d sum): its inverse is the float64 fit's
+    of the whole factor, as near as the full float32 eigenbasis's; so for a layer called
+    twice a forward (twice the rows) and one over tokens (their mean a row)."""
     from puma_cli.engine import kronecker
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(kronecker.LOW_RANK_MIN + 50, 3))
-    X, y = torch.randn(200, kronecker.LOW_RANK_MIN + 50), torch.randint(0, 3, (200,))
-    through_rank = fit_kronecker("kfac", net, *_layout(net), [(X, y)])
+    width = kronecker.LOW_RANK_MIN + 50
+    net, columns = {
+        "plain": (nn.Sequential(nn.Linear(width, 3)), width),
+        "twice": (_Twice(width), 2 * width),
+        "tokens": (_Tokens(width), 4 * width),
+    }[case]
+    X, y = torch.randn(200, columns), torch.randint(0, 3, (200,))
+    batches = [(X[:120], y[:120]), (X[120:], y[120:])]  # rows joined over batches
+    through_rows = fit_kronecker("kfac", net, *_layout(net), batches)
     monkeypatch.setattr(kronecker, "LOW_RANK_MIN", 10**9)
-    full = fit_kronecker("kfac", net, *_layout(net), [(X, y)])
-    exact = fit_kronecker("kfac", net.double(), *_layout(net), [(X.double(), y)])
+    full = fit_kronecker("kfac", net, *_layout(net), batches)
+    exact = fit_kronecker(
+        "kfac", net.double(), *_layout(net), [(x.double(), t) for x, t in batches]
+    )
+    assert full.from_rows == frozenset() and len(through_rows.from_rows) == 1
     v = torch.randn(full.size, dtype=torch.float64)
     top = float(full.blocks[0].E.max())
     for mu in (0.01 * top, 0.1 * top):
         reference = exact.inverse(v, mu)
         errors = [float((k.inverse(v, mu) - reference).norm() / reference.norm())
-                  for k in (through_rank, full)]  # fmt: skip
+                  for k in (through_rows, full)]  # fmt: skip
         assert errors[0] < 1e-5 and errors[0] <= errors[1], errors
-        # The thin basis (the range's columns alone) inverts its own product, as near as
-        # the full float32 basis does (both orthonormal to float32's rounding).
-        for k in (through_rank, full):
+        # The thin basis (the rows' span alone) inverts its own product, as near as the
+        # full float32 basis does (both orthonormal to float32's rounding).
+        for k in (through_rows, full):
             back = k.inverse(k.matvec(v) + mu * v, mu)
             assert float((back - v).norm() / v.norm()) < 1e-4
-    assert through_rank.blocks[0].Qa.shape == (X.shape[1] + 1, 200 + kronecker.OVERSAMPLE)
+    rows = 400 if case == "twice" else 200  # the span of the rows, no wider
+    bias = 0 if case == "tokens" else 1
+    assert through_rows.blocks[0].Qa.shape == (width + bias, rows)
 
 
 def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
     tmp_path: Path,
 ) -> None:
     """An MLP on 1,200 features fitted on 180 rows: its first layer's input factor keeps
-    the eigenvectors of its range (244 of 1,201), in the cache too; a removal from
-    the cached factors writes the same model as the one that fitted them."""
-    from puma_cli.engine.kronecker import OVERSAMPLE
-
+    the eigenvectors of its range (180 of 1,201, taken from the rows), in the cache too;
+    a removal from the cached factors writes the same model as the one that fitted them."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 1200)).astype(np.float32)
     y = (X[:, :5].sum(axis=1) > 0).astype(np.int64)
@@ -587,8 +622,8 @@ def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
     first = removal("a.safetensors")
     factors = load_file(str(tmp_path / "m.factors.safetensors"))
     assert first["parameters"]["curvature_cached"] is False
-    # fitted on the 180 trained rows (20 are validation): a range of 180 + the oversample
-    assert factors["net.layers.0.Qa"].shape == (1201, 180 + OVERSAMPLE)
+    # fitted on the 180 trained rows (20 are validation): their span, taken from them
+    assert factors["net.layers.0.Qa"].shape == (1201, 180)
     # 5 epochs of an 8-wide layer on 180 rows against a 1,201-wide factor: said so
     (said,) = [w for w in first["warnings"] if "multiply-adds of training" in w]
     assert "layer 'net.layers.0' has an input factor 1,201 wide" in said
@@ -659,47 +694,55 @@ def test_factors_are_weighed_before_they_are_fitted() -> None:
                              rows=rows, work_per_row=size, n_parameters=size,
                              element_size=4, memory=memory)  # fmt: skip
 
-    thirty = weigh(shapes(30_000, 16, 4), 1_349)  # K-FAC 200 s, the GGN 27 s
-    assert thirty.name == "ggn" and thirty.samples == 1_349
-    assert "about 5,802 passes of the model over its 1,349 rows" in thirty.note
-    assert "'net.layers.0' has an input factor 30,001 wide" in thirty.note
-    assert "18.0 GB" in thirty.note  # measured: 17.3 GB above the process's size before
-    assert weigh(shapes(10_000, 64, 2), 3_600).name == "ggn"  # K-FAC 72 s, the GGN 54 s
+    # measured: K-FAC 9 s (its input factor from the rows), the GGN 27 s, training 9 s
+    assert weigh(shapes(30_000, 16, 4), 1_349).name == "kfac"
+    assert weigh(shapes(10_000, 64, 2), 3_600).name == "kfac"  # 23 s, the GGN 54 s
+    # a QR of the rows costs 3 x rows passes over a layer `outputs` wide: a linear model
+    linear = weigh([FactorShape("net.layers.0", 30_001, 2)], 10_000)
+    assert linear.name == "ggn" and linear.samples == 10_000
+    assert "about 16,667 passes of the model over its 10,000 rows" in linear.note
+    assert "'net.layers.0' has an input factor 30,001 wide" in linear.note
+    assert "3.6 GB of memory" in linear.note  # three copies of the 10,000 x 30,001 rows
     narrow = shapes(64, 64, 10)
     assert weigh(narrow, 9_000).name == "kfac"  # the benchmark's 64k MLP, its 0.06x
     # by memory alone
-    need = fit_bytes(narrow, 4)
+    need = fit_bytes(narrow, 4, 9_000, "kfac")
     assert weigh(narrow, 9_000, memory=2 * need).name == "kfac"
     assert weigh(narrow, 9_000, memory=2 * need - 1).name == "ggn"
-    # asked for by name: fitted where the memory holds it, however long it takes
+    # asked for by name: fitted where the memory holds it, however long it takes; EK-FAC
+    # sums the whole factor (18.0 GB measured 17.3 above the process), K-FAC its rows
     wide = shapes(30_000, 16, 4)
-    assert weigh(wide, 1_349, auto=False).name == "kfac"
-    assert weigh(wide, 1_349, auto=False, memory=fit_bytes(wide, 4)).name == "kfac"
+    ekfac = CurvatureChoice("ekfac", 1_349, "mc")
+    assert weigh_factors(ekfac, wide, auto=False, rows=1_349, work_per_row=1, n_parameters=1,
+                         element_size=4, memory=None) == ekfac  # fmt: skip
     with pytest.raises(PumaError, match=r"about 18\.0 GB of memory .* more than the 1\.0 GB"):
-        weigh(wide, 1_349, auto=False, memory=10**9)
+        weigh_factors(ekfac, wide, auto=False, rows=1_349, work_per_row=1, n_parameters=1,
+                      element_size=4, memory=10**9)  # fmt: skip
+    assert weigh(wide, 1_349, auto=False, memory=10**9).name == "kfac"  # 0.5 GB of rows
     exact = CurvatureChoice("exact", 0, "mc")
     assert weigh_factors(exact, wide, auto=True, rows=9, work_per_row=1, n_parameters=1,
                          element_size=8, memory=1) == exact  # fmt: skip
 
 
 def test_auto_takes_the_ggn_for_a_wide_input_layer_and_says_why(tmp_path: Path) -> None:
-    """A 2,000-feature MLP, 8 hidden, on 700 rows: K-FAC's 2,001-wide input factor would
-    cost many times training, so `auto` solves with the GGN and says so; asked for,
-    K-FAC fits, and its note after the fit gives the cost `auto` predicted."""
+    """A 4,000-feature MLP, 2 hidden, on 1,400 rows: K-FAC's 4,001-wide input factor,
+    even from its rows, costs 3 x 1,260 rows / 2 outputs passes over the rows, so `auto`
+    solves with the GGN and says so; asked for, K-FAC fits, and its note after the fit
+    gives the cost `auto` predicted."""
     rng = np.random.default_rng(1)
-    X = rng.normal(size=(700, 2000)).astype(np.float32)
+    X = rng.normal(size=(1400, 4000)).astype(np.float32)
     y = (X[:, :4].sum(axis=1) > 0).astype(np.int64)
     np.savez(tmp_path / "wide.npz", X=X, y=y)
     model = tmp_path / "m.safetensors"
-    run_json("train", tmp_path / "wide.npz", "--hidden", "8", "--epochs", "3", "-o", model,
+    run_json("train", tmp_path / "wide.npz", "--hidden", "2", "--epochs", "3", "-o", model,
              "--device", "cpu")  # fmt: skip
-    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 700, 35)))
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 1400, 70)))
     auto = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o",
                     tmp_path / "a.safetensors", "--device", "cpu")  # fmt: skip
     assert auto["parameters"]["curvature"] == "ggn"
     assert not (tmp_path / "m.factors.safetensors").exists()  # nothing fitted
     (said,) = [w for w in auto["warnings"] if w.startswith("--curvature auto")]
-    assert "'net.layers.0' has an input factor 2,001 wide" in said
+    assert "'net.layers.0' has an input factor 4,001 wide" in said
     kfac = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature",
                     "kfac", "-o", tmp_path / "k.safetensors", "--device", "cpu")  # fmt: skip
     assert kfac["parameters"]["curvature"] == "kfac"

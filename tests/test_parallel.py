@@ -301,3 +301,32 @@ def test_scores_gather_in_row_order_in_one_process() -> None:
     rows = torch.arange(5.0)
     assert torch.equal(parallel.gather(rows), rows)
     assert np.array_equal(parallel.all_reduce(rows.clone()).numpy(), rows.numpy())
+
+
+def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(tmp_path: Path) -> None:
+    """K-FAC of a Linear layer far wider than its fitting rows takes its input factor from
+    their rows: two processes each hold half of them and join them in batch order, so
+    the patch is one process's (weights to float32's rounding of the step)."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(600, 1300)).astype(np.float32)
+    np.savez(tmp_path / "wide.npz", X=X, y=(X[:, :3].sum(axis=1) > 0).astype(np.int64))
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "wide.npz", "--hidden", "4", "--epochs", "2", "-o", model,
+             "--device", "cpu")  # fmt: skip
+    (tmp_path / "marked.txt").write_text("".join(f"{i}\n" for i in range(0, 600, 40)))
+    common = ["remove", "-m", model, "--marked", "marked.txt", "--curvature", "kfac"]
+    common += ["--eta", "1", "--no-cache", "--device", "cpu", "--json"]
+    for processes in (1, 2):
+        result = torchrun(tmp_path, processes, *common, "-o", f"{processes}.safetensors")
+        assert result.returncode == 0, result.stderr
+    a, b = load_file(tmp_path / "1.safetensors"), load_file(tmp_path / "2.safetensors")
+    before = load_file(model)
+    assert kronecker.through_rows(True, 1301, 540, "kfac")  # 540 rows trained, 60 validation
+    first = float(
+        (a["model.net.layers.0.weight"] - before["model.net.layers.0.weight"]).abs().max()
+    )
+    assert first > 0
+    for name in a:
+        if a[name].is_floating_point():
+            moved = float((a[name] - before[name]).abs().max())
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-4 * max(moved, first))

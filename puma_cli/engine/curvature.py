@@ -37,6 +37,7 @@ from puma_cli.engine.kronecker import (
     KroneckerCurvature,
     fit_kronecker,
     kronecker_from_tensors,
+    through_rows,
 )
 from puma_cli.errors import PumaError, require_range
 from puma_cli.io.cache import Cache
@@ -64,17 +65,18 @@ TYPE2_MAX_PARAMETERS = 100_000  # type-2 costs one backward pass per class: smal
 TYPE2_TRAINING_SHARE = 0.25
 FIT_BATCH = 512  # most rows per batch when fitting (a convolution's: its engine chunk, 128)
 # Fitting the factors at twice training's multiply-adds or more draws a note: a 10,000-wide
-# input layer on 3,600 rows counts 16x (72 s against an 11 s retrain), on 300 rows 1x
-# (9.7 s against 11 s); the benchmark's 2k, 64k and 1 M MLPs 0.075x, 0.063x and 0.017x,
-# the digits CNN 0.009x (20 epochs, factors fitted on every row or 10,000).
+# input layer on 3,600 rows counts 6x (23 s against an 11 s retrain; 16x and 72 s when
+# its factor was summed whole); the benchmark's 2k, 64k and 1 M MLPs 0.075x, 0.063x and
+# 0.017x, the digits CNN 0.009x (20 epochs, factors fitted on every row or 10,000).
 FACTOR_COST_NOTED = 2
 # `auto` takes the GGN where K-FAC's factors would cost more multiply-adds than this many
 # passes of the model over the rows. Measured on wide input layers (2 cores, float32):
-# the factors' large products ran at about 17 G multiply-adds a second, the GGN's
-# conjugate gradients (50-100 products, 3-4 passes each) at about 4 G; 30,000 features,
-# 16 hidden, 1,349 rows: factors of 5,800 passes' work, K-FAC 200 s (an 18.5 GB peak)
-# against the GGN's 27 s (1.3 GB) and training's 9 s; 10,000 features, 64 hidden, 3,600
-# rows: 480 passes' work, K-FAC 72 s against the GGN's 54 s and training's 11 s.
+# the factors' large products ran at 17-23 G multiply-adds a second, the GGN's
+# conjugate gradients (50-100 products, 3-4 passes each) at about 4 G. 30,000 features,
+# 16 hidden, 1,349 rows: the factor summed whole, 5,800 passes' work, K-FAC 200 s (an
+# 18.5 GB peak) against the GGN's 27 s (1.3 GB) and training's 9 s; from its rows
+# (`through_rows`), 255 passes, K-FAC 9.0 s (1.8 GB). 10,000 features, 64 hidden, 3,600
+# rows: summed, 480 passes and 72 s; from the rows 190 and 23 s; the GGN 54 s.
 AUTO_FACTOR_PASSES = 400
 FIT_BATCHES = 16  # fewest batches (down to 128 rows each), so that torchrun can split them
 
@@ -179,7 +181,8 @@ def attach_curvature(
                 "labels": "seeded per batch", "batch": str(size),
                 "fit_precision": str(fit_dtype), "decomposed_in": str(fit_dtype),
                 "shared_weights": APPROXIMATION,
-                "input_factors": f"their range alone past {LOW_RANK_MIN} wide",
+                "input_factors": f"their range alone past {LOW_RANK_MIN} wide; a wide "
+                "Linear layer's from its rows",
                 "self_attention": "as modules"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
@@ -230,10 +233,16 @@ def factor_cost_ratio(
     kron = engine.kronecker
     if kron is None or engine.kronecker_cached or not kron.blocks:
         return 0.0
-    factors = [shape for block in kron.blocks for shape in (block.Qa.shape, block.Qb.shape)]
+    factors = [(int(b.Qb.shape[0]), int(b.Qb.shape[1])) for b in kron.blocks]
+    rows = [int(b.Qa.shape[0]) for b in kron.blocks if b.module in kron.from_rows]
+    factors += [
+        (int(b.Qa.shape[0]), int(b.Qa.shape[1]))
+        for b in kron.blocks
+        if b.module not in kron.from_rows
+    ]
     if work_per_row is None:
         work_per_row = multiply_adds(engine.module, engine.X[:1])
-    work = _factor_work([(int(d), int(k)) for d, k in factors], samples)
+    work = _factor_work(factors, samples) + _rows_work(rows, samples)
     return work / _training_work(epochs, engine.n, work_per_row, engine.n_parameters)
 
 
@@ -243,31 +252,52 @@ def _factor_work(factors: list[tuple[int, int]], samples: int) -> int:
     return sum(samples * d * d + (2 * d * d * k if k < d else d**3) for d, k in factors)
 
 
+def _rows_work(widths: list[int], samples: int) -> int:
+    """Multiply-adds of input factors taken from their rows (`decompose_rows`): a QR of
+    the (d, samples) rows, their samples^2 Gram and its eigh, the basis taken back."""
+    return sum(3 * d * samples * samples + samples**3 for d in widths)
+
+
 def _training_work(epochs: int, rows: int, work_per_row: int, n_parameters: int) -> int:
     """Multiply-adds of training: 3 passes a row and epoch, at least one per parameter."""
     return 3 * max(epochs, 1) * rows * max(work_per_row, n_parameters)
 
 
-def predicted_factor_work(shapes: list[FactorShape], samples: int) -> int:
+def predicted_factor_work(shapes: list[FactorShape], samples: int, kind: str) -> int:
     """`_factor_work` before fitting, from the layers' widths: an input factor past
     LOW_RANK_MIN and more than twice samples + OVERSAMPLE wide keeps its range alone, as
-    `decompose` does; an output factor is decomposed whole."""
+    `decompose` does, and a Linear layer's is then taken from its rows under K-FAC
+    (`through_rows`); an output factor is decomposed whole."""
 
     def kept(d: int) -> int:
         k = samples + OVERSAMPLE
         return d if d < LOW_RANK_MIN or 2 * k > d else k
 
-    factors = [(s.inputs, kept(s.inputs)) for s in shapes]
-    return _factor_work(factors + [(s.outputs, s.outputs) for s in shapes], samples)
+    def by_rows(s: FactorShape) -> bool:
+        return through_rows(s.linear, s.inputs, samples, kind)
+
+    factors = [(s.inputs, kept(s.inputs)) for s in shapes if not by_rows(s)]
+    rows = [s.inputs for s in shapes if by_rows(s)]
+    factors += [(s.outputs, s.outputs) for s in shapes]
+    return _factor_work(factors, samples) + _rows_work(rows, samples)
 
 
-def fit_bytes(shapes: list[FactorShape], element_size: int) -> int:
-    """Memory a K-FAC fit holds at its peak, roughly: every factor's float64 total and
-    its copy in the fit's dtype, and for the widest one a batch's share and the
-    decomposition's work. Measured: one 30,001-wide input factor (3.6 GB in float32),
-    17.3 GB above the process's 1.2 GB before fitting; this gives 18.0 GB."""
-    squares = [d * d for s in shapes for d in (s.inputs, s.outputs)]
-    return sum(squares) * (8 + element_size) + max(squares, default=0) * 2 * element_size
+def fit_bytes(shapes: list[FactorShape], element_size: int, samples: int, kind: str) -> int:
+    """Memory a fit holds at its peak, roughly: every factor's float64 total and its copy
+    in the fit's dtype, and for the widest one a batch's share and the decomposition's
+    work; an input factor taken from its rows (`through_rows`), three copies of them
+    (as fitted, joined, and the QR's basis). Measured: one 30,001-wide input factor
+    summed whole (3.6 GB in float32), 17.3 GB above the process's 1.2 GB before
+    fitting; this gives 18.0 GB."""
+    rows = 0
+    squares = [s.outputs**2 for s in shapes]
+    for s in shapes:
+        if through_rows(s.linear, s.inputs, samples, kind):
+            rows += 3 * s.inputs * samples * element_size
+        else:
+            squares.append(s.inputs**2)
+    whole = sum(squares) * (8 + element_size) + max(squares, default=0) * 2 * element_size
+    return whole + rows
 
 
 def _amount(size: int) -> str:
@@ -293,13 +323,13 @@ def weigh_factors(
     is refused."""
     if choice.name not in KINDS or not shapes:
         return choice
-    need = fit_bytes(shapes, element_size)
+    need = fit_bytes(shapes, element_size, choice.samples, choice.name)
     widest = max(shapes, key=lambda s: max(s.inputs, s.outputs))
     width = max(widest.inputs, widest.outputs)
     side = "input" if widest.inputs >= widest.outputs else "output"
     gigabytes = _amount(need)
     if auto:
-        work = predicted_factor_work(shapes, choice.samples)
+        work = predicted_factor_work(shapes, choice.samples, choice.name)
         passes = work / (rows * max(work_per_row, n_parameters, 1))
         if passes <= AUTO_FACTOR_PASSES and (memory is None or need <= memory / 2):
             return choice
@@ -310,15 +340,15 @@ def weigh_factors(
             f"--curvature auto: fitting K-FAC's factors would take the multiply-adds of "
             f"about {passes:,.0f} passes of the model over its {rows:,} rows and about "
             f"{gigabytes} of memory (layer {widest.layer!r} has an {side} factor {width:,} "
-            "wide), more than the Gauss-Newton matrix's conjugate-gradient solves, so they "
-            "use it; --curvature kfac fits the factors anyway, on fewer rows with "
-            '--curvature-samples (README: "Removal at scale")',
+            "wide), more than conjugate gradients on the Gauss-Newton matrix would take, "
+            "so the solves use those; --curvature kfac fits the factors anyway, on fewer "
+            'rows with --curvature-samples (README: "Removal at scale")',
         )
     if memory is not None and need > memory:
         raise PumaError(
             f"--curvature {choice.name} would need about {gigabytes} of memory to fit its "
-            f"factors (layer {widest.layer!r} has an {side} factor {width:,} wide, "
-            f"{width:,} x {width:,} values), more than the {_amount(memory)} here; use "
+            f"factors (layer {widest.layer!r} has an {side} factor {width:,} wide), more "
+            f"than the {_amount(memory)} here; use "
             "--curvature ggn or exact (conjugate gradients, no factor), or a network that "
             "narrows its input first"
         )
