@@ -72,9 +72,9 @@ RANGE_TOLERANCE = 1e-4  # what the sketch may miss of the factor on random probe
 
 def through_rows(linear: bool, width: int, rows: int, kind: str) -> bool:
     """Whether K-FAC takes a layer's input factor from the rows of its inputs (`rows`
-    fitting rows, `width` = in'), never forming the width x width factor: a Linear layer
-    (`linear`) as wide as a kept range (`decompose`) under K-FAC (EK-FAC refits the eigenvalues in
-    curvlinops' own basis, from the whole factor)."""
+    fitting rows, `width` = in'), never forming the width x width factor: a Linear
+    layer (`linear`) wide enough for `decompose` to keep a range, under K-FAC only
+    (EK-FAC refits the eigenvalues in curvlinops' own basis, from the whole factor)."""
     return kind == "kfac" and linear and width >= LOW_RANK_MIN and 2 * (rows + OVERSAMPLE) <= width
 
 
