@@ -773,3 +773,20 @@ def test_a_kfac_fit_larger_than_memory_is_refused_before_it_starts(
     assert_clean_error(result, "more than the 1 MB here; use --curvature ggn or exact")
     assert "layer 'net.layers.0' has an input factor 301 wide" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "ids.txt", "m.safetensors"]
+
+
+def test_the_memory_a_process_may_use_is_shared_among_torchrun_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CPU's memory, split among the processes torchrun starts on this machine (each
+    fits its own factors); a LOCAL_WORLD_SIZE that is not a count splits nothing."""
+    from puma_cli.devices import device_memory
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    whole = device_memory(torch.device("cpu"))
+    assert whole is not None and whole > 2**28  # this machine has a few GB at least
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert device_memory(torch.device("cpu")) == whole // 2
+    for junk in ("", "0", "two"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", junk)
+        assert device_memory(torch.device("cpu")) == whole
