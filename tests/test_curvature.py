@@ -599,20 +599,28 @@ def test_fitted_factors_through_their_rows_invert_as_the_float64_fit(
     assert through_rows.blocks[0].Qa.shape == (width + bias, rows)
 
 
+def _wide_mlp(
+    tmp_path: Path, rows: int, features: int, hidden: int, epochs: int, seed: int
+) -> Path:
+    """m.safetensors: an MLP trained on Gaussian rows labelled by their first features'
+    sign, and ids.txt marking every 20th row."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(rows, features)).astype(np.float32)
+    np.savez(tmp_path / "wide.npz", X=X, y=(X[:, :4].sum(axis=1) > 0).astype(np.int64))
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "wide.npz", "--hidden", str(hidden), "--epochs", str(epochs),
+             "-o", model, "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, rows, 20)))
+    return model
+
+
 def test_a_wide_input_layer_keeps_its_factor_s_range_alone_through_the_cache(
     tmp_path: Path,
 ) -> None:
     """An MLP on 1,200 features fitted on 180 rows: its first layer's input factor keeps
     the eigenvectors of its range (180 of 1,201, taken from the rows), in the cache too;
     a removal from the cached factors writes the same model as the one that fitted them."""
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(200, 1200)).astype(np.float32)
-    y = (X[:, :5].sum(axis=1) > 0).astype(np.int64)
-    np.savez(tmp_path / "wide.npz", X=X, y=y)
-    model = tmp_path / "m.safetensors"
-    run_json("train", tmp_path / "wide.npz", "--hidden", "8", "--epochs", "5", "-o", model,
-             "--device", "cpu")  # fmt: skip
-    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 200, 20)))
+    model = _wide_mlp(tmp_path, rows=200, features=1200, hidden=8, epochs=5, seed=0)
 
     def removal(name: str) -> dict:
         (tmp_path / "m.influence.safetensors").unlink(missing_ok=True)  # the factors' turn
@@ -729,14 +737,7 @@ def test_auto_takes_the_ggn_for_a_wide_input_layer_and_says_why(tmp_path: Path) 
     even from its rows, costs 3 x 1,260 rows / 2 outputs passes over the rows, so `auto`
     solves with the GGN and says so; asked for, K-FAC fits, and its note after the fit
     gives the cost `auto` predicted."""
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(1400, 4000)).astype(np.float32)
-    y = (X[:, :4].sum(axis=1) > 0).astype(np.int64)
-    np.savez(tmp_path / "wide.npz", X=X, y=y)
-    model = tmp_path / "m.safetensors"
-    run_json("train", tmp_path / "wide.npz", "--hidden", "2", "--epochs", "3", "-o", model,
-             "--device", "cpu")  # fmt: skip
-    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 1400, 70)))
+    model = _wide_mlp(tmp_path, rows=1400, features=4000, hidden=2, epochs=3, seed=1)
     auto = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "-o",
                     tmp_path / "a.safetensors", "--device", "cpu")  # fmt: skip
     assert auto["parameters"]["curvature"] == "ggn"

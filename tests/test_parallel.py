@@ -36,6 +36,19 @@ def puma_errors(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
 
 
+def _one_and_two_processes(
+    folder: Path, model: Path, curvature: str
+) -> tuple[dict[str, torch.Tensor], ...]:
+    """The model marked.txt's removal writes in one process and in two (step 1, no
+    caches), and the model before it."""
+    common = ["remove", "-m", model, "--marked", "marked.txt", "--curvature", curvature]
+    common += ["--eta", "1", "--no-cache", "--device", "cpu", "--json"]
+    for processes in (1, 2):
+        result = torchrun(folder, processes, *common, "-o", f"{processes}.safetensors")
+        assert result.returncode == 0, result.stderr
+    return tuple(load_file(p) for p in (folder / "1.safetensors", folder / "2.safetensors", model))
+
+
 @pytest.fixture
 def copy(model_file: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
@@ -86,13 +99,7 @@ def test_ekfac_of_a_float32_conv_net_does_not_depend_on_the_split(tmp_path: Path
         "--optimizer", "sgd", "-o", model, "--device", "cpu",
     )  # fmt: skip
     run_json("mark", DIGITS, "--random", "0.03", "-o", tmp_path / "marked.txt")
-    common = ["remove", "-m", model, "--marked", "marked.txt", "--curvature", "ekfac"]
-    common += ["--eta", "1", "--no-cache", "--device", "cpu", "--json"]
-    for processes in (1, 2):
-        result = torchrun(tmp_path, processes, *common, "-o", f"{processes}.safetensors")
-        assert result.returncode == 0, result.stderr
-    a, b = load_file(tmp_path / "1.safetensors"), load_file(tmp_path / "2.safetensors")
-    before = load_file(model)
+    a, b, before = _one_and_two_processes(tmp_path, model, "ekfac")
     for name in a:
         if a[name].is_floating_point():
             moved = float((a[name] - before[name]).abs().max())
@@ -314,13 +321,7 @@ def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(tmp_path: Pat
     run_json("train", tmp_path / "wide.npz", "--hidden", "4", "--epochs", "2", "-o", model,
              "--device", "cpu")  # fmt: skip
     (tmp_path / "marked.txt").write_text("".join(f"{i}\n" for i in range(0, 600, 40)))
-    common = ["remove", "-m", model, "--marked", "marked.txt", "--curvature", "kfac"]
-    common += ["--eta", "1", "--no-cache", "--device", "cpu", "--json"]
-    for processes in (1, 2):
-        result = torchrun(tmp_path, processes, *common, "-o", f"{processes}.safetensors")
-        assert result.returncode == 0, result.stderr
-    a, b = load_file(tmp_path / "1.safetensors"), load_file(tmp_path / "2.safetensors")
-    before = load_file(model)
+    a, b, before = _one_and_two_processes(tmp_path, model, "kfac")
     assert kronecker.through_rows(True, 1301, 540, "kfac")  # 540 rows trained, 60 validation
     first = float(
         (a["model.net.layers.0.weight"] - before["model.net.layers.0.weight"]).abs().max()
