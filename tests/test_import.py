@@ -168,6 +168,24 @@ def test_a_wrapper_prefix_is_taken_off(
     assert plain.keys() == state.keys() and all(torch.equal(plain[k], state[k]) for k in state)
 
 
+def test_a_lightning_checkpoint_is_refused_with_the_way_to_its_weights(
+    elsewhere: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """A Lightning .ckpt (a torch.save pickle, the network's tensors under 'state_dict'
+    named model.<name>) is never unpickled; the error says how to write its weights,
+    and what it says to write imports."""
+    state = load_file(str(elsewhere / "w.safetensors"))
+    ckpt = tmp_path / "epoch=9.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, ckpt)
+    result = _import(elsewhere, data_dir, ckpt, tmp_path / "m.safetensors")
+    assert_clean_error(result, "save_file(torch.load(ckpt)['state_dict'], path)")  # type: ignore[arg-type]
+    assert not (tmp_path / "m.safetensors").exists()
+    weights = tmp_path / "w.safetensors"
+    save_file(torch.load(ckpt)["state_dict"], str(weights))
+    result = _import(elsewhere, data_dir, weights, tmp_path / "m.safetensors")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+
+
 WRAPPED = NET.replace("self.hidden", "self.net.hidden").replace("self.out", "self.net.out")
 WRAPPED = WRAPPED.replace(
     "super().__init__()\n", "super().__init__()\n        self.net = nn.Module()\n"

@@ -77,9 +77,15 @@ def _read_tensors(
         tensors = load_safetensors(raw)
     except (SafetensorError, ValueError) as exc:
         if raw[:1] == b"\x80" or raw[:2] == b"PK":
+            lightning = (
+                " (a Lightning .ckpt holds them under 'state_dict': save_file(torch.load(ckpt)"
+                "['state_dict'], path); puma takes off the 'model.' its names start with)"
+                if Path(path).suffix == ".ckpt"
+                else ""
+            )
             raise DataError(
                 f"{path} is a pickle or torch.save file, which puma never unpickles; save the "
-                "weights with safetensors.torch.save_file(net.state_dict(), path)"
+                f"weights with safetensors.torch.save_file(net.state_dict(), path){lightning}"
             ) from exc
         if is_text(raw):
             raise DataError(
