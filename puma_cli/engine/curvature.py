@@ -36,6 +36,7 @@ from puma_cli.engine.kronecker import (
     FactorShape,
     KroneckerCurvature,
     fit_kronecker,
+    keeps_range,
     kronecker_from_tensors,
     through_rows,
 )
@@ -270,8 +271,7 @@ def predicted_factor_work(shapes: list[FactorShape], samples: int, kind: str) ->
     (`through_rows`); an output factor is decomposed whole."""
 
     def kept(d: int) -> int:
-        k = samples + OVERSAMPLE
-        return d if d < LOW_RANK_MIN or 2 * k > d else k
+        return samples + OVERSAMPLE if keeps_range(d, samples) else d
 
     def by_rows(s: FactorShape) -> bool:
         return through_rows(s.linear, s.inputs, samples, kind)

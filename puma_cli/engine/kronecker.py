@@ -70,12 +70,25 @@ OVERSAMPLE = 64  # sketch columns past the rank bound: rounding lifts the null s
 RANGE_TOLERANCE = 1e-4  # what the sketch may miss of the factor on random probes
 
 
+def keeps_range(width: int, rank_bound: int) -> bool:
+    """Whether a factor `width` wide, of rank `rank_bound` at most, keeps only the
+    eigenvectors of its range (`decompose`, `through_rows`): at least LOW_RANK_MIN wide
+    and more than twice rank_bound + OVERSAMPLE."""
+    return width >= LOW_RANK_MIN and 2 * (rank_bound + OVERSAMPLE) <= width
+
+
+def input_width(layer: nn.Linear | nn.Conv2d) -> int:
+    """in', the width of a layer's input factor: its inputs (a convolution's patch) and
+    the 1 its bias adds."""
+    return layer.weight[0].numel() + (layer.bias is not None)
+
+
 def through_rows(linear: bool, width: int, rows: int, kind: str) -> bool:
     """Whether K-FAC takes a layer's input factor from the rows of its inputs (`rows`
     fitting rows, `width` = in'), never forming the width x width factor: a Linear
     layer (`linear`) wide enough for `decompose` to keep a range, under K-FAC only
     (EK-FAC refits the eigenvalues in curvlinops' own basis, from the whole factor)."""
-    return kind == "kfac" and linear and width >= LOW_RANK_MIN and 2 * (rows + OVERSAMPLE) <= width
+    return kind == "kfac" and linear and keeps_range(width, rows)
 
 
 @dataclass
@@ -214,15 +227,10 @@ def factor_shapes(module: nn.Module, probe: Tensor) -> list[FactorShape]:
     has nothing to fit) and the widths of their factors, read off the layers."""
     with as_layers(module):
         layers = supported_layers(module, probe)
-    shapes = []
-    for name, layer in layers:
-        bias = int(layer.bias is not None)
-        if isinstance(layer, nn.Conv2d):
-            patch = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-            shapes.append(FactorShape(name, patch + bias, layer.out_channels, linear=False))
-        else:
-            shapes.append(FactorShape(name, layer.in_features + bias, layer.out_features))
-    return shapes
+    return [
+        FactorShape(name, input_width(layer), layer.weight.shape[0], isinstance(layer, nn.Linear))
+        for name, layer in layers
+    ]
 
 
 def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]:
@@ -418,8 +426,7 @@ def _fit(
 
 
 def _through_rows(layer: nn.Linear | nn.Conv2d, rows: int, kind: str) -> bool:
-    width = layer.weight[0].numel() + (layer.bias is not None)
-    return through_rows(isinstance(layer, nn.Linear), width, rows, kind)
+    return through_rows(isinstance(layer, nn.Linear), input_width(layer), rows, kind)
 
 
 def _gathered_rows(rows: list[Tensor]) -> Tensor:
@@ -457,9 +464,9 @@ def decompose(factor: Tensor, rank_bound: int) -> tuple[Tensor, Tensor]:
     float64 eigendecomposition's as a float32 eigh's (tested): its null space is exactly
     0, where eigh's rounding leaves noise."""
     d = factor.shape[0]
-    k = rank_bound + OVERSAMPLE
-    if d < LOW_RANK_MIN or 2 * k > d:
+    if not keeps_range(d, rank_bound):
         return torch.linalg.eigh(factor)
+    k = rank_bound + OVERSAMPLE
     generator = torch.Generator(device=factor.device).manual_seed(0)
     sketch = torch.randn(d, k, generator=generator, device=factor.device, dtype=factor.dtype)
     in_range, _ = torch.linalg.qr(factor @ sketch)
@@ -663,7 +670,7 @@ def kronecker_from_tensors(
             if any(p is None for p in parts):
                 return None
             Qa, Qb, E = (p.double() for p in parts if p is not None)
-            cols = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
+            cols = input_width(layer)
             rows = layer.weight.shape[0]
             k = Qa.shape[1] if Qa.ndim == 2 else 0  # the range's width, or all of it
             if Qa.shape != (cols, k) or not 0 < k <= cols:

@@ -159,10 +159,10 @@ def _shared_prefix(tensors: dict[str, torch.Tensor]) -> str | None:
     """The first name every tensor's name starts with (`module.` of DDP, `_orig_mod.` of
     torch.compile, `model.` of a Lightning module that holds the network as self.model),
     None where they do not share one or a name has no dot."""
-    firsts = {name.split(".", 1)[0] for name in tensors if "." in name}
-    if len(firsts) != 1 or not all("." in name for name in tensors):
+    if not all("." in name for name in tensors):
         return None
-    return f"{firsts.pop()}."
+    firsts = {name.split(".", 1)[0] for name in tensors}
+    return f"{firsts.pop()}." if len(firsts) == 1 else None
 
 
 def names_like(net: nn.Module, path: Path, label: str) -> dict[str, tuple[str, torch.dtype]]:
