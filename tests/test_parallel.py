@@ -310,10 +310,14 @@ def test_scores_gather_in_row_order_in_one_process() -> None:
     assert np.array_equal(parallel.all_reduce(rows.clone()).numpy(), rows.numpy())
 
 
-def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(
+    kind: str, tmp_path: Path
+) -> None:
     """K-FAC of a Linear layer far wider than its fitting rows takes its input factor from
     their rows: two processes each hold half of them and join them in batch order, so
-    the patch is one process's (weights to float32's rounding of the step)."""
+    the patch is one process's (weights to float32's rounding of the step). EK-FAC
+    refits its eigenvalues in the basis of the joined rows."""
     rng = np.random.default_rng(5)
     X = rng.normal(size=(600, 1300)).astype(np.float32)
     np.savez(tmp_path / "wide.npz", X=X, y=(X[:, :3].sum(axis=1) > 0).astype(np.int64))
@@ -321,8 +325,8 @@ def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(tmp_path: Pat
     run_json("train", tmp_path / "wide.npz", "--hidden", "4", "--epochs", "2", "-o", model,
              "--device", "cpu")  # fmt: skip
     (tmp_path / "marked.txt").write_text("".join(f"{i}\n" for i in range(0, 600, 40)))
-    a, b, before = _one_and_two_processes(tmp_path, model, "kfac")
-    assert kronecker.through_rows(True, 1301, 540, "kfac")  # 540 rows trained, 60 validation
+    a, b, before = _one_and_two_processes(tmp_path, model, kind)
+    assert kronecker.through_rows(True, 1301, 540, kind)  # 540 rows trained, 60 validation
     first = float(
         (a["model.net.layers.0.weight"] - before["model.net.layers.0.weight"]).abs().max()
     )

@@ -183,7 +183,8 @@ def attach_curvature(
                 "fit_precision": str(fit_dtype), "decomposed_in": str(fit_dtype),
                 "shared_weights": APPROXIMATION,
                 "input_factors": f"their range alone past {LOW_RANK_MIN} wide; a wide "
-                "Linear layer's from its rows",
+                "Linear layer's from its rows"
+                + ("; EK-FAC's basis too, at one position a row" if choice.name == "ekfac" else ""),
                 "self_attention": "as modules"}  # fmt: skip
     if cache is not None:
         found: list[KroneckerCurvature] = []
@@ -267,14 +268,15 @@ def _training_work(epochs: int, rows: int, work_per_row: int, n_parameters: int)
 def predicted_factor_work(shapes: list[FactorShape], samples: int, kind: str) -> int:
     """`_factor_work` before fitting, from the layers' widths: an input factor past
     LOW_RANK_MIN and more than twice samples + OVERSAMPLE wide keeps its range alone, as
-    `decompose` does, and a Linear layer's is then taken from its rows under K-FAC
-    (`through_rows`); an output factor is decomposed whole."""
+    `decompose` does, and a Linear layer's is then taken from its rows (`through_rows`:
+    under EK-FAC, where it sees one position a row); an output factor is decomposed
+    whole."""
 
     def kept(d: int) -> int:
         return samples + OVERSAMPLE if keeps_range(d, samples) else d
 
     def by_rows(s: FactorShape) -> bool:
-        return through_rows(s.linear, s.inputs, samples, kind)
+        return through_rows(s.linear, s.inputs, samples, kind, s.positions)
 
     factors = [(s.inputs, kept(s.inputs)) for s in shapes if not by_rows(s)]
     rows = [s.inputs for s in shapes if by_rows(s)]
@@ -292,7 +294,7 @@ def fit_bytes(shapes: list[FactorShape], element_size: int, samples: int, kind: 
     rows = 0
     squares = [s.outputs**2 for s in shapes]
     for s in shapes:
-        if through_rows(s.linear, s.inputs, samples, kind):
+        if through_rows(s.linear, s.inputs, samples, kind, s.positions):
             rows += 3 * s.inputs * samples * element_size
         else:
             squares.append(s.inputs**2)

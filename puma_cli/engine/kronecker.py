@@ -83,12 +83,15 @@ def input_width(layer: nn.Linear | nn.Conv2d) -> int:
     return layer.weight[0].numel() + (layer.bias is not None)
 
 
-def through_rows(linear: bool, width: int, rows: int, kind: str) -> bool:
-    """Whether K-FAC takes a layer's input factor from the rows of its inputs (`rows`
+def through_rows(linear: bool, width: int, rows: int, kind: str, positions: int = 1) -> bool:
+    """Whether the fit takes a layer's input factor from the rows of its inputs (`rows`
     fitting rows, `width` = in'), never forming the width x width factor: a Linear
-    layer (`linear`) wide enough for `decompose` to keep a range, under K-FAC only
-    (EK-FAC refits the eigenvalues in curvlinops' own basis, from the whole factor)."""
-    return kind == "kfac" and linear and keeps_range(width, rows)
+    layer (`linear`) wide enough for `decompose` to keep a range. Under EK-FAC only a
+    layer that sees one position a row (`positions`, a row of features, not tokens):
+    its refit squares each row's gradient in the basis, and at a layer over tokens a
+    row's gradient has parts outside the span of the rows' mean inputs (K-FAC-reduce's
+    factor): EK-FAC sums that layer's factor and takes its whole eigenbasis."""
+    return linear and keeps_range(width, rows) and (kind == "kfac" or positions == 1)
 
 
 @dataclass
@@ -173,6 +176,11 @@ class KroneckerCurvature:
 
 
 def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
+    """`probed_layers` without their positions."""
+    return [(name, layer) for name, layer, _ in probed_layers(module, probe)]
+
+
+def probed_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear | nn.Conv2d, int]]:
     """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
     theta; one frozen in part gets no block, and its trainable part is left out) and whose
     forward runs on `probe`, a row or two of input. A layer whose weight another module
@@ -181,7 +189,9 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
     taken at: it is left out, like any other layer K-FAC does not know,
     and so are layers that share a weight (`self.b.weight = self.a.weight`): one block per
     layer cannot hold a tensor's curvature from two layers. A layer held under two names
-    (`self.b = self.a`) is one layer, its factors summed over its calls."""
+    (`self.b = self.a`) is one layer, its factors summed over its calls. Beside each,
+    the most positions a row of input had at one of its calls: the tokens a Linear
+    layer sees (1 for a row of features), a convolution's output positions."""
     tied = tied_layers(module)
     layers = [
         (n, m)
@@ -191,15 +201,23 @@ def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Lin
         and not parametrize.is_parametrized(m)  # weight_norm: its weight is computed
         and id(m) not in tied
     ]
-    ran: set[str] = set()
-    hooks = [m.register_forward_hook(lambda *_, name=n: ran.add(name)) for n, m in layers]
+    ran: dict[str, int] = {}
+
+    def seen(name: str, layer: nn.Module, output: Tensor) -> None:
+        shape = output.shape[2:] if isinstance(layer, nn.Conv2d) else output.shape[1:-1]
+        ran[name] = max(ran.get(name, 1), math.prod(shape))
+
+    hooks = [
+        m.register_forward_hook(lambda layer, _, output, name=n: seen(name, layer, output))
+        for n, m in layers
+    ]
     try:
         with torch.no_grad(), composite_kernels(module):
             module(probe.clone())  # a copy: a forward may write into its input
     finally:
         for hook in hooks:
             hook.remove()
-    return [(n, m) for n, m in layers if n in ran]
+    return [(n, m, ran[n]) for n, m in layers if n in ran]
 
 
 @contextmanager
@@ -220,16 +238,19 @@ class FactorShape:
     inputs: int
     outputs: int
     linear: bool = True  # a Linear layer (else a convolution)
+    positions: int = 1  # a row's positions at the layer (`probed_layers`)
 
 
 def factor_shapes(module: nn.Module, probe: Tensor) -> list[FactorShape]:
     """The layers K-FAC would fit in the module (self-attention's included; none: K-FAC
     has nothing to fit) and the widths of their factors, read off the layers."""
     with as_layers(module):
-        layers = supported_layers(module, probe)
+        layers = probed_layers(module, probe)
     return [
-        FactorShape(name, input_width(layer), layer.weight.shape[0], isinstance(layer, nn.Linear))
-        for name, layer in layers
+        FactorShape(
+            name, input_width(layer), layer.weight.shape[0], isinstance(layer, nn.Linear), positions
+        )
+        for name, layer, positions in layers
     ]
 
 
@@ -331,7 +352,8 @@ def _fit(
     progress: Callable[[int, int], None] | None,
     class_weight: Tensor | None = None,
 ) -> KroneckerCurvature:
-    layers = supported_layers(module, batches[0][0][:2])
+    probed = probed_layers(module, batches[0][0][:2])
+    layers = [(name, layer) for name, layer, _ in probed]
     if not layers:
         raise PumaError(
             f"--curvature {kind} approximates Linear, Conv1d and Conv2d layers, and this model has "
@@ -342,7 +364,7 @@ def _fit(
         _check_ekfac_unfolds(layers)
     params = [p for n, layer in layers for p in (layer.weight, layer.bias) if p is not None]
     total = sum(int(y.shape[0]) for _, y in batches)
-    by_rows = [name for name, layer in layers if _through_rows(layer, total, kind)]
+    by_rows = [name for name, layer, at in probed if _through_rows(layer, total, kind, at)]
     mine = parallel.block(len(batches), f"{total} factor-fitting rows in batches")
     steps = len(mine) * (2 if kind == "ekfac" else 1)
 
@@ -390,15 +412,21 @@ def _fit(
         if not set(operator._mapping) <= set(operator._gradient_covariances):
             through_input = False
             operator = fitted(through_input)
+        inputs = {name: _gathered_rows(operator._input_rows.pop(name)) for name in by_rows}
         if kind == "ekfac":
-            operator._compute_eigenvectors()
+            operator._compute_eigenvectors()  # of the factors it summed
+            # A layer fitted through its rows: the span of its rows is its basis, with
+            # A's eigenvectors in it; a row's gradient there lies in that span, so the
+            # refit is the whole basis's (0 on the rest, where the inverse takes 1 / mu).
+            eigenvectors = operator._input_covariances_eigenvectors
+            for name in by_rows:
+                eigenvectors[name] = decompose_rows(inputs.pop(name))[1]
             compute = operator.compute_eigenvalue_correction
             _accumulate(
                 operator, compute, batches, mine, seed, through_input, after(len(mine)),
                 ("_corrected_eigenvalues",),
             )  # fmt: skip
         state = operator.state_dict()
-        inputs = {name: _gathered_rows(operator._input_rows[name]) for name in by_rows}
     # Decomposed in the fit's dtype, as curvlinops decomposes EK-FAC's, and only then
     # taken to float64: a float32 eigh costs half a float64 one (ResNet-18's 4,608-wide
     # input factors: 9.2 s against 16.0 s each on 2 cores), and its errors (~1e-7 of the
@@ -425,8 +453,8 @@ def _fit(
     return curvature
 
 
-def _through_rows(layer: nn.Linear | nn.Conv2d, rows: int, kind: str) -> bool:
-    return through_rows(isinstance(layer, nn.Linear), input_width(layer), rows, kind)
+def _through_rows(layer: nn.Linear | nn.Conv2d, rows: int, kind: str, positions: int) -> bool:
+    return through_rows(isinstance(layer, nn.Linear), input_width(layer), rows, kind, positions)
 
 
 def _gathered_rows(rows: list[Tensor]) -> Tensor:
