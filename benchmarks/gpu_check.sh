@@ -9,9 +9,11 @@
 #   scale-densenet  the paper's DenseNet on 60,000 images, likewise
 #   tests           the test suite (CPU paths; CI runs it already)
 # Usage: bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]   (default: scale-resnet chain)
-# Stages run in the order given, each on its own: a command that fails ends its stage
-# (named in the summary at the end, exit 1), not the stages after it, so a broken
-# command in one cannot cost a lease the figures of another.
+# Stages run in the order given, each on its own, and a command that fails does not end
+# its stage: it is named as it fails and again in the summary at the end (exit 1), and
+# the commands after it still run, so one broken command costs a lease neither the
+# figures of another stage nor what the rest of its own would have shown (a command
+# that needs the failed one's output fails too, in seconds; the first named is the cause).
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh, carried) are installed first, for a machine
 # whose image lacks curvlinops or typer. Fewer epochs than the issue's 20 make retraining
 # cheaper, so a ratio to it is an upper bound on the ratio to a 20-epoch retrain.
@@ -34,11 +36,21 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-puma() { python3 -m puma_cli "$@"; }
+failures="$out/failed-commands.txt"
+: > "$failures"
+stage=setup
+step() {  # run a command; a failure is named, recorded and passed over
+  "$@" && return 0
+  local status=$?
+  echo "== FAILED (exit $status) in $stage: $*"
+  echo "$stage: $* (exit $status)" >> "$failures"
+  return 0
+}
+puma() { step python3 -m puma_cli "$@"; }
 python3 -c "import torch, typer, sklearn, safetensors, curvlinops; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'typer', typer.__version__)" || exit 1
 
 stage_tests() {
-  python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
+  step python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
 }
 stage_chain() {
 puma make-data radial -o "$out/r.csv" --test-frac 0.2 --json
@@ -102,7 +114,7 @@ puma export "$out/d-imported-p.safetensors" -o "$out/d-imported-p-net.safetensor
 stage_user-nets() {
 # Your own nets on sequences: a GRU (cuDNN's RNN backward refuses the eval mode every
 # derivative is taken in, so the engine runs it without cuDNN) and attention (composite).
-python3 - "$out" <<'PY'
+step python3 - "$out" <<'PY'
 import sys
 from pathlib import Path
 import numpy as np
@@ -144,11 +156,11 @@ epochs=${GPU_EPOCHS:-5}
 rows=()
 [ -n "${GPU_ROWS:-}" ] && rows=(--rows "$GPU_ROWS")
 stage_scale-resnet() {
-  python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-resnet18-50k \
+  step python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-resnet18-50k \
       ${rows[@]+"${rows[@]}"} --out "$out/scale-gpu-resnet.md"
 }
 stage_scale-densenet() {
-  python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-densenet-60k \
+  step python3 benchmarks/scale.py --device "$dev" --epochs "$epochs" --cases gpu-densenet-60k \
       ${rows[@]+"${rows[@]}"} --out "$out/scale-gpu-densenet.md"
 }
 
@@ -160,11 +172,10 @@ for stage in "${stages[@]}"; do
     continue
   fi
   echo "== $stage at $(date +%T)"
-  # A subshell with -e: the first command that fails ends this stage, and only it (not
-  # under || or if, where bash ignores -e inside).
-  ( set -e; "stage_$stage" )
-  status=$?
-  [ $status -eq 0 ] || { echo "== $stage FAILED (exit $status)"; failed+=("$stage"); }
+  before=$(wc -l < "$failures")
+  "stage_$stage"
+  [ "$(wc -l < "$failures")" -eq "$before" ] || failed+=("$stage")
 done
 echo "== done at $(date +%T); failed: ${failed[*]:-none}"
+[ -s "$failures" ] && { echo "== failed commands, in order:"; cat "$failures"; }
 [ ${#failed[@]} -eq 0 ]
