@@ -268,6 +268,143 @@ class Net(nn.Module):  # 330 weights; the convolution's are used at all 64 posit
 """
 
 
+MIXER_NET = """
+import torch
+from torch import nn
+
+
+class Mixer(nn.Module):  # an MLP-Mixer block: tokens mixed over LayerNorm'd channels
+    def __init__(self, input_shape, n_classes, dim=8):
+        super().__init__()
+        self.tokens = input_shape[0]
+        self.embed = nn.Linear(input_shape[1], dim)
+        self.norm = nn.LayerNorm(dim)
+        self.token_in = nn.Linear(self.tokens, 12)
+        self.token_out = nn.Linear(12, self.tokens)
+        self.channel = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_classes))
+
+    def forward(self, x):
+        x = self.embed(x)
+        mixed = self.token_out(torch.relu(self.token_in(self.norm(x).transpose(1, 2))))
+        x = x + mixed.transpose(1, 2)
+        x = x + self.channel(x)
+        return self.head(x.mean(1))
+"""
+
+
+def _mixer(tmp_path: Path) -> nn.Module:
+    (tmp_path / "mixer_net.py").write_text(MIXER_NET)
+    namespace: dict = {}
+    exec(compile(MIXER_NET, str(tmp_path / "mixer_net.py"), "exec"), namespace)
+    torch.manual_seed(0)
+    return namespace["Mixer"]((6, 5), 3).eval()
+
+
+def test_a_layer_whose_reduce_factors_hold_no_curvature_is_fitted_as_expand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Mixer's token-mixing output layer (its positions LayerNorm'd channels, over which
+    its output gradients sum to 0: every path on runs through a LayerNorm over them)
+    holds almost none of its curvature as K-FAC-reduce: it is fitted as expand, its block
+    then the one an all-expand fit gives, and every other layer's the all-reduce fit's.
+    (The layer before it, whose inputs average to LayerNorm's mean, 0 at its start, keeps
+    its bias's share: between 0.05 and 0.1 here, 0.018-0.031 in a trained Mixer.)"""
+    from puma_cli.engine import kronecker
+
+    net = _mixer(tmp_path)
+    X, y = torch.randn(40, 6, 5), torch.randint(0, 3, (40,))
+    probed = kronecker.probed_layers(net, X[:2])
+    assert {name: at for name, _, at in probed} == {
+        "embed": 6, "token_in": 8, "token_out": 8, "channel.1": 6, "head.1": 1
+    }  # fmt: skip
+    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"token_out"}
+    mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    assert mixed.expanded == {"token_out"}
+    below = kronecker.EXPAND_BELOW
+    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 0.0)  # reduce everywhere
+    reduce = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")  # expand everywhere
+    expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    assert reduce.expanded == expand.expanded == frozenset()
+    v = torch.randn(mixed.size, dtype=torch.float64)
+    for block in mixed.blocks:
+        inside = torch.zeros_like(v)
+        block.place(inside, block.matrix(v))  # v on this layer alone
+        own = mixed.matvec(inside)
+        expanded = block.module in mixed.expanded
+        same, other = (expand, reduce) if expanded else (reduce, expand)
+        torch.testing.assert_close(own, same.matvec(inside), rtol=1e-4, atol=1e-6 * own.norm())
+        if block.module != "head.1":  # one position a row: the two are the same
+            assert not torch.allclose(own, other.matvec(inside), rtol=1e-2), block.module
+    # the fitted factors themselves: reduce's token_out block holds a sliver of expand's
+
+    def trace(k: kronecker.KroneckerCurvature, name: str) -> float:
+        return float(next(b for b in k.blocks if b.module == name).E.sum())
+
+    assert trace(reduce, "token_out") < 1e-6 * trace(expand, "token_out")  # 6e-15 against 0.79
+    assert trace(reduce, "channel.1") > below * trace(expand, "channel.1")
+
+
+def test_a_convolution_fitted_as_expand_is_curvlinops_expand(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Convolutions (with and without a bias) taken as expand: their blocks are those of
+    curvlinops' K-FAC-expand fit, the head's (one position a row) the same in both."""
+    from puma_cli.engine import kronecker
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()  # fmt: skip
+    X, y = torch.randn(40, 3, 8, 8), torch.randint(0, 3, (40,))
+    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 10.0)  # every shared layer
+    mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    assert mixed.expanded == {"0", "2"}
+    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")
+    expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    v = torch.randn(mixed.size, dtype=torch.float64)
+    torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
+
+
+@pytest.mark.parametrize("positions", [3, 40])  # the Gram route; each row's own gradient
+def test_a_shared_layer_s_traces_are_its_rows_gradients(positions: int) -> None:
+    from puma_cli.engine.kronecker import layer_traces
+
+    torch.manual_seed(0)
+    a, g = torch.randn(5, positions, 7, dtype=torch.float64), torch.randn(5, positions, 6)
+    g = g.double()
+    true, reduce = layer_traces(a, g)
+    rows = [g[n].T @ a[n] for n in range(5)]  # each row's gradient at the weight
+    assert true == pytest.approx(sum(float((G**2).sum()) for G in rows), rel=1e-12)
+    A = sum(torch.outer(a[n].mean(0), a[n].mean(0)) for n in range(5)) / 5
+    B = sum(torch.outer(g[n].sum(0), g[n].sum(0)) for n in range(5))
+    assert reduce == pytest.approx(float(torch.trace(A) * torch.trace(B)), rel=1e-12)
+
+
+def test_the_layers_fitted_as_expand_are_reported_also_from_the_cache(tmp_path: Path) -> None:
+    """Through `remove`: the report names the layers fitted as expand, and so does a second
+    request that reads the factors from the cache."""
+    (tmp_path / "mixer_net.py").write_text(MIXER_NET)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(240, 6, 5)).astype(np.float32)
+    np.savez(tmp_path / "seq.npz", X=X, y=(X[:, :, 0].sum(axis=1) > 0).astype(np.int64))
+    model = tmp_path / "m.safetensors"
+    run_json("train", tmp_path / "seq.npz", "--arch", f"{tmp_path / 'mixer_net.py'}:Mixer",
+             "--epochs", "3", "-o", model, "--device", "cpu")  # fmt: skip
+    (tmp_path / "ids.txt").write_text("".join(f"{i}\n" for i in range(0, 240, 30)))
+    reports = [
+        run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature", "kfac",
+                 "-o", tmp_path / f"{name}.safetensors", "--device", "cpu")["parameters"]
+        for name in ("a", "b")
+    ]  # fmt: skip
+    assert [r["curvature_cached"] for r in reports] == [False, True]
+    expanded = reports[0]["expanded_layers"]
+    assert "net.token_out" in expanded and reports[1]["expanded_layers"] == expanded
+    assert not {"net.embed", "net.channel.1", "net.head.1"} & set(expanded)
+
+
 def test_auto_takes_kfac_for_a_small_convolutional_net_on_a_small_set(tmp_path: Path) -> None:
     """330 parameters x 1,295 digits is far below the threshold, but its 9,400 multiply-adds
     a row are past it: the exact Hessian's products there cost a retrain each few."""

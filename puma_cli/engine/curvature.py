@@ -30,9 +30,11 @@ from torch import nn
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.kronecker import (
     APPROXIMATION,
+    EXPAND_BELOW,
     KINDS,
     LOW_RANK_MIN,
     OVERSAMPLE,
+    PROBE_ROWS,
     FactorShape,
     KroneckerCurvature,
     fit_kronecker,
@@ -181,7 +183,8 @@ def attach_curvature(
                 "fisher": choice.fisher, "seed": str(seed), "rows": str(engine.n),
                 "labels": "seeded per batch", "batch": str(size),
                 "fit_precision": str(fit_dtype), "decomposed_in": str(fit_dtype),
-                "shared_weights": APPROXIMATION,
+                "shared_weights": f"{APPROXIMATION}; expand where it holds under "
+                f"{EXPAND_BELOW} of a layer's trace on {PROBE_ROWS} rows",
                 "input_factors": f"their range alone past {LOW_RANK_MIN} wide; a wide "
                 "Linear layer's from its rows"
                 + ("; EK-FAC's basis too, at one position a row" if choice.name == "ekfac" else ""),
@@ -397,6 +400,8 @@ def describe(engine: InfluenceModel) -> dict[str, object]:
         info["uncovered_parameters"] = engine.kronecker.uncovered
         info["uncovered_layers"] = dict(sorted(engine.kronecker.left_out.items()))
         info["shared_weights"] = f"K-FAC-{APPROXIMATION}"
+        if engine.kronecker.expanded:  # layers where reduce held almost none of the curvature
+            info["expanded_layers"] = sorted(engine.kronecker.expanded)
         info["curvature_cached"] = engine.kronecker_cached
     return info
 
