@@ -248,8 +248,9 @@ def expanded_layers(
     model's softmax, seeded): the true trace sum_n |sum_s g_ns a_ns^T|^2 (a row's gradient
     at the layer's output g and its input a, a patch for a convolution, a 1 for the
     bias), reduce's mean_n |mean_s a_ns|^2 x sum_n |sum_s g_ns|^2. Every process probes the
-    same rows and takes the same layers. None where no layer sees more than one position."""
-    shared = {name: layer for name, layer, positions in probed if positions > 1}
+    same rows and takes the same layers. None where no layer sees more than one position;
+    never a convolution that expand cannot unfold (`unfolds`)."""
+    shared = {name: layer for name, layer, positions in probed if positions > 1 and unfolds(layer)}
     if not shared:
         return frozenset()
     widest = max(at * input_width(layer) for name, layer, at in probed if name in shared)
@@ -619,16 +620,23 @@ def decompose(factor: Tensor, rank_bound: int) -> tuple[Tensor, Tensor]:
     return values, vectors
 
 
+def unfolds(layer: nn.Linear | nn.Conv2d) -> bool:
+    """Whether curvlinops 3.0.1 can unfold the layer's input into its patches, as EK-FAC's
+    refit and K-FAC-expand do: not a convolution with `padding='same'` over an even span
+    (dilation x (kernel - 1) odd), which pads one more after than before."""
+    if not isinstance(layer, nn.Conv2d) or layer.padding != "same":
+        return True
+    spans = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+    return not any(span % 2 for span in spans)
+
+
 def _check_ekfac_unfolds(layers: list[tuple[str, nn.Linear | nn.Conv2d]]) -> None:
     """EK-FAC's eigenvalue refit unfolds each convolution's input into patches, which
     curvlinops 3.0.1 does with equal padding on both sides only: `padding='same'` with an
     even span (dilation x (kernel - 1) odd) pads one more after than before, and it raises
     NotImplementedError there. K-FAC-reduce averages the patches another way and fits it."""
     for name, layer in layers:
-        if not isinstance(layer, nn.Conv2d) or layer.padding != "same":
-            continue
-        spans = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
-        if any(span % 2 for span in spans):
+        if isinstance(layer, nn.Conv2d) and not unfolds(layer):
             raise PumaError(
                 f"--curvature ekfac cannot fit layer {name!r}: padding='same' with kernel "
                 f"{tuple(layer.kernel_size)} pads unequally, which the EK-FAC refit cannot "
