@@ -368,6 +368,38 @@ def test_a_convolution_fitted_as_expand_is_curvlinops_expand(
     torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
 
 
+class _TwiceConv(nn.Module):
+    """One convolution applied to each half of the image: two calls a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = (self.conv(half).mean((2, 3)) for half in x.chunk(2, dim=3))
+        return self.head(torch.cat([left, right], dim=1))
+
+
+def test_a_layer_called_twice_is_probed_over_both_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe pairs each call's input with its gradient (the backward pass meets them in
+    reverse) and sums the traces over the calls; as expand, the block is curvlinops'."""
+    from puma_cli.engine import kronecker
+
+    torch.manual_seed(0)
+    net = _TwiceConv().eval()
+    X, y = torch.randn(30, 3, 6, 8), torch.randint(0, 3, (30,))
+    probed = kronecker.probed_layers(net, X[:2])
+    assert kronecker.expanded_layers(net, probed, X, seed=0) == frozenset()
+    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 10.0)
+    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"conv"}
+    mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")
+    expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
+    v = torch.randn(mixed.size, dtype=torch.float64)
+    torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
+
+
 @pytest.mark.parametrize("positions", [3, 40])  # the Gram route; each row's own gradient
 def test_a_shared_layer_s_traces_are_its_rows_gradients(positions: int) -> None:
     from puma_cli.engine.kronecker import layer_traces

@@ -255,11 +255,12 @@ def expanded_layers(
         return frozenset()
     widest = max(at * input_width(layer) for name, layer, at in probed if name in shared)
     X = X[: max(2, min(len(X), PROBE_VALUES // widest))]
-    inputs: dict[str, Tensor] = {}
-    ratios: dict[str, float] = {}
+    inputs: dict[str, list[Tensor]] = {name: [] for name in shared}
+    traces: dict[str, list[float]] = {name: [0.0, 0.0] for name in shared}
 
     def measure(name: str, layer: nn.Linear | nn.Conv2d, grad: Tensor) -> None:
-        a, g = inputs.pop(name), grad.detach()
+        # the backward pass meets a layer's calls in reverse: its last input is this one's
+        a, g = inputs[name].pop(), grad.detach()
         if isinstance(layer, nn.Conv2d):
             from curvlinops.kfac_utils import extract_patches
 
@@ -271,11 +272,11 @@ def expanded_layers(
         g = g.reshape(g.shape[0], -1, g.shape[-1])
         if layer.bias is not None:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-        true, reduce = layer_traces(a, g)
-        ratios[name] = reduce / true if true > 0 else 1.0
+        for k, trace in enumerate(layer_traces(a, g)):  # summed over a layer's calls
+            traces[name][k] += trace
 
     def keep_input(name: str, x: Tensor) -> None:
-        inputs[name] = x.detach()
+        inputs[name].append(x.detach())
 
     def on_output(name: str, layer: nn.Linear | nn.Conv2d, out: Tensor) -> None:
         if out.requires_grad:
@@ -304,7 +305,9 @@ def expanded_layers(
         for hook in hooks:
             hook.remove()
         inputs.clear()
-    return frozenset(name for name, ratio in ratios.items() if ratio < EXPAND_BELOW)
+    return frozenset(
+        name for name, (true, reduce) in traces.items() if reduce < EXPAND_BELOW * true
+    )
 
 
 def layer_traces(a: Tensor, g: Tensor) -> tuple[float, float]:
