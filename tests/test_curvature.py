@@ -400,6 +400,23 @@ def test_a_layer_called_twice_is_probed_over_both_calls(monkeypatch: pytest.Monk
     torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
 
 
+def test_a_layer_another_process_fits_as_expand_is_expanded_here_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under torchrun every process probes the same rows, and their votes are summed: a
+    layer any process picks (its rounding on the threshold, say) is expand on all."""
+    from puma_cli import parallel
+    from puma_cli.engine import kronecker
+
+    torch.manual_seed(0)
+    net = _TwiceConv().eval()
+    X = torch.randn(30, 3, 6, 8)
+    probed = kronecker.probed_layers(net, X[:2])
+    assert kronecker.expanded_layers(net, probed, X, seed=0) == frozenset()
+    monkeypatch.setattr(parallel, "all_reduce", lambda votes: votes.add_(1))  # a peer's vote
+    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"conv"}
+
+
 @pytest.mark.parametrize("positions", [3, 40])  # the Gram route; each row's own gradient
 def test_a_shared_layer_s_traces_are_its_rows_gradients(positions: int) -> None:
     from puma_cli.engine.kronecker import layer_traces

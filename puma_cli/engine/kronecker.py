@@ -248,8 +248,8 @@ def expanded_layers(
     model's softmax, seeded): the true trace sum_n |sum_s g_ns a_ns^T|^2 (a row's gradient
     at the layer's output g and its input a, a patch for a convolution, a 1 for the
     bias), reduce's mean_n |mean_s a_ns|^2 x sum_n |sum_s g_ns|^2. Every process probes the
-    same rows and takes the same layers. None where no layer sees more than one position;
-    never a convolution that expand cannot unfold (`unfolds`)."""
+    same rows, and a layer any of them picks is taken by all. None where no layer sees
+    more than one position; never a convolution that expand cannot unfold (`unfolds`)."""
     shared = {name: layer for name, layer, positions in probed if positions > 1 and unfolds(layer)}
     if not shared:
         return frozenset()
@@ -305,9 +305,12 @@ def expanded_layers(
         for hook in hooks:
             hook.remove()
         inputs.clear()
-    return frozenset(
-        name for name, (true, reduce) in traces.items() if reduce < EXPAND_BELOW * true
+    names = sorted(traces)
+    votes = torch.tensor(
+        [float(traces[n][1] < EXPAND_BELOW * traces[n][0]) for n in names], dtype=torch.float64
     )
+    parallel.all_reduce(votes)  # one choice on every process, whatever its rounding
+    return frozenset(name for name, vote in zip(names, votes.tolist(), strict=True) if vote > 0)
 
 
 def layer_traces(a: Tensor, g: Tensor) -> tuple[float, float]:
