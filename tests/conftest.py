@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.testing
 from typer.testing import CliRunner, Result
 
 from puma_cli.cli import app
 
 FAST = ["--epochs", "30", "--device", "cpu"]
+
+# typer's CliRunner builds the click command from the app's signatures on every invoke
+# (about 80 ms: it evaluates each option's annotation); the suite invokes the CLI some
+# thousands of times, so the one app's command is built once and reused.
+typer.testing._get_command = functools.cache(typer.testing._get_command)  # type: ignore[attr-defined]
 
 
 def run(*args: str | Path) -> Result:
