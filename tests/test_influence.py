@@ -41,6 +41,23 @@ def test_hvp_equals_the_explicit_hessian_times_v() -> None:
     torch.testing.assert_close(dense_hessian(engine.hvp, engine.n_parameters, engine.theta), H)
 
 
+def test_the_dense_hessian_by_rows_equals_the_explicit_one() -> None:
+    """One forward and first backward per chunk, then a row of H per backward of the
+    gradient: the explicit Hessian over several chunks, with weight decay, class weights
+    and label smoothing, and one tick per row of each chunk."""
+    model, X, y = _tiny(3, hidden=(4, 3), n=30)
+    engine = InfluenceModel(
+        model, X, y, weight_decay=0.02, chunk_size=11, label_smoothing=0.1,
+        class_weights=(0.5, 2.0),
+    )  # fmt: skip
+    seen: list[tuple[str, int, int]] = []
+    engine.phases = lambda phase, done, total: seen.append((phase, done, total))
+    H = engine.hessian_matrix()
+    torch.testing.assert_close(H, _explicit_hessian(engine), rtol=1e-10, atol=1e-12)
+    P = engine.n_parameters
+    assert seen == [("dense Hessian", k, 3 * P) for k in range(1, 3 * P + 1)]
+
+
 def test_per_sample_gradients_equal_a_loop_and_feed_psi_and_weighted_sums() -> None:
     model, X, y = _tiny(1)
     engine = InfluenceModel(model, X, y, chunk_size=16)

@@ -60,10 +60,12 @@ def copy(model_file: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.M
     return tmp_path
 
 
-@pytest.mark.parametrize("curvature", ["exact", "ekfac"])
-def test_two_processes_remove_what_one_removes(copy: Path, curvature: str) -> None:
+@pytest.mark.parametrize(
+    ("curvature", "solver"), [("exact", "cg"), ("exact", "exact"), ("ekfac", "cg")]
+)
+def test_two_processes_remove_what_one_removes(copy: Path, curvature: str, solver: str) -> None:
     common = ["--model", "model.safetensors", "--marked", "marked.txt", "--eta", "1"]
-    common += ["--curvature", curvature, "--device", "cpu"]
+    common += ["--curvature", curvature, "--solver", solver, "--device", "cpu"]
     one = run_json("remove", *common, "-o", "one.safetensors", "--no-cache")
     result = torchrun(copy, 2, "remove", *common, "-o", "two.safetensors", "--json")
     assert result.returncode == 0, result.stderr

@@ -28,9 +28,10 @@ SOLVERS = ("cg", "lissa", "exact")
 
 
 EXACT_MAX_PARAMETERS = 6000
-# The dense Hessian costs one HVP per parameter, each a pass over every row: past about
-# a million row-parameter products (some 10 s on a 2-core CPU) it is slower than
-# retraining the models puma trains, and CG gets the same answer in tens of HVPs.
+# The dense Hessian costs a backward pass of the gradient per parameter over every row
+# (`hessian_matrix`; an HVP per parameter for the GGN): past about a million
+# row-parameter products (some 5-10 s on a 2-core CPU) it is slower than retraining the
+# models puma trains, and CG gets the same answer in tens of HVPs.
 EXACT_MAX_WORK = 1_000_000
 
 
@@ -264,9 +265,12 @@ def _solve_exact(
 ) -> Solve:
     # One dense matrix per engine: a command that solves twice builds it once.
     if engine.dense_eigh is None:
-        H = dense_hessian(
-            matvec, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
-        )
+        if matvec == engine.hvp:  # the exact Hessian: a row per backward of the gradient
+            H = engine.hessian_matrix()
+        else:
+            H = dense_hessian(
+                matvec, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
+            )
         eigenvalues, vectors = torch.linalg.eigh(H)
         engine.dense_eigh = (H, eigenvalues, vectors)
     H, eigenvalues, vectors = engine.dense_eigh

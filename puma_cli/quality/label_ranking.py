@@ -17,14 +17,13 @@ is among the k lowest of all points are moved behind the others (kept, not dropp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 from puma_cli.engine.criterion import CriterionDirection, scores
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_hessian
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS
 from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 
@@ -63,9 +62,7 @@ def _self_influence(engine: InfluenceModel, mu: float) -> np.ndarray:
             f"--score self-influence needs the dense Hessian, too large at "
             f"{engine.n_parameters} parameters (limit {EXACT_MAX_PARAMETERS}); use --score puma"
         )
-    H = dense_hessian(
-        engine.hvp, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
-    )
+    H = engine.hessian_matrix()
     eigenvalues, vectors = torch.linalg.eigh(H)
     shift = max(mu, 1e-6 * float(eigenvalues.abs().max()) - float(eigenvalues.min()))
     projected = engine.per_sample_gradients(phase="per-row gradients") @ vectors
