@@ -22,7 +22,6 @@ import torch
 from harness import DATA, arguments, grouped, invocation, means, run_cases, table, write_results
 
 from puma_cli.data.synthetic import flip_labels
-from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.datasets import load_dataset, save_dataset
 from puma_cli.io.ids import write_ids
@@ -73,11 +72,6 @@ def run_case(name: str, seed: int, work: Path) -> list[dict[str, Any]]:
     truth = np.isin(rows, flipped_rows)
     results = []
     for score in ("puma", "ntk", "self-influence"):
-        if (
-            score == "self-influence"
-            and sum(p.numel() for p in checkpoint.model.parameters()) > EXACT_MAX_PARAMETERS
-        ):
-            continue
         for cache in (model.with_name("m.influence.safetensors"),):
             cache.unlink(missing_ok=True)
         report = debug_labels(model, k=0, score=score, truth=truth_path, overwrite=True)

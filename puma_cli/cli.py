@@ -1270,7 +1270,12 @@ def debug_labels(
         typer.Option("-o", "--output", help="CSV of the ranked suspects.", readable=False),
     ] = None,
     score: Annotated[
-        Score, typer.Option("--score", help="puma, ntk or self-influence.")
+        Score,
+        typer.Option(
+            "--score",
+            help="puma, ntk or self-influence (g_i C^-1 g_i, C the --curvature: dense up to "
+            "6,000 parameters, K-FAC/EK-FAC blocks at any size).",
+        ),
     ] = Score.puma,
     truth: Annotated[
         Path | None,

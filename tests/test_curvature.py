@@ -140,6 +140,32 @@ def test_our_closed_form_blocks_match_curvlinops_and_invert(kind: str, bias: boo
         assert float(w.dot(curvature.matvec(w))) >= -1e-12
 
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("net_name", ["wide", "conv"])
+def test_inverse_norms_are_each_row_dotted_with_its_inverse(kind: str, net_name: str) -> None:
+    """g (C + mu I)^-1 g for a batch of rows (self-influence's), against `inverse` a row at
+    a time: a layer whose basis holds only its inputs' range (mu alone on the rest), a
+    BatchNorm left out, and a convolution shared over positions."""
+    torch.manual_seed(2)
+    if net_name == "wide":
+        net = nn.Sequential(
+            nn.Linear(1100, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)
+        ).double().eval()  # fmt: skip
+        X = torch.randn(20, 1100, dtype=torch.float64)
+        y = torch.randint(0, 3, (20,))
+    else:
+        net = _PooledConv().double().eval()
+        X = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
+    curvature = fit_kronecker(kind, net, *_layout(net), [(X, y)], fisher="type-2")
+    if net_name == "wide":
+        assert curvature.uncovered == 8
+        assert any(b.Qa.shape[1] < b.Qa.shape[0] for b in curvature.blocks)
+    rows = torch.randn(5, curvature.size, dtype=torch.float64)
+    expected = torch.stack([row.dot(curvature.inverse(row, 0.3)) for row in rows])
+    torch.testing.assert_close(curvature.inverse_norms(rows, 0.3), expected)
+
+
 def test_parameters_outside_linear_and_conv_layers_are_left_unchanged() -> None:
     net = _mlp(3, bn=True)
     X = torch.randn(10, 3, dtype=torch.float64)

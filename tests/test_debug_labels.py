@@ -33,6 +33,26 @@ def test_planted_flips_are_enriched_at_the_top(noisy: Path, score: str) -> None:
     assert len(out["suspects"]) == 50 and truth["precision_at_k"] >= 3 * base_rate
 
 
+def test_self_influence_past_the_dense_limit_takes_kronecker_blocks(
+    noisy: Path, tmp_path: Path
+) -> None:
+    """A net of 6,882 parameters: its dense Hessian is refused (past 6,000), with the way
+    on; K-FAC's and EK-FAC's blocks score every row and still find the planted flips."""
+    model = tmp_path / "wide.safetensors"
+    trained = run_json(
+        "train", noisy / "d.csv", "-o", model, "--hidden", "80,80", "--epochs", "30",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert trained["n_parameters"] == 6882
+    common = ["debug-labels", "-m", model, "--score", "self-influence", "--no-cache"]
+    assert_clean_error(
+        run(*common, "--curvature", "exact"), "use --curvature kfac or ekfac, or --score puma"
+    )
+    for curvature in ("kfac", "ekfac"):
+        out = run_json(*common, "--curvature", curvature, "--truth", noisy / "d-flipped.txt")
+        assert out["truth"]["found_at_10pct"] >= 3 * 0.10, (curvature, out["truth"])
+
+
 def test_csv_and_plot_are_written(noisy: Path, tmp_path: Path) -> None:
     out = run_json(
         "debug-labels",

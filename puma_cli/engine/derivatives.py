@@ -391,28 +391,48 @@ class InfluenceModel:
         """The (n, P) matrix of per-row loss gradients, by vmap over grad (chunked); for a
         model vmap cannot batch (a GRU's state written in place, a custom
         autograd.Function without setup_context), one backward pass per row."""
+        parts = [part.double() for part in self.per_row_gradients(X, y, phase)]
+        if not parts:
+            return torch.zeros((0, self.n_parameters), dtype=torch.float64, device=self.device)
+        return torch.cat(parts)
+
+    def per_row_gradients(
+        self,
+        X: Tensor | None = None,
+        y: Tensor | None = None,
+        phase: str | None = None,
+        max_values: int | None = None,
+    ) -> Iterator[Tensor]:
+        """The per-row loss gradients chunk by chunk, (rows, P) in the engine's dtype, the
+        rows in order; with `max_values`, chunks of at most that many values (one row at
+        least), so that a large model's gradients never stand all at once."""
         from torch.func import grad, vmap  # imports torch._dynamo: only where asked for
 
         def single(flat: Tensor, x: Tensor, target: Tensor) -> Tensor:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        chunks = -(-int((self.y if y is None else y).shape[0]) // self.chunk_size)
-        parts: list[Tensor] = []
+        X = self.X if X is None else X
+        y = self.y if y is None else y
+        step = self.chunk_size
+        if max_values is not None:
+            step = max(1, min(step, max_values // max(self.n_parameters, 1)))
+        count = int(y.shape[0])
+        chunks = -(-count // step)
         batched = True  # until vmap fails once: then row by row for the remaining chunks
-        for i, (Xc, yc) in enumerate(self._chunks(X, y)):
+        for i, start in enumerate(range(0, count, step)):
+            Xc, yc = X[start : start + step].to(self.dtype), y[start : start + step]
+            part = None
             if batched:
                 try:
-                    parts.append(per_row(self.theta, Xc.to(self.dtype), yc))
+                    part = per_row(self.theta, Xc, yc)
                 except (RuntimeError, NotImplementedError):
                     batched = False
-            if not batched:
-                parts.append(self._row_by_row(Xc.to(self.dtype), yc))
+            if part is None:
+                part = self._row_by_row(Xc, yc)
             if phase is not None:
                 self.tell(phase, i + 1, chunks)
-        if not parts:
-            return torch.zeros((0, self.n_parameters), dtype=torch.float64, device=self.device)
-        return torch.cat(parts).double()
+            yield part
 
     def _row_by_row(self, X: Tensor, y: Tensor) -> Tensor:
         rows = []

@@ -123,14 +123,17 @@ class Block:
     E: Tensor
 
     def matrix(self, flat: Tensor) -> Tensor:
-        """The layer's part of a (P,) vector as its (out, in') joint matrix."""
+        """The layer's part of a (P,) vector as its (out, in') joint matrix; of a (B, P)
+        batch of vectors, (B, out, in')."""
         start, size = self.weight
         out = self.weight_shape[0]
-        W = flat[start : start + size].view(out, -1)
+        lead = flat.shape[:-1]
+        W = flat[..., start : start + size].reshape(*lead, out, -1)
         if self.bias is None:
             return W
         b_start, b_size = self.bias
-        return torch.cat([W, flat[b_start : b_start + b_size].view(out, 1)], dim=1)
+        bias = flat[..., b_start : b_start + b_size].reshape(*lead, out, 1)
+        return torch.cat([W, bias], dim=-1)
 
     def place(self, flat: Tensor, M: Tensor) -> None:
         """Write a joint matrix back into a (P,) vector."""
@@ -180,6 +183,18 @@ class KroneckerCurvature:
                 solved += (G - GQa @ block.Qa.T) / mu
             block.place(out, solved)
         return out
+
+    def inverse_norms(self, rows: Tensor, mu: float) -> Tensor:
+        """g (C + mu I)^-1 g for each row g of `rows` (B, P): (B,), the uncovered parameters
+        left out as `inverse` leaves them."""
+        total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        for block in self.blocks:
+            G = block.matrix(rows).to(block.Qa.dtype)  # (B, out, in')
+            GQa = G @ block.Qa
+            total += ((block.Qb.T @ GQa) ** 2 / (block.E + mu)).sum(dim=(1, 2)).double()
+            if block.Qa.shape[1] < block.Qa.shape[0]:  # A's null space: C is 0 there
+                total += ((G - GQa @ block.Qa.T) ** 2).sum(dim=(1, 2)).double() / mu
+        return total
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
         """The factors by layer, in `dtype`: the fit's, which holds them exactly."""

@@ -17,17 +17,21 @@ is among the k lowest of all points are moved behind the others (kept, not dropp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from puma_cli.engine.criterion import CriterionDirection, scores
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_hessian
 from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 
 SCORES = ("puma", "ntk", "self-influence")
+# Per-row gradients held at once by K-FAC's self-influence (values; 64-128 MB): a chunk of
+# rows of a large model's gradients, never all of them.
+SELF_INFLUENCE_VALUES = 2**24
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,31 @@ def suspicion_scores(
 
 
 def _self_influence(engine: InfluenceModel, mu: float) -> np.ndarray:
-    """g_i (H + mu I)^-1 g_i for every row, through one eigendecomposition of H."""
+    """g_i (C + mu I)^-1 g_i for every row, C the engine's curvature: K-FAC's or EK-FAC's
+    blocks inverted in their eigenbases, a chunk of per-row gradients at a time (any size
+    of model); else the dense Hessian or Gauss-Newton matrix through one eigendecomposition
+    (up to EXACT_MAX_PARAMETERS)."""
+    if engine.kronecker is not None:
+        kron, shift = engine.kronecker, engine.weight_decay + mu
+        parts = [
+            kron.inverse_norms(rows, shift)
+            for rows in engine.per_row_gradients(
+                phase="per-row gradients", max_values=SELF_INFLUENCE_VALUES
+            )
+        ]
+        return torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
     if engine.n_parameters > EXACT_MAX_PARAMETERS:
         raise PumaError(
-            f"--score self-influence needs the dense Hessian, too large at "
-            f"{engine.n_parameters} parameters (limit {EXACT_MAX_PARAMETERS}); use --score puma"
+            f"--score self-influence with --curvature {engine.curvature} needs the dense "
+            f"matrix, too large at {engine.n_parameters} parameters (limit "
+            f"{EXACT_MAX_PARAMETERS}); use --curvature kfac or ekfac, or --score puma"
         )
-    H = engine.hessian_matrix()
+    if engine.curvature == "ggn":
+        H = dense_hessian(
+            engine.ggn_vp, engine.n_parameters, engine.theta, partial(engine.tell, "dense GGN")
+        )
+    else:
+        H = engine.hessian_matrix()
     eigenvalues, vectors = torch.linalg.eigh(H)
     shift = max(mu, 1e-6 * float(eigenvalues.abs().max()) - float(eigenvalues.min()))
     projected = engine.per_sample_gradients(phase="per-row gradients") @ vectors
