@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from puma_cli.engine.criterion import (
 )
 from puma_cli.engine.curvature import curvature_notes
 from puma_cli.engine.derivatives import Phases
-from puma_cli.engine.solvers import flush_denormals
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, flush_denormals
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
@@ -84,6 +84,7 @@ def debug_labels(
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
+    settings = _self_influence_settings(settings, score, checkpoint.model)
     caches = EngineCaches.beside(model, use_cache)
     engine, direction = engine_and_direction(
         checkpoint, dataset, rows, criterion, settings, caches, phases
@@ -136,6 +137,22 @@ def debug_labels(
         truth=figures,
         warnings=notes,
     )
+
+
+def _self_influence_settings(
+    settings: SolverSettings, score: str, model: torch.nn.Module
+) -> SolverSettings:
+    """`auto` under self-influence: K-FAC past the dense matrix's EXACT_MAX_PARAMETERS,
+    where `auto` alone may take the exact Hessian (a small training set), which
+    self-influence would have to build whole."""
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if (
+        score == "self-influence"
+        and settings.curvature == "auto"
+        and n_parameters > EXACT_MAX_PARAMETERS
+    ):
+        return replace(settings, curvature="kfac")
+    return settings
 
 
 def _agreeing(checkpoint: ckpt.Checkpoint, criterion: Dataset) -> Dataset:
