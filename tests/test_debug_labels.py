@@ -55,6 +55,8 @@ def test_self_influence_past_the_dense_limit_takes_kronecker_blocks(
         out = run_json(*common, "--curvature", curvature, "--truth", noisy / "d-flipped.txt")
         assert out["truth"]["found_at_10pct"] >= 3 * 0.10, (curvature, out["truth"])
         ranked[curvature] = out["suspects"]
+        said = [w for w in out["warnings"] if "takes K-FAC's blocks" in w]
+        assert len(said) == (curvature == "auto"), out["warnings"]
     assert ranked["auto"] == ranked["kfac"]
     small = tmp_path / "small.safetensors"
     run_json(

@@ -84,7 +84,17 @@ def debug_labels(
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
+    asked = settings.curvature
     settings = _self_influence_settings(settings, score, checkpoint.model)
+    switched = (
+        [
+            "--curvature auto: self-influence past the dense matrix's "
+            f"{EXACT_MAX_PARAMETERS:,} parameters takes K-FAC's blocks (--curvature ekfac "
+            "fits them closer)"
+        ]
+        if settings.curvature != asked
+        else []
+    )
     caches = EngineCaches.beside(model, use_cache)
     engine, direction = engine_and_direction(
         checkpoint, dataset, rows, criterion, settings, caches, phases
@@ -125,7 +135,7 @@ def debug_labels(
         base_rate = figures["known"] / rows.size
         writers[plot] = lambda tmp: save_found_curve(tmp, FRACTIONS, {score: curve}, base_rate)
     write_atomically(writers, overwrite)
-    notes = leaks + curvature_notes(engine) + commit_all(caches.all())
+    notes = leaks + switched + curvature_notes(engine) + commit_all(caches.all())
     return DebugReport(
         suspects=ids[top].tolist(),
         seconds=seconds,
