@@ -190,15 +190,21 @@ class InfluenceModel:
         return per_row * weight.reshape(-1, *(1,) * (per_row.ndim - 1))
 
     def _chunks(
-        self, X: Tensor | None = None, y: Tensor | None = None, local: bool = False
+        self,
+        X: Tensor | None = None,
+        y: Tensor | None = None,
+        local: bool = False,
+        size: int | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """The rows in chunks of `chunk_size`; with `local`, only this process's block of
-        them under torchrun (`parallel.block`), whose sums the caller all-reduces."""
+        """The rows in chunks of `size` (default `chunk_size`); with `local`, only this
+        process's block of them under torchrun (`parallel.block`), whose sums the caller
+        all-reduces."""
         X = self.X if X is None else X
         y = self.y if y is None else y
+        size = size or self.chunk_size
         rows = self.local_rows(int(y.shape[0])) if local else range(int(y.shape[0]))
-        for start in range(rows.start, rows.stop, self.chunk_size):
-            stop = min(start + self.chunk_size, rows.stop)
+        for start in range(rows.start, rows.stop, size):
+            stop = min(start + size, rows.stop)
             yield X[start:stop], y[start:stop]
 
     @staticmethod
@@ -412,16 +418,13 @@ class InfluenceModel:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        X = self.X if X is None else X
-        y = self.y if y is None else y
         step = self.chunk_size
         if max_values is not None:
             step = max(1, min(step, max_values // max(self.n_parameters, 1)))
-        count = int(y.shape[0])
-        chunks = -(-count // step)
+        chunks = -(-int((self.y if y is None else y).shape[0]) // step)
         batched = True  # until vmap fails once: then row by row for the remaining chunks
-        for i, start in enumerate(range(0, count, step)):
-            Xc, yc = X[start : start + step].to(self.dtype), y[start : start + step]
+        for i, (Xc, yc) in enumerate(self._chunks(X, y, size=step)):
+            Xc = Xc.to(self.dtype)
             part = None
             if batched:
                 try:

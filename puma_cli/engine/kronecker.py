@@ -136,12 +136,14 @@ class Block:
         return torch.cat([W, bias], dim=-1)
 
     def place(self, flat: Tensor, M: Tensor) -> None:
-        """Write a joint matrix back into a (P,) vector."""
+        """Write a joint matrix back into a (P,) vector; a (B, out, in') batch of them into
+        a (B, P) batch of vectors."""
         start, size = self.weight
-        flat[start : start + size] = M[:, : size // M.shape[0]].reshape(-1)
+        lead = flat.shape[:-1]
+        flat[..., start : start + size] = M[..., : size // M.shape[-2]].reshape(*lead, -1)
         if self.bias is not None:
             b_start, b_size = self.bias
-            flat[b_start : b_start + b_size] = M[:, -1]
+            flat[..., b_start : b_start + b_size] = M[..., -1]
 
 
 @dataclass
@@ -173,7 +175,8 @@ class KroneckerCurvature:
         return out
 
     def inverse(self, b: Tensor, mu: float) -> Tensor:
-        """(C + mu I)^-1 b (P,): closed form per block; 0 on the uncovered parameters."""
+        """(C + mu I)^-1 b (P,), or each row of a (B, P) batch: closed form per block; 0 on
+        the uncovered parameters."""
         out = torch.zeros_like(b)
         for block in self.blocks:
             G = block.matrix(b)
@@ -185,16 +188,10 @@ class KroneckerCurvature:
         return out
 
     def inverse_norms(self, rows: Tensor, mu: float) -> Tensor:
-        """g (C + mu I)^-1 g for each row g of `rows` (B, P): (B,), the uncovered parameters
-        left out as `inverse` leaves them."""
-        total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
-        for block in self.blocks:
-            G = block.matrix(rows).to(block.Qa.dtype)  # (B, out, in')
-            GQa = G @ block.Qa
-            total += ((block.Qb.T @ GQa) ** 2 / (block.E + mu)).sum(dim=(1, 2)).double()
-            if block.Qa.shape[1] < block.Qa.shape[0]:  # A's null space: C is 0 there
-                total += ((G - GQa @ block.Qa.T) ** 2).sum(dim=(1, 2)).double() / mu
-        return total
+        """g (C + mu I)^-1 g for each row g of `rows` (B, P), in float64 as the factors are:
+        (B,), the uncovered parameters left out as `inverse` leaves them."""
+        rows = rows.double()
+        return (rows * self.inverse(rows, mu)).sum(dim=-1)
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
         """The factors by layer, in `dtype`: the fit's, which holds them exactly."""

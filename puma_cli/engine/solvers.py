@@ -226,9 +226,9 @@ def solve(
         # Closed form: (K + (weight decay + mu) I)^-1 b, block by block.
         x = engine.kronecker.inverse(b, engine.weight_decay + damping * top)
         return Solve(x, damping, 0, 0.0)
-    matvec = curvature_product(engine)
     if solver == "exact":
-        return _solve_exact(engine, matvec, b, damping, top)
+        return _solve_exact(engine, b, damping, top)
+    matvec = curvature_product(engine)
     share = damping
     for _ in range(8):
         mu = share * top
@@ -256,21 +256,20 @@ def _reporter(engine: InfluenceModel, total: int) -> Callable[[int], None] | Non
     return lambda iteration: phases("solve", iteration, total)
 
 
-def _solve_exact(
-    engine: InfluenceModel,
-    matvec: Callable[[Tensor], Tensor],
-    b: Tensor,
-    damping: float,
-    top: float,
-) -> Solve:
+def dense_curvature(engine: InfluenceModel) -> Tensor:
+    """The engine's exact Hessian or GGN (weight decay included) as a dense (P, P) matrix:
+    the Hessian a row per backward pass of the gradient (`hessian_matrix`), the GGN a
+    product per column."""
+    if engine.curvature == "ggn":
+        tell = partial(engine.tell, "dense Hessian")
+        return dense_hessian(engine.ggn_vp, engine.n_parameters, engine.theta, tell)
+    return engine.hessian_matrix()
+
+
+def _solve_exact(engine: InfluenceModel, b: Tensor, damping: float, top: float) -> Solve:
     # One dense matrix per engine: a command that solves twice builds it once.
     if engine.dense_eigh is None:
-        if matvec == engine.hvp:  # the exact Hessian: a row per backward of the gradient
-            H = engine.hessian_matrix()
-        else:
-            H = dense_hessian(
-                matvec, engine.n_parameters, engine.theta, partial(engine.tell, "dense Hessian")
-            )
+        H = dense_curvature(engine)
         eigenvalues, vectors = torch.linalg.eigh(H)
         engine.dense_eigh = (H, eigenvalues, vectors)
     H, eigenvalues, vectors = engine.dense_eigh

@@ -84,17 +84,7 @@ def debug_labels(
     if agreeing_criterion:
         criterion = _agreeing(checkpoint, criterion)
     started = time.perf_counter()
-    asked = settings.curvature
-    settings = _self_influence_settings(settings, score, checkpoint.model)
-    switched = (
-        [
-            "--curvature auto: self-influence past the dense matrix's "
-            f"{EXACT_MAX_PARAMETERS:,} parameters takes K-FAC's blocks (--curvature ekfac "
-            "fits them closer)"
-        ]
-        if settings.curvature != asked
-        else []
-    )
+    settings, switched = _self_influence_settings(settings, score, checkpoint.model)
     caches = EngineCaches.beside(model, use_cache)
     engine, direction = engine_and_direction(
         checkpoint, dataset, rows, criterion, settings, caches, phases
@@ -151,18 +141,22 @@ def debug_labels(
 
 def _self_influence_settings(
     settings: SolverSettings, score: str, model: torch.nn.Module
-) -> SolverSettings:
+) -> tuple[SolverSettings, list[str]]:
     """`auto` under self-influence: K-FAC past the dense matrix's EXACT_MAX_PARAMETERS,
     where `auto` alone may take the exact Hessian (a small training set), which
-    self-influence would have to build whole."""
+    self-influence would have to build whole; with the note that says so."""
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if (
-        score == "self-influence"
-        and settings.curvature == "auto"
-        and n_parameters > EXACT_MAX_PARAMETERS
+        score != "self-influence"
+        or settings.curvature != "auto"
+        or n_parameters <= EXACT_MAX_PARAMETERS
     ):
-        return replace(settings, curvature="kfac")
-    return settings
+        return settings, []
+    note = (
+        f"--curvature auto: self-influence past the dense matrix's {EXACT_MAX_PARAMETERS:,} "
+        "parameters takes K-FAC's blocks (--curvature ekfac fits them closer)"
+    )
+    return replace(settings, curvature="kfac"), [note]
 
 
 def _agreeing(checkpoint: ckpt.Checkpoint, criterion: Dataset) -> Dataset:

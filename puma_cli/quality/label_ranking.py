@@ -17,14 +17,13 @@ is among the k lowest of all points are moved behind the others (kept, not dropp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 from puma_cli.engine.criterion import CriterionDirection, scores
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_hessian
+from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, dense_curvature
 from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 
@@ -79,12 +78,7 @@ def _self_influence(engine: InfluenceModel, mu: float) -> np.ndarray:
             f"matrix, too large at {engine.n_parameters} parameters (limit "
             f"{EXACT_MAX_PARAMETERS}); use --curvature kfac or ekfac, or --score puma"
         )
-    if engine.curvature == "ggn":
-        H = dense_hessian(
-            engine.ggn_vp, engine.n_parameters, engine.theta, partial(engine.tell, "dense GGN")
-        )
-    else:
-        H = engine.hessian_matrix()
+    H = dense_curvature(engine)
     eigenvalues, vectors = torch.linalg.eigh(H)
     shift = max(mu, 1e-6 * float(eigenvalues.abs().max()) - float(eigenvalues.min()))
     projected = engine.per_sample_gradients(phase="per-row gradients") @ vectors
