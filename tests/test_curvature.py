@@ -164,6 +164,12 @@ def test_inverse_norms_are_each_row_dotted_with_its_inverse(kind: str, net_name:
     rows = torch.randn(5, curvature.size, dtype=torch.float64)
     expected = torch.stack([row.dot(curvature.inverse(row, 0.3)) for row in rows])
     torch.testing.assert_close(curvature.inverse_norms(rows, 0.3), expected)
+    # A float32 engine's rows are rotated in float32, their squares summed in float64.
+    single = rows.float()
+    expected = torch.stack([row.dot(curvature.inverse(row, 0.3)) for row in single.double()])
+    norms = curvature.inverse_norms(single, 0.3)
+    assert norms.dtype == torch.float64
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0.0)
 
 
 def test_parameters_outside_linear_and_conv_layers_are_left_unchanged() -> None:

@@ -188,10 +188,25 @@ class KroneckerCurvature:
         return out
 
     def inverse_norms(self, rows: Tensor, mu: float) -> Tensor:
-        """g (C + mu I)^-1 g for each row g of `rows` (B, P), in float64 as the factors are:
-        (B,), the uncovered parameters left out as `inverse` leaves them."""
-        rows = rows.double()
-        return (rows * self.inverse(rows, mu)).sum(dim=-1)
+        """g (C + mu I)^-1 g for each row g of `rows` (B, P): (B,) float64, the uncovered
+        parameters left out as `inverse` leaves them.
+
+        Per block, the sum of (Qb^T G Qa)^2 / (E + mu), plus |G - G Qa Qa^T|^2 / mu where
+        Qa holds A's range alone, which is |G|^2 - |G Qa|^2 (Qa's columns orthonormal):
+        half the products of `g . inverse(g)`, which rotates the solve back first. The
+        rotations run in the rows' own precision (a float32 engine's gradients carry no
+        more than float32 holds; float64 rows get float64), the squares and their sums in
+        float64."""
+        out = rows.new_zeros(rows.shape[:-1], dtype=torch.float64)
+        for block in self.blocks:
+            G = block.matrix(rows)
+            GQa = G @ block.Qa.to(rows.dtype)
+            rotated = (block.Qb.T.to(rows.dtype) @ GQa).double()
+            out += (rotated**2 / (block.E + mu)).sum(dim=(-2, -1))
+            if block.Qa.shape[1] < block.Qa.shape[0]:  # A's null space: C is 0 there
+                rest = (G.double() ** 2).sum(dim=(-2, -1)) - (GQa.double() ** 2).sum(dim=(-2, -1))
+                out += rest.clamp_min(0) / mu
+        return out
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
         """The factors by layer, in `dtype`: the fit's, which holds them exactly."""
