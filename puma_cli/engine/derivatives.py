@@ -36,6 +36,9 @@ from puma_cli.models.predict import Phases, as_tensor
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
+# Per-row gradients held at once (values; 64-128 MB): a chunk of rows of a large model's
+# gradients, never all of them (SSD's importances, self-influence).
+ROW_GRADIENT_VALUES = 2**24
 SECOND_ORDER = "derivative of its backward, which the exact Hessian's products take"
 SECOND_ORDER_FIX = "use --curvature ggn, kfac or ekfac, which need none"
 REVERSE_ROUTE = "derivative of its backward"
@@ -407,20 +410,17 @@ class InfluenceModel:
         X: Tensor | None = None,
         y: Tensor | None = None,
         phase: str | None = None,
-        max_values: int | None = None,
     ) -> Iterator[Tensor]:
         """The per-row loss gradients chunk by chunk, (rows, P) in the engine's dtype, the
-        rows in order; with `max_values`, chunks of at most that many values (one row at
-        least), so that a large model's gradients never stand all at once."""
+        rows in order, at most ROW_GRADIENT_VALUES values a chunk (one row at least), so
+        that a large model's gradients never stand all at once."""
         from torch.func import grad, vmap  # imports torch._dynamo: only where asked for
 
         def single(flat: Tensor, x: Tensor, target: Tensor) -> Tensor:
             return self.losses(flat, x[None], target[None])[0]
 
         per_row = vmap(grad(single), in_dims=(None, 0, 0))
-        step = self.chunk_size
-        if max_values is not None:
-            step = max(1, min(step, max_values // max(self.n_parameters, 1)))
+        step = max(1, min(self.chunk_size, ROW_GRADIENT_VALUES // max(self.n_parameters, 1)))
         chunks = -(-int((self.y if y is None else y).shape[0]) // step)
         batched = True  # until vmap fails once: then row by row for the remaining chunks
         for i, (Xc, yc) in enumerate(self._chunks(X, y, size=step)):

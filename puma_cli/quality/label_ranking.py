@@ -28,9 +28,6 @@ from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 
 SCORES = ("puma", "ntk", "self-influence")
-# Per-row gradients held at once by K-FAC's self-influence (values; 64-128 MB): a chunk of
-# rows of a large model's gradients, never all of them.
-SELF_INFLUENCE_VALUES = 2**24
 
 
 @dataclass(frozen=True)
@@ -67,9 +64,7 @@ def _self_influence(engine: InfluenceModel, mu: float) -> np.ndarray:
         kron, shift = engine.kronecker, engine.weight_decay + mu
         parts = [
             kron.inverse_norms(rows, shift)
-            for rows in engine.per_row_gradients(
-                phase="per-row gradients", max_values=SELF_INFLUENCE_VALUES
-            )
+            for rows in engine.per_row_gradients(phase="per-row gradients")
         ]
         return torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
     if engine.n_parameters > EXACT_MAX_PARAMETERS:

@@ -24,20 +24,16 @@ from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
-CHUNK = 256
 
-
-def fisher_diagonal(engine: InfluenceModel, rows: torch.Tensor, phase: str) -> torch.Tensor:
-    """Mean over `rows` (positions in the engine's data) of the squared per-row gradients,
-    told as `phase` chunk by chunk."""
+def fisher_diagonal(engine: InfluenceModel, rows: torch.Tensor | None, phase: str) -> torch.Tensor:
+    """Mean over `rows` (positions in the engine's data; None: every row, not copied) of
+    the squared per-row gradients, summed in float64 a bounded chunk of them at a time
+    (`per_row_gradients`), told as `phase` chunk by chunk."""
     total = torch.zeros_like(engine.theta, dtype=torch.float64)
-    chunks = max(1, -(-rows.numel() // CHUNK))
-    for i, start in enumerate(range(0, rows.numel(), CHUNK)):
-        part = rows[start : start + CHUNK]
-        grads = engine.per_sample_gradients(engine.X[part], engine.y[part])
-        total += (grads**2).sum(dim=0)
-        engine.tell(phase, i + 1, chunks)
-    return total / max(rows.numel(), 1)
+    X, y = (None, None) if rows is None else (engine.X[rows], engine.y[rows])
+    for grads in engine.per_row_gradients(X, y, phase):
+        total += (grads.double() ** 2).sum(dim=0)
+    return total / max(engine.n if rows is None else rows.numel(), 1)
 
 
 def dampen(
@@ -58,12 +54,11 @@ def ssd(request: RemovalRequest) -> RemovalResult:
     engine = training_engine(
         request.checkpoint, request.dataset, trained, options.precision, phases=request.phases
     )
-    everything = torch.arange(engine.n, device=engine.device)
     positions = torch.searchsorted(torch.from_numpy(trained), torch.from_numpy(request.marked)).to(
         engine.device
     )
     share = positions.numel() / max(engine.n, 1)
-    full = fisher_diagonal(engine, everything, "importance: every row")
+    full = fisher_diagonal(engine, None, "importance: every row")
     forget = fisher_diagonal(engine, positions, "importance: marked rows")
     theta = engine.theta.double()
     new_theta, selected = dampen(theta, full, forget, options.ssd_alpha, options.ssd_lambda)
