@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, run, run_json
+from safetensors.torch import load as load_safetensors
 
 from puma_cli.engine import derivatives
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.io.checkpoint import load_checkpoint
+from puma_cli.io.checkpoint import load_checkpoint, tensor_bytes
 from puma_cli.io.datasets import load_dataset
 from puma_cli.io.ids import read_ids
 from puma_cli.models.architectures import Architecture, Classifier, ShardEnsemble
@@ -164,6 +166,52 @@ def test_an_existing_sidecar_needs_overwrite(data_dir: Path, tmp_path: Path) -> 
     )  # fmt: skip
     assert_clean_error(result, "m.updates.safetensors")
     assert (tmp_path / "m.updates.safetensors").read_text() == "keep me"
+
+
+def test_a_record_too_large_for_the_machine_is_refused_at_the_first_step(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--record-updates holds steps x parameters floats until training ends: a record
+    past half the memory, or past the disk's free space, is refused with its size before
+    the rest of training, nothing written. (A ResNet-18 of width 64 trained 20 epochs on
+    45,000 images in batches of 128 would record 315 GB.)"""
+    import puma_cli.jobs.train as train_job
+
+    out = tmp_path / "m.safetensors"
+    args = ["train", data_dir / "radial.csv", "-o", out, *EPOCHS, "--record-updates"]
+    steps: list[int] = []
+    real_step = UpdateRecorder.__call__
+
+    def counted(self: UpdateRecorder, batch: torch.Tensor, update: torch.Tensor) -> None:
+        steps.append(1)
+        real_step(self, batch, update)
+
+    monkeypatch.setattr(UpdateRecorder, "__call__", counted)
+    monkeypatch.setattr(train_job, "device_memory", lambda device: 200_000)
+    assert_clean_error(run(*args), "half of this machine's 0.0 GB of memory")
+    assert steps == [1]  # refused at the first step, not after training
+    monkeypatch.setattr(train_job, "device_memory", lambda device: 10**12)
+    free = shutil.disk_usage(tmp_path)._replace(free=50_000)
+    monkeypatch.setattr(train_job.shutil, "disk_usage", lambda path: free)
+    result = run(*args)
+    assert_clean_error(result, "the 0.0 GB free on the output's disk")
+    assert "steps' updates of" in result.stderr and "--batch-size" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_recorded_updates_are_streamed_as_safetensors_writes_them() -> None:
+    """The sidecar is written a step at a time, byte for byte the file safetensors
+    writes of the stacked tensors (which then never stand in memory)."""
+    recorder = UpdateRecorder(np.arange(10, 20), batch_size=3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(5):
+        recorder(
+            torch.tensor([step, step + 1])[: 1 + step % 2], torch.randn(7, generator=generator)
+        )
+    streamed = b"".join(bytes(piece) for piece in recorder.pieces())
+    assert streamed == tensor_bytes(recorder.tensors())
+    loaded = load_safetensors(streamed)
+    assert loaded["updates"].shape == (5, 7) and loaded["batch_rows"][0].tolist() == [10, -1, -1]
 
 
 # --- sisa ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ No pickle is ever loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,31 @@ def _first_line(exc: BaseException) -> str:
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file of plain tensors, byte-for-byte the same for the same content."""
     return _canonical(save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def stacked_tensor_pieces(rows: dict[str, list[torch.Tensor]]) -> Iterator[bytes | memoryview]:
+    """The file `tensor_bytes` writes of each name's rows stacked along a new first axis,
+    byte for byte, piece by piece: neither the stacked tensors nor the file stand in
+    memory beside the rows (Amnesiac's recorded updates: a model's size a step). The
+    tensors' order in the file is safetensors' own, read off a one-value probe of each
+    dtype. Each name needs one row at least, all of its rows of one shape and dtype."""
+    probe = tensor_bytes({name: parts[0].reshape(-1)[:1] for name, parts in rows.items()})
+    probed = json.loads(probe[8 : 8 + int.from_bytes(probe[:8], "little")])
+    header: dict[str, Any] = {}
+    start = 0
+    for name in sorted(rows, key=lambda name: probed[name]["data_offsets"][0]):
+        parts = rows[name]
+        size = sum(part.numel() * part.element_size() for part in parts)
+        shape = [len(parts), *parts[0].shape]
+        header[name] = {"dtype": probed[name]["dtype"], "shape": shape}
+        header[name]["data_offsets"] = [start, start + size]
+        start += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    yield len(text).to_bytes(8, "little") + text
+    for name in header:
+        for part in rows[name]:
+            yield part.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def single_model(checkpoint: Checkpoint, what: str) -> Classifier:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 
 from puma_cli.data.dataset import Dataset, trained_rows_warning
 from puma_cli.errors import DataError, PumaError
@@ -113,9 +113,9 @@ def load_sidecar(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
             f"{path} has changed since {checkpoint.path} was made (sha256 {record.sha256[:12]} "
             f"recorded, {digest[:12]} now); restore it or retrain the model"
         )
-    try:
-        return load_safetensors(path.read_bytes())
-    except SafetensorError as exc:
+    try:  # mapped, not read whole beside the tensors (Amnesiac's: steps x parameters)
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
         raise DataError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,22 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset, split_rows, trained_rows_warning
+from puma_cli.devices import device_memory
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
-from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.atomic import Writer, check_outputs, write_atomically
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
 from puma_cli.models.predict import Phases, phase_teller
-from puma_cli.models.training import Progress, TrainRecipe, mixing_warnings, train_classifier
+from puma_cli.models.training import (
+    Progress,
+    TrainRecipe,
+    batch_bounds,
+    mixing_warnings,
+    train_classifier,
+)
 from puma_cli.quality.evaluation import Evaluation, evaluate_each, near_chance
 from puma_cli.unlearn.amnesiac import UpdateRecorder
 
@@ -50,6 +59,12 @@ def class_count(dataset: Dataset) -> int:
             "labels must be 0..K-1 with every class present (renumber them)"
         )
     return k
+
+
+def _write_pieces(recorder: UpdateRecorder, path: Path) -> None:
+    with open(path, "wb") as handle:
+        for piece in recorder.pieces():
+            handle.write(piece)
 
 
 def updates_path_for(model: Path) -> Path:
@@ -112,7 +127,7 @@ def train(
     recipe = recipe.with_class_weights(class_weight, trained.y, n_classes)
     grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
     extra: dict[str, torch.Tensor] = {}
-    writers = {}
+    writers: dict[Path, Writer] = {}
     sidecars = {}
     if recipe.shards > 1:
         from puma_cli.models.shards import train_sisa
@@ -121,16 +136,26 @@ def train(
         model: Model = sisa.model
         extra = sisa.plan.expanded(trained_rows, len(dataset)).to_tensors()
     else:
-        recorder = UpdateRecorder(trained_rows, recipe.batch_size) if record_updates else None
+        recorder = None
+        if record_updates and sidecar is not None:
+            steps = recipe.epochs * len(batch_bounds(len(trained), recipe.batch_size))
+            recorder = UpdateRecorder(
+                trained_rows,
+                recipe.batch_size,
+                steps,
+                memory=device_memory(torch.device("cpu")),
+                disk=shutil.disk_usage(sidecar.resolve().parent).free,
+            )
         model = train_classifier(
             trained, recipe, n_classes, device, progress, group=grouped, on_step=recorder
         )
         if recorder is not None and sidecar is not None:
-            blob = ckpt.tensor_bytes(recorder.tensors())
-            writers[sidecar] = lambda tmp: tmp.write_bytes(blob)
-            digest = hashlib.sha256(blob).hexdigest()
+            digest = hashlib.sha256()
+            for piece in recorder.pieces():
+                digest.update(piece)
+            writers[sidecar] = partial(_write_pieces, recorder)
             sidecars["updates"] = ckpt.DataRecord(
-                str(sidecar.resolve()), digest, len(recorder.updates)
+                str(sidecar.resolve()), digest.hexdigest(), len(recorder.updates)
             )
     measured = [trained, *(d for d in (val_set, test_set) if d is not None)]
     found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
@@ -160,7 +185,11 @@ def train(
         sidecars=sidecars,
     )
     blob_model = ckpt.checkpoint_bytes(checkpoint)
-    writers[output] = lambda tmp: tmp.write_bytes(blob_model)
+
+    def write_model(tmp: Path) -> None:
+        tmp.write_bytes(blob_model)
+
+    writers[output] = write_model
     write_atomically(writers, overwrite)
     return TrainReport(
         model=output,

@@ -14,13 +14,14 @@ why the method needs the marked points grouped into few batches at training time
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from puma_cli.errors import PumaError
-from puma_cli.io.checkpoint import Checkpoint, single_model
+from puma_cli.io.checkpoint import Checkpoint, single_model, stacked_tensor_pieces
 from puma_cli.io.recorded import load_sidecar
 from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
@@ -28,23 +29,67 @@ from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 SIDECAR = "updates"
 
 
-class UpdateRecorder:
-    """A `train_classifier` step hook: keeps each batch (as training-file rows) and update."""
+# The share of the machine's memory the recorded updates may take: they are held until
+# training ends, beside the data, the model and its optimiser.
+MEMORY_SHARE = 0.5
 
-    def __init__(self, file_rows: np.ndarray, batch_size: int) -> None:
+
+class UpdateRecorder:
+    """A `train_classifier` step hook: keeps each batch (as training-file rows) and update.
+
+    With `steps` (how many the training takes) it refuses at the first step, before the
+    rest of training, a record that would take more than MEMORY_SHARE of `memory` (the
+    machine's) or more than `disk` (free beside the output) bytes."""
+
+    def __init__(
+        self,
+        file_rows: np.ndarray,
+        batch_size: int,
+        steps: int = 0,
+        memory: int | None = None,
+        disk: int | None = None,
+    ) -> None:
         self.file_rows = torch.as_tensor(file_rows, dtype=torch.int32)
         self.batch_size = batch_size
+        self.steps, self.memory, self.disk = steps, memory, disk
         self.updates: list[torch.Tensor] = []
         self.batches: list[torch.Tensor] = []
 
     def __call__(self, batch: torch.Tensor, update: torch.Tensor) -> None:
+        if not self.updates:
+            self._check_room(update.numel())
         rows = torch.full((self.batch_size,), -1, dtype=torch.int32)
         rows[: batch.numel()] = self.file_rows[batch.cpu()]
         self.batches.append(rows)
         self.updates.append(update.detach().float().cpu())
 
+    def _check_room(self, parameters: int) -> None:
+        need = self.steps * (parameters + self.batch_size) * 4
+        short = []
+        if self.memory is not None and need > MEMORY_SHARE * self.memory:
+            short.append(f"half of this machine's {_gb(self.memory)} of memory")
+        if self.disk is not None and need > self.disk:
+            short.append(f"the {_gb(self.disk)} free on the output's disk")
+        if short:
+            raise PumaError(
+                f"--record-updates would keep {self.steps:,} steps' updates of "
+                f"{parameters:,} parameters, {_gb(need)}, held in memory until training "
+                f"ends and written beside the model: more than {' and '.join(short)}; "
+                "record fewer steps (a larger --batch-size or fewer --epochs), or compare "
+                "with a baseline that records nothing (--method ssd, finetune or neggrad)"
+            )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"updates": torch.stack(self.updates), "batch_rows": torch.stack(self.batches)}
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The sidecar file, `tensor_bytes(self.tensors())` byte for byte, a piece at a
+        time: never a second copy of the updates in memory."""
+        return stacked_tensor_pieces({"updates": self.updates, "batch_rows": self.batches})
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB"
 
 
 def subtract_batches(
@@ -57,7 +102,10 @@ def subtract_batches(
     if hit.any():
         with torch.no_grad():
             theta = parameters_to_vector(new.parameters()).double()
-            removed = updates[torch.from_numpy(hit)].double().sum(dim=0).to(theta.device)
+            removed = torch.zeros_like(theta, device="cpu")
+            for steps in torch.from_numpy(np.flatnonzero(hit)).split(256):  # not all in float64
+                removed += updates[steps].double().sum(dim=0)
+            removed = removed.to(theta.device)
             vector_to_parameters((theta - removed).float(), new.parameters())
     return new.eval(), hit
 
