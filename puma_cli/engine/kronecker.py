@@ -122,6 +122,11 @@ class Block:
     Qb: Tensor
     E: Tensor
 
+    @property
+    def range_only(self) -> bool:
+        """Whether Qa holds only the range of A (A, hence C, is 0 on the rest)."""
+        return self.Qa.shape[1] < self.Qa.shape[0]
+
     def matrix(self, flat: Tensor) -> Tensor:
         """The layer's part of a (P,) vector as its (out, in') joint matrix; of a (B, P)
         batch of vectors, (B, out, in')."""
@@ -182,7 +187,7 @@ class KroneckerCurvature:
             G = block.matrix(b)
             GQa = G @ block.Qa
             solved = block.Qb @ ((block.Qb.T @ GQa) / (block.E + mu)) @ block.Qa.T
-            if block.Qa.shape[1] < block.Qa.shape[0]:  # A's null space: C is 0 there
+            if block.range_only:  # A's null space: C is 0 there
                 solved += (G - GQa @ block.Qa.T) / mu
             block.place(out, solved)
         return out
@@ -203,7 +208,7 @@ class KroneckerCurvature:
             GQa = G @ block.Qa.to(rows.dtype)
             rotated = (block.Qb.T.to(rows.dtype) @ GQa).double()
             out += (rotated**2 / (block.E + mu)).sum(dim=(-2, -1))
-            if block.Qa.shape[1] < block.Qa.shape[0]:  # A's null space: C is 0 there
+            if block.range_only:  # A's null space: C is 0 there
                 rest = (G.double() ** 2).sum(dim=(-2, -1)) - (GQa.double() ** 2).sum(dim=(-2, -1))
                 out += rest.clamp_min(0) / mu
         return out
