@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from puma_cli.errors import CheckpointError, OutputExistsError
-from puma_cli.io.checkpoint import Checkpoint, DataRecord, load_checkpoint, save_checkpoint
+from puma_cli.io.checkpoint import (
+    Checkpoint,
+    DataRecord,
+    checkpoint_pieces,
+    load_checkpoint,
+    save_checkpoint,
+    tensor_bytes,
+)
 from puma_cli.models.architectures import Architecture, Classifier
 
 
@@ -63,6 +71,39 @@ def test_same_content_gives_same_bytes(tmp_path: Path) -> None:
     save_checkpoint(a, _checkpoint((4,), 2, 2, 0))
     save_checkpoint(b, _checkpoint((4,), 2, 2, 0))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_streamed_file_is_the_librarys_file(tmp_path: Path) -> None:
+    """A checkpoint is written a tensor at a time; its bytes are safetensors' own file of
+    the same tensors and metadata (header keys sorted), whatever the tensors' dtypes and
+    sizes, with a tied layer, a scalar and empty tensors among them, and it loads back."""
+    original = _checkpoint((4,), 3, 2, 0)
+    inner = original.model.net  # type: ignore[union-attr]
+    linears = [m for m in inner.modules() if isinstance(m, torch.nn.Linear)]
+    original.extra = {
+        "sisa.a": torch.arange(6, dtype=torch.int16).reshape(2, 3),
+        "sisa.b": torch.randn(5, dtype=torch.float64),
+        "sisa.c": torch.randn(3, 2).to(torch.bfloat16),
+        "sisa.d": torch.zeros(0, dtype=torch.float32),
+        "sisa.e": torch.tensor(7, dtype=torch.int64),
+        "sisa.f": torch.zeros((2, 0), dtype=torch.float64),
+        "sisa.g": torch.tensor([True, False]),
+        "sisa.h": linears[0].weight.detach(),  # tied to the model's first layer
+    }
+    state = {f"model.{k}": v.clone() for k, v in original.model.state_dict().items()}
+    state["rows.role"] = torch.from_numpy(original.roles.astype(np.uint8))
+    state.update({k: v.clone() for k, v in original.extra.items()})
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in original.metadata().items()}
+    streamed = b"".join(checkpoint_pieces(original))
+    assert streamed == tensor_bytes(state, meta)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, original)
+    assert path.read_bytes() == streamed
+    loaded = load_checkpoint(path)
+    assert loaded.extra.keys() == original.extra.keys()
+    for name, tensor in original.extra.items():
+        assert loaded.extra[name].dtype == tensor.dtype
+        assert torch.equal(loaded.extra[name], tensor), name
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from puma_cli.errors import CheckpointError
-from puma_cli.io.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint
+from puma_cli.io.checkpoint import Checkpoint, checkpoint_pieces, load_checkpoint
 from puma_cli.models.training import TrainRecipe
 
 SLOW = settings(
@@ -56,7 +56,7 @@ def _loads_or_refuses(path: Path) -> Checkpoint | None:
         return None
     TrainRecipe.from_dict(checkpoint.recipe).validate()
     json.dumps(checkpoint.metadata())
-    checkpoint_bytes(checkpoint)
+    b"".join(checkpoint_pieces(checkpoint))
     assert checkpoint.roles.shape == (checkpoint.data["train"].n,)  # type: ignore[union-attr]
     return checkpoint
 

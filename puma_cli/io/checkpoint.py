@@ -14,15 +14,16 @@ No pickle is ever loaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from puma_cli import __version__
@@ -108,34 +109,33 @@ class Checkpoint:
         }
 
 
-def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
-    """The safetensors file's bytes, which depend only on the checkpoint's content."""
-    state: dict[str, torch.Tensor] = {}
-    stored: set[int] = set()
-    for k, v in checkpoint.model.state_dict().items():
-        tensor = v.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in stored:  # a tied layer's second name: safetensors stores no aliases
-            tensor = tensor.clone()
-        stored.add(storage)
-        state[f"model.{k}"] = tensor
+def checkpoint_pieces(checkpoint: Checkpoint) -> Iterator[bytes | memoryview]:
+    """The checkpoint's file, piece by piece (`tensor_pieces`): its bytes depend only on
+    its content, and no copy of its tensors stands in memory beside them (a SISA model
+    keeps every shard's states after each slice, gigabytes at ResNet-18's size)."""
+    state = {f"model.{k}": v.detach() for k, v in checkpoint.model.state_dict().items()}
     state["rows.role"] = torch.from_numpy(checkpoint.roles.astype(np.uint8))
-    for name, tensor in checkpoint.extra.items():
-        state[name] = tensor.detach().cpu().contiguous()
+    state.update({name: tensor.detach() for name, tensor in checkpoint.extra.items()})
     strings = {
         key: json.dumps(value, sort_keys=True) for key, value in checkpoint.metadata().items()
     }
-    return _canonical(save_safetensors(state, metadata=strings))
+    return tensor_pieces(state, strings)
+
+
+def write_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    """Write the checkpoint's file at `path` (a writer for `write_atomically`)."""
+    write_pieces(checkpoint_pieces(checkpoint), path)
+
+
+def write_pieces(pieces: Iterable[bytes | memoryview], path: Path) -> None:
+    with open(path, "wb") as handle:
+        for piece in pieces:
+            handle.write(piece)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint, overwrite: bool = False) -> None:
     """Write atomically."""
-    blob = checkpoint_bytes(checkpoint)
-
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(blob)
-
-    write_atomically({Path(path): write}, overwrite)
+    write_atomically({Path(path): partial(write_checkpoint, checkpoint)}, overwrite)
 
 
 def _canonical(blob: bytes) -> bytes:
@@ -155,9 +155,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     """Read and validate a puma checkpoint; every failure is a CheckpointError that says why."""
     path = Path(path)
     require_file(path, "model file", "a .safetensors model file", CheckpointError)
-    raw = path.read_bytes()
+    raw = _head(path)  # the header, and enough of the file to tell what else it is
     try:
-        tensors = load_safetensors(raw)
+        tensors = load_file(path)  # mapped from the file, not read into a copy first
         meta = _read_metadata(raw)
     except (SafetensorError, ValueError, OSError, RecursionError) as exc:
         # A safetensors file starts with its header's length, so a pickle's signature
@@ -182,6 +182,15 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     arch = Architecture.from_dict(meta["architecture"])
     validate_tensors(path, meta, arch, tensors)
     return _build(path, meta, arch, tensors, device)
+
+
+def _head(path: Path) -> bytes:
+    """A file's first bytes: its safetensors header where the file is long enough to hold
+    the length its first 8 bytes give, and 4 KiB at least."""
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        handle.seek(0)
+        return handle.read(max(4096, 8 + size) if size <= path.stat().st_size - 8 else 4096)
 
 
 def safetensors_header(raw: bytes) -> dict[str, Any]:
@@ -286,34 +295,61 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """A safetensors file of plain tensors, byte-for-byte the same for the same content."""
-    return _canonical(save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file of plain tensors, byte-for-byte the same for the same content:
+    the library's own file with its header's keys sorted (`_canonical`)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _canonical(save_safetensors(tensors, metadata=metadata))
+
+
+def tensor_pieces(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Iterator[bytes | memoryview]:
+    """The file `tensor_bytes` writes, byte for byte, piece by piece: the header, then
+    each tensor's own bytes (moved to the CPU one at a time), never the whole file in
+    memory. A tied layer's tensor is written under each of its names, as the library
+    would have it cloned to."""
+    shaped = {name: ([*tensor.shape], [tensor]) for name, tensor in tensors.items()}
+    return _pieces(shaped, metadata)
 
 
 def stacked_tensor_pieces(rows: dict[str, list[torch.Tensor]]) -> Iterator[bytes | memoryview]:
     """The file `tensor_bytes` writes of each name's rows stacked along a new first axis,
     byte for byte, piece by piece: neither the stacked tensors nor the file stand in
-    memory beside the rows (Amnesiac's recorded updates: a model's size a step). The
-    tensors' order in the file is safetensors' own, read off a one-value probe of each
-    dtype. Each name needs one row at least, all of its rows of one shape and dtype."""
-    probe = tensor_bytes({name: parts[0].reshape(-1)[:1] for name, parts in rows.items()})
+    memory beside the rows (Amnesiac's recorded updates: a model's size a step). Each
+    name needs one row at least, all of its rows of one shape and dtype."""
+    return _pieces({name: ([len(parts), *parts[0].shape], parts) for name, parts in rows.items()})
+
+
+def _pieces(
+    parts: dict[str, tuple[list[int], list[torch.Tensor]]], metadata: dict[str, str] | None = None
+) -> Iterator[bytes | memoryview]:
+    """Each name's tensors, concatenated, as a tensor of the given shape. The tensors'
+    order in the file is safetensors' own, read off a one-value probe of each name (with
+    the metadata, which the library checks), sorted by where each probe's data lies: an
+    empty tensor's probe, also empty, lies before a value at the same offset, as the
+    tensor itself will."""
+    probe = tensor_bytes(
+        {name: pieces[0].reshape(-1)[:1].clone() for name, (_, pieces) in parts.items()}, metadata
+    )
     probed = json.loads(probe[8 : 8 + int.from_bytes(probe[:8], "little")])
     header: dict[str, Any] = {}
     start = 0
-    for name in sorted(rows, key=lambda name: probed[name]["data_offsets"][0]):
-        parts = rows[name]
-        size = sum(part.numel() * part.element_size() for part in parts)
-        shape = [len(parts), *parts[0].shape]
+    for name in sorted(parts, key=lambda name: probed[name]["data_offsets"]):
+        shape, pieces = parts[name]
+        size = sum(piece.numel() * piece.element_size() for piece in pieces)
         header[name] = {"dtype": probed[name]["dtype"], "shape": shape}
         header[name]["data_offsets"] = [start, start + size]
         start += size
+    if "__metadata__" in probed:
+        header["__metadata__"] = probed["__metadata__"]
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     yield len(text).to_bytes(8, "little") + text
     for name in header:
-        for part in rows[name]:
-            yield part.contiguous().reshape(-1).view(torch.uint8).numpy().data
+        if name != "__metadata__":
+            for piece in parts[name][1]:
+                yield piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def single_model(checkpoint: Checkpoint, what: str) -> Classifier:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.errors import PumaError, require_range
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded
-from puma_cli.io.atomic import check_outputs, write_atomically
+from puma_cli.io.atomic import Writer, check_outputs, write_atomically
 from puma_cli.io.cache import commit_all
 from puma_cli.io.recorded import criterion_set
 from puma_cli.models.architectures import Classifier
@@ -224,8 +225,7 @@ def calibrate(
         },
     }
     new = replace(checkpoint, model=patched, provenance=[*checkpoint.provenance, entry])
-    blob = ckpt.checkpoint_bytes(new)
-    writers = {output: lambda tmp: tmp.write_bytes(blob)}
+    writers: dict[Path, Writer] = {output: partial(ckpt.write_checkpoint, new)}
     if plot is not None:
         shown = test if test is not None else criterion
         writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)

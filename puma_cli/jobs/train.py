@@ -61,12 +61,6 @@ def class_count(dataset: Dataset) -> int:
     return k
 
 
-def _write_pieces(recorder: UpdateRecorder, path: Path) -> None:
-    with open(path, "wb") as handle:
-        for piece in recorder.pieces():
-            handle.write(piece)
-
-
 def updates_path_for(model: Path) -> Path:
     """m.safetensors -> m.updates.safetensors (Amnesiac's recorded training updates)."""
     return model.with_name(f"{model.stem}.updates.safetensors")
@@ -153,7 +147,7 @@ def train(
             digest = hashlib.sha256()
             for piece in recorder.pieces():
                 digest.update(piece)
-            writers[sidecar] = partial(_write_pieces, recorder)
+            writers[sidecar] = partial(ckpt.write_pieces, recorder.pieces())
             sidecars["updates"] = ckpt.DataRecord(
                 str(sidecar.resolve()), digest.hexdigest(), len(recorder.updates)
             )
@@ -184,12 +178,7 @@ def train(
         extra=extra,
         sidecars=sidecars,
     )
-    blob_model = ckpt.checkpoint_bytes(checkpoint)
-
-    def write_model(tmp: Path) -> None:
-        tmp.write_bytes(blob_model)
-
-    writers[output] = write_model
+    writers[output] = partial(ckpt.write_checkpoint, checkpoint)
     write_atomically(writers, overwrite)
     return TrainReport(
         model=output,
