@@ -12,13 +12,12 @@ nothing else, so nothing about it may fail a command or leak into its outputs:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from puma_cli.errors import PumaError
@@ -49,10 +48,9 @@ class Cache:
             self._note("is not a regular file")
             return None
         try:
-            raw = self.path.read_bytes()
-            tensors = load_safetensors(raw)
-            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-            meta = dict(header.get("__metadata__") or {})
+            tensors = load_file(self.path, backend="pread")  # read once, into the tensors
+            with safe_open(self.path, framework="pt") as handle:
+                meta = dict(handle.metadata() or {})
         except (SafetensorError, OSError, ValueError, RecursionError) as exc:
             self._note(f"is unreadable ({type(exc).__name__})")
             return None

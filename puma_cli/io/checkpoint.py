@@ -157,7 +157,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     require_file(path, "model file", "a .safetensors model file", CheckpointError)
     raw = _head(path)  # the header, and enough of the file to tell what else it is
     try:
-        tensors = load_file(path)  # mapped from the file, not read into a copy first
+        tensors = load_file(path, backend="pread")  # read once, into the tensors
         meta = _read_metadata(raw)
     except (SafetensorError, ValueError, OSError, RecursionError) as exc:
         # A safetensors file starts with its header's length, so a pickle's signature
