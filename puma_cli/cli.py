@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from puma_cli import console
-from puma_cli.errors import SEED_MAX, PumaError, require_range
+from puma_cli.errors import SEED_MAX, PumaError, out_of_memory, require_range
 from puma_cli.io.config import load_config
 
 if TYPE_CHECKING:
@@ -77,9 +77,10 @@ def _report(message: str) -> None:
 
 
 def domain_errors(fn: F) -> F:
-    """Turn a PumaError (or an OS refusal such as a full disk), or any exception raised in
-    a user's architecture file, into `Error: ...` and exit 1 (said once under torchrun, by
-    rank 0: every process meets the same input)."""
+    """Turn a PumaError (or an OS refusal such as a full disk), memory running out (the
+    GPU's or the machine's), or any exception raised in a user's architecture file, into
+    `Error: ...` and exit 1 (said once under torchrun, by rank 0: every process meets the
+    same input)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -94,7 +95,7 @@ def domain_errors(fn: F) -> F:
         except Exception as exc:
             from puma_cli.models.user import raised_in_user_code
 
-            said = raised_in_user_code(exc)
+            said = out_of_memory(exc) or raised_in_user_code(exc)  # the memory, wherever
             if said is None:
                 raise  # puma's own bug: the traceback is for us
             _report(said)

@@ -1,8 +1,11 @@
 """The domain errors the CLI turns into one `Error: ...` line and exit code 1.
 
 Every message names the bad value and says how to fix it. Anything that is not a
-PumaError is a bug and keeps its traceback.
+PumaError is a bug and keeps its traceback, but for memory running out (`out_of_memory`),
+which is the machine's state, not the request's.
 """
+
+import re
 
 
 class PumaError(Exception):
@@ -62,3 +65,26 @@ def require_range(
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """What to say where an allocation failed: the GPU's memory spent (torch's
+    OutOfMemoryError) or this machine's (MemoryError, or torch's CPU allocator refusing);
+    None for any other exception. The allocator's own figures are kept: what it tried to
+    allocate and, on a GPU, what was free."""
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "OutOfMemoryError":
+        sentences = text.split(". ")
+        detail = ". ".join(sentences[:3]).rstrip(".") if text else "OutOfMemoryError"
+        return (
+            f"the GPU ran out of memory ({detail}); free it (another process may hold some of "
+            "it: nvidia-smi lists them), use one with more memory, or give --device cpu"
+        )
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if not isinstance(exc, MemoryError) and asked is None:
+        return None
+    detail = f"{int(asked.group(1)) / 2**30:.2f} GiB asked for" if asked else "MemoryError"
+    return (
+        f"this machine ran out of memory ({detail}); close other programs or use a machine "
+        "with more memory"
+    )

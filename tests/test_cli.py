@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -639,3 +640,59 @@ def test_help_paragraphs_are_reflowed_not_broken_where_the_source_wraps(command:
     lines = [line for paragraph in paragraphs for line in paragraph[:-1]]
     assert lines, result.stdout  # each command's help has a paragraph wrapped over lines
     assert all(len(line) > 60 for line in lines), description
+
+
+GPU_FULL = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
+    "of which 1.19 GiB is free. Including non-PyTorch memory, this process has 77.90 GiB "
+    "memory in use.\nOf the allocated memory 76.2 GiB is allocated by PyTorch."
+)
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (
+            torch.OutOfMemoryError(GPU_FULL),
+            "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+            "has a total capacity of 79.11 GiB of which 1.19 GiB is free); free it",
+        ),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 3221225472 bytes. Error code 12"
+            ),
+            "this machine ran out of memory (3.00 GiB asked for); close other programs",
+        ),
+        (MemoryError(), "this machine ran out of memory (MemoryError)"),
+    ],
+)
+def test_memory_running_out_is_one_error_line_and_nothing_written(
+    data_dir: Path,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    said: str,
+) -> None:
+    """Memory running out, on the GPU or the machine, is the machine's state, not a bug of
+    puma's: one `Error:` line with the allocator's figures and the ways on, no traceback,
+    no output; another RuntimeError keeps its traceback."""
+    import puma_cli.jobs.remove as remove_job
+
+    def failing(error: Exception) -> Any:
+        def evaluate_each(*args: Any, **kwargs: Any) -> Any:
+            raise error
+
+        return evaluate_each
+
+    monkeypatch.setattr(remove_job, "evaluate_each", failing(raised))
+    (tmp_path / "ids.txt").write_text("0\n2\n")
+    out = tmp_path / "removed.safetensors"
+    result = run("remove", "-m", model_file, "--marked", tmp_path / "ids.txt", "-o", out)
+    assert_clean_error(result, said)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "ids.txt"]
+    monkeypatch.setattr(remove_job, "evaluate_each", failing(RuntimeError("a bug of puma's")))
+    result = run("remove", "-m", model_file, "--marked", tmp_path / "ids.txt", "-o", out)
+    assert isinstance(result.exception, RuntimeError)
