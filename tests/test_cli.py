@@ -668,7 +668,6 @@ GPU_FULL = (
     ],
 )
 def test_memory_running_out_is_one_error_line_and_nothing_written(
-    data_dir: Path,
     model_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
