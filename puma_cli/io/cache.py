@@ -49,7 +49,7 @@ class Cache:
             return None
         try:
             tensors = load_file(self.path, backend="pread")  # read once, into the tensors
-            with safe_open(self.path, framework="pt") as handle:
+            with safe_open(self.path, framework="pt", backend="pread") as handle:
                 meta = dict(handle.metadata() or {})
         except (SafetensorError, OSError, ValueError, RecursionError) as exc:
             self._note(f"is unreadable ({type(exc).__name__})")
