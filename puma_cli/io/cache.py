@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from puma_cli.errors import PumaError
@@ -48,9 +47,9 @@ class Cache:
             self._note("is not a regular file")
             return None
         try:
-            tensors = load_file(self.path, backend="pread")  # read once, into the tensors
             with safe_open(self.path, framework="pt", backend="pread") as handle:
                 meta = dict(handle.metadata() or {})
+                tensors = handle.get_tensors()  # read once, into the tensors
         except (SafetensorError, OSError, ValueError, RecursionError) as exc:
             self._note(f"is unreadable ({type(exc).__name__})")
             return None

@@ -155,7 +155,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     """Read and validate a puma checkpoint; every failure is a CheckpointError that says why."""
     path = Path(path)
     require_file(path, "model file", "a .safetensors model file", CheckpointError)
-    raw = _head(path)  # the header, and enough of the file to tell what else it is
+    raw = file_head(path)  # the header, and enough of the file to tell what else it is
     try:
         tensors = load_file(path, backend="pread")  # read once, into the tensors
         meta = _read_metadata(raw)
@@ -184,7 +184,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     return _build(path, meta, arch, tensors, device)
 
 
-def _head(path: Path) -> bytes:
+def file_head(path: Path) -> bytes:
     """A file's first bytes: its safetensors header where the file is long enough to hold
     the length its first 8 bytes give, and 4 KiB at least."""
     with path.open("rb") as handle:

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from puma_cli.errors import DataError
-from puma_cli.io.checkpoint import FORMAT, metadata_strings, safetensors_header
+from puma_cli.io.checkpoint import FORMAT, file_head, metadata_strings, safetensors_header
 from puma_cli.io.files import is_text, require_file
 from puma_cli.models.zoo import ForeignNames
 
@@ -114,12 +114,7 @@ def tensor_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
 
 def file_header(path: Path) -> dict[str, Any]:
     """A safetensors file's JSON header, read without its tensors ({} where it has none)."""
-    with Path(path).open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if size > Path(path).stat().st_size - 8:
-            return {}
-        handle.seek(0)
-        return safetensors_header(handle.read(8 + size))
+    return safetensors_header(file_head(Path(path)))
 
 
 @dataclass
