@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from puma_cli.engine.attention import AttentionThroughModules
-from puma_cli.engine.kronecker import fit_kronecker
+from puma_cli.engine.factor_fitting import fit_kronecker
 
 E, HEADS, L = 8, 2, 5
 

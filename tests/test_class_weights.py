@@ -14,7 +14,7 @@ from conftest import assert_clean_error, run, run_json
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.kronecker import fit_kronecker
+from puma_cli.engine.factor_fitting import fit_kronecker
 from puma_cli.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

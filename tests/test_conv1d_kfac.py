@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from puma_cli.engine.conv1d import Conv1dAsConv2d, conv1d_as_conv2d
-from puma_cli.engine.kronecker import fit_kronecker
+from puma_cli.engine.factor_fitting import fit_kronecker
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.kronecker import fit_kronecker, kronecker_from_tensors
+from puma_cli.engine.factor_fitting import fit_kronecker, kronecker_from_tensors
 from puma_cli.engine.solvers import solve
 from puma_cli.errors import PumaError
 
@@ -342,21 +342,21 @@ def test_a_layer_whose_reduce_factors_hold_no_curvature_is_fitted_as_expand(
     then the one an all-expand fit gives, and every other layer's the all-reduce fit's.
     (The layer before it, whose inputs average to LayerNorm's mean, 0 at its start, keeps
     its bias's share: between 0.05 and 0.1 here, 0.018-0.031 in a trained Mixer.)"""
-    from puma_cli.engine import kronecker
+    from puma_cli.engine import factor_fitting, factor_layers, kronecker
 
     net = _mixer(tmp_path)
     X, y = torch.randn(40, 6, 5), torch.randint(0, 3, (40,))
-    probed = kronecker.probed_layers(net, X[:2])
+    probed = factor_layers.probed_layers(net, X[:2])
     assert {name: at for name, _, at in probed} == {
         "embed": 6, "token_in": 8, "token_out": 8, "channel.1": 6, "head.1": 1
     }  # fmt: skip
-    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"token_out"}
+    assert factor_layers.expanded_layers(net, probed, X, seed=0) == {"token_out"}
     mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
     assert mixed.expanded == {"token_out"}
-    below = kronecker.EXPAND_BELOW
-    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 0.0)  # reduce everywhere
+    below = factor_layers.EXPAND_BELOW
+    monkeypatch.setattr(factor_layers, "EXPAND_BELOW", 0.0)  # reduce everywhere
     reduce = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
-    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")  # expand everywhere
+    monkeypatch.setattr(factor_fitting, "APPROXIMATION", "expand")  # expand everywhere
     expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
     assert reduce.expanded == expand.expanded == frozenset()
     v = torch.randn(mixed.size, dtype=torch.float64)
@@ -383,7 +383,7 @@ def test_a_convolution_fitted_as_expand_is_curvlinops_expand(
 ) -> None:
     """Convolutions (with and without a bias) taken as expand: their blocks are those of
     curvlinops' K-FAC-expand fit, the head's (one position a row) the same in both."""
-    from puma_cli.engine import kronecker
+    from puma_cli.engine import factor_fitting, factor_layers
 
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -391,10 +391,10 @@ def test_a_convolution_fitted_as_expand_is_curvlinops_expand(
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     ).eval()  # fmt: skip
     X, y = torch.randn(40, 3, 8, 8), torch.randint(0, 3, (40,))
-    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 10.0)  # every shared layer
+    monkeypatch.setattr(factor_layers, "EXPAND_BELOW", 10.0)  # every shared layer
     mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
     assert mixed.expanded == {"0", "2"}
-    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")
+    monkeypatch.setattr(factor_fitting, "APPROXIMATION", "expand")
     expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
     v = torch.randn(mixed.size, dtype=torch.float64)
     torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
@@ -416,17 +416,17 @@ class _TwiceConv(nn.Module):
 def test_a_layer_called_twice_is_probed_over_both_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe pairs each call's input with its gradient (the backward pass meets them in
     reverse) and sums the traces over the calls; as expand, the block is curvlinops'."""
-    from puma_cli.engine import kronecker
+    from puma_cli.engine import factor_fitting, factor_layers
 
     torch.manual_seed(0)
     net = _TwiceConv().eval()
     X, y = torch.randn(30, 3, 6, 8), torch.randint(0, 3, (30,))
-    probed = kronecker.probed_layers(net, X[:2])
-    assert kronecker.expanded_layers(net, probed, X, seed=0) == frozenset()
-    monkeypatch.setattr(kronecker, "EXPAND_BELOW", 10.0)
-    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"conv"}
+    probed = factor_layers.probed_layers(net, X[:2])
+    assert factor_layers.expanded_layers(net, probed, X, seed=0) == frozenset()
+    monkeypatch.setattr(factor_layers, "EXPAND_BELOW", 10.0)
+    assert factor_layers.expanded_layers(net, probed, X, seed=0) == {"conv"}
     mixed = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
-    monkeypatch.setattr(kronecker, "APPROXIMATION", "expand")
+    monkeypatch.setattr(factor_fitting, "APPROXIMATION", "expand")
     expand = fit_kronecker("kfac", net, *_layout(net), [(X, y)], "type-2")
     v = torch.randn(mixed.size, dtype=torch.float64)
     torch.testing.assert_close(mixed.matvec(v), expand.matvec(v))
@@ -438,20 +438,20 @@ def test_a_layer_another_process_fits_as_expand_is_expanded_here_too(
     """Under torchrun every process probes the same rows, and their votes are summed: a
     layer any process picks (its rounding on the threshold, say) is expand on all."""
     from puma_cli import parallel
-    from puma_cli.engine import kronecker
+    from puma_cli.engine import factor_layers
 
     torch.manual_seed(0)
     net = _TwiceConv().eval()
     X = torch.randn(30, 3, 6, 8)
-    probed = kronecker.probed_layers(net, X[:2])
-    assert kronecker.expanded_layers(net, probed, X, seed=0) == frozenset()
+    probed = factor_layers.probed_layers(net, X[:2])
+    assert factor_layers.expanded_layers(net, probed, X, seed=0) == frozenset()
     monkeypatch.setattr(parallel, "all_reduce", lambda votes: votes.add_(1))  # a peer's vote
-    assert kronecker.expanded_layers(net, probed, X, seed=0) == {"conv"}
+    assert factor_layers.expanded_layers(net, probed, X, seed=0) == {"conv"}
 
 
 @pytest.mark.parametrize("positions", [3, 40])  # the Gram route; each row's own gradient
 def test_a_shared_layer_s_traces_are_its_rows_gradients(positions: int) -> None:
-    from puma_cli.engine.kronecker import layer_traces
+    from puma_cli.engine.factor_layers import layer_traces
 
     torch.manual_seed(0)
     a, g = torch.randn(5, positions, 7, dtype=torch.float64), torch.randn(5, positions, 6)
@@ -831,17 +831,17 @@ def test_ekfac_sums_the_factor_of_a_wide_layer_over_tokens(
     gradient leaves the span of the rows' mean inputs: there the factor is summed and
     its whole eigenbasis kept (equal to the fit that never takes rows), as `through_rows`
     and the weighing before the fit say."""
-    from puma_cli.engine import kronecker
+    from puma_cli.engine import factor_layers, kronecker
 
     torch.manual_seed(0)
     width = kronecker.LOW_RANK_MIN + 50
     net = _Tokens(width)
     X, y = torch.randn(200, 4 * width), torch.randint(0, 3, (200,))
     fitted = fit_kronecker("ekfac", net, *_layout(net), [(X, y)])
-    (shape,) = kronecker.factor_shapes(net, X[:2])
+    (shape,) = factor_layers.factor_shapes(net, X[:2])
     assert (shape.inputs, shape.positions) == (width, 4)
-    assert not kronecker.through_rows(shape.linear, shape.inputs, 200, "ekfac", 4)
-    assert kronecker.through_rows(shape.linear, shape.inputs, 200, "kfac", 4)
+    assert not factor_layers.through_rows(shape.linear, shape.inputs, 200, "ekfac", 4)
+    assert factor_layers.through_rows(shape.linear, shape.inputs, 200, "kfac", 4)
     assert fitted.from_rows == frozenset()
     assert fitted.blocks[0].Qa.shape == (width, width)  # curvlinops' whole eigenbasis
     monkeypatch.setattr(kronecker, "LOW_RANK_MIN", 10**9)
@@ -921,7 +921,7 @@ class _Encoder(nn.Module):
 def test_factor_shapes_read_before_fitting_are_the_fitted_ones() -> None:
     """What `auto` weighs before fitting (each layer's factor widths) is what K-FAC then
     fits: a convolution's patch and bias, a bias-free one, attention's projections."""
-    from puma_cli.engine.kronecker import factor_shapes
+    from puma_cli.engine.factor_layers import factor_shapes
 
     torch.manual_seed(0)
     net = _Encoder().eval()
@@ -941,7 +941,7 @@ def test_factors_are_weighed_before_they_are_fitted() -> None:
     passes over the rows, or half the memory; kfac asked for by name is refused only
     where they cannot fit at all. The wide cases are the two measured ones."""
     from puma_cli.engine.curvature import CurvatureChoice, fit_bytes, weigh_factors
-    from puma_cli.engine.kronecker import FactorShape
+    from puma_cli.engine.factor_layers import FactorShape
 
     def shapes(features: int, hidden: int, classes: int) -> list[FactorShape]:
         return [FactorShape("net.layers.0", features + 1, hidden),

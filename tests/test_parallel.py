@@ -18,7 +18,7 @@ from conftest import assert_clean_error, run, run_json
 from safetensors.torch import load_file
 
 from puma_cli import parallel
-from puma_cli.engine import kronecker
+from puma_cli.engine import factor_fitting, factor_layers
 
 
 def torchrun(
@@ -288,7 +288,7 @@ def test_sampled_kronecker_factors_do_not_depend_on_the_split(
     v = torch.randn(sum(sizes), dtype=torch.float64)
 
     def fit() -> torch.Tensor:
-        curvature = kronecker.fit_kronecker("kfac", net, names, sizes, batches, "mc", seed=3)
+        curvature = factor_fitting.fit_kronecker("kfac", net, names, sizes, batches, "mc", seed=3)
         return curvature.inverse(v, 0.1)
 
     whole = fit()
@@ -328,7 +328,7 @@ def test_a_wide_layer_s_rows_join_over_processes_as_one_holds_them(
              "--device", "cpu")  # fmt: skip
     (tmp_path / "marked.txt").write_text("".join(f"{i}\n" for i in range(0, 600, 40)))
     a, b, before = _one_and_two_processes(tmp_path, model, kind)
-    assert kronecker.through_rows(True, 1301, 540, kind)  # 540 rows trained, 60 validation
+    assert factor_layers.through_rows(True, 1301, 540, kind)  # 540 rows trained, 60 validation
     first = float(
         (a["model.net.layers.0.weight"] - before["model.net.layers.0.weight"]).abs().max()
     )

@@ -36,7 +36,8 @@ from puma_cli.engine.curvature import (
     weigh_factors,
 )
 from puma_cli.engine.derivatives import InfluenceModel, Phases
-from puma_cli.engine.kronecker import KINDS, factor_shapes
+from puma_cli.engine.factor_layers import factor_shapes
+from puma_cli.engine.kronecker import KINDS
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.atomic import sha256_file

@@ -28,19 +28,14 @@ import torch
 from torch import nn
 
 from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.factor_fitting import APPROXIMATION, fit_kronecker, kronecker_from_tensors
+from puma_cli.engine.factor_layers import EXPAND_BELOW, PROBE_ROWS, FactorShape, through_rows
 from puma_cli.engine.kronecker import (
-    APPROXIMATION,
-    EXPAND_BELOW,
     KINDS,
     LOW_RANK_MIN,
     OVERSAMPLE,
-    PROBE_ROWS,
-    FactorShape,
     KroneckerCurvature,
-    fit_kronecker,
     keeps_range,
-    kronecker_from_tensors,
-    through_rows,
 )
 from puma_cli.errors import PumaError, require_range
 from puma_cli.io.cache import Cache
