@@ -60,7 +60,7 @@ def say(message: str) -> None:
 def table(title: str, rows: list[tuple[str, Any]]) -> None:
     view = Table(title=title, show_header=False, title_justify="left", box=None)
     view.add_column(style="bold")
-    view.add_column()
+    view.add_column(overflow="fold")  # a path or digest wider than the column: never cut
     for key, value in rows:
         view.add_row(key, _fmt(value))
     _stdout().print(view)

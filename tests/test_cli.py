@@ -89,6 +89,21 @@ def test_human_output_goes_to_stdout_without_json(model_file: Path) -> None:
     assert "epochs=30" in text and "trained, " in text and " validation, 0 removed" in text
 
 
+def test_info_folds_a_long_path_onto_the_next_line_rather_than_cutting_it(tmp_path: Path) -> None:
+    """A path or digest wider than the terminal's column is folded, never cut to an
+    ellipsis: `info` is where a user reads which files a model records."""
+    folder = tmp_path / ("a-folder-name-long-enough-to-overflow-the-column-" * 2) / "data"
+    folder.mkdir(parents=True)
+    assert run("make-data", "radial", "-o", folder / "r.csv", "--n", "60").exit_code == 0
+    model = tmp_path / "m.safetensors"
+    assert run("train", folder / "r.csv", "-o", model, "--epochs", "2").exit_code == 0
+    result = run("info", model)
+    assert result.exit_code == 0, result.output
+    assert "\u2026" not in result.stdout and "..." not in result.stdout
+    joined = "".join(result.stdout.split())  # the folds and the key column's padding gone
+    assert str(folder / "r.csv") in joined
+
+
 def test_info_says_each_operation_in_a_line_with_its_figures(
     model_file: Path, data_dir: Path, tmp_path: Path
 ) -> None:
