@@ -131,10 +131,10 @@ def _two_markings(folder: Path, *options: str) -> Callable[..., dict]:
 def _guard_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The rows of each pass the guard takes of its own for the original model's figures
     (those not known from the cache or the score pass), recorded as removals run."""
-    from puma_cli.unlearn import puma as puma_method
+    from puma_cli.unlearn import step_length
 
     guarded: list[int] = []
-    real_per_row = puma_method.per_row
+    real_per_row = step_length.per_row
 
     def spying(engine, direction, name, rows, compute, cache):  # type: ignore[no-untyped-def]
         def counted(at):  # type: ignore[no-untyped-def]
@@ -144,7 +144,7 @@ def _guard_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         chosen = counted if name == "fit0" else compute
         return real_per_row(engine, direction, name, rows, chosen, cache)
 
-    monkeypatch.setattr(puma_method, "per_row", spying)
+    monkeypatch.setattr(step_length, "per_row", spying)
     return guarded
 
 

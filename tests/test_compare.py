@@ -78,7 +78,7 @@ def test_a_method_that_refuses_is_reported_not_fatal(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PumaError("no step keeps the model's performance")
 
-    monkeypatch.setattr(puma, "_choose_scale", refuse)
+    monkeypatch.setattr(puma, "choose_scale", refuse)
     report = _compare(work, tmp_path / "o", "--methods", "puma,finetune")
     by = {r["method"]: r for r in report["methods"]}
     assert "no step keeps" in by["puma"]["refused"] and by["puma"]["output"] is None

@@ -76,7 +76,7 @@ def test_the_score_pass_gives_the_guards_figures_of_the_float32_model() -> None:
     """A float32 engine's forward-mode pass yields, beside the scores, the figures the
     removal guard takes of the model it writes (per-row loss and correctness), so the
     guard needs no pass of its own over the scored rows."""
-    from puma_cli.unlearn.puma import _row_figures
+    from puma_cli.unlearn.step_length import row_figures
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -89,7 +89,7 @@ def test_the_score_pass_gives_the_guards_figures_of_the_float32_model() -> None:
     v = torch.randn(engine.n_parameters, dtype=torch.float64)
     psi, figures = engine.scores_and_figures(v, engine.X[3:], engine.y[3:])
     torch.testing.assert_close(psi, engine.directional_derivatives(v, engine.X[3:], engine.y[3:]))
-    guard = torch.from_numpy(_row_figures(engine.patched_module(v * 0), X[3:], y[3:], 7))
+    guard = torch.from_numpy(row_figures(engine.patched_module(v * 0), X[3:], y[3:], 7))
     assert figures.dtype == torch.float64 and figures.shape == (20, 2)
     torch.testing.assert_close(figures[:, 0], guard[:, 0], rtol=1e-6, atol=1e-7)
     assert torch.equal(figures[:, 1], guard[:, 1]) and 0 < figures[:, 1].sum() < 20
@@ -287,7 +287,7 @@ def test_the_criterion_gradient_in_chunks_equals_one_batch() -> None:
 def test_the_guard_search_keeps_the_largest_grid_step_that_passes() -> None:
     """Taking larger steps to harm more: every threshold gives the largest passing step of
     the grid (powers of two from 1/64 up to the last scale), as the plain walk would."""
-    from puma_cli.unlearn.puma import AUTO_SCALES, SMALLEST_SCALE, NoSafeStep, _search
+    from puma_cli.unlearn.step_length import AUTO_SCALES, SMALLEST_SCALE, NoSafeStep, search
 
     grid = sorted({SMALLEST_SCALE * 2.0**k for k in range(6)} | set(AUTO_SCALES))
     for threshold in [*grid, 1e-3, 1e9, 0.3, 5.0]:
@@ -299,10 +299,10 @@ def test_the_guard_search_keeps_the_largest_grid_step_that_passes() -> None:
 
         if threshold < SMALLEST_SCALE:
             with pytest.raises(NoSafeStep):
-                _search(passes, AUTO_SCALES)
+                search(passes, AUTO_SCALES)
             assert looks == [1.0, 0.5, SMALLEST_SCALE]
             continue
-        assert _search(passes, AUTO_SCALES) == max(g for g in grid if g <= threshold)
+        assert search(passes, AUTO_SCALES) == max(g for g in grid if g <= threshold)
         passing = [s for s in looks if s <= threshold]
         if threshold < 1:  # down: at most two passing looks (each a pass over the rows)
             one = threshold in (0.5, SMALLEST_SCALE)  # half, or the look at the shortest
@@ -310,21 +310,21 @@ def test_the_guard_search_keeps_the_largest_grid_step_that_passes() -> None:
 
 
 def test_the_guard_check_decides_as_the_full_figures_and_stops_a_broken_step_early() -> None:
-    from puma_cli.unlearn.puma import _criterion_figures, _Limits
+    from puma_cli.unlearn.step_length import Limits, criterion_figures
 
     model, X, y = _tiny(n=400)
     net = model.float().eval()
     Xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
-    loss, accuracy = _criterion_figures(net, Xt, yt, 32)
+    loss, accuracy = criterion_figures(net, Xt, yt, 32)
     for bound in (loss * 0.9, loss, loss * 1.1, None):
         for accuracy0, drop in ((accuracy, 0.0), (accuracy + 0.02, 0.01), (1.0, 0.5), (None, 0)):
             full = (bound is None or loss <= bound) and (
                 accuracy0 is None or accuracy0 - accuracy <= drop
             )
-            held = _Limits(bound, accuracy0, drop).held_loss(net, Xt, yt, 32)
+            held = Limits(bound, accuracy0, drop).held_loss(net, Xt, yt, 32)
             assert (held is not None) == full
     calls = []
     net.register_forward_hook(lambda *_: calls.append(1))
     wrong = (1 - yt).long()  # labels the model gets wrong wherever it got them right
-    assert _Limits(None, 1.0, 0.01).held_loss(net, Xt, wrong, 32) is None
+    assert Limits(None, 1.0, 0.01).held_loss(net, Xt, wrong, 32) is None
     assert len(calls) < 400 // 32 / 2  # settled within the first chunks of 13

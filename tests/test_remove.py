@@ -349,14 +349,15 @@ def test_a_patch_no_step_size_makes_safe_is_refused_not_written(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from puma_cli.unlearn import puma as puma_method
+    from puma_cli.unlearn import step_length
 
     step_norms = []
 
     def never_safe(request, engine, spectrum, x, *rest):  # type: ignore[no-untyped-def]
         step_norms.append(float(x.norm()))
-        raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
+        raise puma_method.NoSafeStep(step_length.SMALLEST_SCALE)
 
-    monkeypatch.setattr(puma_method, "_choose_scale", never_safe)
+    monkeypatch.setattr(puma_method, "choose_scale", never_safe)
     result = run(
         "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
         "-o", workspace / "r.safetensors", "--no-cache",
@@ -373,13 +374,14 @@ def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from puma_cli.unlearn import puma as puma_method
+    from puma_cli.unlearn import step_length
 
-    real, tries = puma_method._choose_scale, []
+    real, tries = puma_method.choose_scale, []
 
     def first_unsafe(*args):  # type: ignore[no-untyped-def]
         tries.append(1)
         if len(tries) == 1:
-            raise puma_method.NoSafeStep(puma_method.SMALLEST_SCALE)
+            raise puma_method.NoSafeStep(step_length.SMALLEST_SCALE)
         return real(*args)
 
     plain = run_json(
@@ -388,7 +390,7 @@ def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
     )  # fmt: skip
     assert not any("damping was raised" in w for w in plain["warnings"])
     raised = 100 * plain["parameters"]["damping"]  # (CG may have raised 0.01 already)
-    monkeypatch.setattr(puma_method, "_choose_scale", first_unsafe)
+    monkeypatch.setattr(puma_method, "choose_scale", first_unsafe)
     out = run_json(
         "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
         "-o", workspace / "r.safetensors",
@@ -400,7 +402,7 @@ def test_a_patch_that_breaks_the_model_is_retried_with_more_damping(
     # the cache keeps the raised damping under the requested one: the next request
     # starts there and needs no retry
     tries.clear()
-    monkeypatch.setattr(puma_method, "_choose_scale", lambda *a: tries.append(1) or real(*a))
+    monkeypatch.setattr(puma_method, "choose_scale", lambda *a: tries.append(1) or real(*a))
     again = run_json(
         "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "ids.txt",
         "-o", workspace / "r2.safetensors",

@@ -239,7 +239,7 @@ def test_match_crossing_below_the_shortest_step_keeps_that_step(
     """Marked rows whose loss sits just under the held-out loss cross it at the guard's
     shortest step already: that step is kept, and the damping is not raised (as it is when
     the guard itself breaks there)."""
-    from puma_cli.unlearn import puma as puma_method
+    from puma_cli.unlearn import step_length
 
     trained, losses, ids = _train_losses(work, data_dir)
     held = run_json("remove", "-m", work / "model.safetensors", "--marked", work / "ids.txt",
@@ -257,7 +257,7 @@ def test_match_crossing_below_the_shortest_step_keeps_that_step(
                         *args)  # fmt: skip
 
     crossing = next(s for s in (0.125, 0.25, 0.5) if _gap(at("--eta", str(s))) > 1e-4)
-    monkeypatch.setattr(puma_method, "SMALLEST_SCALE", crossing)
+    monkeypatch.setattr(step_length, "SMALLEST_SCALE", crossing)
     report = at("--forget", "match")
     assert report["marked_loss_before"] < report["criterion_before"]
     assert report["parameters"]["eta_scale"] == crossing

@@ -44,7 +44,7 @@ class RemovalOptions:
         at its learning rate).
     neggrad_alpha: NegGrad+'s weight on the remaining rows' loss (1 - it on the marked).
     mask_share: SalUn's share of the weights its saliency mask lets move.
-    forget: how PUMA makes up for what first-order removal leaves (`unlearn.puma`): step
+    forget: how PUMA makes up for what first-order removal leaves (`step_length`): step
         (the default: the step size guarded by accuracy, not by the remaining rows' loss),
         match (step, stopped where the marked rows' loss reaches the held-out loss), repair
         (the patch, then a short fine-tune on the remaining rows) or none (the paper's
