@@ -218,12 +218,12 @@ CSV_LEFT_TO_THE_CSV_MODULE = {
 def _both_readers(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """What load_dataset makes of `path` with numpy's plain reader, and with the csv
     module alone: a Dataset's arrays, or the error's message."""
-    import puma_cli.io.datasets as datasets
+    import puma_cli.io.csv_table as csv_table
 
     outcomes: list[object] = []
     for plain in (True, False):
         if not plain:
-            monkeypatch.setattr(datasets, "_plain_table", lambda *a: None)
+            monkeypatch.setattr(csv_table, "plain_table", lambda *a: None)
         try:
             d = load_dataset(path)
         except DataError as exc:
@@ -245,10 +245,10 @@ def test_the_plain_csv_reader_reads_what_the_csv_module_reads(
         path.write_bytes(CSV_EDGES[name].encode())
     else:
         path.write_bytes((SAMPLES[[p.name for p in SAMPLES].index(name)]).read_bytes())
-    from puma_cli.io.datasets import _plain_table
+    from puma_cli.io.csv_table import plain_table
 
     text = path.read_bytes().decode("utf-8-sig")
-    taken = _plain_table(text, "label", "id") is not None
+    taken = plain_table(text, "label", "id") is not None
     assert taken == (name not in CSV_LEFT_TO_THE_CSV_MODULE)
     plain, module = _both_readers(path, monkeypatch)
     assert plain == module
