@@ -23,7 +23,7 @@ from puma_cli.io import recorded
 from puma_cli.io.ids import write_ids
 from puma_cli.jobs import train as train_job
 from puma_cli.jobs.attack import attack
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 
 
 def main() -> None:

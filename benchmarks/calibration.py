@@ -25,7 +25,7 @@ from puma_cli.io import recorded
 from puma_cli.jobs import train as train_job
 from puma_cli.jobs.calibrate import calibrate
 from puma_cli.models.predict import predict_logits
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.quality.calibration import expected_calibration_error
 
 DATASETS = {

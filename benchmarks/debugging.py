@@ -28,7 +28,8 @@ from puma_cli.io.ids import write_ids
 from puma_cli.jobs import train as train_job
 from puma_cli.jobs.debug_labels import FRACTIONS, debug_labels
 from puma_cli.models.predict import predict_logits
-from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.models.recipe import TrainRecipe
+from puma_cli.models.training import train_classifier
 from puma_cli.quality.label_ranking import found_curve
 
 DATASETS = {

@@ -38,7 +38,7 @@ from puma_cli.jobs import train as train_job
 from puma_cli.jobs.attack import attack
 from puma_cli.jobs.compare import compare
 from puma_cli.jobs.remove import remove
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.unlearn import RemovalOptions
 
 MARKINGS = ("kmeans", "random5")

@@ -43,7 +43,7 @@ from puma_cli.jobs import remove as remove_job
 from puma_cli.jobs import train as train_job
 from puma_cli.jobs.attack import attack
 from puma_cli.models.predict import predict_logits
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.unlearn import RemovalOptions
 
 DATASETS = ("radial", "rectangular", "german-credit", "breast-cancer")

@@ -33,7 +33,8 @@ from puma_cli.io.ids import rows_for_ids, write_ids
 from puma_cli.jobs import remove as remove_job
 from puma_cli.jobs import train as train_job
 from puma_cli.models.predict import predict_logits
-from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.models.recipe import TrainRecipe
+from puma_cli.models.training import train_classifier
 from puma_cli.quality.evaluation import evaluate
 from puma_cli.unlearn import RemovalOptions
 

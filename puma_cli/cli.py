@@ -26,7 +26,7 @@ from puma_cli.io.config import load_config
 if TYPE_CHECKING:
     import torch
 
-    from puma_cli.models.training import TrainRecipe
+    from puma_cli.models.recipe import TrainRecipe
 
 app = typer.Typer(
     name="puma",
@@ -505,7 +505,7 @@ def _recipe(
 ) -> TrainRecipe:
     """The training recipe the options describe (train's, or the one import declares);
     `settings` are the recipe's other fields by name (a choice's enum as its value)."""
-    from puma_cli.models.training import TrainRecipe
+    from puma_cli.models.recipe import TrainRecipe
 
     return TrainRecipe(
         **_architecture(arch, arch_args),
@@ -662,7 +662,7 @@ def train(
     """Train a classifier and save it as one safetensors checkpoint with its full record."""
     from puma_cli.io.datasets import DataOptions
     from puma_cli.jobs.train import train as job
-    from puma_cli.models.training import NO_TRANSFORM
+    from puma_cli.models.recipe import NO_TRANSFORM
 
     recipe = _recipe(
         arch, arch_args, hidden, activation, epochs, lr, optimizer, batch_size, weight_decay, seed,

@@ -19,7 +19,8 @@ from puma_cli.audit.shokri import shokri_scores
 from puma_cli.data.dataset import Dataset
 from puma_cli.io.checkpoint import ROLE_VALIDATION, load_checkpoint
 from puma_cli.io.datasets import load_dataset
-from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.models.recipe import TrainRecipe
+from puma_cli.models.training import train_classifier
 
 
 def _random_labels(n: int, seed: int) -> Dataset:

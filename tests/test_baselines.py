@@ -18,8 +18,9 @@ from puma_cli.io.checkpoint import load_checkpoint, tensor_bytes
 from puma_cli.io.datasets import load_dataset
 from puma_cli.io.ids import read_ids
 from puma_cli.models.architectures import Architecture, Classifier, ShardEnsemble
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.models.shards import SisaPlan, _train_shard, train_sisa, unlearn_sisa
-from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.models.training import train_classifier
 from puma_cli.unlearn.amnesiac import UpdateRecorder, subtract_batches
 from puma_cli.unlearn.ssd import dampen, fisher_diagonal
 

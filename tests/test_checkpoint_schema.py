@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from puma_cli.errors import CheckpointError
 from puma_cli.io.checkpoint import Checkpoint, checkpoint_pieces, load_checkpoint
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 
 SLOW = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import assert_clean_error, assert_recipe_setting, run, run_json
 
-from puma_cli.models.training import TrainRecipe, optimizer_step
+from puma_cli.models.recipe import TrainRecipe
+from puma_cli.models.training import optimizer_step
 
 
 def test_a_step_moves_the_weights_by_at_most_the_clipped_norm() -> None:

@@ -10,7 +10,8 @@ import torch
 from conftest import run_json
 
 from puma_cli.io.checkpoint import load_checkpoint
-from puma_cli.models.training import TrainRecipe, loss_weight_decay, make_optimizer
+from puma_cli.models.recipe import TrainRecipe, loss_weight_decay
+from puma_cli.models.training import make_optimizer
 
 
 def _train(data_dir: Path, out: Path, optimizer: str) -> dict[str, object]:

@@ -116,7 +116,7 @@ def test_the_model_figures_are_told_as_one_pass(
     from puma_cli.jobs.attack import SCORING, attack
     from puma_cli.jobs.evaluate import evaluate_model
     from puma_cli.jobs.train import train
-    from puma_cli.models.training import TrainRecipe
+    from puma_cli.models.recipe import TrainRecipe
 
     folder = _workspace(model_file, data_dir, tmp_path)
     seen: Seen = []

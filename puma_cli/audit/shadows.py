@@ -22,8 +22,9 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint
 from puma_cli.models.predict import predict_logits
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.models.shards import train_model
-from puma_cli.models.training import Progress, TrainRecipe
+from puma_cli.models.training import Progress
 
 MAX_SHADOWS = 1024  # LiRA's paper used up to 256; each shadow is one full training
 

@@ -38,8 +38,9 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint
 from puma_cli.models.predict import predict_logits
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.models.shards import train_model
-from puma_cli.models.training import Progress, TrainRecipe
+from puma_cli.models.training import Progress
 
 MIN_SHADOWS = 8  # 4 a side: the least a leave-one-out mean and a pooled variance take
 DELTA = 0.01

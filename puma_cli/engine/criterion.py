@@ -44,7 +44,7 @@ from puma_cli.io.atomic import sha256_file
 from puma_cli.io.cache import Cache, Check
 from puma_cli.io.checkpoint import Checkpoint, single_model
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import loss_weight_decay
+from puma_cli.models.recipe import loss_weight_decay
 
 
 @dataclass(frozen=True)

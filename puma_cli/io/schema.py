@@ -23,7 +23,7 @@ from torch.nn.parameter import is_lazy
 from puma_cli.data.dataset import MAX_ROW_AXES
 from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.models.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, build_model
-from puma_cli.models.training import TrainRecipe
+from puma_cli.models.recipe import TrainRecipe
 
 ROLES = (0, 1, 2, 3)  # trained on, validation, removed, withdrawn (io.checkpoint names them)
 DATA_ROLES = ("train", "val", "test")

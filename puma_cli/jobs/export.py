@@ -27,7 +27,7 @@ from puma_cli.io import checkpoint as ckpt
 from puma_cli.io.atomic import check_outputs, sha256_file, write_atomically
 from puma_cli.io.weights import names_like
 from puma_cli.models.architectures import Classifier, ShardEnsemble
-from puma_cli.models.training import NO_TRANSFORM, TrainRecipe
+from puma_cli.models.recipe import NO_TRANSFORM, TrainRecipe
 
 
 @dataclass

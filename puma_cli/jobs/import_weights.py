@@ -30,7 +30,7 @@ from puma_cli.io.weights import exported_record, load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
-from puma_cli.models.training import (
+from puma_cli.models.recipe import (
     NO_TRANSFORM,
     TrainRecipe,
     architecture_for,

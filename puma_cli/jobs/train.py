@@ -23,13 +23,8 @@ from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
 from puma_cli.models.architectures import Model
 from puma_cli.models.predict import Phases, phase_teller
-from puma_cli.models.training import (
-    Progress,
-    TrainRecipe,
-    batch_bounds,
-    mixing_warnings,
-    train_classifier,
-)
+from puma_cli.models.recipe import TrainRecipe, mixing_warnings
+from puma_cli.models.training import Progress, batch_bounds, train_classifier
 from puma_cli.quality.evaluation import Evaluation, evaluate_each, near_chance
 from puma_cli.unlearn.amnesiac import UpdateRecorder
 

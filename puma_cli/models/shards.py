@@ -27,14 +27,8 @@ from puma_cli.data.dataset import Dataset
 from puma_cli.errors import PumaError
 from puma_cli.models.architectures import Architecture, Classifier, Model, ShardEnsemble
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import (
-    Progress,
-    TrainRecipe,
-    architecture_for,
-    check_trainable,
-    fit,
-    train_classifier,
-)
+from puma_cli.models.recipe import TrainRecipe, architecture_for, check_trainable
+from puma_cli.models.training import Progress, fit, train_classifier
 
 StateDict = dict[str, torch.Tensor]
 

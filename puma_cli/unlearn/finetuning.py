@@ -37,13 +37,8 @@ from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.augment import augment_batch
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import (
-    TrainRecipe,
-    batch_bounds,
-    make_optimizer,
-    optimizer_step,
-    train_forward,
-)
+from puma_cli.models.recipe import TrainRecipe
+from puma_cli.models.training import batch_bounds, make_optimizer, optimizer_step, train_forward
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 Tensor = torch.Tensor

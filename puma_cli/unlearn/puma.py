@@ -33,7 +33,7 @@ from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 from puma_cli.models.architectures import Classifier
 from puma_cli.models.predict import as_tensor
-from puma_cli.models.training import mixing_notes
+from puma_cli.models.recipe import mixing_notes
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 from puma_cli.unlearn.finetuning import finetune
 from puma_cli.unlearn.step_length import NoSafeStep, choose_scale, unmarked_sample

@@ -3,8 +3,9 @@ retrained whole, with a fresh shard plan)."""
 
 from __future__ import annotations
 
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.models.shards import train_sisa
-from puma_cli.models.training import TrainRecipe, train_classifier
+from puma_cli.models.training import train_classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from puma_cli.errors import PumaError
 from puma_cli.models.architectures import ShardEnsemble
+from puma_cli.models.recipe import TrainRecipe
 from puma_cli.models.shards import SisaPlan, unlearn_sisa
-from puma_cli.models.training import TrainRecipe
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
 
 
