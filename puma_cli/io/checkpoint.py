@@ -145,10 +145,15 @@ def _canonical(blob: bytes) -> bytes:
     (and padding to 8 bytes as the format asks) makes same content give the same bytes.
     """
     size = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + size])
+    return _header_bytes(json.loads(blob[8 : 8 + size])) + blob[8 + size :]
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    """A safetensors header as the file opens with it: its length (8 bytes, little-endian),
+    then its JSON with the keys sorted, padded with spaces to a multiple of 8 bytes."""
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
+    return len(text).to_bytes(8, "little") + text
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -332,7 +337,7 @@ def _pieces(
     probe = tensor_bytes(
         {name: pieces[0].reshape(-1)[:1].clone() for name, (_, pieces) in parts.items()}, metadata
     )
-    probed = json.loads(probe[8 : 8 + int.from_bytes(probe[:8], "little")])
+    probed = safetensors_header(probe)
     header: dict[str, Any] = {}
     start = 0
     for name in sorted(parts, key=lambda name: probed[name]["data_offsets"]):
@@ -343,9 +348,7 @@ def _pieces(
         start += size
     if "__metadata__" in probed:
         header["__metadata__"] = probed["__metadata__"]
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    yield len(text).to_bytes(8, "little") + text
+    yield _header_bytes(header)
     for name in header:
         if name != "__metadata__":
             for piece in parts[name][1]:
