@@ -142,7 +142,8 @@ def train(
             digest = hashlib.sha256()
             for piece in recorder.pieces():
                 digest.update(piece)
-            writers[sidecar] = partial(ckpt.write_pieces, recorder.pieces())
+            # the pieces made as the writer runs: a generator bound now would serve once
+            writers[sidecar] = lambda tmp: ckpt.write_pieces(recorder.pieces(), tmp)
             sidecars["updates"] = ckpt.DataRecord(
                 str(sidecar.resolve()), digest.hexdigest(), len(recorder.updates)
             )
