@@ -11,7 +11,7 @@ import torch
 from conftest import assert_clean_error, run, run_json
 from safetensors.torch import save_file
 
-from puma_cli import cli
+from puma_cli.cli import options
 from puma_cli.io.checkpoint import load_checkpoint, save_checkpoint
 from puma_cli.models.augment import (
     AUGMENTS,
@@ -62,8 +62,8 @@ def test_a_crop_pads_with_zeros_and_is_seeded() -> None:
 
 
 def test_the_command_line_offers_every_augmentation_and_schedule() -> None:
-    assert [a.value for a in cli.Augment] == list(AUGMENTS)
-    assert [s.value for s in cli.LrSchedule] == list(LR_SCHEDULES)
+    assert [a.value for a in options.Augment] == list(AUGMENTS)
+    assert [s.value for s in options.LrSchedule] == list(LR_SCHEDULES)
 
 
 def test_the_crop_padding_is_an_eighth_of_the_side() -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import puma_cli
 from puma_cli import cli
+from puma_cli.cli import options
 
-PACKAGE = Path(cli.__file__).parent
+PACKAGE = Path(puma_cli.__file__).parent
 
 # Lower numbers are lower layers. A module may import its own package and any lower
 # layer, never a higher one or a peer package on the same level.
@@ -202,6 +205,16 @@ def test_every_command_is_listed() -> None:
     assert set(group.commands) == set(cli.COMMANDS)  # type: ignore[attr-defined]
 
 
+def test_help_lists_the_commands_in_their_order() -> None:
+    """The commands live in four modules, registered as each is imported: --help keeps
+    the order of a session (make the data, train, mark, remove, audit, ship)."""
+    from typer.testing import CliRunner
+
+    shown = CliRunner().invoke(cli.app, ["--help"], env={"COLUMNS": "120"}).output
+    names = re.findall(r"^\W ([a-z][a-z-]+)  ", shown, flags=re.MULTILINE)  # "│ name  help"
+    assert names == list(cli.COMMANDS)
+
+
 @pytest.mark.parametrize(
     ("choices", "library"),
     [
@@ -237,7 +250,7 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
         "scores": set(SCORES),
         "forgetting": set(FORGETTING),
     }[library]
-    value = getattr(cli, choices)
+    value = getattr(options, choices)
     offered = set(value) if isinstance(value, tuple) else {member.value for member in value}
     assert offered == known
 
@@ -245,4 +258,4 @@ def test_cli_choices_match_the_library(choices: str, library: str) -> None:
 def test_cli_defaults_match_the_library() -> None:
     from puma_cli.unlearn import UPWEIGHT_SAMPLE, RemovalOptions
 
-    assert cli.UPWEIGHT_SAMPLE == UPWEIGHT_SAMPLE == RemovalOptions().upweight_sample
+    assert options.UPWEIGHT_SAMPLE == UPWEIGHT_SAMPLE == RemovalOptions().upweight_sample

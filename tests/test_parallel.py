@@ -234,14 +234,14 @@ def test_an_error_only_a_follower_meets_is_said_after_the_grace(
 ) -> None:
     """A process of rank > 0 still running after the grace met an error rank 0 did not (it
     would have been stopped otherwise): it says it then."""
-    from puma_cli import cli
+    from puma_cli.cli import base
 
     waits: list[float] = []
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(base.time, "sleep", waits.append)
     result = run("remove", "-m", copy / "gone.safetensors", "--marked", copy / "marked.txt")
     assert_clean_error(result, "gone.safetensors")
-    assert waits == [cli.FOLLOWER_GRACE]
+    assert waits == [base.FOLLOWER_GRACE]
 
 
 def test_a_world_size_that_is_not_a_number_is_an_error(
