@@ -196,10 +196,10 @@ def test_a_float32_removal_takes_the_guards_figures_from_the_score_pass(
     """A float32 engine's score pass yields the original model's figures on the rows it
     scores: the guard takes a pass of its own only over the rows it checks that were not
     scored, and the model written is the one the guard's own pass gives."""
-    from puma_cli.engine import criterion
+    from puma_cli.engine import criterion, training_engine
 
     guarded = _guard_passes(monkeypatch)
-    monkeypatch.setattr(criterion, "FLOAT64_MAX_PARAMETERS", 0)  # this MLP in float32
+    monkeypatch.setattr(training_engine, "FLOAT64_MAX_PARAMETERS", 0)  # this MLP in float32
     remove = _two_markings(folder, "--no-cache")
     shared = remove("a.txt", "a.safetensors")
     assert shared["parameters"]["precision"] == "float32"

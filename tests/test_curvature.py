@@ -564,7 +564,7 @@ def test_curvature_options_are_checked(copy: Path) -> None:
 
 
 def test_auto_precision_is_float64_for_small_dense_nets_only() -> None:
-    from puma_cli.engine.criterion import derivative_dtype
+    from puma_cli.engine.training_engine import derivative_dtype
     from puma_cli.io.checkpoint import Checkpoint
     from puma_cli.models.architectures import Architecture, build_model
 
@@ -1018,7 +1018,7 @@ def test_a_kfac_fit_larger_than_memory_is_refused_before_it_starts(
 ) -> None:
     """--curvature kfac whose factors would not fit in memory: one Error line naming the
     layer and the way on, before any fitting, nothing written."""
-    from puma_cli.engine import criterion
+    from puma_cli.engine import training_engine
 
     rng = np.random.default_rng(2)
     X = rng.normal(size=(60, 300)).astype(np.float32)
@@ -1027,7 +1027,7 @@ def test_a_kfac_fit_larger_than_memory_is_refused_before_it_starts(
     run_json("train", tmp_path / "d.npz", "--hidden", "4", "--epochs", "2", "-o", model,
              "--device", "cpu")  # fmt: skip
     (tmp_path / "ids.txt").write_text("0\n1\n")
-    monkeypatch.setattr(criterion, "device_memory", lambda device: 1_000_000)
+    monkeypatch.setattr(training_engine, "device_memory", lambda device: 1_000_000)
     result = run("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature",
                  "kfac", "-o", tmp_path / "out.safetensors", "--device", "cpu")  # fmt: skip
     assert_clean_error(result, "more than the 1 MB here; use --curvature ggn or exact")

@@ -113,17 +113,17 @@ def test_two_processes_guard_a_float32_removal_as_one_does(
 ) -> None:
     """The guard's figures of a float32 model come from the score pass, whose rows are
     split over the processes and gathered back: two processes choose the step one does."""
-    from puma_cli.engine import criterion
+    from puma_cli.engine import training_engine
 
     patch = tmp_path / "float32"
     patch.mkdir()
     (patch / "sitecustomize.py").write_text(
-        "from puma_cli.engine import criterion\ncriterion.FLOAT64_MAX_PARAMETERS = 0\n"
+        "from puma_cli.engine import training_engine as e\ne.FLOAT64_MAX_PARAMETERS = 0\n"
     )
     env = {"PYTHONPATH": os.pathsep.join([str(patch), os.environ.get("PYTHONPATH", "")])}
     common = ["--model", "model.safetensors", "--marked", "marked.txt", "--device", "cpu"]
     common += ["--curvature", "kfac", "--no-cache"]
-    monkeypatch.setattr(criterion, "FLOAT64_MAX_PARAMETERS", 0)
+    monkeypatch.setattr(training_engine, "FLOAT64_MAX_PARAMETERS", 0)
     one = run_json("remove", *common, "-o", "one.safetensors")
     result = torchrun(copy, 2, "remove", *common, "-o", "two.safetensors", "--json", env=env)
     assert result.returncode == 0, result.stderr

@@ -162,7 +162,7 @@ def debug_labels(
     config: ConfigOpt = None,
 ) -> None:
     """Rank training points by how much they hurt held-out loss: mislabel suspects first."""
-    from puma_cli.engine.criterion import SolverSettings
+    from puma_cli.engine.training_engine import SolverSettings
     from puma_cli.jobs.debug_labels import debug_labels as job
 
     with console.phase_progress(enabled=not as_json) as phases:
@@ -232,7 +232,7 @@ def calibrate(
     config: ConfigOpt = None,
 ) -> None:
     """Lower a model's calibration error with a PUMA patch (Algorithm 3), keeping accuracy."""
-    from puma_cli.engine.criterion import SolverSettings
+    from puma_cli.engine.training_engine import SolverSettings
     from puma_cli.jobs.calibrate import calibrate as job
 
     with console.phase_progress(enabled=not as_json) as phases:

@@ -11,14 +11,11 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.engine.criterion import (
-    EngineCaches,
-    SolverSettings,
-    engine_and_direction,
-)
+from puma_cli.engine.criterion import EngineCaches, engine_and_direction
 from puma_cli.engine.curvature import curvature_notes
 from puma_cli.engine.derivatives import Phases
 from puma_cli.engine.solvers import EXACT_MAX_PARAMETERS, flush_denormals
+from puma_cli.engine.training_engine import SolverSettings
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io import checkpoint as ckpt
 from puma_cli.io import recorded

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.engine.criterion import SolverSettings
+from puma_cli.engine.training_engine import SolverSettings
 from puma_cli.errors import SEED_MAX, PumaError, require_range
 from puma_cli.io.cache import Cache
 from puma_cli.io.checkpoint import ROLE_TRAINED, Checkpoint

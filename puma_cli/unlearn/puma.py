@@ -24,11 +24,11 @@ from puma_cli.engine.criterion import (
     criterion_direction,
     psi_weighted_sum,
     scores,
-    training_engine,
 )
 from puma_cli.engine.curvature import curvature_notes, describe
 from puma_cli.engine.derivatives import InfluenceModel
 from puma_cli.engine.solvers import flush_denormals, solve
+from puma_cli.engine.training_engine import training_engine
 from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
 from puma_cli.models.architectures import Classifier

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from puma_cli.engine.criterion import training_engine
 from puma_cli.engine.derivatives import InfluenceModel
+from puma_cli.engine.training_engine import training_engine
 from puma_cli.io.checkpoint import single_model
 from puma_cli.models.architectures import Classifier
 from puma_cli.unlearn import RemovalRequest, RemovalResult, register
