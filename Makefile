@@ -5,13 +5,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+# More pip options for the install, e.g. PyTorch's CPU index where PyPI's torch is a CUDA build.
+PIP_ARGS ?=
 
 .PHONY: demo test check clean constraints
 
+# The pins in constraints.txt (numpy 2.4, scipy 1.17) need Python 3.11 or newer: say so
+# before making a venv, not after pip has failed on a pin.
 $(BIN)/puma: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    echo "Error: puma needs Python 3.11 or newer; '$(PYTHON)' is $$($(PYTHON) -V 2>/dev/null \
+	    || echo 'not found'): run make again with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt $(TORCH_PIN) -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt $(PIP_ARGS) $(TORCH_PIN) -e '.[dev]'
 	touch $@
 
 # The newest versions pyproject.toml allows, resolved in a scratch venv, as the new pins.

@@ -99,25 +99,25 @@ def _arch_file(value: Path | None) -> Path | None:
     return value
 
 
-class Activation(str, enum.Enum):
+class Activation(enum.StrEnum):
     relu = "relu"
     sigmoid = "sigmoid"
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.StrEnum):
     adam = "adam"
     adamw = "adamw"
     sgd = "sgd"
 
 
-class Augment(str, enum.Enum):  # models.augment.AUGMENTS
+class Augment(enum.StrEnum):  # models.augment.AUGMENTS
     none = "none"
     flip = "flip"
     crop = "crop"
     flip_crop = "flip-crop"
 
 
-class LrSchedule(str, enum.Enum):  # models.augment.LR_SCHEDULES
+class LrSchedule(enum.StrEnum):  # models.augment.LR_SCHEDULES
     constant = "constant"
     cosine = "cosine"
     step = "step"
@@ -282,7 +282,7 @@ ArchFileOpt = Annotated[
 ]
 
 
-class Method(str, enum.Enum):
+class Method(enum.StrEnum):
     puma = "puma"
     influence = "influence"
     retrain = "retrain"
@@ -299,14 +299,14 @@ class Method(str, enum.Enum):
 TUNING = (Method.finetune, Method.neggrad, Method.random_labels, Method.salun, Method.scrub)
 
 
-class Forget(str, enum.Enum):
+class Forget(enum.StrEnum):
     step = "step"
     match = "match"
     repair = "repair"
     none = "none"
 
 
-class Solver(str, enum.Enum):
+class Solver(enum.StrEnum):
     cg = "cg"
     lissa = "lissa"
     exact = "exact"
@@ -320,7 +320,7 @@ SolverOpt = Annotated[
 ]
 
 
-class Curvature(str, enum.Enum):
+class Curvature(enum.StrEnum):
     auto = "auto"
     exact = "exact"
     ggn = "ggn"
@@ -367,7 +367,7 @@ def default_shadows(attack: str) -> int:
     return ULIRA_DEFAULT if attack == "u-lira" else 16
 
 
-class Attack(str, enum.Enum):
+class Attack(enum.StrEnum):
     loss = "loss"
     lira = "lira"
     lira_online = "lira-online"
@@ -375,7 +375,7 @@ class Attack(str, enum.Enum):
     u_lira = "u-lira"
 
 
-class Score(str, enum.Enum):
+class Score(enum.StrEnum):
     puma = "puma"
     ntk = "ntk"
     self_influence = "self-influence"

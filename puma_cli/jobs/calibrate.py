@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -201,7 +201,7 @@ def calibrate(
             "surrogate": "soft-binned ECE",
             "damping": ce.damping,
         },
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 4),
         "metrics": {
             key: getattr(report, key)

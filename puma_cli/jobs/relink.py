@@ -15,7 +15,7 @@ them is kept beyond what the removal kept (a count and a hash of their ids).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def relink(
         "rows": int(held.size),
         "dropped": dropped,
         "previous_sha256": previous.sha256,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     new = replace(
         checkpoint,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +273,7 @@ def _provenance_entry(
         "removed": report.removed,
         "ids_count": len(ids),
         "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(report.seconds, 4),
         "metrics": {key: getattr(report, key) for key in _RECORDED_METRICS},
         "warnings": report.warnings,
