@@ -21,9 +21,14 @@ import numpy as np
 import torch
 
 from puma_cli.data.dataset import Dataset
-from puma_cli.engine.criterion import EngineCaches, engine_and_direction, scores
+from puma_cli.engine.criterion import (
+    CriterionDirection,
+    EngineCaches,
+    engine_and_direction,
+    scores,
+)
 from puma_cli.engine.curvature import curvature_notes
-from puma_cli.engine.derivatives import Phases
+from puma_cli.engine.derivatives import InfluenceModel, Phases
 from puma_cli.engine.solvers import flush_denormals, solve
 from puma_cli.engine.training_engine import SolverSettings
 from puma_cli.errors import PumaError, require_range
@@ -111,17 +116,100 @@ def calibrate(
     engine, ce = engine_and_direction(
         checkpoint, dataset, rows, criterion, settings, caches, phases
     )
+    k = k if k is not None else max(1, rows.size // 10)
+    if not 0 < k <= rows.size:
+        raise PumaError(f"-k {k}: give a count between 1 and {rows.size}")
+    direction = _direction(
+        engine,
+        ce,
+        caches,
+        checkpoint,
+        dataset,
+        rows,
+        criterion,
+        bins,
+        k,
+        lambda_cap,
+        settings.solver,
+    )
+    scale, before, after, patched = _best_step(
+        engine, direction.step, rows.size, checkpoint.model, criterion, bins, max_accuracy_drop
+    )
+    patched = patched.to(next(checkpoint.model.parameters()).device).eval()
+    if not all(torch.isfinite(p).all() for p in patched.parameters()):
+        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
+    test_before, test_after = _on_test(checkpoint.model, patched, test, bins, max_accuracy_drop)
+    seconds = time.perf_counter() - started
+    report = CalibrateReport(
+        output=output,
+        ece_before=before[0],
+        ece_after=after[0],
+        accuracy_before=before[1],
+        accuracy_after=after[1],
+        test_ece_before=test_before[0] if test_before else None,
+        test_ece_after=test_after[0] if test_after else None,
+        test_accuracy_before=test_before[1] if test_before else None,
+        test_accuracy_after=test_after[1] if test_after else None,
+        over_confident=int(direction.over_confident),
+        over_uncertain=int(direction.over_uncertain),
+        other_noise=int(direction.noise),
+        eta_scale=scale,
+        predicted_ece_change=float(direction.grad_ece.dot(direction.step)) * scale / rows.size,
+        seconds=seconds,
+        plot=plot,
+    )
+    entry = _provenance_entry(report, bins=bins, k=k, lambda_cap=lambda_cap, damping=ce.damping)
+    new = replace(checkpoint, model=patched, provenance=[*checkpoint.provenance, entry])
+    writers: dict[Path, Writer] = {output: partial(ckpt.write_checkpoint, new)}
+    if plot is not None:
+        shown = test if test is not None else criterion
+        writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
+    write_atomically(writers, overwrite)
+    if criterion_data is not None:
+        report.warnings.extend(
+            recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
+        )
+    report.warnings.extend(curvature_notes(engine))
+    report.warnings.extend(commit_all(caches.all()))
+    return report
+
+
+@dataclass(frozen=True)
+class _Direction:
+    """The patch before its length: step (P,) = H^-1 of the rows' weighted gradients, the
+    ECE surrogate's gradient, and Algorithm 3's category sizes."""
+
+    step: torch.Tensor
+    grad_ece: torch.Tensor
+    over_confident: int
+    over_uncertain: int
+    noise: int
+
+
+def _direction(
+    engine: InfluenceModel,
+    ce: CriterionDirection,
+    caches: EngineCaches,
+    checkpoint: ckpt.Checkpoint,
+    dataset: Dataset,
+    rows: np.ndarray,
+    criterion: Dataset,
+    bins: int,
+    k: int,
+    lambda_cap: float,
+    solver: str,
+) -> _Direction:
+    """Rank the trained rows by psi_ece, split the k lowest into Algorithm 3's categories,
+    and solve for the patch that removes the over-confident and other-noise rows and
+    upweights the over-uncertain ones (weights chosen on the cross-entropy criterion)."""
     Xc = as_tensor(criterion.X, torch.float64, engine.device)
     yc = torch.as_tensor(criterion.y, dtype=torch.long, device=engine.device)
     grad_ece = engine.gradient_on(Xc, yc, lambda logits, y: soft_ece(logits, y, bins))
-    v_ece = solve(engine, grad_ece, settings.solver, ce.damping, ce.lambda_max).x
+    v_ece = solve(engine, grad_ece, solver, ce.damping, ce.lambda_max).x
     psi_ece = engine.directional_derivatives(v_ece).cpu().numpy()
     psi_ce = scores(engine, ce, None, caches.direction)
     probs = torch.softmax(predict_logits(checkpoint.model, dataset.X[rows]).double(), 1).numpy()
     own = probs[np.arange(rows.size), dataset.y[rows]]
-    k = k if k is not None else max(1, rows.size // 10)
-    if not 0 < k <= rows.size:
-        raise PumaError(f"-k {k}: give a count between 1 and {rows.size}")
     over_confident, over_uncertain, noise = calibration_categories(psi_ece, own, k)
     marked = np.concatenate([over_confident, noise]).astype(np.int64)
     if marked.size == 0:
@@ -137,14 +225,30 @@ def calibrate(
     step = solve(
         engine,
         engine.weighted_gradient(torch.as_tensor(weights, device=engine.device)),
-        settings.solver,
+        solver,
         ce.damping,
         ce.lambda_max,
     ).x
-    ece_before, accuracy_before = _figures(checkpoint.model, criterion, bins)
+    return _Direction(step, grad_ece, over_confident.size, over_uncertain.size, noise.size)
+
+
+def _best_step(
+    engine: InfluenceModel,
+    step: torch.Tensor,
+    n: int,
+    model: torch.nn.Module,
+    criterion: Dataset,
+    bins: int,
+    max_accuracy_drop: float,
+) -> tuple[float, tuple[float, float], tuple[float, float], Classifier]:
+    """Of the steps (scale / n) x `step`, scale in SCALES, the one with the lowest held-out
+    ECE among those that cost at most max_accuracy_drop points of held-out accuracy:
+    (scale, (ECE, accuracy) before, the same after, the patched model); refused where
+    none lowers ECE."""
+    ece_before, accuracy_before = _figures(model, criterion, bins)
     best: tuple[float, float, float, Classifier] | None = None
     for scale in SCALES:
-        candidate = engine.patched_module((scale / rows.size) * step)
+        candidate = engine.patched_module((scale / n) * step)
         assert isinstance(candidate, Classifier)
         ece, accuracy = _figures(candidate.eval(), criterion, bins)
         if accuracy_before - accuracy > max_accuracy_drop / 100 + 1e-12:
@@ -157,82 +261,62 @@ def calibrate(
             f"{max_accuracy_drop:g} accuracy points; nothing was written"
         )
     scale, ece_after, accuracy_after, patched = best
-    patched = patched.to(next(checkpoint.model.parameters()).device).eval()
-    if not all(torch.isfinite(p).all() for p in patched.parameters()):
-        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
-    test_before = _figures(checkpoint.model, test, bins) if test is not None else None
-    test_after = _figures(patched, test, bins) if test is not None else None
-    if (
-        test_before
-        and test_after
-        and test_before[1] - test_after[1] > max_accuracy_drop / 100 + 1e-12
-    ):
+    return scale, (ece_before, accuracy_before), (ece_after, accuracy_after), patched
+
+
+def _on_test(
+    model: torch.nn.Module,
+    patched: torch.nn.Module,
+    test: Dataset | None,
+    bins: int,
+    max_accuracy_drop: float,
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """(ECE, accuracy) on the test split before and after; refused where the patch costs
+    more test accuracy than max_accuracy_drop points. (None, None) without a test split."""
+    if test is None:
+        return None, None
+    before, after = _figures(model, test, bins), _figures(patched, test, bins)
+    if before[1] - after[1] > max_accuracy_drop / 100 + 1e-12:
         raise PumaError(
-            f"the patch lowers test accuracy by {100 * (test_before[1] - test_after[1]):.2f} "
+            f"the patch lowers test accuracy by {100 * (before[1] - after[1]):.2f} "
             f"points, more than --max-accuracy-drop {max_accuracy_drop:g}; nothing was written"
         )
-    seconds = time.perf_counter() - started
-    report = CalibrateReport(
-        output=output,
-        ece_before=ece_before,
-        ece_after=ece_after,
-        accuracy_before=accuracy_before,
-        accuracy_after=accuracy_after,
-        test_ece_before=test_before[0] if test_before else None,
-        test_ece_after=test_after[0] if test_after else None,
-        test_accuracy_before=test_before[1] if test_before else None,
-        test_accuracy_after=test_after[1] if test_after else None,
-        over_confident=int(over_confident.size),
-        over_uncertain=int(over_uncertain.size),
-        other_noise=int(noise.size),
-        eta_scale=scale,
-        predicted_ece_change=float(grad_ece.dot(step)) * scale / rows.size,
-        seconds=seconds,
-        plot=plot,
-    )
-    entry = {
+    return before, after
+
+
+_RECORDED = (
+    "ece_before",
+    "ece_after",
+    "accuracy_before",
+    "accuracy_after",
+    "test_ece_before",
+    "test_ece_after",
+    "test_accuracy_before",
+    "test_accuracy_after",
+    "over_confident",
+    "over_uncertain",
+    "other_noise",
+)
+
+
+def _provenance_entry(
+    report: CalibrateReport, *, bins: int, k: int, lambda_cap: float, damping: float
+) -> dict[str, object]:
+    return {
         "op": "calibrate",
         "method": "puma",
         "parameters": {
             "bins": bins,
             "k": k,
-            "eta_scale": scale,
+            "eta_scale": report.eta_scale,
             "lambda_cap": lambda_cap,
             "surrogate": "soft-binned ECE",
-            "damping": ce.damping,
+            "damping": damping,
         },
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 4),
-        "metrics": {
-            key: getattr(report, key)
-            for key in (
-                "ece_before",
-                "ece_after",
-                "accuracy_before",
-                "accuracy_after",
-                "test_ece_before",
-                "test_ece_after",
-                "test_accuracy_before",
-                "test_accuracy_after",
-                "over_confident",
-                "over_uncertain",
-                "other_noise",
-            )
-        },
+        "seconds": round(report.seconds, 4),
+        "metrics": {key: getattr(report, key) for key in _RECORDED},
     }
-    new = replace(checkpoint, model=patched, provenance=[*checkpoint.provenance, entry])
-    writers: dict[Path, Writer] = {output: partial(ckpt.write_checkpoint, new)}
-    if plot is not None:
-        shown = test if test is not None else criterion
-        writers[plot] = lambda tmp: _plot(tmp, checkpoint.model, patched, shown, bins)
-    write_atomically(writers, overwrite)
-    if criterion_data is not None:
-        report.warnings.extend(
-            recorded.trained_on_warning(checkpoint, dataset, criterion, "--criterion-data")
-        )
-    report.warnings.extend(curvature_notes(engine))
-    report.warnings.extend(commit_all(caches.all()))
-    return report
 
 
 def _plot(
