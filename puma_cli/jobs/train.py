@@ -84,22 +84,9 @@ def train(
     a sidecar for Amnesiac; group names ids to train together (fewest batches or shards).
     """
     started = time.perf_counter()
-    recipe.validate()
-    if not 0 <= val_frac <= 0.5:
-        raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
-    if record_updates and recipe.shards > 1:
-        raise PumaError(
-            "--record-updates is for Amnesiac on a single model; a SISA ensemble (--shards) "
-            "unlearns by retraining its shards: drop one of the two"
-        )
-    if group is not None and not (record_updates or recipe.shards > 1):
-        raise PumaError(
-            "--group-ids only changes how Amnesiac batches (--record-updates) or SISA shards "
-            "(--shards K) hold those rows; add one of them or drop --group-ids"
-        )
+    _check_options(recipe, val_frac, record_updates, group)
     sidecar = updates_path_for(output) if record_updates else None
-    outputs = [output, sidecar]
-    check_outputs(outputs, [data, val, test, group], overwrite)
+    check_outputs([output, sidecar], [data, val, test, group], overwrite)
     dataset = load_dataset(data, options.label_col, options.id_col, phases=phases)
     n_classes = class_count(dataset)
     roles = np.full(len(dataset), ckpt.ROLE_TRAINED, dtype=np.uint8)
@@ -115,38 +102,10 @@ def train(
     trained = dataset.subset(trained_rows)
     recipe = recipe.with_class_weights(class_weight, trained.y, n_classes)
     grouped = _group_positions(group, dataset, trained_rows) if group is not None else None
-    extra: dict[str, torch.Tensor] = {}
-    writers: dict[Path, Writer] = {}
-    sidecars = {}
-    if recipe.shards > 1:
-        from puma_cli.models.shards import train_sisa
-
-        sisa = train_sisa(trained, recipe, n_classes, device, progress, grouped)
-        model: Model = sisa.model
-        extra = sisa.plan.expanded(trained_rows, len(dataset)).to_tensors()
-    else:
-        recorder = None
-        if record_updates and sidecar is not None:
-            steps = recipe.epochs * len(batch_bounds(len(trained), recipe.batch_size))
-            recorder = UpdateRecorder(
-                trained_rows,
-                recipe.batch_size,
-                steps,
-                memory=device_memory(torch.device("cpu")),
-                disk=shutil.disk_usage(sidecar.resolve().parent).free,
-            )
-        model = train_classifier(
-            trained, recipe, n_classes, device, progress, group=grouped, on_step=recorder
-        )
-        if recorder is not None and sidecar is not None:
-            digest = hashlib.sha256()
-            for piece in recorder.pieces():
-                digest.update(piece)
-            # the pieces made as the writer runs: a generator bound now would serve once
-            writers[sidecar] = lambda tmp: ckpt.write_pieces(recorder.pieces(), tmp)
-            sidecars["updates"] = ckpt.DataRecord(
-                str(sidecar.resolve()), digest.hexdigest(), len(recorder.updates)
-            )
+    fitted = _fit(
+        trained, trained_rows, len(dataset), recipe, n_classes, device, progress, grouped, sidecar
+    )
+    model = fitted.model
     measured = [trained, *(d for d in (val_set, test_set) if d is not None)]
     found = iter(evaluate_each(model, measured, phase_teller(phases, "figures")))
     metrics: dict[str, Any] = {"train": figures(next(found))}
@@ -171,11 +130,12 @@ def train(
         feature_names_given=dataset.named_features,
         class_names=dataset.class_names,
         metrics=metrics,
-        extra=extra,
-        sidecars=sidecars,
+        extra=fitted.extra,
+        sidecars=fitted.sidecars,
     )
-    writers[output] = partial(ckpt.write_checkpoint, checkpoint)
-    write_atomically(writers, overwrite)
+    write_atomically(
+        {**fitted.writers, output: partial(ckpt.write_checkpoint, checkpoint)}, overwrite
+    )
     return TrainReport(
         model=output,
         train_accuracy=metrics["train"]["accuracy"],
@@ -203,6 +163,79 @@ def train(
             ),
         ],
     )
+
+
+def _check_options(
+    recipe: TrainRecipe, val_frac: float, record_updates: bool, group: Path | None
+) -> None:
+    recipe.validate()
+    if not 0 <= val_frac <= 0.5:
+        raise PumaError(f"--val-frac {val_frac} is out of range; give a fraction in [0, 0.5]")
+    if record_updates and recipe.shards > 1:
+        raise PumaError(
+            "--record-updates is for Amnesiac on a single model; a SISA ensemble (--shards) "
+            "unlearns by retraining its shards: drop one of the two"
+        )
+    if group is not None and not (record_updates or recipe.shards > 1):
+        raise PumaError(
+            "--group-ids only changes how Amnesiac batches (--record-updates) or SISA shards "
+            "(--shards K) hold those rows; add one of them or drop --group-ids"
+        )
+
+
+@dataclass
+class _Fitted:
+    """The trained model, the tensors a SISA plan adds to the checkpoint, and Amnesiac's
+    updates sidecar: its writer and its record."""
+
+    model: Model
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    writers: dict[Path, Writer] = field(default_factory=dict)
+    sidecars: dict[str, ckpt.DataRecord] = field(default_factory=dict)
+
+
+def _fit(
+    trained: Dataset,
+    trained_rows: np.ndarray,
+    n_rows: int,
+    recipe: TrainRecipe,
+    n_classes: int,
+    device: torch.device | str,
+    progress: Progress | None,
+    grouped: np.ndarray | None,
+    sidecar: Path | None,
+) -> _Fitted:
+    """A SISA ensemble (recipe.shards > 1) or one model, its every update recorded for
+    Amnesiac where `sidecar` names the file they go to."""
+    if recipe.shards > 1:
+        from puma_cli.models.shards import train_sisa
+
+        sisa = train_sisa(trained, recipe, n_classes, device, progress, grouped)
+        return _Fitted(sisa.model, extra=sisa.plan.expanded(trained_rows, n_rows).to_tensors())
+    recorder = None
+    if sidecar is not None:
+        steps = recipe.epochs * len(batch_bounds(len(trained), recipe.batch_size))
+        recorder = UpdateRecorder(
+            trained_rows,
+            recipe.batch_size,
+            steps,
+            memory=device_memory(torch.device("cpu")),
+            disk=shutil.disk_usage(sidecar.resolve().parent).free,
+        )
+    model = train_classifier(
+        trained, recipe, n_classes, device, progress, group=grouped, on_step=recorder
+    )
+    fitted = _Fitted(model)
+    if recorder is not None and sidecar is not None:
+        digest = hashlib.sha256()
+        for piece in recorder.pieces():
+            digest.update(piece)
+        # the pieces made as the writer runs: a generator bound now would serve once
+        fitted.writers[sidecar] = lambda tmp: ckpt.write_pieces(recorder.pieces(), tmp)
+        fitted.sidecars["updates"] = ckpt.DataRecord(
+            str(sidecar.resolve()), digest.hexdigest(), len(recorder.updates)
+        )
+    return fitted
 
 
 def _learnt_nothing(
