@@ -14,7 +14,7 @@ lambda = 0: it removes the marked points and lets the criterion drift.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from puma_cli.engine.criterion import (
 )
 from puma_cli.engine.curvature import curvature_notes, describe
 from puma_cli.engine.derivatives import InfluenceModel
-from puma_cli.engine.solvers import flush_denormals, solve
+from puma_cli.engine.solvers import Solve, flush_denormals, solve
 from puma_cli.engine.training_engine import training_engine
 from puma_cli.errors import PumaError
 from puma_cli.io.cache import Cache
@@ -102,22 +102,94 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
     options = request.options
     trained = request.trained_rows
     marked_in_trained = np.isin(trained, request.marked)
-    settings = options.solver_settings()
     engine = training_engine(
         request.checkpoint,
         request.dataset,
         trained,
         options.precision,
-        settings=settings,
+        settings=options.solver_settings(),
         factor_cache=options.factor_cache,
         phases=request.phases,
     )
     n = engine.n
-    Xc = as_tensor(request.criterion.X, torch.float64, engine.device)
-    yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
     rows = _scored_rows(marked_in_trained, reweight_others, options.upweight_sample, options.seed)
     marked_at = marked_in_trained[rows]  # the marked among the scored rows
     mask = torch.as_tensor(marked_in_trained, device=engine.device)
+    found = _guarded_step(request, engine, rows, marked_in_trained, reweight_others)
+    spectrum, step, scale = found.spectrum, found.step, found.scale
+    unit_change = float(spectrum.grad_c.dot(step.x))  # dC per unit of eta, to first order
+    with torch.no_grad():
+        marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
+    delta = (scale / n) * step.x
+    if not torch.isfinite(delta).all():
+        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
+    model = _as_classifier(engine.patched_module(delta))
+    repair: dict[str, object] = {}
+    if options.forget == "repair":  # a short fine-tune of the patched model on what remains
+        patched = replace(request, checkpoint=replace(request.checkpoint, model=model))
+        tuned = finetune(patched)
+        model = _as_classifier(tuned.model)
+        repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
+    interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
+    warnings = found.notes
+    warnings.extend(curvature_notes(engine))
+    warnings.extend(mixing_notes(request.checkpoint.recipe))
+    warnings.extend(_step_warnings(step, interpolated, int(marked_in_trained.sum())))
+    return RemovalResult(
+        model=model,
+        method="puma" if reweight_others else "influence",
+        parameters={
+            "eta_scale": scale,
+            "eta": scale / n,
+            "solver": options.solver,
+            **describe(engine),
+            "precision": str(engine.dtype).removeprefix("torch."),
+            "damping": step.damping,
+            "lambda_max": spectrum.lambda_max,
+            "solver_iterations": step.iterations,
+            "solver_residual": step.residual,
+            "lambda_cap": options.lambda_cap if reweight_others else None,
+            "upweight_candidates": int((~marked_at).sum()) if reweight_others else None,
+            "upweighted": found.upweighted,
+            "reweight_residual": found.residual if reweight_others else None,
+            "interpolated_marked": interpolated,
+            "forget": options.forget,
+            **repair,
+        },
+        eta=scale / n,
+        predicted_criterion_change=(scale / n) * unit_change,
+        warnings=warnings,
+        cached=spectrum.cached,
+    )
+
+
+@dataclass
+class _Found:
+    """The patch the guard let through: v's solve at the damping used, the patch's solve,
+    its eta scale, the reweighting's residual and upweighted count, and the notes."""
+
+    spectrum: CriterionDirection
+    step: Solve
+    scale: float
+    residual: float
+    upweighted: int
+    notes: list[str]
+
+
+def _guarded_step(
+    request: RemovalRequest,
+    engine: InfluenceModel,
+    rows: np.ndarray,
+    marked_in_trained: np.ndarray,
+    reweight_others: bool,
+) -> _Found:
+    """Solve for the patch and choose its length; where no length keeps the model's
+    performance, raise the damping (Levenberg-Marquardt) and solve again."""
+    options = request.options
+    settings = options.solver_settings()
+    Xc = as_tensor(request.criterion.X, torch.float64, engine.device)
+    yc = torch.as_tensor(request.criterion.y, dtype=torch.long, device=engine.device)
+    marked_at = marked_in_trained[rows]
     notes: list[str] = []
     at_least, spectrum = 0.0, None
     while True:  # Levenberg-Marquardt: more damping while no step keeps the performance
@@ -146,7 +218,7 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
             scale = choose_scale(
                 request, engine, spectrum, step.x, marked_in_trained, Xc.float(), yc, notes
             )
-            break
+            return _Found(spectrum, step, scale, residual, upweighted, notes)
         except NoSafeStep as refused:
             raised = min(step.damping * DAMPING_RAISE, MAX_DAMPING)
             if step.damping >= MAX_DAMPING:
@@ -163,62 +235,25 @@ def _patch(request: RemovalRequest, reweight_others: bool) -> RemovalResult:
                 "the patch closer to a plain gradient step"
             )
             at_least = raised
-    unit_change = float(spectrum.grad_c.dot(step.x))  # dC per unit of eta, to first order
-    with torch.no_grad():
-        marked_losses = engine.losses(engine.theta, engine.X[mask], engine.y[mask])
-    delta = (scale / n) * step.x
-    if not torch.isfinite(delta).all():
-        raise PumaError("the patch holds NaN or inf; raise --damping (nothing was written)")
-    model = _as_classifier(engine.patched_module(delta))
-    repair: dict[str, object] = {}
-    if options.forget == "repair":  # a short fine-tune of the patched model on what remains
-        patched = replace(request, checkpoint=replace(request.checkpoint, model=model))
-        tuned = finetune(patched)
-        model = _as_classifier(tuned.model)
-        repair = {"repair_epochs": tuned.parameters["epochs"], "repair_lr": tuned.parameters["lr"]}
-    warnings = notes
-    warnings.extend(curvature_notes(engine))
-    warnings.extend(mixing_notes(request.checkpoint.recipe))
+
+
+def _step_warnings(step: Solve, interpolated: int, marked: int) -> list[str]:
+    """What the patch's solve and the marked rows' fit say about the removal's quality."""
+    warnings = []
     if step.residual > UNCONVERGED:  # CG ran out of iterations (an asymmetric product, say)
         warnings.append(
             f"the patch's solve stopped after {step.iterations} iterations at a relative "
             f"residual of {step.residual:.2g}, far from converged: the patch is only roughly "
             "the inverse-curvature step; raise --damping, or use --curvature kfac"
         )
-    interpolated = int((marked_losses < INTERPOLATED_LOSS).sum())
     if interpolated:
         warnings.append(
-            f"{interpolated} of {int(marked_in_trained.sum())} marked points are fit to a loss "
+            f"{interpolated} of {marked} marked points are fit to a loss "
             f"below {INTERPOLATED_LOSS:g}: their gradients are ~0, so first-order removal "
             "barely moves the model on them and a retrained model may still differ there; "
             "use --method retrain where that matters"
         )
-    return RemovalResult(
-        model=model,
-        method="puma" if reweight_others else "influence",
-        parameters={
-            "eta_scale": scale,
-            "eta": scale / n,
-            "solver": options.solver,
-            **describe(engine),
-            "precision": str(engine.dtype).removeprefix("torch."),
-            "damping": step.damping,
-            "lambda_max": top,
-            "solver_iterations": step.iterations,
-            "solver_residual": step.residual,
-            "lambda_cap": options.lambda_cap if reweight_others else None,
-            "upweight_candidates": int((~marked_at).sum()) if reweight_others else None,
-            "upweighted": upweighted,
-            "reweight_residual": residual if reweight_others else None,
-            "interpolated_marked": interpolated,
-            "forget": options.forget,
-            **repair,
-        },
-        eta=scale / n,
-        predicted_criterion_change=(scale / n) * unit_change,
-        warnings=warnings,
-        cached=spectrum.cached,
-    )
+    return warnings
 
 
 def _patch_gradient(
