@@ -39,9 +39,16 @@ def test_make_refuses_a_python_older_than_3_11_before_making_a_venv(tmp_path: Pa
     assert not venv.exists()
 
 
-def test_the_package_declares_the_python_the_pins_need() -> None:
+def test_the_python_puma_needs_is_said_alike_everywhere() -> None:
+    """pyproject's requires-python, ruff's target, the Makefile's guard and the README's
+    line name one version: the one the pins in constraints.txt need."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["requires-python"] == ">=3.11"
     assert project["tool"]["ruff"]["target-version"] == "py311"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "sys.version_info < (3, 11)" in makefile
+    assert "needs Python 3.11 or newer" in makefile
+    readme = (ROOT / "README.md").read_text()
+    assert "`python3` (3.11 or newer" in readme
