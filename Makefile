@@ -14,8 +14,9 @@ PIP_ARGS ?=
 # before making a venv, not after pip has failed on a pin.
 $(BIN)/puma: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	    echo "Error: puma needs Python 3.11 or newer; '$(PYTHON)' is $$($(PYTHON) -V 2>/dev/null \
-	    || echo 'not found'): run make again with PYTHON=python3.11 (or newer)" >&2; exit 1; }
+	    found=$$(command -v $(PYTHON) >/dev/null && $(PYTHON) -V 2>&1 || echo 'not found'); \
+	    echo "Error: puma needs Python 3.11 or newer; '$(PYTHON)' is $$found: run make" \
+	        "again with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt $(PIP_ARGS) $(TORCH_PIN) -e '.[dev]'
