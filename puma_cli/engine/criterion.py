@@ -28,7 +28,6 @@ from puma_cli.engine.derivatives import InfluenceModel, Phases
 from puma_cli.engine.solvers import largest_curvature, solve
 from puma_cli.engine.training_engine import (
     SolverSettings,
-    factor_cache_path_for,
     training_engine,
 )
 from puma_cli.io.atomic import sha256_file
@@ -61,6 +60,11 @@ SUMS = {"sum+": "in+", "sum-": "in-"}  # sum of psi_j g_j over the rows a mask h
 def cache_path_for(checkpoint: Path) -> Path:
     """m.safetensors -> m.influence.safetensors."""
     return checkpoint.with_name(f"{checkpoint.stem}.influence.safetensors")
+
+
+def factor_cache_path_for(checkpoint: Path) -> Path:
+    """m.safetensors -> m.factors.safetensors: the fitted K-FAC or EK-FAC factors."""
+    return checkpoint.with_name(f"{checkpoint.stem}.factors.safetensors")
 
 
 @dataclass

@@ -5,7 +5,6 @@ EK-FAC factors read from or staged in their cache beside the model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,11 +70,6 @@ def derivative_dtype(checkpoint: Checkpoint, precision: str) -> torch.dtype:
     if precision not in ("float32", "float64"):
         raise PumaError(f"--precision {precision!r}: choose auto, float32 or float64")
     return torch.float32 if precision == "float32" else torch.float64
-
-
-def factor_cache_path_for(checkpoint: Path) -> Path:
-    """m.safetensors -> m.factors.safetensors: the fitted K-FAC or EK-FAC factors."""
-    return checkpoint.with_name(f"{checkpoint.stem}.factors.safetensors")
 
 
 def training_engine(
