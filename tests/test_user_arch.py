@@ -252,6 +252,37 @@ class Net(nn.Module):
 """
 
 
+def test_frozen_parameters_are_counted_where_a_model_is_made_and_shown(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """train, import and info say how many of the parameters are frozen (a model's count
+    held them all, and remove's count only the trainable ones); a net with none says null."""
+    arch = tmp_path / "net.py"
+    arch.write_text(FROZEN_NET)
+    model = tmp_path / "m.safetensors"
+    trained = _train(data_dir, arch, model)
+    assert trained["n_parameters"] == 2 * 12 + 12 + 12 * 2 + 2  # body and head, width 12
+    assert trained["frozen_parameters"] == 2 * 12 + 12  # the body
+    assert run_json("info", model)["frozen_parameters"] == 36
+    table = run("info", model)
+    assert table.exit_code == 0 and "62 (36 frozen)" in table.stdout, table.stdout
+    weights = tmp_path / "w.safetensors"
+    run_json("export", model, "-o", weights)
+    again = run_json(
+        "import", weights, "--arch", f"{arch}:Net", "--arch-args", '{"width": 12}',
+        "--data", data_dir / "radial.csv", "-o", tmp_path / "i.safetensors", "--epochs", "1",
+    )  # fmt: skip
+    assert again["frozen_parameters"] == 36
+    shown = run("train", data_dir / "radial.csv", "-o", tmp_path / "plain.safetensors",
+                "--epochs", "2")  # fmt: skip
+    rows = [line.split()[0] for line in shown.stdout.splitlines() if line.strip()]
+    assert shown.exit_code == 0 and "n_parameters" in rows
+    assert "frozen_parameters" not in rows  # a row only where some are
+    plain = run_json("info", tmp_path / "plain.safetensors")
+    assert plain["frozen_parameters"] == 0
+    assert "frozen)" not in run("info", tmp_path / "plain.safetensors").stdout
+
+
 def test_frozen_parameters_stay_where_training_left_them(data_dir: Path, tmp_path: Path) -> None:
     model = _user_model(data_dir, tmp_path, FROZEN_NET, 8)
     before = load_checkpoint(model).model.state_dict()

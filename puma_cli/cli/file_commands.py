@@ -136,7 +136,7 @@ def info(
     imported = bool(history) and history[0].get("op") == "import"
     rows: list[tuple[str, Any]] = [
         ("architecture", settings_line(meta["architecture"])),
-        ("parameters", f"{meta['n_parameters']:,}"),
+        ("parameters", _parameters_line(meta)),
         ("classes", ", ".join(meta["class_names"] or []) or meta["n_classes"]),
         ("recipe", settings_line(meta["recipe"])),
         ("rows", rows_line(meta["rows"])),
@@ -156,3 +156,9 @@ def info(
     rows.append(("provenance", "\n".join(lines) or "none (as trained)"))
     rows.append(("puma", f"{meta['puma_version']} (format {meta['format_version']})"))
     console.table(str(model), rows)
+
+
+def _parameters_line(meta: dict[str, Any]) -> str:
+    """2,179, or 2,179 (992 frozen) where some are."""
+    frozen = meta.get("frozen_parameters", 0)
+    return f"{meta['n_parameters']:,}" + (f" ({frozen:,} frozen)" if frozen else "")

@@ -32,7 +32,13 @@ from puma_cli.errors import CheckpointError, PumaError
 from puma_cli.io.atomic import write_atomically
 from puma_cli.io.files import is_text, require_file
 from puma_cli.io.schema import check_state, validate_metadata, validate_tensors
-from puma_cli.models.architectures import Architecture, Classifier, Model, build_model
+from puma_cli.models.architectures import (
+    Architecture,
+    Classifier,
+    Model,
+    build_model,
+    frozen_parameters,
+)
 
 FORMAT = "puma-checkpoint"
 FORMAT_VERSION = 1
@@ -92,6 +98,7 @@ class Checkpoint:
             "architecture": self.arch.to_dict(),
             "n_classes": self.arch.n_classes,
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "frozen_parameters": frozen_parameters(self.model),
             "feature_names": list(self.feature_names),
             "feature_names_given": self.feature_names_given,
             "class_names": list(self.class_names) if self.class_names is not None else None,

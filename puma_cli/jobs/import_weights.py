@@ -28,7 +28,7 @@ from puma_cli.io.atomic import check_outputs
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.weights import exported_record, load_into, read_state_dict
 from puma_cli.jobs.train import class_count, figures, load_for
-from puma_cli.models.architectures import Classifier
+from puma_cli.models.architectures import Classifier, frozen_parameters
 from puma_cli.models.predict import Phases, as_tensor, phase_teller
 from puma_cli.models.recipe import (
     NO_TRANSFORM,
@@ -50,6 +50,7 @@ class ImportReport:
     test_accuracy: float | None
     n_train: int
     n_parameters: int
+    frozen_parameters: int | None  # of n_parameters, where some are (requires_grad False)
     seconds: float
     names_from: str | None  # whose tensor names the file used, where not the network's own
     inputs_from: str | None  # where the inputs transform came from, where not declared
@@ -152,6 +153,7 @@ def import_weights(
         test_accuracy=metrics["test"]["accuracy"] if "test" in metrics else None,
         n_train=len(dataset),
         n_parameters=sum(p.numel() for p in model.parameters()),
+        frozen_parameters=frozen_parameters(model) or None,
         seconds=time.perf_counter() - started,
         names_from=names_from,
         inputs_from=inputs_from,

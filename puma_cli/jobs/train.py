@@ -21,7 +21,7 @@ from puma_cli.io.atomic import Writer, check_outputs, write_atomically
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import DataOptions, load_dataset
 from puma_cli.io.ids import read_ids, rows_for_ids
-from puma_cli.models.architectures import Model
+from puma_cli.models.architectures import Model, frozen_parameters
 from puma_cli.models.predict import Phases, phase_teller
 from puma_cli.models.recipe import TrainRecipe, mixing_warnings
 from puma_cli.models.training import Progress, batch_bounds, train_classifier
@@ -38,6 +38,7 @@ class TrainReport:
     n_train: int
     n_val: int
     n_parameters: int
+    frozen_parameters: int | None  # of n_parameters, where some are (requires_grad False)
     seconds: float
     shards: int = 1
     updates_file: Path | None = None
@@ -144,6 +145,7 @@ def train(
         n_train=len(trained),
         n_val=len(val_set) if val_set is not None else 0,
         n_parameters=sum(p.numel() for p in model.parameters()),
+        frozen_parameters=frozen_parameters(model) or None,
         seconds=time.perf_counter() - started,
         shards=recipe.shards,
         updates_file=sidecar,

@@ -129,6 +129,12 @@ def standardised_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return input_shape
 
 
+def frozen_parameters(model: nn.Module) -> int:
+    """How many of the model's parameters are frozen (requires_grad False, as a pretrained
+    body under a head that trains): training and removal leave them where they are."""
+    return sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
 class Classifier(nn.Module):
     """Standardise, then classify. Input (n, *input_shape) float32 -> logits (n, K).
 
