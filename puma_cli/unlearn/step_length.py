@@ -10,7 +10,7 @@ raises NoSafeStep, and the caller (`puma._patch`) raises the damping.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -145,100 +145,159 @@ def choose_scale(
         if not np.isfinite(scale) or scale <= 0:
             raise PumaError(f"--eta {eta}: give a positive multiple of 1/N, or auto")
         return scale
-    n = engine.n
-    # The mean loss's relative rise, on a seeded subsample.
-    picked = unmarked_sample(marked, GUARD_ROWS, request.options.seed)
-    keep = torch.as_tensor(picked, device=engine.device)
-    X_keep, y_keep = engine.X[keep].float(), engine.y[keep]
-    tolerance = request.options.fit_tolerance
-    max_drop = request.options.max_accuracy_drop / 100 + 1e-12
-
-    step = engine.chunk_size
-
-    # Every check runs on the float32 model that would be written (half the cost of a
-    # float64 engine's forward passes), its logits summed in float64.
-    def patched(scale: float) -> torch.nn.Module:
-        return engine.patched_module((scale / n) * x)
-
-    original = patched(0.0)
-
-    def figures0(at: np.ndarray) -> np.ndarray:
-        where = torch.as_tensor(at, device=engine.device)
-        return row_figures(original, engine.X[where].float(), engine.y[where], step)
-
-    fit0, fit_accuracy0 = per_row(
-        engine, spectrum, "fit0", picked, figures0, request.options.cache
-    ).mean(axis=0)
-    loss0, accuracy0 = criterion_figures(original, Xc, yc, step)
-    # --forget step: at interpolation the remaining rows' loss is ~0 and any relative rise
-    # of it trips the guard; their accuracy is what must hold, as on the held-out rows.
-    by_accuracy = request.options.forget in ("step", "match")
-    scales = FORGET_SCALES if by_accuracy else AUTO_SCALES
-
-    held_out = Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop)
-    if by_accuracy:
-        remaining = Limits(None, fit_accuracy0, max_drop)
-    else:
-        remaining = Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0)
-    match = request.options.forget == "match"
-    if match:
-        where = torch.as_tensor(marked, device=engine.device)
-        X_marked, y_marked = engine.X[where].float(), engine.y[where]
-        marked0, _ = criterion_figures(original, X_marked, y_marked, step)
-        if marked0 >= loss0:
-            match = False
-            note = (
-                f"--forget match: the marked rows' loss ({marked0:.3g}) is at or above the "
-                f"held-out loss ({loss0:.3g}) already, so it sets no step; the step was chosen "
-                "as under --forget step"
-            )
-            if note not in notes:  # once, however often the damping is raised
-                notes.append(note)
-    # scale -> marked - held-out loss, where the held-out rows held; the remaining rows
-    # were checked there only where it is < 0 (a crossing fails the step before them)
-    above: dict[float, float] = {}
-
-    held_chunks = -(-len(yc) // step)
-    chunks = held_chunks + -(-len(y_keep) // step)
-
-    def passes(scale: float) -> bool:
-        """One look at a step size, its progress told chunk by chunk (complete at the end,
-        also when a failure settled it early)."""
-        phase = f"guard: eta {scale:g}/N"
-        try:
-            return look(scale, phase)
-        finally:
-            engine.tell(phase, chunks, chunks)
-
-    def look(scale: float, phase: str) -> bool:
-        def told(earlier: int) -> Callable[[int], None]:  # after `earlier` chunks
-            return lambda k: engine.tell(phase, earlier + k, chunks)
-
-        model = patched(scale)
-        held = held_out.held_loss(model, Xc, yc, step, told(0))  # held-out first
-        if held is None:
-            return False
-        if match:  # the marked rows are few: looked at before the remaining rows
-            above[scale] = criterion_figures(model, X_marked, y_marked, step)[0] - held
-            if above[scale] >= 0:
-                return False
-        return remaining.held_loss(model, X_keep, y_keep, step, told(held_chunks)) is not None
-
+    guard = _Guard.over(request, engine, spectrum, x, marked, Xc, yc, notes)
     try:
-        chosen = search(passes, scales)
+        chosen = search(guard.passes, guard.scales)
     except NoSafeStep:
         # more damping unless the shortest step failed by crossing alone (held-out rows
         # held, remaining rows not yet asked)
-        if above.get(SMALLEST_SCALE, -1.0) < 0:
-            raise
-        if remaining.held_loss(patched(SMALLEST_SCALE), X_keep, y_keep, step) is None:
+        if guard.above.get(SMALLEST_SCALE, -1.0) < 0 or not guard.keeps_remaining(SMALLEST_SCALE):
             raise
         return SMALLEST_SCALE  # the marked rows look held out at the shortest step already
     up = 2 * chosen  # the first step past the held-out loss, when the guard held there
-    crossed = match and above.get(up, -1.0) >= 0  # (< 0: the remaining rows failed it)
-    nearer = crossed and abs(above[up]) < abs(above[chosen])
-    kept = nearer and remaining.held_loss(patched(up), X_keep, y_keep, step) is not None
-    return up if kept else chosen
+    crossed = guard.match and guard.above.get(up, -1.0) >= 0  # (< 0: remaining rows failed)
+    nearer = crossed and abs(guard.above[up]) < abs(guard.above[chosen])
+    return up if nearer and guard.keeps_remaining(up) else chosen
+
+
+@dataclass
+class _Guard:
+    """What `choose_scale`'s search looks at: the step x / N along the patch, the limits on
+    the held-out rows and on a sample of the remaining ones, and under --forget match the
+    marked rows, whose loss less the held-out loss at each scale looked at is `above`
+    (where the held-out rows held; the remaining rows were checked there only where it is
+    < 0: a crossing fails the step before them)."""
+
+    engine: InfluenceModel
+    x: torch.Tensor
+    scales: tuple[float, ...]
+    held_out: Limits
+    remaining: Limits
+    Xc: torch.Tensor
+    yc: torch.Tensor
+    X_keep: torch.Tensor
+    y_keep: torch.Tensor
+    marked_rows: tuple[torch.Tensor, torch.Tensor] | None  # (X, y), under --forget match
+    above: dict[float, float] = field(default_factory=dict)
+
+    @classmethod
+    def over(
+        cls,
+        request: RemovalRequest,
+        engine: InfluenceModel,
+        spectrum: CriterionDirection,
+        x: torch.Tensor,
+        marked: np.ndarray,
+        Xc: torch.Tensor,
+        yc: torch.Tensor,
+        notes: list[str],
+    ) -> _Guard:
+        """The limits measured on the original model: the held-out rows' loss and accuracy,
+        and the remaining rows' (on a seeded sample, per row, cached with v)."""
+        options, step = request.options, engine.chunk_size
+        picked = unmarked_sample(marked, GUARD_ROWS, options.seed)
+        keep = torch.as_tensor(picked, device=engine.device)
+        original = _patched(engine, x, 0.0)
+
+        def figures0(at: np.ndarray) -> np.ndarray:
+            where = torch.as_tensor(at, device=engine.device)
+            return row_figures(original, engine.X[where].float(), engine.y[where], step)
+
+        fit0, fit_accuracy0 = per_row(
+            engine, spectrum, "fit0", picked, figures0, options.cache
+        ).mean(axis=0)
+        loss0, accuracy0 = criterion_figures(original, Xc, yc, step)
+        tolerance, max_drop = options.fit_tolerance, options.max_accuracy_drop / 100 + 1e-12
+        # --forget step: at interpolation the remaining rows' loss is ~0 and any relative
+        # rise of it trips the guard; their accuracy is what must hold, as on the held-out rows.
+        by_accuracy = options.forget in ("step", "match")
+        return cls(
+            engine,
+            x,
+            scales=FORGET_SCALES if by_accuracy else AUTO_SCALES,
+            held_out=Limits(loss0 * (1 + tolerance) + 1e-9, accuracy0, max_drop),
+            remaining=Limits(None, fit_accuracy0, max_drop)
+            if by_accuracy
+            else Limits(fit0 * (1 + tolerance) + 1e-9, None, 0.0),
+            Xc=Xc,
+            yc=yc,
+            X_keep=engine.X[keep].float(),
+            y_keep=engine.y[keep],
+            marked_rows=_marked_below(original, engine, marked, loss0, notes)
+            if options.forget == "match"
+            else None,
+        )
+
+    @property
+    def match(self) -> bool:
+        return self.marked_rows is not None
+
+    def patched(self, scale: float) -> torch.nn.Module:
+        return _patched(self.engine, self.x, scale)
+
+    def passes(self, scale: float) -> bool:
+        """One look at a step size, its progress told chunk by chunk (complete at the end,
+        also when a failure settled it early)."""
+        phase = f"guard: eta {scale:g}/N"
+        step = self.engine.chunk_size
+        held_chunks = -(-len(self.yc) // step)
+        chunks = held_chunks + -(-len(self.y_keep) // step)
+
+        def told(earlier: int) -> Callable[[int], None]:  # after `earlier` chunks
+            return lambda k: self.engine.tell(phase, earlier + k, chunks)
+
+        try:
+            model = self.patched(scale)
+            held = self.held_out.held_loss(model, self.Xc, self.yc, step, told(0))
+            if held is None:  # held-out first
+                return False
+            if self.marked_rows is not None:  # the marked rows are few: before the remaining
+                self.above[scale] = criterion_figures(model, *self.marked_rows, step)[0] - held
+                if self.above[scale] >= 0:
+                    return False
+            return (
+                self.remaining.held_loss(model, self.X_keep, self.y_keep, step, told(held_chunks))
+                is not None
+            )
+        finally:
+            self.engine.tell(phase, chunks, chunks)
+
+    def keeps_remaining(self, scale: float) -> bool:
+        """Whether the remaining rows hold at `scale` (their look alone)."""
+        model = self.patched(scale)
+        step = self.engine.chunk_size
+        return self.remaining.held_loss(model, self.X_keep, self.y_keep, step) is not None
+
+
+def _patched(engine: InfluenceModel, x: torch.Tensor, scale: float) -> torch.nn.Module:
+    """The model patched by the step (scale / N) x, as the float32 model that would be
+    written (half the cost of a float64 engine's forward passes); every check sums its
+    logits in float64."""
+    return engine.patched_module((scale / engine.n) * x)
+
+
+def _marked_below(
+    original: torch.nn.Module,
+    engine: InfluenceModel,
+    marked: np.ndarray,
+    loss0: float,
+    notes: list[str],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """--forget match's marked rows, or None (and a note) where their loss is at or above
+    the held-out loss `loss0` already: there is nothing to aim at."""
+    where = torch.as_tensor(marked, device=engine.device)
+    X_marked, y_marked = engine.X[where].float(), engine.y[where]
+    marked0, _ = criterion_figures(original, X_marked, y_marked, engine.chunk_size)
+    if marked0 < loss0:
+        return X_marked, y_marked
+    note = (
+        f"--forget match: the marked rows' loss ({marked0:.3g}) is at or above the held-out "
+        f"loss ({loss0:.3g}) already, so it sets no step; the step was chosen as under "
+        "--forget step"
+    )
+    if note not in notes:  # once, however often the damping is raised
+        notes.append(note)
+    return None
 
 
 def search(passes: Callable[[float], bool], scales: tuple[float, ...]) -> float:
