@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import FAST, assert_clean_error, run, run_json
 
+from puma_cli.io.checkpoint import ROLE_TRAINED, ROLE_VALIDATION, load_checkpoint
+
 KEYS = {
     "method",
     "removed",
@@ -215,6 +217,36 @@ def test_no_held_out_data_is_a_clear_error(data_dir: Path, workspace: Path) -> N
         data_dir / "radial-test.csv",
     )
     assert out["removed"] > 0
+
+
+def test_a_marking_that_withdraws_every_validation_row_says_so(
+    data_dir: Path, workspace: Path
+) -> None:
+    """Marked validation rows leave the criterion: where that leaves none, the error says the
+    marking (or an earlier removal) took them, not that the model never had any."""
+    model = load_checkpoint(workspace / "m.safetensors")
+    ids = (data_dir / "radial.csv").read_text().splitlines()[1:]
+    held = [ids[i].split(",", 1)[0] for i in np.flatnonzero(model.roles == ROLE_VALIDATION)]
+    trained = ids[int(np.flatnonzero(model.roles == ROLE_TRAINED)[0])].split(",", 1)[0]
+    (workspace / "held.txt").write_text("\n".join([*held, trained]) + "\n")
+    result = run("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "held.txt")
+    assert_clean_error(result, f"this marking withdraws all {len(held)} validation rows")
+    assert "--criterion-data FILE" in result.stderr and "retrain" not in result.stderr
+    assert not (workspace / "m.removed.safetensors").exists()
+    out = run_json(
+        "remove", "-m", workspace / "m.safetensors", "--marked", workspace / "held.txt",
+        "--criterion-data", data_dir / "radial-test.csv", "-o", workspace / "w.safetensors",
+    )  # fmt: skip
+    assert out["removed"] == 1 and out["skipped"]["validation"] == len(held)
+    again = run("remove", "-m", workspace / "w.safetensors", "--marked", workspace / "ids.txt")
+    assert_clean_error(again, f"earlier removals withdrew all {len(held)} validation rows")
+    second = ids[int(np.flatnonzero(model.roles == ROLE_TRAINED)[1])].split(",", 1)[0]
+    (workspace / "half.txt").write_text("\n".join([*held[::2], second]) + "\n")  # then the rest
+    run_json("remove", "-m", workspace / "m.safetensors", "--marked", workspace / "half.txt",
+             "-o", workspace / "h.safetensors")  # fmt: skip
+    (workspace / "rest.txt").write_text("\n".join([*held[1::2], trained]) + "\n")
+    both = run("remove", "-m", workspace / "h.safetensors", "--marked", workspace / "rest.txt")
+    assert_clean_error(both, "this marking and earlier removals withdraw all")
 
 
 def test_changed_training_data_is_refused(data_dir: Path, workspace: Path) -> None:

@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 from puma_cli.data.dataset import Dataset, trained_rows_warning
 from puma_cli.errors import DataError, PumaError
 from puma_cli.io.atomic import check_not_input, sha256_file, sha256_path
-from puma_cli.io.checkpoint import GONE, ROLE_TRAINED, ROLE_VALIDATION, Checkpoint
+from puma_cli.io.checkpoint import (
+    GONE,
+    ROLE_TRAINED,
+    ROLE_VALIDATION,
+    ROLE_WITHDRAWN,
+    Checkpoint,
+)
 from puma_cli.io.columns import align_classes, align_features
 from puma_cli.io.datasets import load_dataset
 from puma_cli.models.predict import Phases
@@ -187,6 +193,18 @@ def criterion_set(
     if checkpoint.data.get("val") is not None:
         return load_recorded_dataset(checkpoint, "val", phases)
     rows = np.flatnonzero(roles == ROLE_VALIDATION)
+    if rows.size == 0 and (roles == ROLE_WITHDRAWN).any():
+        now = int(((roles == ROLE_WITHDRAWN) & (checkpoint.roles == ROLE_VALIDATION)).sum())
+        total = int((roles == ROLE_WITHDRAWN).sum())
+        who = {
+            (True, False): "this marking withdraws",
+            (False, True): "earlier removals withdrew",
+        }.get((now > 0, total > now), "this marking and earlier removals withdraw")
+        raise PumaError(
+            f"{who} all {total} validation rows of {checkpoint.path} (marked rows leave the "
+            "criterion C), so none is left for it; pass --criterion-data FILE (held-out rows, "
+            "neither trained on nor marked)"
+        )
     if rows.size == 0:
         imported = bool(checkpoint.provenance) and checkpoint.provenance[0].get("op") == "import"
         again = "import it again with --val FILE" if imported else "retrain with --val-frac 0.1"
