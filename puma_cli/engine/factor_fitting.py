@@ -223,12 +223,32 @@ def _fit(
                 ("_corrected_eigenvalues",),
             )  # fmt: skip
         state = operator.state_dict()
-    # Decomposed in the fit's dtype, as curvlinops decomposes EK-FAC's, and only then
-    # taken to float64: a float32 eigh costs half a float64 one (ResNet-18's 4,608-wide
-    # input factors: 9.2 s against 16.0 s each on 2 cores), and its errors (~1e-7 of the
-    # largest eigenvalue) lie far below the damping (1e-2 of it). On ResNet-18 (width 64,
-    # 1,295 digits) a cold removal fell from 89 s to 64 s, its step within 1.2e-5.
-    # Every value stays one of the fit's dtype, so the cache holds them in it losslessly.
+    factors = _decomposed(kind, layers, state, inputs, total)
+    curvature = _curvature(kind, module, layers, names, sizes, factors)
+    curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
+    curvature.from_rows = frozenset(by_rows)
+    curvature.expanded = expand
+    return curvature
+
+
+def _decomposed(
+    kind: str,
+    layers: list[tuple[str, nn.Linear | nn.Conv2d]],
+    state: dict[str, Any],
+    inputs: dict[str, Tensor],
+    total: int,
+) -> dict[str, tuple[Tensor, ...]]:
+    """Each layer's (Qa, Qb, E) in float64: the eigenbases of its input and output-gradient
+    factors and the eigenvalues in their joint basis (K-FAC's products of the two factors'
+    eigenvalues, EK-FAC's refit ones). A layer fitted through its rows (`inputs`) takes its
+    input basis from them.
+
+    Decomposed in the fit's dtype, as curvlinops decomposes EK-FAC's, and only then taken
+    to float64: a float32 eigh costs half a float64 one (ResNet-18's 4,608-wide input
+    factors: 9.2 s against 16.0 s each on 2 cores), and its errors (~1e-7 of the largest
+    eigenvalue) lie far below the damping (1e-2 of it). On ResNet-18 (width 64, 1,295
+    digits) a cold removal fell from 89 s to 64 s, its step within 1.2e-5. Every value
+    stays one of the fit's dtype, so the cache holds them in it losslessly."""
     factors: dict[str, tuple[Tensor, ...]] = {}
     for name, _ in layers:
         if kind == "ekfac":
@@ -243,11 +263,7 @@ def _fit(
             lb, Qb = torch.linalg.eigh(state["gradient_covariances"][name])
             E = lb.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         factors[name] = tuple(t.double().contiguous() for t in (Qa, Qb, E.clamp_min(0)))
-    curvature = _curvature(kind, module, layers, names, sizes, factors)
-    curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
-    curvature.from_rows = frozenset(by_rows)
-    curvature.expanded = expand
-    return curvature
+    return factors
 
 
 def _through_rows(layer: nn.Linear | nn.Conv2d, rows: int, kind: str, positions: int) -> bool:
