@@ -1053,6 +1053,11 @@ def test_token_ids_train_unstandardised_and_unlearn(tmp_path: Path) -> None:
     refused = run(*args)  # standardised ids index outside the embedding
     assert_clean_error(refused, "IndexError (index out of range in self)")
     assert "train with --no-standardize" in refused.stderr and not model.exists()
+    uncast = tmp_path / "uncast.py"  # ids handed to the embedding as the float32 puma gives
+    uncast.write_text(TOKEN_NET.replace("self.embedding(x.long())", "self.embedding(x)"))
+    refused = run("train", data, "--arch", f"{uncast}:Net", "-o", model, "--no-standardize")
+    assert_clean_error(refused, "puma hands a network its rows as float32")
+    assert "self.embedding(x.long())" in refused.stderr and not model.exists()
     trained = run_json(*args, "--no-standardize")
     assert trained["train_accuracy"] > 0.6  # chance is 1/3
     assert run_json("info", model)["recipe"]["standardize"] is False

@@ -280,9 +280,10 @@ def check_logits(
             out = net(batch.to(device))
     except Exception as exc:  # the user's code
         rows = ", ".join(map(str, batch.shape))
+        fix = (_index_fix(exc) or "it must take the data's shape") + hint
         raise PumaError(
             f"{label} fails on the data's first rows, a batch of shape ({rows}): "
-            f"{type(exc).__name__} ({_first_line(exc)}); it must take the data's shape{hint}"
+            f"{type(exc).__name__} ({_first_line(exc)}); {fix}"
         ) from exc
     finally:
         net.train(was_training)
@@ -299,6 +300,18 @@ def check_logits(
             "logits, before the softmax: puma's cross-entropy takes logits, and would learn "
             "next to nothing from probabilities (log_softmax's output is fine)"
         )
+
+
+def _index_fix(exc: BaseException) -> str | None:
+    """The fix where the net used its input as indices (an nn.Embedding, F.one_hot) as
+    torch refuses float ones, else None."""
+    text = str(exc)
+    if "'indices'" not in text and "index tensor" not in text:
+        return None
+    return (
+        "puma hands a network its rows as float32 (token ids too, as whole numbers), so "
+        "cast them where they index: self.embedding(x.long())"
+    )
 
 
 def _logits_inside(out: object, n_classes: int) -> str:
