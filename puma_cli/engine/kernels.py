@@ -7,6 +7,7 @@ forward-mode score pass is), which has no forward-mode derivative, and the flash
 scaled_dot_product_attention, whose backward has no derivative of its own (the exact
 Hessian's double backward). Their composite forms compute the same function from ops
 that have both, so the engine's passes use them; prediction keeps the fused kernels.
+So with EmbeddingBag's kernel, which has neither derivative (`embedding_bag.py`).
 Likewise cuDNN's RNN kernels, whose backward refuses to run in eval mode (every
 derivative here is taken in eval mode): for a model with a GRU, LSTM or RNN, the passes
 run without cuDNN (on a GPU; nothing changes on a CPU).
@@ -17,11 +18,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import MethodType
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from puma_cli.engine.embedding_bag import bag_forward, runs_composite
 from puma_cli.errors import PumaError
 
 _OPERATION = re.compile(r"aten::\w+|forward AD with (\w+)")  # torch words it both ways
@@ -31,18 +34,25 @@ _MISSING = ("not implemented", "does not support", "once_differentiable", "jvp f
 @contextmanager
 def composite_kernels(module: nn.Module) -> Iterator[None]:
     """The module's forward passes in the block through differentiable kernels: attention
-    as composite ops (fast path off, SDPA's math backend), and no cuDNN where the module
-    has a recurrent layer (the choice is made at the forward, so its backward follows)."""
+    as composite ops (fast path off, SDPA's math backend), EmbeddingBag as a lookup and a
+    reduction (`embedding_bag.py`), and no cuDNN where the module has a recurrent layer
+    (the choice is made at the forward, so its backward follows)."""
     fast, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
     if any(isinstance(m, nn.RNNBase) for m in module.modules()):
         torch.backends.cudnn.enabled = False
+    # each EmbeddingBag's own forward, where an enclosing block has not set it already
+    bags = [m for m in module.modules() if runs_composite(m) and "forward" not in vars(m)]
+    for bag in bags:
+        bag.forward = MethodType(bag_forward, bag)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         torch.backends.cudnn.enabled = cudnn
+        for bag in bags:
+            del bag.forward
 
 
 def missing_derivative(exc: BaseException) -> str | None:
