@@ -1344,3 +1344,74 @@ def test_log_probabilities_are_taken_as_logits(data_dir: Path, tmp_path: Path) -
         "--epochs", "100",
     )  # fmt: skip
     assert trained["train_accuracy"] > 0.7 and trained["warnings"] == []
+
+
+COMPILED_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.body = torch.compile(nn.Sequential(nn.Tanh(), nn.Linear(width, width)))
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x)))
+
+
+def Compiled(in_features, n_classes):
+    return torch.compile(Net(in_features, n_classes))
+
+
+@torch.compile(backend="aot_eager")  # its compiled backward runs once
+def doubled(h):
+    return torch.tanh(h) * 2
+
+
+class WithCompiledCode(Net):
+    def forward(self, x):
+        return self.out(doubled(self.inp(x)))
+"""
+
+
+def test_torch_compile_s_wrappers_come_off_and_compiled_code_is_one_error(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A network built through torch.compile (itself or a submodule) is trained and
+    differentiated as the modules it wraps: a compiled graph has neither derivative the
+    exact Hessian and the scores take and hides its layers from K-FAC's hooks (a traceback,
+    and 'none it can fit', before). A checkpoint saved under the wrapper's `_orig_mod.`
+    names still loads. A function the net's code compiles cannot be unwrapped: one Error."""
+    arch = tmp_path / "net.py"
+    arch.write_text(COMPILED_NET)
+    model = tmp_path / "m.safetensors"
+    run_json("train", data_dir / "radial.csv", "--arch", f"{arch}:Compiled", "-o", model,
+             "--epochs", "20")  # fmt: skip
+    names = set(load_checkpoint(model).model.state_dict())
+    assert {"net.inp.weight", "net.body.1.weight"} <= names
+    assert not any("_orig_mod" in name for name in names)
+    rows = (data_dir / "radial.csv").read_text().splitlines()[1:5]
+    (tmp_path / "ids.txt").write_text("".join(row.split(",", 1)[0] + "\n" for row in rows))
+    for curvature, out in _remove_each(model, tmp_path, ("exact", "kfac")):
+        assert out["removed"] == 4, curvature
+    assert out["parameters"]["uncovered_parameters"] == 0  # every Linear seen by the hooks
+    from safetensors.torch import load_file, save_file
+
+    with open(model, "rb") as handle:
+        meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    wrapped = {  # as torch.compile's wrapper saved them
+        name.replace("model.net.", "model.net._orig_mod.").replace(".body.", ".body._orig_mod."): t
+        for name, t in load_file(model).items()
+    }
+    save_file(wrapped, tmp_path / "old.safetensors", metadata=meta)
+    assert run_json("eval", "-m", tmp_path / "old.safetensors", "--on", "train")["n"] > 0
+    coded = tmp_path / "coded.safetensors"
+    run_json("train", data_dir / "radial.csv", "--arch", f"{arch}:WithCompiledCode", "-o", coded,
+             "--epochs", "1", "--batch-size", "1000", "--val-frac", "0.25")  # fmt: skip
+    refused = run("remove", "-m", coded, "--marked", tmp_path / "ids.txt",
+                  "--curvature", "exact", "-o", tmp_path / "c.safetensors")  # fmt: skip
+    assert_clean_error(refused, "take torch.compile out of the network's code")
+    assert not (tmp_path / "c.safetensors").exists()

@@ -28,7 +28,7 @@ from puma_cli.engine.factor_layers import (
     unfolds,
 )
 from puma_cli.engine.factor_sums import FACTOR_SUMS, accumulate, batched_type2
-from puma_cli.engine.kernels import composite_kernels
+from puma_cli.engine.kernels import composite_kernels, no_compiled_backward
 from puma_cli.engine.kronecker import KINDS, Block, KroneckerCurvature, decompose, decompose_rows
 from puma_cli.engine.stand_ins import tied_layers
 from puma_cli.errors import PumaError
@@ -169,7 +169,7 @@ def _fit(
         """Progress after a pass's k-th batch, `earlier` batches of a first pass before."""
         return lambda k: None if progress is None else progress(earlier + k, steps)
 
-    with warnings.catch_warnings(), composite_kernels(module):
+    with warnings.catch_warnings(), composite_kernels(module), no_compiled_backward():
         # curvlinops (and backpack, which it imports) warn about their own internals.
         warnings.simplefilter("ignore")
         from curvlinops import EKFACLinearOperator, KFACLinearOperator

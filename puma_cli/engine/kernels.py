@@ -29,6 +29,7 @@ from puma_cli.errors import PumaError
 
 _OPERATION = re.compile(r"aten::\w+|forward AD with (\w+)")  # torch words it both ways
 _MISSING = ("not implemented", "does not support", "once_differentiable", "jvp function")
+_COMPILED = ("donated buffer", "does not currently support double backward")
 
 
 @contextmanager
@@ -69,11 +70,31 @@ def missing_derivative(exc: BaseException) -> str | None:
 
 
 @contextmanager
+def no_compiled_backward() -> Iterator[None]:
+    """Turn the refusal of a backward that torch.compile compiled (a function or method of
+    the model's code that it wraps) to run twice or be differentiated into a PumaError with
+    the fix; anything else propagates. The wrapper of a compiled module is taken off when
+    the network is built (`models.user.uncompiled`); a compiled function cannot be."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not any(m in str(exc) for m in _COMPILED):
+            raise
+        raise PumaError(
+            "the model runs code compiled by torch.compile (a function or method of the "
+            "network that it wraps), whose compiled backward runs once and has no derivative "
+            "of its own, as removal's passes need; take torch.compile out of the network's "
+            "code (puma takes a compiled module's wrapper off itself)"
+        ) from None
+
+
+@contextmanager
 def derivatives_of_the_model(kind: str, fix: str) -> Iterator[None]:
     """Turn torch's refusal to differentiate one of the model's ops (`kind`: the derivative
     the pass needs) into a PumaError naming the op and `fix`; anything else propagates."""
     try:
-        yield
+        with no_compiled_backward():
+            yield
     except (NotImplementedError, RuntimeError) as exc:
         what = missing_derivative(exc)
         if what is None:

@@ -192,6 +192,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         raise CheckpointError(_not_a_checkpoint(path, meta))
     validate_metadata(path, meta, FORMAT_VERSION)
     arch = Architecture.from_dict(meta["architecture"])
+    tensors = _without_compile_wrappers(tensors)
     validate_tensors(path, meta, arch, tensors)
     return _build(path, meta, arch, tensors, device)
 
@@ -255,6 +256,15 @@ def _not_a_checkpoint(path: Path, meta: dict[str, Any]) -> str:
         f"{path} is a safetensors file but not a puma checkpoint (no puma metadata): wrap a "
         f"network's state dict into one with {wrap}, or train one with `puma train`"
     )
+
+
+def _without_compile_wrappers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A network of yours built through torch.compile was saved, before puma took its
+    wrapper off (`models.user.uncompiled`), under `_orig_mod.` names: read as its own."""
+    return {
+        (k.replace("._orig_mod.", ".") if k.startswith("model.") else k): v
+        for k, v in tensors.items()
+    }
 
 
 def _build(

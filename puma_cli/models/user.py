@@ -189,8 +189,32 @@ def construct(
         raise PumaError(
             f"{call} returned {type(net).__name__}, not an nn.Module; return the network"
         )
+    net = uncompiled(net)
     _size_lazy_layers(net, input_shape, label)
     return net
+
+
+def uncompiled(net: nn.Module) -> nn.Module:
+    """The network with torch.compile's wrappers taken off, its own and its submodules'
+    (the same parameters, the same function): a compiled graph takes neither the
+    forward-mode derivatives nor the double backward removal needs, and hides its layers
+    from K-FAC's hooks, so puma trains and differentiates the modules as written."""
+    net = _compiled_inside(net) or net
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            inner = _compiled_inside(child)
+            if inner is not None:
+                setattr(parent, name, inner)
+    return net
+
+
+def _compiled_inside(module: nn.Module) -> nn.Module | None:
+    """The module torch.compile wrapped, where `module` is its wrapper (OptimizedModule,
+    told by name: importing torch._dynamo to check costs seconds), else None."""
+    if type(module).__name__ != "OptimizedModule":
+        return None
+    inner = module._modules.get("_orig_mod")
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _size_lazy_layers(net: nn.Module, input_shape: tuple[int, ...], label: str) -> None:
