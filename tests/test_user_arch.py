@@ -5,6 +5,7 @@ a user file is imported only as recorded."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1122,7 +1123,7 @@ def test_parametrized_layers_are_left_out_of_kfac(
         assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
     else:
         result = run(*args, "-o", tmp_path / "r.safetensors")
-        assert_clean_error(result, "none it can fit (each is frozen, parametrized as by")
+        assert_clean_error(result, "none it can fit: each is frozen, parametrized as by")
         assert not (tmp_path / "r.safetensors").exists()
     covered = run_json(*args[:-2], "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
     assert covered["parameters"]["curvature"] == "ggn"  # every parameter, parametrized too
@@ -1415,3 +1416,29 @@ def test_torch_compile_s_wrappers_come_off_and_compiled_code_is_one_error(
                   "--curvature", "exact", "-o", tmp_path / "c.safetensors")  # fmt: skip
     assert_clean_error(refused, "take torch.compile out of the network's code")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_torchscript_net_removes_and_kfac_says_why_it_sees_no_layer(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """torch.jit.script's modules are no nn.Linear to K-FAC's hooks (a scripted net cannot
+    be unwrapped, as torch.compile's can): K-FAC says so; the other curvatures run it."""
+    arch = tmp_path / "net.py"
+    arch.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "def Net(in_features, n_classes, width):\n"
+        "    return torch.jit.script(nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), "
+        "nn.Linear(width, n_classes)))\n"
+    )
+    model = _user_model(data_dir, tmp_path, arch.read_text(), 4)
+    args = ("remove", "-m", model, "--marked", tmp_path / "ids.txt")
+    refused = run(*args, "--curvature", "kfac", "-o", tmp_path / "k.safetensors")
+    assert_clean_error(refused, "its layers are TorchScript (torch.jit.script)")
+    assert not (tmp_path / "k.safetensors").exists()
+    with warnings.catch_warnings(record=True) as caught:  # what would reach stderr
+        warnings.simplefilter("always")
+        shown = run(*args, "--curvature", "ggn", "-o", tmp_path / "g.safetensors")
+    assert shown.exit_code == 0
+    assert not [w for w in caught if "not a leaf" in str(w.message)]  # torch's, held back
+    out = run_json(*args, "--curvature", "ggn", "-o", tmp_path / "g2.safetensors")
+    assert out["removed"] == 4 and out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6

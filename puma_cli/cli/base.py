@@ -8,6 +8,7 @@ import functools
 import inspect
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -136,7 +137,12 @@ def _one_process_unless_parallel(
     ] = False,
 ) -> None:
     """Refuse torchrun for commands that do not split their work: K copies of `train`
-    would write one file K times."""
+    would write one file K times. Silence torch's own warning about a non-leaf tensor's
+    .grad, which moving or casting a TorchScript module (a user's `torch.jit.script`ed
+    net) raises inside torch's `Module._apply`: nothing the user can act on."""
+    warnings.filterwarnings(
+        "ignore", message="The .grad attribute of a Tensor that is not a leaf", category=UserWarning
+    )
     world = os.environ.get("WORLD_SIZE", "1")
     if world not in ("", "1") and ctx.invoked_subcommand not in PARALLEL_COMMANDS:
         _report(

@@ -118,7 +118,8 @@ def resolve_curvature(
             name = "ggn"
             note = (
                 "--curvature auto: the model has no Linear or Conv2d layer K-FAC can fit "
-                "(weights used through functional calls, frozen, tied or parametrized), so "
+                "(weights used through functional calls, frozen, tied or parametrized, or "
+                "layers scripted by torch.jit.script), so "
                 "the solves use the Gauss-Newton matrix by conjugate gradients, tens of passes "
                 "over the rows each"
             )

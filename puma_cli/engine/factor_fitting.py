@@ -147,10 +147,17 @@ def _fit(
     probed = probed_layers(module, batches[0][0][:2])
     layers = [(name, layer) for name, layer, _ in probed]
     if not layers:
+        scripted = any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
+        why = (
+            "its layers are TorchScript (torch.jit.script), whose calls no hook sees: build "
+            "the network unscripted, or use --curvature ggn or exact"
+            if scripted
+            else "each is frozen, parametrized as by weight_norm, tied to another layer's "
+            "weight, or used by weight alone; use --curvature ggn or exact"
+        )
         raise PumaError(
-            f"--curvature {kind} approximates Linear, Conv1d and Conv2d layers, and this model has "
-            "none it can fit (each is frozen, parametrized as by weight_norm, tied to "
-            "another layer's weight, or used by weight alone); use --curvature ggn or exact"
+            f"--curvature {kind} approximates Linear, Conv1d and Conv2d layers, and this model "
+            f"has none it can fit: {why}"
         )
     if kind == "ekfac":
         _check_ekfac_unfolds(layers)
