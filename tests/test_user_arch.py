@@ -1442,3 +1442,43 @@ def test_a_torchscript_net_removes_and_kfac_says_why_it_sees_no_layer(
     assert not [w for w in caught if "not a leaf" in str(w.message)]  # torch's, held back
     out = run_json(*args, "--curvature", "ggn", "-o", tmp_path / "g2.safetensors")
     assert out["removed"] == 4 and out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+
+
+NO_GRAD_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"A fixed feature extractor run under no_grad (its parameters still require grad).\"\"\"
+
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        self.body = nn.Linear(in_features, width)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.tanh(self.body(x))
+        return self.head(h)
+"""
+
+
+def test_a_layer_run_under_no_grad_is_left_out_of_kfac_and_named(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Such a layer has no gradient to fit factors with: curvlinops' hook on its output
+    raised, reported as an error in the user's code. It is left out (its gradient is 0 in
+    every pass, so no curvature moves it), named, cold and cached alike."""
+    model = _user_model(data_dir, tmp_path, NO_GRAD_NET, 4)
+    body = {"Linear run under no_grad": 2 * 12 + 12}  # width 12 from _train
+    for curvature, cached in (("kfac", False), ("kfac", True), ("ekfac", False)):
+        out = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt", "--curvature",
+                       curvature, "-o", tmp_path / "r.safetensors", "--overwrite")  # fmt: skip
+        assert out["parameters"]["uncovered_layers"] == body, (curvature, cached)
+        assert out["parameters"]["curvature_cached"] is cached
+        assert out["marked_loss_after"] >= out["marked_loss_before"] - 1e-6
+    exact = run_json("remove", "-m", model, "--marked", tmp_path / "ids.txt",
+                     "--curvature", "exact", "-o", tmp_path / "e.safetensors")  # fmt: skip
+    before, after = load_checkpoint(model).model, load_checkpoint(tmp_path / "e.safetensors").model
+    assert exact["removed"] == 4 and torch.equal(before.net.body.weight, after.net.body.weight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,6 @@ from puma_cli.engine.factor_layers import (
     expanded_layers,
     input_width,
     probed_layers,
-    supported_layers,
     through_rows,
     unfolds,
 )
@@ -52,10 +52,15 @@ def _positions(names: list[str], sizes: list[int]) -> dict[str, tuple[int, int]]
 
 
 def _left_out(
-    module: nn.Module, names: list[str], sizes: list[int], covered: Tensor
+    module: nn.Module,
+    names: list[str],
+    sizes: list[int],
+    covered: Tensor,
+    without_gradient: AbstractSet[str] = frozenset(),
 ) -> dict[str, int]:
     """The parameters outside every block, counted by the class of the module holding them
-    (`LayerNorm`, `Conv1d`, ...), so that a report can say which layers a patch leaves."""
+    (`LayerNorm`, `Conv1d`, ...), so that a report can say which layers a patch leaves;
+    `without_gradient`: the layers the network runs under torch.no_grad."""
     counts: dict[str, int] = {}
     tied = tied_layers(module)
     for name, (start, size) in _positions(names, sizes).items():
@@ -71,6 +76,8 @@ def _left_out(
         elif isinstance(holder, nn.Linear | nn.Conv2d):  # a layer K-FAC knows, left out:
             if not all(p.requires_grad for p in holder.parameters()):
                 kind = f"partly frozen {kind}"
+            elif (owner if within else name.rpartition(".")[0]) in without_gradient:
+                kind = f"{kind} run under no_grad"
             else:  # its forward never ran (or another module takes its weight directly)
                 kind = f"{kind} never called as a layer"
         counts[kind] = counts.get(kind, 0) + size
@@ -84,9 +91,10 @@ def _curvature(
     names: list[str],
     sizes: list[int],
     factors: dict[str, tuple[Tensor, ...]],
+    without_gradient: AbstractSet[str] = frozenset(),
 ) -> KroneckerCurvature:
     blocks, covered = _blocks(layers, names, sizes, factors)
-    left_out = _left_out(module, names, sizes, covered)
+    left_out = _left_out(module, names, sizes, covered, without_gradient)
     return KroneckerCurvature(kind, blocks, sum(sizes), covered, left_out)
 
 
@@ -144,7 +152,8 @@ def _fit(
     progress: Callable[[int, int], None] | None,
     class_weight: Tensor | None = None,
 ) -> KroneckerCurvature:
-    probed = probed_layers(module, batches[0][0][:2])
+    without_gradient: set[str] = set()
+    probed = probed_layers(module, batches[0][0][:2], without_gradient)
     layers = [(name, layer) for name, layer, _ in probed]
     if not layers:
         scripted = any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
@@ -231,7 +240,7 @@ def _fit(
             )  # fmt: skip
         state = operator.state_dict()
     factors = _decomposed(kind, layers, state, inputs, total)
-    curvature = _curvature(kind, module, layers, names, sizes, factors)
+    curvature = _curvature(kind, module, layers, names, sizes, factors, without_gradient)
     curvature.covered = curvature.covered.to(curvature.blocks[0].E.device)
     curvature.from_rows = frozenset(by_rows)
     curvature.expanded = expand
@@ -323,8 +332,9 @@ def kronecker_from_tensors(
     """The cached factors back as a curvature, or None when they do not fit the module
     (`probe`: a row or two of input, which tells the layers they were fitted for)."""
     factors: dict[str, tuple[Tensor, ...]] = {}
+    without_gradient: set[str] = set()
     with as_layers(module, kind):  # the layers the factors were fitted for
-        layers = supported_layers(module, probe)
+        layers = [(n, m) for n, m, _ in probed_layers(module, probe, without_gradient)]
         for name, layer in layers:
             parts = tuple(tensors.get(f"{name}.{k}") for k in ("Qa", "Qb", "E"))
             if any(p is None for p in parts):
@@ -344,6 +354,6 @@ def kronecker_from_tensors(
             factors[name] = (Qa, Qb, E)
         if not factors:
             return None
-        curvature = _curvature(kind, module, layers, names, sizes, factors)
+        curvature = _curvature(kind, module, layers, names, sizes, factors, without_gradient)
         curvature.expanded = frozenset(name for name in factors if f"{name}.expanded" in tensors)
         return curvature

@@ -56,15 +56,15 @@ def through_rows(linear: bool, width: int, rows: int, kind: str, positions: int 
     return linear and keeps_range(width, rows) and (kind == "kfac" or positions == 1)
 
 
-def supported_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
-    """`probed_layers` without their positions."""
-    return [(name, layer) for name, layer, _ in probed_layers(module, probe)]
-
-
-def probed_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear | nn.Conv2d, int]]:
+def probed_layers(
+    module: nn.Module, probe: Tensor, without_gradient: set[str] | None = None
+) -> list[tuple[str, nn.Linear | nn.Conv2d, int]]:
     """The Linear and Conv2d layers whose parameters all train (a frozen one is not in
     theta; one frozen in part gets no block, and its trainable part is left out) and whose
-    forward runs on `probe`, a row or two of input. A layer whose weight another module
+    forward runs on `probe`, a row or two of input, with gradients: a layer the network's
+    forward runs under torch.no_grad (a fixed feature extractor whose parameters still
+    require grad) has none to fit its factors with, and its gradient is 0 in every pass;
+    it is left out, its name added to `without_gradient`. A layer whose weight another module
     uses directly (MultiheadAttention's out_proj, outside `as_layers`, which
     callers hold while fitting) has no input or output of its own for the factors to be
     taken at: it is left out, like any other layer K-FAC does not know,
@@ -83,22 +83,27 @@ def probed_layers(module: nn.Module, probe: Tensor) -> list[tuple[str, nn.Linear
         and id(m) not in tied
     ]
     ran: dict[str, int] = {}
+    quiet: set[str] = set()
 
     def seen(name: str, layer: nn.Module, output: Tensor) -> None:
         shape = output.shape[2:] if isinstance(layer, nn.Conv2d) else output.shape[1:-1]
         ran[name] = max(ran.get(name, 1), math.prod(shape))
+        if not output.requires_grad:
+            quiet.add(name)
 
     hooks = [
         m.register_forward_hook(lambda layer, _, output, name=n: seen(name, layer, output))
         for n, m in layers
     ]
     try:
-        with torch.no_grad(), composite_kernels(module):
+        with torch.enable_grad(), composite_kernels(module):
             module(probe.clone())  # a copy: a forward may write into its input
     finally:
         for hook in hooks:
             hook.remove()
-    return [(n, m, ran[n]) for n, m in layers if n in ran]
+    if without_gradient is not None:
+        without_gradient |= quiet
+    return [(n, m, ran[n]) for n, m in layers if n in ran and n not in quiet]
 
 
 def expanded_layers(
