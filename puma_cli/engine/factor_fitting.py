@@ -67,7 +67,8 @@ def _left_out(
         if bool(covered[start : start + size].any()):
             continue
         owner, within, _ = name.partition(".parametrizations.")
-        holder = module.get_submodule(owner if within else name.rpartition(".")[0])
+        layer = owner if within else name.rpartition(".")[0]
+        holder = module.get_submodule(layer)
         kind = type(holder).__name__
         if parametrize.is_parametrized(holder):  # weight_norm, spectral_norm: a computed weight
             kind = f"parametrized {kind.removeprefix('Parametrized')}"  # torch's subclass
@@ -76,7 +77,7 @@ def _left_out(
         elif isinstance(holder, nn.Linear | nn.Conv2d):  # a layer K-FAC knows, left out:
             if not all(p.requires_grad for p in holder.parameters()):
                 kind = f"partly frozen {kind}"
-            elif (owner if within else name.rpartition(".")[0]) in without_gradient:
+            elif layer in without_gradient:
                 kind = f"{kind} run under no_grad"
             else:  # its forward never ran (or another module takes its weight directly)
                 kind = f"{kind} never called as a layer"

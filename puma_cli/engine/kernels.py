@@ -40,10 +40,11 @@ def composite_kernels(module: nn.Module) -> Iterator[None]:
     (the choice is made at the forward, so its backward follows)."""
     fast, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
-    if any(isinstance(m, nn.RNNBase) for m in module.modules()):
+    modules = list(module.modules())  # walked once: the block opens on every forward pass
+    if any(isinstance(m, nn.RNNBase) for m in modules):
         torch.backends.cudnn.enabled = False
     # each EmbeddingBag's own forward, where an enclosing block has not set it already
-    bags = [m for m in module.modules() if runs_composite(m) and "forward" not in vars(m)]
+    bags = [m for m in modules if runs_composite(m) and "forward" not in vars(m)]
     for bag in bags:
         bag.forward = MethodType(bag_forward, bag)
     try:
